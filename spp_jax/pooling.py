@@ -33,6 +33,7 @@ How it is computed (measured choices, see ``experiments/benchmarks/spp_layer.py`
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ from spp_jax.geometry import Bins, Level, LevelsLike
 MODES = ("max", "avg")
 DATA_FORMATS = ("NHWC", "NCHW")
 
+_BARRIER = lambda t: t
 _BIG_KEY = np.iinfo(np.int32).max
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -184,48 +186,168 @@ def _separable(arrays: Carry, rows: Ranges, cols: Ranges, combine: Combine) -> C
 
 
 # --------------------------------------------------------------------------------------
-# Static bins (one compiled program per shape bucket).
+# Max stages with first-maximum gradients.
 # --------------------------------------------------------------------------------------
 
 
-def _run_plan(plan, from_input: Callable[[Ranges, Ranges], Carry], combine: Combine):
-    """Evaluates a plan: levels from the input or from the base level's output."""
-    base, steps = plan
-    outs: list[Carry | None] = [None] * len(steps)
-    if base is not None:
-        outs[base] = from_input(steps[base][1], steps[base][2])
-    for i, (source, rows, cols) in enumerate(steps):
-        if outs[i] is not None:
-            continue
-        if source == "base":
-            outs[i] = _separable(outs[base], rows, cols, combine)
-        else:
-            outs[i] = from_input(rows, cols)
-    return outs
+def _route(g: jax.Array, pos: jax.Array, axis: int, windows: Ranges, length: int) -> jax.Array:
+    """Transpose of a max stage: sends each output's cotangent to its winning cell.
+
+    ``pos`` holds, for each output, the absolute index (along ``axis``) of the cell
+    that won; ``windows[p]`` is a static range that contains every cell output
+    ``p`` can pick. Built as one elementwise expression per input cell, which XLA
+    fuses into a single loop (no scatter).
+    """
+    parts = []
+    for c in range(length):
+        acc = None
+        for p, (s, e) in enumerate(windows):
+            if s <= c < e:
+                term = jnp.where(
+                    lax.slice_in_dim(pos, p, p + 1, 1, axis) == c,
+                    lax.slice_in_dim(g, p, p + 1, 1, axis),
+                    jnp.zeros((), g.dtype),
+                )
+                acc = term if acc is None else acc + term
+        if acc is None:  # a cell no bin reads (possible with rule="sliding")
+            acc = jnp.zeros_like(lax.slice_in_dim(g, 0, 1, 1, axis))
+        parts.append(acc)
+    return jnp.concatenate(parts, axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _max_pyramid(x: jax.Array, plan) -> tuple[jax.Array, ...]:
-    outs = _run_plan(plan, lambda rows, cols: _separable((x,), rows, cols, _max2), _max2)
-    return tuple(o[0] for o in outs)
+def _positions(v: jax.Array, axis: int) -> jax.Array:
+    return lax.broadcasted_iota(jnp.int32, v.shape, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _max_stage(v: jax.Array, k: jax.Array, axis: int, ranges: Ranges):
+    """Max over static ranges along ``axis``: returns ``(values, keys)``.
+
+    ``keys`` are the row-major input cell indices of the winners (first maximum);
+    they only decide ties in later stages and are removed by XLA when unused.
+    """
+    (out_v,) = _reduce_axis((v,), axis, ranges, _max2)
+    _, out_k, _ = _reduce_axis((v, k, _positions(v, axis)), axis, ranges, _select2)
+    return _BARRIER((out_v, out_k))
+
+
+def _max_stage_fwd(v, k, axis, ranges):
+    out_v, out_k, pos = _BARRIER(_reduce_axis((v, k, _positions(v, axis)), axis, ranges, _select2))
+    return (out_v, out_k), (pos, v.shape[axis])
+
+
+def _max_stage_bwd(axis, ranges, res, ct):
+    pos, length = res
+    g, _ = ct
+    return _BARRIER(_route(g, pos, axis, ranges, length)), None
+
+
+_max_stage.defvjp(_max_stage_fwd, _max_stage_bwd)
+
+
+def _masked_windows(length: int, n: int) -> Ranges:
+    # Adaptive bin p of any size <= length lies inside [0, ceil((p + 1) * length / n)).
+    return tuple((0, -((-(p + 1) * length) // n)) for p in range(n))
+
+
+def _masked_reduce(arrays: Carry, axis: int, size: jax.Array, n: int, combine: Combine, fill: Carry):
+    """Reduces NHWC-aligned arrays along ``axis`` into the ``n`` adaptive bins of
+    each example's own ``size``. Cells outside a bin are replaced by ``fill``
+    (the identity of ``combine``), so the padding never contributes."""
+    start, end = _dynamic_bins(size, n)
+    parts = []
+    for p, (lo, hi) in enumerate(_masked_windows(arrays[0].shape[axis], n)):
+        acc = None
+        for c in range(lo, hi):
+            inside = ((start[:, p] <= c) & (c < end[:, p])).reshape((-1, 1, 1, 1))
+            item = tuple(
+                jnp.where(inside, lax.slice_in_dim(a, c, c + 1, 1, axis), f)
+                for a, f in zip(arrays, fill)
+            )
+            acc = item if acc is None else combine(acc, item)
+        parts.append(acc)
+    return tuple(jnp.concatenate([p[i] for p in parts], axis) for i in range(len(arrays)))
+
+
+def _keyed_fill(v: jax.Array) -> Carry:
+    return (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY), jnp.int32(0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _masked_max_stage(v, k, size, axis: int, n: int):
+    """Like :func:`_max_stage` over the adaptive bins of traced per-example sizes."""
+    neg = jnp.array(-jnp.inf, v.dtype)
+    (out_v,) = _masked_reduce((v,), axis, size, n, _max2, (neg,))
+    carry = (v, k, _positions(v, axis))
+    _, out_k, _ = _masked_reduce(carry, axis, size, n, _select2, _keyed_fill(v))
+    return out_v, out_k
+
+
+def _masked_max_stage_fwd(v, k, size, axis, n):
+    carry = (v, k, _positions(v, axis))
+    out_v, out_k, pos = _masked_reduce(carry, axis, size, n, _select2, _keyed_fill(v))
+    return (out_v, out_k), (pos, v.shape[axis])
+
+
+def _masked_max_stage_bwd(axis, n, res, ct):
+    pos, length = res
+    g, _ = ct
+    return _route(g, pos, axis, _masked_windows(length, n), length), None, None
+
+
+_masked_max_stage.defvjp(_masked_max_stage_fwd, _masked_max_stage_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# Whole pyramids.
+# --------------------------------------------------------------------------------------
 
 
 def _input_keys(x: jax.Array) -> jax.Array:
     """Row-major cell index ``h * W + w`` of every element of an NHWC array."""
-    _, h, w, _ = x.shape
-    hh = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-    ww = lax.broadcasted_iota(jnp.int32, x.shape, 2)
-    return hh * w + ww
+    w = x.shape[2]
+    return _positions(x, 1) * w + _positions(x, 2)
 
 
-@_max_pyramid.defjvp
-def _max_pyramid_jvp(plan, primals, tangents):
-    (x,), (t,) = primals, tangents
+def _run_plan(plan, from_input: Callable[[int], Carry], from_base: Callable[[Carry, Ranges, Ranges], Carry]):
+    """Evaluates a plan: each level from the input, or from the base level's output."""
+    base, steps = plan
+    outs: list[Carry | None] = [None] * len(steps)
+    if base is not None:
+        outs[base] = from_input(base)
+    for i, (source, rows, cols) in enumerate(steps):
+        if outs[i] is None:
+            outs[i] = from_base(outs[base], rows, cols) if source == "base" else from_input(i)
+    return outs
+
+
+def _max_from_base(carry: Carry, rows: Ranges, cols: Ranges) -> Carry:
+    v, k = carry
+    v, k = _max_stage(v, k, 2, cols)
+    return _max_stage(v, k, 1, rows)
+
+
+def _max_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
     keys = _input_keys(x)
-    outs = _run_plan(
-        plan, lambda rows, cols: _separable((x, keys, t), rows, cols, _select2), _select2
-    )
-    return tuple(o[0] for o in outs), tuple(o[2] for o in outs)
+    steps = plan[1]
+
+    def from_input(i):
+        _, rows, cols = steps[i]
+        v, k = _max_stage(x, keys, 2, cols)
+        return _max_stage(v, k, 1, rows)
+
+    return tuple(o[0] for o in _run_plan(plan, from_input, _max_from_base))
+
+
+def _max_dynamic(x: jax.Array, sizes: jax.Array, plan, levels) -> tuple[jax.Array, ...]:
+    keys = _input_keys(x)
+
+    def from_input(i):
+        nh, nw = levels[i]
+        v, k = _masked_max_stage(x, keys, sizes[:, 1], 2, nw)
+        return _masked_max_stage(v, k, sizes[:, 0], 1, nh)
+
+    return tuple(o[0] for o in _run_plan(plan, from_input, _max_from_base))
 
 
 def _avg_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
@@ -238,11 +360,6 @@ def _avg_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
     return tuple(outs)
 
 
-# --------------------------------------------------------------------------------------
-# Per-example sizes (valid_sizes): bins computed in-graph, cells outside masked.
-# --------------------------------------------------------------------------------------
-
-
 def _dynamic_bins(size: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """Adaptive bins for traced sizes ``(B,)``: ``start, end`` of shape ``(B, n)``."""
     i = jnp.arange(n, dtype=jnp.int32)[None, :]
@@ -250,90 +367,17 @@ def _dynamic_bins(size: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return (i * a) // n, -((-(i + 1) * a) // n)
 
 
-def _masked_axis(
-    arrays: Carry, axis: int, size: jax.Array, n: int, combine: Combine, fill: Carry
-) -> Carry:
-    """Reduces NHWC-aligned arrays along ``axis`` (1 or 2) into ``n`` adaptive bins
-    of each example's own ``size``. Cells outside a bin are replaced by ``fill``
-    (the identity of ``combine``), so the padding never contributes."""
-    length = arrays[0].shape[axis]
-    start, end = _dynamic_bins(size, n)
-    parts = []
-    for p in range(n):
-        acc = None
-        # Bin p of any size <= length lies inside [0, ceil((p + 1) * length / n)).
-        for c in range(-((-(p + 1) * length) // n)):
-            inside = ((start[:, p] <= c) & (c < end[:, p])).reshape((-1, 1, 1, 1))
-            item = tuple(
-                jnp.where(inside, lax.slice_in_dim(a, c, c + 1, 1, axis), f)
-                for a, f in zip(arrays, fill)
-            )
-            acc = item if acc is None else combine(acc, item)
-        parts.append(acc)
-    return tuple(jnp.concatenate([p[i] for p in parts], axis) for i in range(len(arrays)))
-
-
-def _dynamic_pyramid(
-    x: jax.Array, sizes: jax.Array, levels: tuple[Level, ...], mode: str
-) -> tuple[jax.Array, ...]:
-    h_sz, w_sz = sizes[:, 0], sizes[:, 1]
-    _, h, w, _ = x.shape
-    plan = _plan(h, w, levels, "adaptive", mode, True)
-
-    if mode == "avg":
-        xf = x.astype(jnp.float32)
-        outs = []
-        for nh, nw in levels:
-            (s,) = _masked_axis((xf,), 2, w_sz, nw, _sum2, (0.0,))
-            (s,) = _masked_axis((s,), 1, h_sz, nh, _sum2, (0.0,))
-            hs, he = _dynamic_bins(h_sz, nh)
-            ws, we = _dynamic_bins(w_sz, nw)
-            area = ((he - hs)[:, :, None] * (we - ws)[:, None, :]).astype(jnp.float32)
-            outs.append((s / area[..., None]).astype(x.dtype))
-        return tuple(outs)
-    return _dynamic_max(x, sizes, plan, levels)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _dynamic_max(x, sizes, plan, levels):
-    neg = jnp.array(-jnp.inf, x.dtype)
-
-    def from_input(level):
-        nh, nw = levels[level]
-        (v,) = _masked_axis((x,), 2, sizes[:, 1], nw, _max2, (neg,))
-        (v,) = _masked_axis((v,), 1, sizes[:, 0], nh, _max2, (neg,))
-        return (v,)
-
-    return tuple(o[0] for o in _run_dynamic_plan(plan, from_input, _max2))
-
-
-def _run_dynamic_plan(plan, from_input, combine):
-    base, steps = plan
-    outs: list[Carry | None] = [None] * len(steps)
-    if base is not None:
-        outs[base] = from_input(base)
-    for i, (source, rows, cols) in enumerate(steps):
-        if outs[i] is None:
-            outs[i] = (
-                _separable(outs[base], rows, cols, combine) if source == "base" else from_input(i)
-            )
-    return outs
-
-
-@_dynamic_max.defjvp
-def _dynamic_max_jvp(plan, levels, primals, tangents):
-    x, sizes = primals
-    t, _ = tangents
-    keys = _input_keys(x)
-    fill = (jnp.array(-jnp.inf, x.dtype), jnp.int32(_BIG_KEY), jnp.zeros((), t.dtype))
-
-    def from_input(level):
-        nh, nw = levels[level]
-        out = _masked_axis((x, keys, t), 2, sizes[:, 1], nw, _select2, fill)
-        return _masked_axis(out, 1, sizes[:, 0], nh, _select2, fill)
-
-    outs = _run_dynamic_plan(plan, from_input, _select2)
-    return tuple(o[0] for o in outs), tuple(o[2] for o in outs)
+def _avg_dynamic(x: jax.Array, sizes: jax.Array, levels) -> tuple[jax.Array, ...]:
+    xf = x.astype(jnp.float32)
+    outs = []
+    for nh, nw in levels:
+        (s,) = _masked_reduce((xf,), 2, sizes[:, 1], nw, _sum2, (0.0,))
+        (s,) = _masked_reduce((s,), 1, sizes[:, 0], nh, _sum2, (0.0,))
+        hs, he = _dynamic_bins(sizes[:, 0], nh)
+        ws, we = _dynamic_bins(sizes[:, 1], nw)
+        area = ((he - hs)[:, :, None] * (we - ws)[:, None, :]).astype(jnp.float32)
+        outs.append((s / area[..., None]).astype(x.dtype))
+    return tuple(outs)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,7 +466,7 @@ def spatial_pyramid_pool(
 
     if valid_sizes is None:
         plan = _plan(h, w, lv, rule, mode, False)
-        outs = _max_pyramid(x, plan) if mode == "max" else _avg_static(x, plan)
+        outs = _max_static(x, plan) if mode == "max" else _avg_static(x, plan)
     else:
         if rule != "adaptive":
             raise ValueError(
@@ -430,14 +474,27 @@ def spatial_pyramid_pool(
                 f"got rule={rule!r}"
             )
         sizes = _check_sizes(valid_sizes, b, h, w)
-        outs = _dynamic_pyramid(x, sizes, lv, mode)
+        if mode == "max":
+            outs = _max_dynamic(x, sizes, _plan(h, w, lv, rule, mode, True), lv)
+        else:
+            outs = _avg_dynamic(x, sizes, lv)
 
-    flat = []
-    for o in outs:
-        if channel_major:
-            o = jnp.transpose(o, (0, 3, 1, 2))
-        flat.append(o.reshape(b, -1))
-    return flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+    return _flatten_levels(outs, channel_major)
+
+
+def _flatten_levels(outs: Sequence[jax.Array], channel_major: bool) -> jax.Array:
+    """Flattens per-level ``(B, n_h, n_w, C)`` outputs and concatenates them.
+
+    The concatenation runs on a ``(B, rows, g)`` view, ``g`` the largest common
+    divisor of the level sizes: XLA's CPU backend concatenates long rows of a 2-D
+    array several times slower than many short rows of equal width.
+    """
+    b = outs[0].shape[0]
+    flat = [jnp.transpose(o, (0, 3, 1, 2)) if channel_major else o for o in outs]
+    sizes = [int(np.prod(o.shape[1:])) for o in flat]
+    g = functools.reduce(math.gcd, sizes)
+    out = jnp.concatenate([o.reshape(b, -1, g) for o in flat], axis=1)
+    return out.reshape(b, -1)
 
 
 def _check_sizes(valid_sizes: Any, b: int, h: int, w: int) -> jax.Array:
