@@ -48,7 +48,6 @@ from spp_jax.geometry import Bins, Level, LevelsLike
 MODES = ("max", "avg")
 DATA_FORMATS = ("NHWC", "NCHW")
 
-_BARRIER = lambda t: t
 _BIG_KEY = np.iinfo(np.int32).max
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
@@ -180,6 +179,16 @@ def _select2(a: Carry, b: Carry) -> Carry:
     return tuple(jnp.where(take, y, x) for x, y in zip(a, b))
 
 
+def _select_in_order(a: Carry, b: Carry) -> Carry:
+    """:func:`_select2` for candidates that arrive in increasing key order.
+
+    Then the smaller key is always the earlier candidate, so b wins only by a
+    strictly larger value (or a first NaN): 3 comparisons instead of 9.
+    """
+    take = ~jnp.isnan(a[0]) & (jnp.isnan(b[0]) | (b[0] > a[0]))
+    return tuple(jnp.where(take, y, x) for x, y in zip(a, b))
+
+
 def _separable(arrays: Carry, rows: Ranges, cols: Ranges, combine: Combine) -> Carry:
     """Reduces NHWC-aligned arrays over columns (axis 2), then rows (axis 1)."""
     return _reduce_axis(_reduce_axis(arrays, 2, cols, combine), 1, rows, combine)
@@ -219,27 +228,30 @@ def _positions(v: jax.Array, axis: int) -> jax.Array:
     return lax.broadcasted_iota(jnp.int32, v.shape, axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _max_stage(v: jax.Array, k: jax.Array, axis: int, ranges: Ranges):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _max_stage(v: jax.Array, k: jax.Array, axis: int, ranges: Ranges, in_order: bool):
     """Max over static ranges along ``axis``: returns ``(values, keys)``.
 
     ``keys`` are the row-major input cell indices of the winners (first maximum);
     they only decide ties in later stages and are removed by XLA when unused.
+    ``in_order`` says that keys increase along ``axis`` inside every range (true
+    for stages that read the input), which allows a cheaper comparison.
     """
     (out_v,) = _reduce_axis((v,), axis, ranges, _max2)
-    _, out_k, _ = _reduce_axis((v, k, _positions(v, axis)), axis, ranges, _select2)
-    return _BARRIER((out_v, out_k))
+    _, (out_k, _) = _max_stage_fwd(v, k, axis, ranges, in_order)
+    return out_v, out_k
 
 
-def _max_stage_fwd(v, k, axis, ranges):
-    out_v, out_k, pos = _BARRIER(_reduce_axis((v, k, _positions(v, axis)), axis, ranges, _select2))
+def _max_stage_fwd(v, k, axis, ranges, in_order):
+    select = _select_in_order if in_order else _select2
+    out_v, out_k, pos = _reduce_axis((v, k, _positions(v, axis)), axis, ranges, select)
     return (out_v, out_k), (pos, v.shape[axis])
 
 
-def _max_stage_bwd(axis, ranges, res, ct):
+def _max_stage_bwd(axis, ranges, in_order, res, ct):
     pos, length = res
     g, _ = ct
-    return _BARRIER(_route(g, pos, axis, ranges, length)), None
+    return _route(g, pos, axis, ranges, length), None
 
 
 _max_stage.defvjp(_max_stage_fwd, _max_stage_bwd)
@@ -323,8 +335,8 @@ def _run_plan(plan, from_input: Callable[[int], Carry], from_base: Callable[[Car
 
 def _max_from_base(carry: Carry, rows: Ranges, cols: Ranges) -> Carry:
     v, k = carry
-    v, k = _max_stage(v, k, 2, cols)
-    return _max_stage(v, k, 1, rows)
+    v, k = _max_stage(v, k, 2, cols, False)
+    return _max_stage(v, k, 1, rows, False)
 
 
 def _max_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
@@ -333,8 +345,8 @@ def _max_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
 
     def from_input(i):
         _, rows, cols = steps[i]
-        v, k = _max_stage(x, keys, 2, cols)
-        return _max_stage(v, k, 1, rows)
+        v, k = _max_stage(x, keys, 2, cols, True)
+        return _max_stage(v, k, 1, rows, True)
 
     return tuple(o[0] for o in _run_plan(plan, from_input, _max_from_base))
 

@@ -1,0 +1,54 @@
+"""Flax linen wrappers around :func:`spp_jax.spatial_pyramid_pool`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+from spp_jax.geometry import check_rule, normalize_levels
+from spp_jax.pooling import DATA_FORMATS, MODES, spatial_pyramid_pool
+
+__all__ = ["SpatialPyramidPooling"]
+
+
+class SpatialPyramidPooling(nn.Module):
+    """Spatial pyramid pooling layer (no parameters).
+
+    Maps ``(B, H, W, C)`` (or ``(B, C, H, W)`` with ``data_format="NCHW"``) of any
+    ``H, W`` to ``(B, C * sum(n_h * n_w))``. See :func:`spp_jax.spatial_pyramid_pool`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = SpatialPyramidPooling(levels=(4, 2, 1))
+      >>> layer.apply({}, jnp.ones((2, 9, 11, 8))).shape  # 8 * (16 + 4 + 1)
+      (2, 168)
+    """
+
+    levels: tuple = (6, 3, 2, 1)
+    mode: str = "max"
+    rule: str = "adaptive"
+    data_format: str = "NHWC"
+    channel_major: bool = False
+
+    def __post_init__(self):
+        # Fail at construction, naming the bad value, rather than at first call.
+        object.__setattr__(self, "levels", normalize_levels(self.levels))
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; accepted modes are {MODES}")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"unknown data_format {self.data_format!r}; accepted formats are {DATA_FORMATS}"
+            )
+        check_rule(self.rule)
+        super().__post_init__()
+
+    def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
+        return spatial_pyramid_pool(
+            x,
+            self.levels,
+            mode=self.mode,
+            rule=self.rule,
+            data_format=self.data_format,
+            valid_sizes=valid_sizes,
+            channel_major=self.channel_major,
+        )

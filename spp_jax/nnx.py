@@ -1,0 +1,57 @@
+"""Flax NNX wrappers around :func:`spp_jax.spatial_pyramid_pool`."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from spp_jax.geometry import LevelsLike, check_rule, normalize_levels
+from spp_jax.pooling import DATA_FORMATS, MODES, spatial_pyramid_pool
+
+__all__ = ["SpatialPyramidPooling"]
+
+
+class SpatialPyramidPooling(nnx.Module):
+    """Spatial pyramid pooling layer (no parameters, no state).
+
+    Maps ``(B, H, W, C)`` (or ``(B, C, H, W)`` with ``data_format="NCHW"``) of any
+    ``H, W`` to ``(B, C * sum(n_h * n_w))``. See :func:`spp_jax.spatial_pyramid_pool`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = SpatialPyramidPooling(levels=(4, 2, 1))
+      >>> layer(jnp.ones((2, 9, 11, 8))).shape  # 8 * (16 + 4 + 1)
+      (2, 168)
+    """
+
+    def __init__(
+        self,
+        levels: LevelsLike = (6, 3, 2, 1),
+        *,
+        mode: str = "max",
+        rule: str = "adaptive",
+        data_format: str = "NHWC",
+        channel_major: bool = False,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
+        if data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"unknown data_format {data_format!r}; accepted formats are {DATA_FORMATS}"
+            )
+        self.levels = normalize_levels(levels)
+        self.mode = mode
+        self.rule = check_rule(rule)
+        self.data_format = data_format
+        self.channel_major = bool(channel_major)
+
+    def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
+        return spatial_pyramid_pool(
+            x,
+            self.levels,
+            mode=self.mode,
+            rule=self.rule,
+            data_format=self.data_format,
+            valid_sizes=valid_sizes,
+            channel_major=self.channel_major,
+        )
