@@ -1,0 +1,121 @@
+"""Speed of spp_jax's pyramid pooling layer against PyTorch and the memory floor.
+
+Run (a few minutes on 2 CPU cores):
+
+    python experiments/benchmarks/spp_layer.py --out results/spp_layer.json
+
+float32 on CPU, levels (6, 3, 2, 1). For each (B, H, W, C) it times, in one run:
+spp_jax forward and forward+backward (jit), PyTorch's pyramid of
+``adaptive_max_pool2d`` on channels_last tensors (if torch is installed: the
+``bench`` extra), and the floor, one global max over the same array (the cost of
+reading x once). Times are the 25th percentile of repeated calls. Prints a table
+of ratios and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import spp_jax
+
+SHAPES = [(32, 13, 13, 256), (32, 10, 10, 256), (8, 38, 50, 256), (64, 7, 7, 512)]
+LEVELS = (6, 3, 2, 1)
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.percentile(times, 25))
+
+
+def bench_jax(shape, reps):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(
+        (shape[0], spp_jax.output_dim(shape[3], LEVELS)), np.float32))
+    fwd = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, LEVELS))
+    fb = jax.jit(jax.grad(lambda x: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS) * cot)))
+    floor = jax.jit(jnp.max)
+    t0 = time.perf_counter()
+    fwd.lower(x).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fb.lower(x).compile()
+    compile_fb_s = time.perf_counter() - t0
+    return {
+        "floor": _time(lambda: floor(x).block_until_ready(), reps),
+        "fwd": _time(lambda: fwd(x).block_until_ready(), reps),
+        "fwd_bwd": _time(lambda: fb(x).block_until_ready(), max(reps // 4, 5)),
+        "compile_fwd_s": compile_s,
+        "compile_fwd_bwd_s": compile_fb_s,
+    }
+
+
+def bench_torch(shape, reps):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(os.cpu_count() or 1)
+    b, h, w, c = shape
+    x = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd(t):
+        return torch.cat(
+            [torch.nn.functional.adaptive_max_pool2d(t, n).flatten(1) for n in LEVELS], 1
+        )
+
+    cot = torch.randn(b, spp_jax.output_dim(c, LEVELS))
+
+    def fb():
+        (g,) = torch.autograd.grad(fwd(xg), xg, cot)
+        return g
+
+    with torch.no_grad():
+        t_fwd = _time(lambda: fwd(x), reps)
+    return {"fwd": t_fwd, "fwd_bwd": _time(fb, max(reps // 4, 5))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--out", default="results/spp_layer.json")
+    args = parser.parse_args()
+    rows = []
+    for shape in SHAPES:
+        j, t = bench_jax(shape, args.reps), bench_torch(shape, args.reps)
+        rows.append({"shape": shape, "jax": j, "torch": t})
+        print(f"measured {shape}", flush=True)
+    head = (f"{'(B,H,W,C)':>18} | {'fwd/floor':>9} | {'torch/fwd':>9} | {'fb/floor':>8} | "
+            f"{'torch_fb/fb':>11} | {'fwd ms':>7} | {'fb ms':>7} | {'compile s':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        j, t = r["jax"], r["torch"]
+        tf = f"{t['fwd'] / j['fwd']:9.2f}" if t else f"{'n/a':>9}"
+        tfb = f"{t['fwd_bwd'] / j['fwd_bwd']:11.2f}" if t else f"{'n/a':>11}"
+        print(f"{str(tuple(r['shape'])):>18} | {j['fwd'] / j['floor']:9.2f} | {tf} | "
+              f"{j['fwd_bwd'] / j['floor']:8.1f} | {tfb} | {j['fwd'] * 1e3:7.3f} | "
+              f"{j['fwd_bwd'] * 1e3:7.3f} | {j['compile_fwd_s']:9.2f}")
+    meta = {"jax": jax.__version__, "backend": jax.default_backend(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "levels": LEVELS, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

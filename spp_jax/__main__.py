@@ -1,0 +1,3 @@
+from spp_jax.cli import main
+
+raise SystemExit(main())
