@@ -35,8 +35,15 @@ def demo(levels=(6, 3, 2, 1), channels: int = 256, batch: int = 4) -> dict:
         y = jax.block_until_ready(pool(x, levels=levels))
         ms = (time.perf_counter() - t0) * 1e3
         rows = [lb.rows for lb in pyramid_bins(h, w, levels)]
-        log.info("  input %2dx%-2d -> %s (first call, compile included: %.0f ms); row bins of "
-                 "the finest level: %s", h, w, tuple(y.shape), ms, rows[0])
+        log.info(
+            "  input %2dx%-2d -> %s (first call, compile included: %.0f ms); row bins of "
+            "the finest level: %s",
+            h,
+            w,
+            tuple(y.shape),
+            ms,
+            rows[0],
+        )
         assert y.shape == (batch, dim)
         per_size[(h, w)] = (x, y)
 
@@ -46,11 +53,14 @@ def demo(levels=(6, 3, 2, 1), channels: int = 256, batch: int = 4) -> dict:
     for i, (h, w) in enumerate(sizes):
         padded[i, :h, :w] = np.asarray(per_size[(h, w)][0][0])
     y = pool(jnp.asarray(padded), levels=levels, valid_sizes=np.array(sizes))
-    worst = max(
-        float(jnp.max(jnp.abs(y[i] - per_size[s][1][0]))) for i, s in enumerate(sizes)
+    worst = max(float(jnp.max(jnp.abs(y[i] - per_size[s][1][0]))) for i, s in enumerate(sizes))
+    log.info(
+        "padded mixed-size batch %s with valid_sizes -> %s, max |diff| vs per-size "
+        "pooling: %g (padding held NaN)",
+        padded.shape,
+        tuple(y.shape),
+        worst,
     )
-    log.info("padded mixed-size batch %s with valid_sizes -> %s, max |diff| vs per-size "
-             "pooling: %g (padding held NaN)", padded.shape, tuple(y.shape), worst)
     return {"dim": dim, "sizes": sizes, "padded_max_abs_diff": worst}
 
 

@@ -81,9 +81,7 @@ def normalize_levels(levels: LevelsLike) -> tuple[Level, ...]:
     if _is_int(levels):
         levels = (levels,)  # type: ignore[assignment]
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable):
-        raise TypeError(
-            f"levels must be a sequence of ints or (n_h, n_w) pairs, got {levels!r}"
-        )
+        raise TypeError(f"levels must be a sequence of ints or (n_h, n_w) pairs, got {levels!r}")
     out: list[Level] = []
     for item in levels:  # type: ignore[union-attr]
         if _is_int(item):
@@ -102,8 +100,7 @@ def normalize_levels(levels: LevelsLike) -> tuple[Level, ...]:
             )
         if pair[0] < 1 or pair[1] < 1:
             raise ValueError(
-                f"pyramid level bin counts must be positive ints, got {item!r} "
-                f"in levels={levels!r}"
+                f"pyramid level bin counts must be positive ints, got {item!r} in levels={levels!r}"
             )
         out.append(pair)
     if not out:

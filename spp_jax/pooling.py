@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from spp_jax import geometry
-from spp_jax.geometry import Bins, Level, LevelsLike
+from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
 DATA_FORMATS = ("NHWC", "NCHW")
@@ -91,9 +91,7 @@ def _plan(h: int, w: int, levels: tuple[Level, ...], rule: str, mode: str, dynam
     base, best = None, 0
     order = sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
     for cand in order:
-        covered = sum(
-            1 for other in range(len(levels)) if other != cand and covers(cand, other)
-        )
+        covered = sum(1 for other in range(len(levels)) if other != cand and covers(cand, other))
         if covered > best:
             base, best = cand, covered
     steps = []
@@ -168,15 +166,13 @@ def _better(va, ka, vb, kb):
     """True where candidate b beats a: larger value, then smaller key; NaN is largest."""
     a_nan, b_nan = jnp.isnan(va), jnp.isnan(vb)
     smaller_key = kb < ka
-    return (b_nan & (~a_nan | smaller_key)) | (
-        ~a_nan & ((vb > va) | ((vb == va) & smaller_key))
-    )
+    return (b_nan & (~a_nan | smaller_key)) | (~a_nan & ((vb > va) | ((vb == va) & smaller_key)))
 
 
 def _select2(a: Carry, b: Carry) -> Carry:
     """Combines (value, key, tangent[, ...]) by the first-maximum rule."""
     take = _better(a[0], a[1], b[0], b[1])
-    return tuple(jnp.where(take, y, x) for x, y in zip(a, b))
+    return tuple(jnp.where(take, y, x) for x, y in zip(a, b, strict=False))
 
 
 def _select_in_order(a: Carry, b: Carry) -> Carry:
@@ -186,7 +182,7 @@ def _select_in_order(a: Carry, b: Carry) -> Carry:
     strictly larger value (or a first NaN): 3 comparisons instead of 9.
     """
     take = ~jnp.isnan(a[0]) & (jnp.isnan(b[0]) | (b[0] > a[0]))
-    return tuple(jnp.where(take, y, x) for x, y in zip(a, b))
+    return tuple(jnp.where(take, y, x) for x, y in zip(a, b, strict=False))
 
 
 def _separable(arrays: Carry, rows: Ranges, cols: Ranges, combine: Combine) -> Carry:
@@ -262,7 +258,9 @@ def _masked_windows(length: int, n: int) -> Ranges:
     return tuple((0, -((-(p + 1) * length) // n)) for p in range(n))
 
 
-def _masked_reduce(arrays: Carry, axis: int, size: jax.Array, n: int, combine: Combine, fill: Carry):
+def _masked_reduce(
+    arrays: Carry, axis: int, size: jax.Array, n: int, combine: Combine, fill: Carry
+):
     """Reduces NHWC-aligned arrays along ``axis`` into the ``n`` adaptive bins of
     each example's own ``size``. Cells outside a bin are replaced by ``fill``
     (the identity of ``combine``), so the padding never contributes."""
@@ -274,7 +272,7 @@ def _masked_reduce(arrays: Carry, axis: int, size: jax.Array, n: int, combine: C
             inside = ((start[:, p] <= c) & (c < end[:, p])).reshape((-1, 1, 1, 1))
             item = tuple(
                 jnp.where(inside, lax.slice_in_dim(a, c, c + 1, 1, axis), f)
-                for a, f in zip(arrays, fill)
+                for a, f in zip(arrays, fill, strict=False)
             )
             acc = item if acc is None else combine(acc, item)
         parts.append(acc)
@@ -321,7 +319,9 @@ def _input_keys(x: jax.Array) -> jax.Array:
     return _positions(x, 1) * w + _positions(x, 2)
 
 
-def _run_plan(plan, from_input: Callable[[int], Carry], from_base: Callable[[Carry, Ranges, Ranges], Carry]):
+def _run_plan(
+    plan, from_input: Callable[[int], Carry], from_base: Callable[[Carry, Ranges, Ranges], Carry]
+):
     """Evaluates a plan: each level from the input, or from the base level's output."""
     base, steps = plan
     outs: list[Carry | None] = [None] * len(steps)
@@ -414,9 +414,7 @@ def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
             f"got shape {tuple(x.shape)} (rank {x.ndim})"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(
-            f"x must have a floating dtype (float32, bfloat16, float16), got {x.dtype}"
-        )
+        raise TypeError(f"x must have a floating dtype (float32, bfloat16, float16), got {x.dtype}")
 
 
 def spatial_pyramid_pool(

@@ -16,7 +16,7 @@ def ref_bins(a: int, n: int, rule: str) -> list[tuple[int, int]]:
         return [(i * stride, i * stride + win) for i in range(n)]
     sizes = [math.ceil(a / n) if i < a % n else a // n for i in range(n)]
     starts = np.cumsum([0, *sizes[:-1]])
-    return [(int(s), int(s) + z) for s, z in zip(starts, sizes)]
+    return [(int(s), int(s) + z) for s, z in zip(starts, sizes, strict=False)]
 
 
 def ref_pool(x_nhwc, levels, mode="max", rule="adaptive", channel_major=False):

@@ -78,7 +78,9 @@ def test_nnx_model_two_input_sizes_jit_grad():
 def test_wrappers_equal_functional_call():
     x = np.random.default_rng(0).standard_normal((2, 7, 5, 3)).astype(np.float32)
     sizes = np.array([[7, 5], [4, 3]])
-    want = spp_jax.spatial_pyramid_pool(x, (3, 1), mode="avg", channel_major=True, valid_sizes=sizes)
+    want = spp_jax.spatial_pyramid_pool(
+        x, (3, 1), mode="avg", channel_major=True, valid_sizes=sizes
+    )
     lin = spp_jax.linen.SpatialPyramidPooling(levels=(3, 1), mode="avg", channel_major=True)
     nx = spp_jax.nnx.SpatialPyramidPooling((3, 1), mode="avg", channel_major=True)
     np.testing.assert_array_equal(np.asarray(lin.apply({}, x, sizes)), np.asarray(want))
@@ -87,8 +89,12 @@ def test_wrappers_equal_functional_call():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"mode": "min"}, "'min'"), ({"rule": "x"}, "'x'"), ({"levels": ()}, "empty"),
-     ({"data_format": "HWC"}, "'HWC'")],
+    [
+        ({"mode": "min"}, "'min'"),
+        ({"rule": "x"}, "'x'"),
+        ({"levels": ()}, "empty"),
+        ({"data_format": "HWC"}, "'HWC'"),
+    ],
 )
 def test_wrapper_errors_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

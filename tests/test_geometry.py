@@ -90,7 +90,7 @@ def test_bad_levels(levels, error, match):
 
 
 def test_bad_rule_and_sizes():
-    with pytest.raises(ValueError, match="'bogus'.*adaptive"):
+    with pytest.raises(ValueError, match=r"'bogus'.*adaptive"):
         spp_jax.axis_bins(5, 2, "bogus")
     with pytest.raises(ValueError, match="length 0"):
         spp_jax.axis_bins(0, 2)

@@ -42,8 +42,11 @@ def _time(fn, reps: int) -> float:
 
 def bench_jax(shape, reps):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
-    cot = jnp.asarray(np.random.default_rng(1).standard_normal(
-        (shape[0], spp_jax.output_dim(shape[3], LEVELS)), np.float32))
+    cot = jnp.asarray(
+        np.random.default_rng(1).standard_normal(
+            (shape[0], spp_jax.output_dim(shape[3], LEVELS)), np.float32
+        )
+    )
     fwd = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, LEVELS))
     fb = jax.jit(jax.grad(lambda x: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS) * cot)))
     floor = jax.jit(jnp.max)
@@ -98,19 +101,27 @@ def main():
         j, t = bench_jax(shape, args.reps), bench_torch(shape, args.reps)
         rows.append({"shape": shape, "jax": j, "torch": t})
         print(f"measured {shape}", flush=True)
-    head = (f"{'(B,H,W,C)':>18} | {'fwd/floor':>9} | {'torch/fwd':>9} | {'fb/floor':>8} | "
-            f"{'torch_fb/fb':>11} | {'fwd ms':>7} | {'fb ms':>7} | {'compile s':>9}")
+    head = (
+        f"{'(B,H,W,C)':>18} | {'fwd/floor':>9} | {'torch/fwd':>9} | {'fb/floor':>8} | "
+        f"{'torch_fb/fb':>11} | {'fwd ms':>7} | {'fb ms':>7} | {'compile s':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         j, t = r["jax"], r["torch"]
         tf = f"{t['fwd'] / j['fwd']:9.2f}" if t else f"{'n/a':>9}"
         tfb = f"{t['fwd_bwd'] / j['fwd_bwd']:11.2f}" if t else f"{'n/a':>11}"
-        print(f"{str(tuple(r['shape'])):>18} | {j['fwd'] / j['floor']:9.2f} | {tf} | "
-              f"{j['fwd_bwd'] / j['floor']:8.1f} | {tfb} | {j['fwd'] * 1e3:7.3f} | "
-              f"{j['fwd_bwd'] * 1e3:7.3f} | {j['compile_fwd_s']:9.2f}")
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+        print(
+            f"{tuple(r['shape'])!s:>18} | {j['fwd'] / j['floor']:9.2f} | {tf} | "
+            f"{j['fwd_bwd'] / j['floor']:8.1f} | {tfb} | {j['fwd'] * 1e3:7.3f} | "
+            f"{j['fwd_bwd'] * 1e3:7.3f} | {j['compile_fwd_s']:9.2f}"
+        )
+    meta = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "levels": LEVELS, "rows": rows}, f, indent=1)
