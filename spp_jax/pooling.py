@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ _BIG_KEY = np.iinfo(np.int32).max
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 
 Ranges = tuple[tuple[int, int], ...]
+Carry = tuple[jax.Array, ...]
 
 
 # --------------------------------------------------------------------------------------
@@ -99,213 +100,157 @@ def _plan(h: int, w: int, levels: tuple[Level, ...], rule: str, mode: str, dynam
         cover = covers(base, i) if base is not None and i != base else None
         if cover is not None:
             steps.append(("base", *cover))
+        elif dynamic:  # static windows that hold the bins of every size; masks pick cells
+            steps.append(("input", _windows(h, lb.n_h), _windows(w, lb.n_w)))
         else:
             steps.append(("input", lb.rows, lb.cols))
     return base, tuple(steps)
 
 
-# --------------------------------------------------------------------------------------
-# Reducing one axis over static ranges.
-# --------------------------------------------------------------------------------------
-
-Carry = tuple[jax.Array, ...]
-Combine = Callable[[Carry, Carry], Carry]
-
-
-def _strided(ranges: Ranges) -> tuple[int, int, int] | None:
-    """``(first_start, stride, length)`` if all ranges are equally long and evenly spaced."""
-    lengths = {e - s for s, e in ranges}
-    if len(lengths) != 1:
-        return None
-    if len(ranges) == 1:
-        return ranges[0][0], 1, lengths.pop()
-    stride = ranges[1][0] - ranges[0][0]
-    if stride < 1 or any(ranges[i + 1][0] - ranges[i][0] != stride for i in range(len(ranges) - 1)):
-        return None
-    return ranges[0][0], stride, lengths.pop()
-
-
-def _reduce_axis(arrays: Carry, axis: int, ranges: Ranges, combine: Combine) -> Carry:
-    """Reduces aligned ``arrays`` along ``axis`` over each static range.
-
-    ``combine(acc, item)`` folds one candidate into the accumulator, candidates
-    coming in order of increasing cell index. The result has ``len(ranges)``
-    entries along ``axis``.
-    """
-    if ranges == tuple((i, i + 1) for i in range(arrays[0].shape[axis])):
-        return arrays  # identity: one cell per range
-    strided = _strided(ranges)
-    if strided is not None:
-        # Offset o of every range at once: one strided slice, no concatenate.
-        start, stride, length = strided
-        stop = (len(ranges) - 1) * stride + 1
-        acc = None
-        for lo in range(start, start + length):
-            item = tuple(lax.slice_in_dim(a, lo, lo + stop, stride, axis) for a in arrays)
-            acc = item if acc is None else combine(acc, item)
-        return acc
-    parts = []
-    for s, e in ranges:
-        acc = None
-        for c in range(s, e):
-            item = tuple(lax.slice_in_dim(a, c, c + 1, 1, axis) for a in arrays)
-            acc = item if acc is None else combine(acc, item)
-        parts.append(acc)
-    return tuple(jnp.concatenate([p[i] for p in parts], axis) for i in range(len(arrays)))
-
-
-def _max2(a: Carry, b: Carry) -> Carry:
-    return (jnp.maximum(a[0], b[0]),)
-
-
-def _sum2(a: Carry, b: Carry) -> Carry:
-    return (a[0] + b[0],)
-
-
-def _better(va, ka, vb, kb):
-    """True where candidate b beats a: larger value, then smaller key; NaN is largest."""
-    a_nan, b_nan = jnp.isnan(va), jnp.isnan(vb)
-    smaller_key = kb < ka
-    return (b_nan & (~a_nan | smaller_key)) | (~a_nan & ((vb > va) | ((vb == va) & smaller_key)))
-
-
-def _select2(a: Carry, b: Carry) -> Carry:
-    """Combines (value, key, tangent[, ...]) by the first-maximum rule."""
-    take = _better(a[0], a[1], b[0], b[1])
-    return tuple(jnp.where(take, y, x) for x, y in zip(a, b, strict=False))
-
-
-def _select_in_order(a: Carry, b: Carry) -> Carry:
-    """:func:`_select2` for candidates that arrive in increasing key order.
-
-    Then the smaller key is always the earlier candidate, so b wins only by a
-    strictly larger value (or a first NaN): 3 comparisons instead of 9.
-    """
-    take = ~jnp.isnan(a[0]) & (jnp.isnan(b[0]) | (b[0] > a[0]))
-    return tuple(jnp.where(take, y, x) for x, y in zip(a, b, strict=False))
-
-
-def _separable(arrays: Carry, rows: Ranges, cols: Ranges, combine: Combine) -> Carry:
-    """Reduces NHWC-aligned arrays over columns (axis 2), then rows (axis 1)."""
-    return _reduce_axis(_reduce_axis(arrays, 2, cols, combine), 1, rows, combine)
-
-
-# --------------------------------------------------------------------------------------
-# Max stages with first-maximum gradients.
-# --------------------------------------------------------------------------------------
-
-
-def _route(g: jax.Array, pos: jax.Array, axis: int, windows: Ranges, length: int) -> jax.Array:
-    """Transpose of a max stage: sends each output's cotangent to its winning cell.
-
-    ``pos`` holds, for each output, the absolute index (along ``axis``) of the cell
-    that won; ``windows[p]`` is a static range that contains every cell output
-    ``p`` can pick. Built as one elementwise expression per input cell, which XLA
-    fuses into a single loop (no scatter).
-    """
-    parts = []
-    for c in range(length):
-        acc = None
-        for p, (s, e) in enumerate(windows):
-            if s <= c < e:
-                term = jnp.where(
-                    lax.slice_in_dim(pos, p, p + 1, 1, axis) == c,
-                    lax.slice_in_dim(g, p, p + 1, 1, axis),
-                    jnp.zeros((), g.dtype),
-                )
-                acc = term if acc is None else acc + term
-        if acc is None:  # a cell no bin reads (possible with rule="sliding")
-            acc = jnp.zeros_like(lax.slice_in_dim(g, 0, 1, 1, axis))
-        parts.append(acc)
-    return jnp.concatenate(parts, axis)
-
-
-def _positions(v: jax.Array, axis: int) -> jax.Array:
-    return lax.broadcasted_iota(jnp.int32, v.shape, axis)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _max_stage(v: jax.Array, k: jax.Array, axis: int, ranges: Ranges, in_order: bool):
-    """Max over static ranges along ``axis``: returns ``(values, keys)``.
-
-    ``keys`` are the row-major input cell indices of the winners (first maximum);
-    they only decide ties in later stages and are removed by XLA when unused.
-    ``in_order`` says that keys increase along ``axis`` inside every range (true
-    for stages that read the input), which allows a cheaper comparison.
-    """
-    (out_v,) = _reduce_axis((v,), axis, ranges, _max2)
-    _, (out_k, _) = _max_stage_fwd(v, k, axis, ranges, in_order)
-    return out_v, out_k
-
-
-def _max_stage_fwd(v, k, axis, ranges, in_order):
-    select = _select_in_order if in_order else _select2
-    out_v, out_k, pos = _reduce_axis((v, k, _positions(v, axis)), axis, ranges, select)
-    return (out_v, out_k), (pos, v.shape[axis])
-
-
-def _max_stage_bwd(axis, ranges, in_order, res, ct):
-    pos, length = res
-    g, _ = ct
-    return _route(g, pos, axis, ranges, length), None
-
-
-_max_stage.defvjp(_max_stage_fwd, _max_stage_bwd)
-
-
-def _masked_windows(length: int, n: int) -> Ranges:
-    # Adaptive bin p of any size <= length lies inside [0, ceil((p + 1) * length / n)).
+def _windows(length: int, n: int) -> Ranges:
+    # Adaptive bin p of any size <= length lies in [0, ceil((p + 1) * length / n)).
     return tuple((0, -((-(p + 1) * length) // n)) for p in range(n))
 
 
-def _masked_reduce(
-    arrays: Carry, axis: int, size: jax.Array, n: int, combine: Combine, fill: Carry
-):
-    """Reduces NHWC-aligned arrays along ``axis`` into the ``n`` adaptive bins of
-    each example's own ``size``. Cells outside a bin are replaced by ``fill``
-    (the identity of ``combine``), so the padding never contributes."""
-    start, end = _dynamic_bins(size, n)
+# --------------------------------------------------------------------------------------
+# One stage: reduce one axis into bins.
+# --------------------------------------------------------------------------------------
+
+
+class _Stage(NamedTuple):
+    """Static description of reducing ``axis`` (of length ``length``) into bins.
+
+    ``idx[p, o]`` is the o-th candidate cell of bin p (short bins repeat their last
+    cell) and ``valid[p, o]`` marks the real ones, so every bin reduces over the
+    same number of candidates and one XLA reduction does the whole stage.
+    """
+
+    axis: int
+    length: int
+    idx: tuple[tuple[int, ...], ...]
+    valid: tuple[tuple[bool, ...], ...]
+
+    @property
+    def ragged(self) -> bool:
+        return not all(all(row) for row in self.valid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage(axis: int, length: int, ranges: Ranges) -> _Stage | None:
+    """The stage reducing ``ranges`` of an axis; None if it is the identity."""
+    if ranges == tuple((i, i + 1) for i in range(length)):
+        return None
+    width = max(e - s for s, e in ranges)
+    idx = tuple(tuple(min(s + o, e - 1) for o in range(width)) for s, e in ranges)
+    valid = tuple(tuple(s + o < e for o in range(width)) for s, e in ranges)
+    return _Stage(axis, length, idx, valid)
+
+
+def _gather(a: jax.Array, axis: int, index: Sequence[int]) -> jax.Array:
+    """``a`` indexed along ``axis`` by static ``index``, as strided slices.
+
+    Runs of evenly spaced indices become one strided slice each; XLA fuses slices
+    into their consumer, where a gather would stay a slow separate loop on CPU.
+    """
+    runs, i = [], 0
+    while i < len(index):
+        j = i + 1
+        step = index[j] - index[i] if j < len(index) else 1
+        if step < 1:
+            step, j = 1, i + 1
+        else:
+            while j < len(index) and index[j] - index[j - 1] == step:
+                j += 1
+        runs.append(lax.slice_in_dim(a, index[i], index[j - 1] + 1, step, axis))
+        i = j
+    return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis)
+
+
+def _candidates(a: jax.Array, st: _Stage) -> jax.Array:
+    """``(..., n, L, ...)``: the L candidates of each of the n bins of a stage."""
+    cols = [_gather(a, st.axis, [row[o] for row in st.idx]) for o in range(len(st.idx[0]))]
+    return jnp.stack(cols, st.axis + 1)
+
+
+def _bcast(table: np.ndarray, st: _Stage, ndim: int) -> np.ndarray:
+    """Reshapes an ``(n, L)`` table to broadcast against stage candidates."""
+    shape = [1] * (ndim + 1)
+    shape[st.axis], shape[st.axis + 1] = table.shape
+    return table.reshape(shape)
+
+
+def _stage_max(v: jax.Array, st: _Stage, mask: jax.Array | None = None) -> jax.Array:
+    """Max of every bin of ``st`` (NaN-propagating). ``mask`` drops candidates."""
+    c = _candidates(v, st)
+    if mask is not None:
+        c = jnp.where(mask, c, jnp.array(-jnp.inf, c.dtype))
+    return jnp.max(c, axis=st.axis + 1)
+
+
+def _stage_sum(v: jax.Array, st: _Stage, mask: jax.Array | None = None) -> jax.Array:
+    c = _candidates(v, st)
+    if st.ragged:
+        valid = _bcast(np.array(st.valid), st, v.ndim)
+        mask = valid if mask is None else mask & valid
+    if mask is not None:
+        c = jnp.where(mask, c, jnp.zeros((), c.dtype))
+    return jnp.sum(c, axis=st.axis + 1)
+
+
+def _first_max(a: Carry, b: Carry) -> Carry:
+    """Reduction step on (value, key, position): larger value, then smaller key.
+
+    NaN counts as the largest value. The order is total, so the result is the
+    first maximum in row-major order whatever the order XLA reduces in.
+    """
+    va, ka, pa = a
+    vb, kb, pb = b
+    a_nan, b_nan = va != va, vb != vb
+    smaller = kb < ka
+    take = (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
+    return jnp.where(take, vb, va), jnp.where(take, kb, ka), jnp.where(take, pb, pa)
+
+
+def _stage_argmax(v, k, st: _Stage, mask: jax.Array | None = None):
+    """``(values, keys, positions)`` of each bin's first maximum.
+
+    ``positions`` are cell indices along the stage's axis, used by the backward
+    pass. An XLA reduction, so its outputs are materialised once and not
+    recomputed inside every consumer of the backward pass.
+    """
+    cv, ck = _candidates(v, st), _candidates(k, st)
+    if mask is not None:
+        cv = jnp.where(mask, cv, jnp.array(-jnp.inf, cv.dtype))
+        ck = jnp.where(mask, ck, jnp.int32(_BIG_KEY))
+    cp = jnp.broadcast_to(_bcast(np.array(st.idx, np.int32), st, v.ndim), cv.shape)
+    init = (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY), jnp.int32(-1))
+    return lax.reduce((cv, ck, cp), init, _first_max, (st.axis + 1,))
+
+
+def _route(g: jax.Array, pos: jax.Array, st: _Stage) -> jax.Array:
+    """Transpose of a max stage: each bin's cotangent goes to its winning cell.
+
+    One elementwise term per input cell (no scatter); XLA fuses them into a loop.
+    """
+    reads: list[list[int]] = [[] for _ in range(st.length)]
+    for p, row in enumerate(st.idx):
+        for c in sorted(set(row)):
+            reads[c].append(p)
+    zero = jnp.zeros((), g.dtype)
     parts = []
-    for p, (lo, hi) in enumerate(_masked_windows(arrays[0].shape[axis], n)):
+    for c, bins in enumerate(reads):
         acc = None
-        for c in range(lo, hi):
-            inside = ((start[:, p] <= c) & (c < end[:, p])).reshape((-1, 1, 1, 1))
-            item = tuple(
-                jnp.where(inside, lax.slice_in_dim(a, c, c + 1, 1, axis), f)
-                for a, f in zip(arrays, fill, strict=False)
+        for p in bins:
+            term = jnp.where(
+                lax.slice_in_dim(pos, p, p + 1, 1, st.axis) == c,
+                lax.slice_in_dim(g, p, p + 1, 1, st.axis),
+                zero,
             )
-            acc = item if acc is None else combine(acc, item)
+            acc = term if acc is None else acc + term
+        if acc is None:  # a cell no bin reads (possible with rule="sliding")
+            acc = jnp.zeros_like(lax.slice_in_dim(g, 0, 1, 1, st.axis))
         parts.append(acc)
-    return tuple(jnp.concatenate([p[i] for p in parts], axis) for i in range(len(arrays)))
-
-
-def _keyed_fill(v: jax.Array) -> Carry:
-    return (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY), jnp.int32(0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _masked_max_stage(v, k, size, axis: int, n: int):
-    """Like :func:`_max_stage` over the adaptive bins of traced per-example sizes."""
-    neg = jnp.array(-jnp.inf, v.dtype)
-    (out_v,) = _masked_reduce((v,), axis, size, n, _max2, (neg,))
-    carry = (v, k, _positions(v, axis))
-    _, out_k, _ = _masked_reduce(carry, axis, size, n, _select2, _keyed_fill(v))
-    return out_v, out_k
-
-
-def _masked_max_stage_fwd(v, k, size, axis, n):
-    carry = (v, k, _positions(v, axis))
-    out_v, out_k, pos = _masked_reduce(carry, axis, size, n, _select2, _keyed_fill(v))
-    return (out_v, out_k), (pos, v.shape[axis])
-
-
-def _masked_max_stage_bwd(axis, n, res, ct):
-    pos, length = res
-    g, _ = ct
-    return _route(g, pos, axis, _masked_windows(length, n), length), None, None
-
-
-_masked_max_stage.defvjp(_masked_max_stage_fwd, _masked_max_stage_bwd)
+    return jnp.concatenate(parts, st.axis)
 
 
 # --------------------------------------------------------------------------------------
@@ -313,63 +258,112 @@ _masked_max_stage.defvjp(_masked_max_stage_fwd, _masked_max_stage_bwd)
 # --------------------------------------------------------------------------------------
 
 
+def _level_stages(plan, h: int, w: int, levels: tuple[Level, ...]):
+    """Per level: ``(source, cols_stage, rows_stage)``, source "input" or "base"."""
+    base, steps = plan
+    out = []
+    for source, rows, cols in steps:
+        if source == "base":
+            bh, bw = levels[base]
+            out.append((source, _stage(2, bw, cols), _stage(1, bh, rows)))
+        else:
+            out.append((source, _stage(2, w, cols), _stage(1, h, rows)))
+    return tuple(out)
+
+
 def _input_keys(x: jax.Array) -> jax.Array:
     """Row-major cell index ``h * W + w`` of every element of an NHWC array."""
     w = x.shape[2]
-    return _positions(x, 1) * w + _positions(x, 2)
+    return lax.broadcasted_iota(jnp.int32, x.shape, 1) * w + lax.broadcasted_iota(
+        jnp.int32, x.shape, 2
+    )
 
 
-def _run_plan(
-    plan, from_input: Callable[[int], Carry], from_base: Callable[[Carry, Ranges, Ranges], Carry]
-):
-    """Evaluates a plan: each level from the input, or from the base level's output."""
-    base, steps = plan
-    outs: list[Carry | None] = [None] * len(steps)
+def _eval_levels(plan, stages, from_input, from_base):
+    """Evaluates the levels: the base level first, then the rest."""
+    base = plan[0]
+    outs: list[Any] = [None] * len(stages)
     if base is not None:
         outs[base] = from_input(base)
-    for i, (source, rows, cols) in enumerate(steps):
+    for i, (source, cols, rows) in enumerate(stages):
         if outs[i] is None:
-            outs[i] = from_base(outs[base], rows, cols) if source == "base" else from_input(i)
+            outs[i] = from_base(outs[base], cols, rows) if source == "base" else from_input(i)
     return outs
 
 
-def _max_from_base(carry: Carry, rows: Ranges, cols: Ranges) -> Carry:
-    v, k = carry
-    v, k = _max_stage(v, k, 2, cols, False)
-    return _max_stage(v, k, 1, rows, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[jax.Array, ...]:
+    """Max pyramid, values only; per-level ``(B, n_h, n_w, C)``.
 
+    ``sizes`` (B, 2) switches to per-example adaptive bins (masked stages).
+    """
+    stages = _level_stages(plan, x.shape[1], x.shape[2], levels)
 
-def _max_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
-    keys = _input_keys(x)
-    steps = plan[1]
-
-    def from_input(i):
-        _, rows, cols = steps[i]
-        v, k = _max_stage(x, keys, 2, cols, True)
-        return _max_stage(v, k, 1, rows, True)
-
-    return tuple(o[0] for o in _run_plan(plan, from_input, _max_from_base))
-
-
-def _max_dynamic(x: jax.Array, sizes: jax.Array, plan, levels) -> tuple[jax.Array, ...]:
-    keys = _input_keys(x)
+    def apply(v, st, mask=None):
+        return v if st is None else _stage_max(v, st, mask)
 
     def from_input(i):
-        nh, nw = levels[i]
-        v, k = _masked_max_stage(x, keys, sizes[:, 1], 2, nw)
-        return _masked_max_stage(v, k, sizes[:, 0], 1, nh)
+        _, cols, rows = stages[i]
+        cm, rm = _dynamic_masks(sizes, levels[i], cols, rows, x.ndim)
+        return apply(apply(x, cols, cm), rows, rm)
 
-    return tuple(o[0] for o in _run_plan(plan, from_input, _max_from_base))
+    def from_base(b, cols, rows):
+        return apply(apply(b, cols), rows)
+
+    return tuple(_eval_levels(plan, stages, from_input, from_base))
 
 
-def _avg_static(x: jax.Array, plan) -> tuple[jax.Array, ...]:
-    xf = x.astype(jnp.float32)
-    outs = []
-    for _, rows, cols in plan[1]:
-        (s,) = _separable((xf,), rows, cols, _sum2)
-        area = np.array([[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows])
-        outs.append((s / area[None, :, :, None].astype(np.float32)).astype(x.dtype))
-    return tuple(outs)
+def _max_pyramid_fwd(x, sizes, plan, levels):
+    stages = _level_stages(plan, x.shape[1], x.shape[2], levels)
+    keys = _input_keys(x)
+
+    def apply(vk, st, mask=None):
+        if st is None:
+            return vk, None
+        v, k, pos = _stage_argmax(vk[0], vk[1], st, mask)
+        return (v, k), pos
+
+    def level(vk, cols, rows, masks=(None, None)):
+        vk, pc = apply(vk, cols, masks[0])
+        vk, pr = apply(vk, rows, masks[1])
+        return vk, (pc, pr)
+
+    def from_input(i):
+        _, cols, rows = stages[i]
+        return level((x, keys), cols, rows, _dynamic_masks(sizes, levels[i], cols, rows, x.ndim))
+
+    def from_base(b, cols, rows):
+        return level(b[0], cols, rows)
+
+    outs = _eval_levels(plan, stages, from_input, from_base)
+    # x rides along only for its shape and dtype (it is alive in the backward anyway).
+    return tuple(vk[0] for vk, _ in outs), (tuple(pos for _, pos in outs), x)
+
+
+def _max_pyramid_bwd(plan, levels, res, cts):
+    positions, x = res
+    shape, base = x.shape, plan[0]
+    stages = _level_stages(plan, shape[1], shape[2], levels)
+
+    def back(g, cols, rows, pos):
+        if rows is not None:
+            g = _route(g, pos[1], rows)
+        if cols is not None:
+            g = _route(g, pos[0], cols)
+        return g
+
+    g_base = None if base is None else cts[base]
+    g_x = jnp.zeros(shape, x.dtype)
+    for i, (source, cols, rows) in enumerate(stages):
+        if source == "base":
+            g_base = g_base + back(cts[i], cols, rows, positions[i])
+    for i, (source, cols, rows) in enumerate(stages):
+        if source == "input":
+            g_x = g_x + back(g_base if i == base else cts[i], cols, rows, positions[i])
+    return g_x, None
+
+
+_max_pyramid.defvjp(_max_pyramid_fwd, _max_pyramid_bwd)
 
 
 def _dynamic_bins(size: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -379,16 +373,44 @@ def _dynamic_bins(size: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return (i * a) // n, -((-(i + 1) * a) // n)
 
 
-def _avg_dynamic(x: jax.Array, sizes: jax.Array, levels) -> tuple[jax.Array, ...]:
+def _dynamic_mask(size: jax.Array, n: int, st: _Stage, ndim: int) -> jax.Array:
+    """``(B, ..., n, L, ...)`` mask of the candidates inside each example's bins."""
+    start, end = _dynamic_bins(size, n)  # (B, n)
+    cell = np.array(st.idx, np.int32)[None]  # (1, n, L)
+    inside = (start[:, :, None] <= cell) & (cell < end[:, :, None]) & np.array(st.valid)[None]
+    shape = [1] * (ndim + 1)
+    shape[0], shape[st.axis], shape[st.axis + 1] = inside.shape
+    return inside.reshape(shape)
+
+
+def _dynamic_masks(sizes, level: Level, cols: _Stage | None, rows: _Stage | None, ndim: int):
+    """Candidate masks of both stages for per-example sizes (None if static)."""
+    if sizes is None:
+        return None, None
+    return (
+        None if cols is None else _dynamic_mask(sizes[:, 1], level[1], cols, ndim),
+        None if rows is None else _dynamic_mask(sizes[:, 0], level[0], rows, ndim),
+    )
+
+
+def _avg_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[jax.Array, ...]:
+    """Average pyramid (each level from the input), float32 accumulation."""
     xf = x.astype(jnp.float32)
+    _, h, w, _ = x.shape
     outs = []
-    for nh, nw in levels:
-        (s,) = _masked_reduce((xf,), 2, sizes[:, 1], nw, _sum2, (0.0,))
-        (s,) = _masked_reduce((s,), 1, sizes[:, 0], nh, _sum2, (0.0,))
-        hs, he = _dynamic_bins(sizes[:, 0], nh)
-        ws, we = _dynamic_bins(sizes[:, 1], nw)
-        area = ((he - hs)[:, :, None] * (we - ws)[:, None, :]).astype(jnp.float32)
-        outs.append((s / area[..., None]).astype(x.dtype))
+    for (nh, nw), (_, rows, cols) in zip(levels, plan[1], strict=True):
+        cst, rst = _stage(2, w, cols), _stage(1, h, rows)
+        cm, rm = _dynamic_masks(sizes, (nh, nw), cst, rst, x.ndim)
+        s = xf if cst is None else _stage_sum(xf, cst, cm)
+        s = s if rst is None else _stage_sum(s, rst, rm)
+        if sizes is None:
+            area = np.array([[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows])
+            area = area[None, :, :, None].astype(np.float32)
+        else:
+            hs, he = _dynamic_bins(sizes[:, 0], nh)
+            ws, we = _dynamic_bins(sizes[:, 1], nw)
+            area = ((he - hs)[:, :, None] * (we - ws)[:, None, :]).astype(jnp.float32)[..., None]
+        outs.append((s / area).astype(x.dtype))
     return tuple(outs)
 
 
@@ -475,8 +497,8 @@ def spatial_pyramid_pool(
         return jnp.zeros((b, c * sum(nh * nw for nh, nw in lv)), x.dtype)
 
     if valid_sizes is None:
+        sizes = None
         plan = _plan(h, w, lv, rule, mode, False)
-        outs = _max_static(x, plan) if mode == "max" else _avg_static(x, plan)
     else:
         if rule != "adaptive":
             raise ValueError(
@@ -484,10 +506,8 @@ def spatial_pyramid_pool(
                 f"got rule={rule!r}"
             )
         sizes = _check_sizes(valid_sizes, b, h, w)
-        if mode == "max":
-            outs = _max_dynamic(x, sizes, _plan(h, w, lv, rule, mode, True), lv)
-        else:
-            outs = _avg_dynamic(x, sizes, lv)
+        plan = _plan(h, w, lv, rule, mode, True)
+    outs = (_max_pyramid if mode == "max" else _avg_pyramid)(x, sizes, plan, lv)
 
     return _flatten_levels(outs, channel_major)
 
