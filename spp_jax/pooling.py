@@ -33,6 +33,7 @@ How it is computed (measured choices, see ``experiments/benchmarks/spp_layer.py`
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -134,6 +135,10 @@ class _Stage(NamedTuple):
     def ragged(self) -> bool:
         return not all(all(row) for row in self.valid)
 
+    @property
+    def ranges(self) -> Ranges:
+        return tuple((row[0], row[-1] + 1) for row in self.idx)
+
 
 @functools.lru_cache(maxsize=4096)
 def _stage(axis: int, length: int, ranges: Ranges) -> _Stage | None:
@@ -181,10 +186,39 @@ def _bcast(table: np.ndarray, st: _Stage, ndim: int) -> np.ndarray:
 
 def _stage_max(v: jax.Array, st: _Stage, mask: jax.Array | None = None) -> jax.Array:
     """Max of every bin of ``st`` (NaN-propagating). ``mask`` drops candidates."""
-    c = _candidates(v, st)
-    if mask is not None:
-        c = jnp.where(mask, c, jnp.array(-jnp.inf, c.dtype))
+    if mask is None:
+        return _chain_max(v, st)
+    c = jnp.where(mask, _candidates(v, st), jnp.array(-jnp.inf, v.dtype))
     return jnp.max(c, axis=st.axis + 1)
+
+
+def _chain_max(v: jax.Array, st: _Stage) -> jax.Array:
+    """Static-bin max as a chain of elementwise maxima over slices.
+
+    XLA fuses the chain into one loop per stage. Equal-width bins at a fixed
+    stride take one strided slice per offset and need no concatenate. Measured
+    on CPU up to 4x faster than a reduction over stacked candidates when bins are
+    irregular (e.g. 50 cells into 6 bins).
+    """
+    ranges = st.ranges
+    widths = {e - s for s, e in ranges}
+    starts = [s for s, _ in ranges]
+    steps = {b - a for a, b in itertools.pairwise(starts)}
+    if len(widths) == 1 and len(steps) <= 1 and min(steps, default=1) >= 1:
+        step = steps.pop() if steps else 1
+        stop = (len(ranges) - 1) * step + 1
+        out = None
+        for lo in range(starts[0], starts[0] + widths.pop()):
+            item = lax.slice_in_dim(v, lo, lo + stop, step, st.axis)
+            out = item if out is None else jnp.maximum(out, item)
+        return out
+    parts = []
+    for s, e in ranges:
+        acc = lax.slice_in_dim(v, s, s + 1, 1, st.axis)
+        for c in range(s + 1, e):
+            acc = jnp.maximum(acc, lax.slice_in_dim(v, c, c + 1, 1, st.axis))
+        parts.append(acc)
+    return jnp.concatenate(parts, st.axis)
 
 
 def _stage_sum(v: jax.Array, st: _Stage, mask: jax.Array | None = None) -> jax.Array:
