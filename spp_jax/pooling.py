@@ -201,14 +201,12 @@ def _chain_max(v: jax.Array, st: _Stage) -> jax.Array:
     irregular (e.g. 50 cells into 6 bins).
     """
     ranges = st.ranges
-    widths = {e - s for s, e in ranges}
-    starts = [s for s, _ in ranges]
-    steps = {b - a for a, b in itertools.pairwise(starts)}
-    if len(widths) == 1 and len(steps) <= 1 and min(steps, default=1) >= 1:
-        step = steps.pop() if steps else 1
-        stop = (len(ranges) - 1) * step + 1
+    if _is_strided(ranges):
+        (s0, e0), n = ranges[0], len(ranges)
+        step = ranges[1][0] - s0 if n > 1 else 1
+        stop = (n - 1) * step + 1
         out = None
-        for lo in range(starts[0], starts[0] + widths.pop()):
+        for lo in range(s0, e0):
             item = lax.slice_in_dim(v, lo, lo + stop, step, st.axis)
             out = item if out is None else jnp.maximum(out, item)
         return out
@@ -245,13 +243,22 @@ def _first_max(a: Carry, b: Carry) -> Carry:
     return jnp.where(take, vb, va), jnp.where(take, kb, ka), jnp.where(take, pb, pa)
 
 
-def _stage_argmax(v, k, st: _Stage, mask: jax.Array | None = None):
+def _stage_argmax(v, k, st: _Stage, mask: jax.Array | None = None, key_bound: int = 0):
     """``(values, keys, positions)`` of each bin's first maximum.
 
-    ``positions`` are cell indices along the stage's axis, used by the backward
-    pass. An XLA reduction, so its outputs are materialised once and not
-    recomputed inside every consumer of the backward pass.
+    ``keys`` are row-major input cell indices (below ``key_bound``); they decide
+    ties in later stages. ``positions`` are the winners' cells along the stage's
+    axis, used by the backward pass.
+
+    Equally spaced bins: one variadic XLA reduction over stacked strided
+    candidates. Irregular bins: two elementwise folds (the max, then the
+    smallest packed ``key * 2**b + position`` among the cells equal to it), which
+    avoids materialising a large stack of gathered candidates (measured 4x
+    faster there). Both orders give the same winner: the order is total.
     """
+    shift = max(st.length - 1, 1).bit_length()
+    if mask is None and not _is_strided(st.ranges) and key_bound << shift < _BIG_KEY:
+        return _argmax_folds(v, k, st, shift)
     cv, ck = _candidates(v, st), _candidates(k, st)
     if mask is not None:
         cv = jnp.where(mask, cv, jnp.array(-jnp.inf, cv.dtype))
@@ -259,6 +266,29 @@ def _stage_argmax(v, k, st: _Stage, mask: jax.Array | None = None):
     cp = jnp.broadcast_to(_bcast(np.array(st.idx, np.int32), st, v.ndim), cv.shape)
     init = (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY), jnp.int32(-1))
     return lax.reduce((cv, ck, cp), init, _first_max, (st.axis + 1,))
+
+
+def _argmax_folds(v, k, st: _Stage, shift: int):
+    out = _chain_max(v, st)
+    ax, big = st.axis, jnp.int32(_BIG_KEY)
+    parts = []
+    for p, (s, e) in enumerate(st.ranges):
+        best = lax.slice_in_dim(out, p, p + 1, 1, ax)
+        acc = None
+        for c in range(s, e):
+            cv = lax.slice_in_dim(v, c, c + 1, 1, ax)
+            hit = (cv == best) | ((cv != cv) & (best != best))
+            packed = jnp.where(hit, (lax.slice_in_dim(k, c, c + 1, 1, ax) << shift) | c, big)
+            acc = packed if acc is None else jnp.minimum(acc, packed)
+        parts.append(acc)
+    packed = jnp.concatenate(parts, ax)
+    return out, packed >> shift, packed & ((1 << shift) - 1)
+
+
+def _is_strided(ranges: Ranges) -> bool:
+    widths = {e - s for s, e in ranges}
+    steps = {b[0] - a[0] for a, b in itertools.pairwise(ranges)}
+    return len(widths) == 1 and len(steps) <= 1 and min(steps, default=1) >= 1
 
 
 def _route(g: jax.Array, pos: jax.Array, st: _Stage) -> jax.Array:
@@ -350,11 +380,12 @@ def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
 def _max_pyramid_fwd(x, sizes, plan, levels):
     stages = _level_stages(plan, x.shape[1], x.shape[2], levels)
     keys = _input_keys(x)
+    key_bound = x.shape[1] * x.shape[2]
 
     def apply(vk, st, mask=None):
         if st is None:
             return vk, None
-        v, k, pos = _stage_argmax(vk[0], vk[1], st, mask)
+        v, k, pos = _stage_argmax(vk[0], vk[1], st, mask, key_bound)
         return (v, k), pos
 
     def level(vk, cols, rows, masks=(None, None)):
