@@ -171,10 +171,29 @@ def _gather(a: jax.Array, axis: int, index: Sequence[int]) -> jax.Array:
     return runs[0] if len(runs) == 1 else jnp.concatenate(runs, axis)
 
 
-def _candidates(a: jax.Array, st: _Stage) -> jax.Array:
+def _candidates(a: jax.Array | _InputKeys, st: _Stage) -> jax.Array:
     """``(..., n, L, ...)``: the L candidates of each of the n bins of a stage."""
-    cols = [_gather(a, st.axis, [row[o] for row in st.idx]) for o in range(len(st.idx[0]))]
+    take = a.take if isinstance(a, _InputKeys) else functools.partial(_gather, a)
+    cols = [take(st.axis, [row[o] for row in st.idx]) for o in range(len(st.idx[0]))]
     return jnp.stack(cols, st.axis + 1)
+
+
+class _InputKeys(NamedTuple):
+    """The keys ``h * W + w`` of an NHWC input, computed where they are read.
+
+    Materialising them as an int array costs as much as a pass over the input.
+    """
+
+    shape: tuple[int, ...]
+
+    def take(self, axis: int, index: Sequence[int]) -> jax.Array:
+        """The keys at cells ``index`` along ``axis`` (1 or 2)."""
+        shape = list(self.shape)
+        shape[axis] = len(index)
+        picked = np.asarray(index, np.int32).reshape([-1 if d == axis else 1 for d in range(4)])
+        other = lax.broadcasted_iota(jnp.int32, shape, 3 - axis)
+        rows, cols = (picked, other) if axis == 1 else (other, picked)
+        return rows * self.shape[2] + cols
 
 
 def _bcast(table: np.ndarray, st: _Stage, ndim: int) -> np.ndarray:
@@ -278,7 +297,11 @@ def _argmax_folds(v, k, st: _Stage, shift: int):
         for c in range(s, e):
             cv = lax.slice_in_dim(v, c, c + 1, 1, ax)
             hit = (cv == best) | ((cv != cv) & (best != best))
-            packed = jnp.where(hit, (lax.slice_in_dim(k, c, c + 1, 1, ax) << shift) | c, big)
+            if isinstance(k, _InputKeys):
+                kc = k.take(ax, [c])
+            else:
+                kc = lax.slice_in_dim(k, c, c + 1, 1, ax)
+            packed = jnp.where(hit, (kc << shift) | c, big)
             acc = packed if acc is None else jnp.minimum(acc, packed)
         parts.append(acc)
     packed = jnp.concatenate(parts, ax)
@@ -335,14 +358,6 @@ def _level_stages(plan, h: int, w: int, levels: tuple[Level, ...]):
     return tuple(out)
 
 
-def _input_keys(x: jax.Array) -> jax.Array:
-    """Row-major cell index ``h * W + w`` of every element of an NHWC array."""
-    w = x.shape[2]
-    return lax.broadcasted_iota(jnp.int32, x.shape, 1) * w + lax.broadcasted_iota(
-        jnp.int32, x.shape, 2
-    )
-
-
 def _eval_levels(plan, stages, from_input, from_base):
     """Evaluates the levels: the base level first, then the rest."""
     base = plan[0]
@@ -379,7 +394,7 @@ def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
 
 def _max_pyramid_fwd(x, sizes, plan, levels):
     stages = _level_stages(plan, x.shape[1], x.shape[2], levels)
-    keys = _input_keys(x)
+    keys = _InputKeys(x.shape)
     key_bound = x.shape[1] * x.shape[2]
 
     def apply(vk, st, mask=None):
