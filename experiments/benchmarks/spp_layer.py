@@ -143,6 +143,14 @@ def main():
             f"{j['fwd_bwd'] / j['floor']:8.1f} | {tfb} | {j['fwd'] * 1e3:7.3f} | "
             f"{j['fwd_bwd'] * 1e3:7.3f} | {j['compile_fwd_s']:9.2f}"
         )
+    print("\nother modes, ms (forward / forward+backward):")
+    for r in rows:
+        j = r["jax"]
+        print(
+            f"{tuple(r['shape'])!s:>18} | valid_sizes {j['fwd_valid_sizes'] * 1e3:7.3f} / "
+            f"{j['fwd_bwd_valid_sizes'] * 1e3:7.3f} | avg {j['fwd_avg'] * 1e3:7.3f} / "
+            f"{j['fwd_bwd_avg'] * 1e3:7.3f} | fwd+bwd compile {j['compile_fwd_bwd_s']:.2f} s"
+        )
     meta = {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
