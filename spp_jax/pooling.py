@@ -271,17 +271,17 @@ _stage_sum.defvjp(_stage_sum_fwd, _stage_sum_bwd)
 
 
 def _first_max(a: Carry, b: Carry) -> Carry:
-    """Reduction step on (value, key, position): larger value, then smaller key.
+    """Reduction step on (value, key): larger value, then smaller key.
 
     NaN counts as the largest value. The order is total, so the result is the
     first maximum in row-major order whatever order XLA reduces in.
     """
-    va, ka, pa = a
-    vb, kb, pb = b
+    va, ka = a
+    vb, kb = b
     a_nan, b_nan = va != va, vb != vb
     smaller = kb < ka
     take = (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
-    return jnp.where(take, vb, va), jnp.where(take, kb, ka), jnp.where(take, pb, pa)
+    return jnp.where(take, vb, va), jnp.where(take, kb, ka)
 
 
 def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
@@ -296,21 +296,24 @@ def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
     position when both fit in 31 bits) over the cells equal to the max. The
     order is total, so both give the same winner.
     """
-    if bounds is None and st.strided:
+    shift = max(st.length - 1, 1).bit_length()
+    packable = key_bound << shift < _PACK_LIMIT
+    if bounds is None and st.strided and packable:
         ax = st.axis
         shape = [1] * 4
         shape[ax] = len(st.ranges)
-        cands = [[], [], []]
+        cv, ckp = [], []
         for lo, stop, step in st.offsets():
-            cands[0].append(_slice(v, lo, stop, step, ax))
-            cands[1].append(_slice(k, lo, stop, step, ax))
+            cv.append(_slice(v, lo, stop, step, ax))
             cell = np.arange(lo, stop, step, dtype=np.int32).reshape(shape)
-            cands[2].append(jnp.broadcast_to(cell, cands[0][-1].shape))
-        init = (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY), jnp.int32(-1))
-        if len(cands[0]) == 1:
-            return tuple(c[0] for c in cands)
-        stacked = tuple(jnp.stack(c, ax + 1) for c in cands)
-        return lax.reduce(stacked, init, _first_max, (ax + 1,))
+            ckp.append((_slice(k, lo, stop, step, ax) << shift) | cell)
+        if len(cv) == 1:
+            packed = jnp.broadcast_to(ckp[0], cv[0].shape)
+            return cv[0], packed >> shift, packed & ((1 << shift) - 1)
+        init = (jnp.array(-jnp.inf, v.dtype), jnp.int32(_BIG_KEY))
+        stacked = (jnp.stack(cv, ax + 1), jnp.stack(ckp, ax + 1))
+        out, packed = lax.reduce(stacked, init, _first_max, (ax + 1,))
+        return out, packed >> shift, packed & ((1 << shift) - 1)
 
     out = _stage_reduce(v, st, bounds, jnp.maximum, -jnp.inf)
     big = jnp.int32(_BIG_KEY)
@@ -320,8 +323,7 @@ def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
         hit = (c[0] == ex[0]) | ((c[0] != c[0]) & (ex[0] != ex[0]))
         return hit if bounds is None else hit & _inside(cell, *ex[1:])
 
-    shift = max(st.length - 1, 1).bit_length()
-    if key_bound << shift < _PACK_LIMIT:
+    if packable:
         packed = _fold(
             st,
             (v, k),
