@@ -5,8 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from spp_jax.geometry import check_rule, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES, spatial_pyramid_pool
+from spp_jax.geometry import normalize_levels
+from spp_jax.pooling import check_options, spatial_pyramid_pool
 
 __all__ = ["SpatialPyramidPooling"]
 
@@ -33,13 +33,7 @@ class SpatialPyramidPooling(nn.Module):
     def __post_init__(self):
         # Fail at construction, naming the bad value, rather than at first call.
         object.__setattr__(self, "levels", normalize_levels(self.levels))
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; accepted modes are {MODES}")
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(
-                f"unknown data_format {self.data_format!r}; accepted formats are {DATA_FORMATS}"
-            )
-        check_rule(self.rule)
+        check_options(self.mode, self.rule, self.data_format)
         super().__post_init__()
 
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from spp_jax.geometry import LevelsLike, check_rule, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES, spatial_pyramid_pool
+from spp_jax.geometry import LevelsLike, normalize_levels
+from spp_jax.pooling import check_options, spatial_pyramid_pool
 
 __all__ = ["SpatialPyramidPooling"]
 
@@ -33,15 +33,10 @@ class SpatialPyramidPooling(nnx.Module):
         data_format: str = "NHWC",
         channel_major: bool = False,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
-        if data_format not in DATA_FORMATS:
-            raise ValueError(
-                f"unknown data_format {data_format!r}; accepted formats are {DATA_FORMATS}"
-            )
+        check_options(mode, rule, data_format)
         self.levels = normalize_levels(levels)
         self.mode = mode
-        self.rule = check_rule(rule)
+        self.rule = rule
         self.data_format = data_format
         self.channel_major = bool(channel_major)
 

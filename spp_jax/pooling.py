@@ -1,33 +1,39 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
-How it is computed (measured choices, see ``experiments/benchmarks/spp_layer.py``):
+How it is computed (each choice measured on CPU with
+``experiments/benchmarks/spp_layer.py``; XLA's CPU backend decides most of it):
 
-* **Separable.** A 2-D bin is a product of a row range and a column range, so
-  each level is reduced over columns first, then over rows. Each stage is a chain
-  of elementwise ``max``/``+`` over static slices of the input, which XLA fuses
-  into one loop per stage. Where the bins of a stage are equally long and start
-  at a fixed stride (e.g. 13 cells into 6 bins: width 3, stride 2) the slices are
-  strided and need no concatenation, which is several times faster on CPU than
-  per-bin slices glued by ``concatenate``.
-* **Coarse levels from the finest.** For max pooling a coarse bin that is
-  exactly the union of a run of fine bins (always so for the adaptive rule when
-  the coarse count divides the fine count, as in (6, 3, 2, 1)) is reduced from
-  the fine level's small output instead of from the input. So the input is read
-  about once whatever the number of levels. Levels that are not such unions are
-  reduced from the input. Average pooling always reduces each level from the
-  input (sums of overlapping bins do not compose), accumulating in float32.
-* **Gradients.** The fast forward computes values only. A ``custom_jvp`` rule
-  recomputes the reduction with a key per candidate (its row-major cell index)
-  and selects, per bin, the value with the largest value and then the smallest
-  key: the first maximum in row-major order, PyTorch's rule, also under ties and
-  whatever the order in which stages and levels combine. The tangent follows the
-  same selections, so reverse mode (by JAX's transposition of the JVP) routes
-  each bin's cotangent to exactly one cell, with no scatter. NaN counts as the
-  largest value: a bin holding NaN yields NaN, and its gradient goes to the first
-  NaN of the bin in row-major order.
-* **Padded batches** (``valid_sizes``): the bins of each example are computed
-  in-graph from its size, and cells outside a bin are masked out, so changing the
-  sizes never recompiles and the padding (even inf or NaN) never leaks in.
+* **Separable stages.** A 2-D bin is a product of a row range and a column
+  range, so each level is reduced over columns (a "stage" along axis 2), then
+  over rows (axis 1). A stage is a chain of elementwise ops over static slices,
+  which XLA fuses into one loop. Where all bins of a stage have one width and a
+  fixed stride (13 cells into 6 bins: width 3, stride 2) each offset is one
+  strided slice and no ``concatenate`` is needed.
+* **Coarse levels from the finest.** For max pooling, a coarse bin that is the
+  union of a run of fine bins (always so for the adaptive rule when the coarse
+  count divides the fine count, as in (6, 3, 2, 1)) is reduced from the fine
+  level's small output, so the input is read about once for all levels. Other
+  levels, and every level of average pooling, are reduced from the input.
+* **Max gradients** (``custom_vjp`` on the whole pyramid). The forward pass
+  computes values only. Under differentiation every stage also finds, per bin,
+  the winner's key (its row-major input cell index) and its position along the
+  stage's axis: the largest value, then the smallest key, NaN counting as the
+  largest. That order is total, so stages and levels can combine in any order and
+  still pick the first maximum in row-major order (PyTorch's rule, ties
+  included). The backward pass sends each bin's cotangent to its winner with one
+  elementwise term per cell, no scatter. Winners are found by an XLA reduction
+  where bins are strided, and by two elementwise folds (the max, then the
+  smallest key among cells equal to it) where they are not; reductions also
+  keep XLA from recomputing a stage inside every term of the backward pass.
+* **Average pooling** accumulates in float32; its ``custom_vjp`` spreads each
+  bin's cotangent over the bin's cells (autodiff of the slices would not fuse).
+* **Padded batches** (``valid_sizes``). Each example's adaptive bins are
+  computed in-graph from its size; a stage folds over a static window that holds
+  a bin at every size, and cells outside the example's bin are masked. Changing
+  the sizes never recompiles and padding (even inf or NaN) never leaks in.
+
+Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported:
+the gradient rules are reverse-mode ``custom_vjp`` rules.
 """
 
 from __future__ import annotations
@@ -510,7 +516,8 @@ def _avg_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
 # --------------------------------------------------------------------------------------
 
 
-def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
+def check_options(mode: str, rule: str, data_format: str) -> None:
+    """Raises a ValueError naming any unknown ``mode``, ``rule`` or ``data_format``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
     geometry.check_rule(rule)
@@ -518,6 +525,10 @@ def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
         raise ValueError(
             f"unknown data_format {data_format!r}; accepted formats are {DATA_FORMATS}"
         )
+
+
+def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
+    check_options(mode, rule, data_format)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be an array, got {type(x).__name__}")
     if x.ndim != 4:
