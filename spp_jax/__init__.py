@@ -12,6 +12,12 @@ from typing import Any
 
 from spp_jax.geometry import LevelBins, axis_bins, output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
+from spp_jax.roi import (
+    multiscale_roi_pyramid_pool,
+    project_boxes,
+    roi_pyramid_pool,
+    select_scales,
+)
 
 __version__ = "0.1.0"
 
@@ -19,9 +25,13 @@ __all__ = [
     "LevelBins",
     "axis_bins",
     "linen",
+    "multiscale_roi_pyramid_pool",
     "nnx",
     "output_dim",
+    "project_boxes",
     "pyramid_bins",
+    "roi_pyramid_pool",
+    "select_scales",
     "spatial_pyramid_pool",
 ]
 

@@ -1,0 +1,561 @@
+"""Window (RoI) pyramid pooling for SPP-net detection: pure JAX, no Flax.
+
+SPP-net computes the conv feature map of an image once and pools a fixed-length
+pyramid vector for each of ~2,000 candidate windows (paper section 4). Each
+window is projected onto the map (``projection``), split into the bins of every
+pyramid level, and every bin is max- (or average-) pooled.
+
+How it is computed. The bins move with the boxes, so they cannot be static
+slices. For max pooling a 2-D sparse table is built once per map:
+``T[kh, kw][b, h, w] = max(x[b, h : h + 2**kh, w : w + 2**kw])``; any bin is then
+the max of 4 overlapping table entries (its corners), one row gather of ``C``
+values each. Memory is ``(log2 H + 1) * (log2 W + 1)`` copies of the map (not a
+dense ``(R, bins, H, W, C)`` mask), and the time does not depend on box sizes.
+Average pooling uses a float32 summed-area table (4 gathers per bin).
+
+Gradients (max): the table keeps, per entry, the winner by "largest value, then
+smallest row-major cell index" (NaN counts as largest), so a bin's winner is the
+first maximum in row-major order, torchvision's rule. The backward pass adds each
+bin's cotangent to the table entry that won (a row scatter of ``C`` values) and
+pushes it down the table levels to the winning cell with elementwise ops.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from spp_jax.geometry import LevelsLike, normalize_levels
+from spp_jax.pooling import DATA_FORMATS, MODES
+
+PROJECTIONS = ("sppnet", "roi_pool")
+SCALES = (480, 576, 688, 864, 1200)
+
+__all__ = [
+    "PROJECTIONS",
+    "multiscale_roi_pyramid_pool",
+    "project_boxes",
+    "roi_pyramid_pool",
+    "select_scales",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Projection of boxes onto the feature map.
+# --------------------------------------------------------------------------------------
+
+
+def _round_half_away(v: jax.Array) -> jax.Array:
+    """C's ``round``: halves away from zero (``jnp.round`` rounds half to even)."""
+    whole = jnp.trunc(v)
+    frac = v - whole  # exact in floating point
+    return whole + jnp.where(jnp.abs(frac) >= 0.5, jnp.sign(v), 0)
+
+
+def _stride(spatial_scale: float) -> float:
+    """``1 / spatial_scale``, snapped to an int when it is one (1/16 -> 16)."""
+    s = 1.0 / spatial_scale
+    return float(round(s)) if abs(s - round(s)) < 1e-6 else s
+
+
+def _floor_div(v: jax.Array, s: float) -> jax.Array:
+    """``floor(v / s)`` exactly: XLA's vectorised CPU division can be an ulp off,
+    which would move a box sitting exactly on a cell boundary."""
+    q = _to_int(jnp.floor(v / jnp.float32(s)))
+    v = jnp.where(jnp.isnan(v), 0.0, v)
+    q = jnp.where((q + 1).astype(jnp.float32) * s <= v, q + 1, q)
+    return jnp.where(q.astype(jnp.float32) * s > v, q - 1, q)
+
+
+def _to_int(v: jax.Array) -> jax.Array:
+    # NaN coordinates count as 0; huge ones saturate (then get clamped to the map).
+    v = jnp.where(jnp.isnan(v), 0.0, v)
+    return jnp.clip(v, -(2.0**30), 2.0**30).astype(jnp.int32)
+
+
+def project_boxes(
+    boxes: jax.Array,
+    spatial_scale: float = 1 / 16,
+    projection: str = "sppnet",
+    feature_size: tuple[int, int] | None = None,
+) -> jax.Array:
+    """Projects image-pixel boxes onto feature-map cells.
+
+    Args:
+      boxes: ``(R, 4)`` float ``(x1, y1, x2, y2)`` in image pixels.
+      spatial_scale: feature cells per image pixel (``1 / total stride``).
+      projection: ``"sppnet"`` (paper Appendix: ``left = floor(x1 / S) + 1``,
+        ``right = ceil(x2 / S) - 1``, same for top/bottom, clamped into the map,
+        an empty window collapsed to its midpoint) or ``"roi_pool"``
+        (torchvision: ``round(x * spatial_scale)``, halves away from zero, not
+        clamped; the map clips the bins later).
+      feature_size: ``(H, W)`` of the map; needed for ``"sppnet"``.
+
+    Returns:
+      int32 ``(R, 4)``: inclusive feature cells ``(x1', y1', x2', y2')``. A NaN
+      coordinate counts as 0.
+
+    >>> import jax.numpy as jnp
+    >>> project_boxes(jnp.array([[0.0, 0.0, 160.0, 100.0]]), 1 / 16, "sppnet", (38, 50)).tolist()
+    [[1, 1, 9, 6]]
+    """
+    _check_projection(projection)
+    boxes = _check_boxes(boxes)
+    if projection == "roi_pool":
+        return _to_int(_round_half_away(boxes * jnp.float32(spatial_scale)))
+    if feature_size is None:
+        raise ValueError('projection="sppnet" needs feature_size=(H, W) to clamp the windows')
+    h, w = feature_size
+    s = _stride(spatial_scale)
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    left, top = _floor_div(x1, s) + 1, _floor_div(y1, s) + 1
+    right, bottom = -_floor_div(-x2, s) - 1, -_floor_div(-y2, s) - 1
+    left, right = jnp.clip(left, 0, w - 1), jnp.clip(right, 0, w - 1)
+    top, bottom = jnp.clip(top, 0, h - 1), jnp.clip(bottom, 0, h - 1)
+    mid_x = (left + right) // 2  # floor: both are >= 0
+    mid_y = (top + bottom) // 2
+    left, right = jnp.where(left > right, mid_x, left), jnp.where(left > right, mid_x, right)
+    top, bottom = jnp.where(top > bottom, mid_y, top), jnp.where(top > bottom, mid_y, bottom)
+    return jnp.stack([left, top, right, bottom], axis=1)
+
+
+def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
+    """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
+    ``empty`` mask (roi_pool bins clipped away by the map)."""
+    x1, y1, x2, y2 = (proj[:, i] for i in range(4))
+    if projection == "sppnet":
+        # Adaptive bins of the inclusive window [left, right]: never empty.
+        def axis(lo, hi, n):
+            a = (hi - lo + 1)[:, None]
+            i = jnp.arange(n, dtype=jnp.int32)[None, :]
+            return lo[:, None] + (i * a) // n, lo[:, None] - ((-(i + 1) * a) // n)
+
+        hs, he = axis(y1, y2, n_h)
+        ws, we = axis(x1, x2, n_w)
+    else:
+        # torchvision roi_pool: float32 bin size L / n, floor / ceil of p * size,
+        # offset by the roi start, clipped to the map. XLA's vectorised division
+        # is not always correctly rounded, so the float32 results come from
+        # tables made on the host for L up to a cap, and from the exact integer
+        # formula beyond it (windows over 4x the map: there the two can differ
+        # only where p * L / n lies within an ulp of an integer).
+        def axis(lo, hi, n, size):
+            length = jnp.maximum(hi - lo + 1, 1)
+            starts, ends, cap = _roi_pool_tables(n, 4 * max(h, w))
+            i = jnp.arange(n, dtype=jnp.int32)[None, :]
+            big = length[:, None] > cap
+            idx = jnp.minimum(length, cap)
+            start = jnp.where(big, (i * length[:, None]) // n, jnp.asarray(starts)[idx])
+            end = jnp.where(big, -((-(i + 1) * length[:, None]) // n), jnp.asarray(ends)[idx])
+            return jnp.clip(start + lo[:, None], 0, size), jnp.clip(end + lo[:, None], 0, size)
+
+        hs, he = axis(y1, y2, n_h, h)
+        ws, we = axis(x1, x2, n_w, w)
+    hs, he = hs[:, :, None], he[:, :, None]
+    ws, we = ws[:, None, :], we[:, None, :]
+    shape = (proj.shape[0], n_h, n_w)
+    empty = (he <= hs) | (we <= ws)
+    return tuple(jnp.broadcast_to(a, shape) for a in (hs, he, ws, we)), jnp.broadcast_to(
+        empty, shape
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _roi_pool_tables(n: int, cap: int):
+    """torchvision's float32 bin limits ``floor(p * (L / n))``, ``ceil((p + 1) * (L / n))``
+    for every roi length ``L <= cap``, computed with IEEE float32 on the host."""
+    length = np.arange(cap + 1, dtype=np.float32)[:, None]
+    size = length / np.float32(n)
+    p = np.arange(n, dtype=np.float32)[None, :]
+    starts = np.floor(p * size).astype(np.int32)
+    ends = np.ceil((p + 1) * size).astype(np.int32)
+    return starts, ends, cap
+
+
+# --------------------------------------------------------------------------------------
+# Sparse tables.
+# --------------------------------------------------------------------------------------
+
+
+def _levels_of(n: int) -> int:
+    return max(n, 1).bit_length()  # floor(log2 n) + 1
+
+
+def _better(va, ka, vb, kb):
+    """True where (vb, kb) beats (va, ka): larger value, then smaller key; NaN largest."""
+    a_nan, b_nan = va != va, vb != vb
+    smaller = kb < ka
+    return (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
+
+
+def _shift(a: jax.Array, step: int, axis: int, fill) -> jax.Array:
+    """``a`` moved ``step`` cells towards index 0 along ``axis``, padded with ``fill``."""
+    n = a.shape[axis]
+    if step >= n:
+        return jnp.full_like(a, fill)
+    part = lax.slice_in_dim(a, step, n, 1, axis)
+    pad = jnp.full_like(lax.slice_in_dim(a, 0, step, 1, axis), fill)
+    return jnp.concatenate([part, pad], axis)
+
+
+def _table_values(x: jax.Array) -> jax.Array:
+    """``(KH, KW, B, H, W, C)`` block maxima (NaN-propagating)."""
+    _, h, w, _ = x.shape
+    rows = [x]
+    for k in range(1, _levels_of(w)):
+        prev = rows[-1]
+        rows.append(jnp.maximum(prev, _shift(prev, 1 << (k - 1), 2, -jnp.inf)))
+    table = [jnp.stack(rows)]
+    for k in range(1, _levels_of(h)):
+        prev = table[-1]
+        table.append(jnp.maximum(prev, _shift(prev, 1 << (k - 1), 2, -jnp.inf)))
+    return jnp.stack(table)
+
+
+def _table_winners(x: jax.Array):
+    """Block winners: values, keys and, per level, which child won (True: the
+    shifted one). Returns ``(values, keys, choices_w, choices_h)``."""
+    _, h, w, _ = x.shape
+    keys = lax.broadcasted_iota(jnp.int32, x.shape, 1) * w + lax.broadcasted_iota(
+        jnp.int32, x.shape, 2
+    )
+    big = jnp.int32(np.iinfo(np.int32).max)
+    vals, ks, choice_w = [x], [keys], []
+    for k in range(1, _levels_of(w)):
+        v, kk = vals[-1], ks[-1]
+        sv, sk = _shift(v, 1 << (k - 1), 2, -jnp.inf), _shift(kk, 1 << (k - 1), 2, big)
+        take = _better(v, kk, sv, sk)
+        vals.append(jnp.where(take, sv, v))
+        ks.append(jnp.where(take, sk, kk))
+        choice_w.append(take)
+    v, kk = jnp.stack(vals), jnp.stack(ks)  # (KW, B, H, W, C)
+    tv, tk, choice_h = [v], [kk], []
+    for k in range(1, _levels_of(h)):
+        v, kk = tv[-1], tk[-1]
+        sv, sk = _shift(v, 1 << (k - 1), 2, -jnp.inf), _shift(kk, 1 << (k - 1), 2, big)
+        take = _better(v, kk, sv, sk)
+        tv.append(jnp.where(take, sv, v))
+        tk.append(jnp.where(take, sk, kk))
+        choice_h.append(take)
+    return jnp.stack(tv), jnp.stack(tk), choice_w, choice_h
+
+
+def _corner_rows(bins, box_b, shape):
+    """Flat row indices into a ``(KH*KW*B*H*W, C)`` table of the 4 corners of every
+    bin: ``(4, R, n_h, n_w)``, corner order (top-left, top-right, bottom-left,
+    bottom-right)."""
+    _kh_n, kw_n, b_n, h, w = shape
+    hs, he, ws, we = bins
+    log2 = np.array([0] + [i.bit_length() - 1 for i in range(1, max(h, w) + 1)], np.int32)
+    lh, lw = jnp.maximum(he - hs, 1), jnp.maximum(we - ws, 1)
+    kh, kw = jnp.asarray(log2)[lh], jnp.asarray(log2)[lw]
+    h0, w0 = hs, ws
+    h1, w1 = jnp.maximum(he - (1 << kh), hs), jnp.maximum(we - (1 << kw), ws)
+    b = box_b[:, None, None]
+    base = ((kh * kw_n + kw) * b_n + b) * h
+    rows = []
+    for hh, ww in ((h0, w0), (h0, w1), (h1, w0), (h1, w1)):
+        rows.append((base + jnp.clip(hh, 0, h - 1)) * w + jnp.clip(ww, 0, w - 1))
+    return jnp.stack(rows)
+
+
+# --------------------------------------------------------------------------------------
+# Pooling one feature map.
+# --------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _roi_max(x: jax.Array, bins, box_b, n: tuple[int, int]):
+    """Max over every (box, bin): ``(R, n_h, n_w, C)``; empty bins give -inf."""
+    table = _table_values(x)
+    kh_n, kw_n = table.shape[:2]
+    flat = table.reshape(-1, x.shape[3])
+    rows = _corner_rows(bins, box_b, (kh_n, kw_n, *x.shape[:3]))
+    out = jnp.take(flat, rows.reshape(-1), axis=0, mode="clip")
+    out = out.reshape(4, *rows.shape[1:], x.shape[3])
+    return jnp.max(out, axis=0)
+
+
+def _roi_max_fwd(x, bins, box_b, n):
+    values, keys, choice_w, choice_h = _table_winners(x)
+    kh_n, kw_n = values.shape[:2]
+    c = x.shape[3]
+    rows = _corner_rows(bins, box_b, (kh_n, kw_n, *x.shape[:3]))
+    flat_rows = rows.reshape(-1)
+    cv = jnp.take(values.reshape(-1, c), flat_rows, axis=0, mode="clip")
+    ck = jnp.take(keys.reshape(-1, c), flat_rows, axis=0, mode="clip")
+    cv = cv.reshape(4, -1, c)
+    ck = ck.reshape(4, -1, c)
+    best_v, best_k, corner = cv[0], ck[0], jnp.zeros(cv.shape[1:], jnp.int32)
+    for q in range(1, 4):
+        take = _better(best_v, best_k, cv[q], ck[q])
+        best_v = jnp.where(take, cv[q], best_v)
+        best_k = jnp.where(take, ck[q], best_k)
+        corner = jnp.where(take, q, corner)
+    out = best_v.reshape(*rows.shape[1:], c)
+    return out, (rows, corner.astype(jnp.int8), choice_w, choice_h, x)
+
+
+def _roi_max_bwd(n, res, g):
+    rows, corner, choice_w, choice_h, x = res
+    _, h, w, c = x.shape
+    kh_n, kw_n = len(choice_h) + 1, len(choice_w) + 1
+    g = g.reshape(-1, c)
+    grad_table = jnp.zeros((kh_n * kw_n * x.shape[0] * h * w, c), x.dtype)
+    for q in range(4):
+        grad_table = grad_table.at[rows[q].reshape(-1)].add(
+            jnp.where(corner == q, g, jnp.zeros((), g.dtype)), mode="drop"
+        )
+    gt = grad_table.reshape(kh_n, kw_n, *x.shape)
+    # Down the height levels: entry k = winner of (k-1 at h) and (k-1 at h + 2**(k-1)).
+    levels = [gt[i] for i in range(kh_n)]
+    for k in range(kh_n - 1, 0, -1):
+        take = choice_h[k - 1]
+        gk = levels[k]
+        step = 1 << (k - 1)
+        levels[k - 1] = (
+            levels[k - 1] + jnp.where(take, 0, gk) + _unshift(jnp.where(take, gk, 0), step, 2)
+        )
+    cols = [levels[0][i] for i in range(kw_n)]
+    for k in range(kw_n - 1, 0, -1):
+        take = choice_w[k - 1]
+        gk = cols[k]
+        step = 1 << (k - 1)
+        cols[k - 1] = (
+            cols[k - 1] + jnp.where(take, 0, gk) + _unshift(jnp.where(take, gk, 0), step, 2)
+        )
+    return cols[0], None, None
+
+
+def _unshift(a: jax.Array, step: int, axis: int) -> jax.Array:
+    """Transpose of :func:`_shift`: moves ``step`` cells away from index 0."""
+    n = a.shape[axis]
+    if step >= n:
+        return jnp.zeros_like(a)
+    part = lax.slice_in_dim(a, 0, n - step, 1, axis)
+    pad = jnp.zeros_like(lax.slice_in_dim(a, 0, step, 1, axis))
+    return jnp.concatenate([pad, part], axis)
+
+
+_roi_max.defvjp(_roi_max_fwd, _roi_max_bwd)
+
+
+def _roi_avg(x: jax.Array, bins, box_b) -> jax.Array:
+    """Mean over every (box, bin) by a float32 summed-area table."""
+    _b, h, w, c = x.shape
+    sat = jnp.cumsum(jnp.cumsum(x.astype(jnp.float32), axis=1), axis=2)
+    sat = jnp.pad(sat, ((0, 0), (1, 0), (1, 0), (0, 0)))  # S[i, j] = sum x[:i, :j]
+    flat = sat.reshape(-1, c)
+    hs, he, ws, we = (jnp.clip(a, 0, s) for a, s in zip(bins, (h, h, w, w), strict=True))
+    bb = box_b[:, None, None]
+
+    def at(hh, ww):
+        return jnp.take(flat, ((bb * (h + 1) + hh) * (w + 1) + ww).reshape(-1), axis=0)
+
+    total = at(he, we) - at(hs, we) - at(he, ws) + at(hs, ws)
+    area = jnp.maximum((he - hs) * (we - ws), 1).astype(jnp.float32).reshape(-1, 1)
+    return (total / area).reshape(*hs.shape, c)
+
+
+# --------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------
+
+
+def _check_projection(projection: str) -> None:
+    if projection not in PROJECTIONS:
+        raise ValueError(f"unknown projection {projection!r}; accepted are {PROJECTIONS}")
+
+
+def _check_boxes(boxes: Any) -> jax.Array:
+    if not hasattr(boxes, "shape"):
+        boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(
+            f"boxes must have shape (R, 4) holding (x1, y1, x2, y2), got {tuple(boxes.shape)}"
+        )
+    if not jnp.issubdtype(boxes.dtype, jnp.floating) and not jnp.issubdtype(
+        boxes.dtype, jnp.integer
+    ):
+        raise TypeError(f"boxes must be a float (or int) array, got dtype {boxes.dtype}")
+    return jnp.asarray(boxes, jnp.float32)
+
+
+def _check_indices(box_indices: Any, r: int, b: int) -> jax.Array:
+    if box_indices is None:
+        return jnp.zeros((r,), jnp.int32)
+    idx = box_indices if hasattr(box_indices, "shape") else np.asarray(box_indices)
+    if idx.shape != (r,):
+        raise ValueError(f"box_indices must have shape (R,) = ({r},), got {tuple(idx.shape)}")
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise TypeError(f"box_indices must be an integer array, got dtype {idx.dtype}")
+    if not isinstance(idx, jax.core.Tracer):
+        concrete = np.asarray(idx)
+        bad = concrete[(concrete < 0) | (concrete >= b)]
+        if bad.size:
+            raise ValueError(
+                f"box_indices must lie in [0, {b}) (the batch size); got {bad[:5].tolist()}"
+            )
+    return jnp.clip(jnp.asarray(idx, jnp.int32), 0, b - 1)
+
+
+def roi_pyramid_pool(
+    features: jax.Array,
+    boxes: jax.Array,
+    box_indices: jax.Array | None = None,
+    *,
+    levels: LevelsLike = (6, 3, 2, 1),
+    spatial_scale: float = 1 / 16,
+    projection: str = "sppnet",
+    mode: str = "max",
+    data_format: str = "NHWC",
+    valid: jax.Array | None = None,
+    channel_major: bool = False,
+) -> jax.Array:
+    """Pools a fixed-length pyramid vector for every window of a feature map.
+
+    Args:
+      features: ``(B, H, W, C)`` (``data_format="NHWC"``) or ``(B, C, H, W)``.
+      boxes: ``(R, 4)`` float ``(x1, y1, x2, y2)`` in image pixels.
+      box_indices: ``(R,)`` int, the batch element of each box (default all 0).
+      levels: ints ``n`` or pairs ``(n_h, n_w)``.
+      spatial_scale: feature cells per image pixel (``1 / total stride``).
+      projection: ``"sppnet"`` (the paper's rule, adaptive bins, never empty) or
+        ``"roi_pool"`` (torchvision's ``roi_pool`` exactly; empty bins give 0).
+        See :func:`project_boxes`.
+      mode: ``"max"`` or ``"avg"``.
+      data_format: ``"NHWC"`` or ``"NCHW"``.
+      valid: optional ``(R,)`` bool; False rows are padding: zeros, no gradient.
+      channel_major: flatten order per level, as in ``spatial_pyramid_pool``.
+
+    Returns:
+      ``(R, C * sum(n_h * n_w))`` in the dtype of ``features``.
+
+    R is static: pad the boxes to a bucket of R and pass ``valid``; box values
+    never recompile. Gradients flow to ``features`` (boxes are not
+    differentiated). Max routes each bin's gradient to its first maximum in
+    row-major order. A NaN box coordinate counts as 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = jnp.ones((1, 38, 50, 8))
+      >>> roi_pyramid_pool(f, jnp.array([[0.0, 0.0, 320.0, 240.0]]), levels=(2, 1)).shape
+      (1, 40)
+    """
+    _check_projection(projection)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"unknown data_format {data_format!r}; accepted are {DATA_FORMATS}")
+    if not hasattr(features, "ndim") or features.ndim != 4:
+        raise ValueError(
+            f"features must have rank 4, got shape {tuple(getattr(features, 'shape', ()))}"
+        )
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise TypeError(f"features must have a floating dtype, got {features.dtype}")
+    lv = normalize_levels(levels)
+    x = jnp.asarray(features)
+    if data_format == "NCHW":
+        x = jnp.transpose(x, (0, 2, 3, 1))
+    b, h, w, _c = x.shape
+    boxes = _check_boxes(boxes)
+    r = boxes.shape[0]
+    box_b = _check_indices(box_indices, r, b)
+    if valid is not None:
+        valid = jnp.asarray(valid)
+        if valid.shape != (r,):
+            raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
+        valid = valid.astype(bool)
+    proj = project_boxes(boxes, spatial_scale, projection, (h, w))
+    outs = []
+    for nh, nw in lv:
+        bins, empty = _level_bins(proj, nh, nw, projection, h, w)
+        o = _roi_max(x, bins, box_b, (nh, nw)) if mode == "max" else _roi_avg(x, bins, box_b)
+        keep = ~empty
+        if valid is not None:
+            keep = keep & valid[:, None, None]
+        o = jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype)
+        if channel_major:
+            o = jnp.transpose(o, (0, 3, 1, 2))
+        outs.append(o.reshape(r, -1))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def select_scales(
+    boxes: jax.Array,
+    image_size: tuple[int, int],
+    scales: Sequence[int] = SCALES,
+    target: int = 224,
+) -> jax.Array:
+    """Index of the scale at which each box's area is closest to ``target**2``.
+
+    Scale ``s`` resizes the image so its shorter side is ``s`` (paper section 7):
+    a box of area ``A`` in original pixels has area ``A * (s / min(image_size))**2``.
+
+    >>> import jax.numpy as jnp
+    >>> select_scales(jnp.array([[0.0, 0.0, 100.0, 100.0]]), (480, 640)).tolist()
+    [4]
+    """
+    boxes = _check_boxes(boxes)
+    if len(scales) == 0:
+        raise ValueError("scales must name at least one scale")
+    short = float(min(image_size))
+    area = jnp.maximum(boxes[:, 2] - boxes[:, 0], 0) * jnp.maximum(boxes[:, 3] - boxes[:, 1], 0)
+    factors = jnp.asarray([(s / short) ** 2 for s in scales], jnp.float32)
+    diff = jnp.abs(area[:, None] * factors[None, :] - float(target) ** 2)
+    return jnp.argmin(diff, axis=1).astype(jnp.int32)
+
+
+def multiscale_roi_pyramid_pool(
+    features_per_scale: Sequence[jax.Array],
+    boxes: jax.Array,
+    scale_index: jax.Array,
+    image_size: tuple[int, int],
+    scales: Sequence[int] = SCALES,
+    box_indices: jax.Array | None = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """Pools each box from the feature map of its own scale.
+
+    Args:
+      features_per_scale: one feature map per scale (shapes may differ).
+      boxes: ``(R, 4)`` in original-image pixels; multiplied by
+        ``scales[k] / min(image_size)`` before projection onto map ``k``.
+      scale_index: ``(R,)`` int, e.g. from :func:`select_scales`.
+      image_size: ``(height, width)`` of the original image.
+      scales: the shorter side of each scale.
+      box_indices: ``(R,)`` batch element of each box.
+      **kwargs: as :func:`roi_pyramid_pool` (``valid`` included).
+
+    Returns:
+      ``(R, C * sum(n_h * n_w))``.
+    """
+    if len(features_per_scale) != len(scales):
+        raise ValueError(
+            f"got {len(features_per_scale)} feature maps for {len(scales)} scales; "
+            "give one map per scale"
+        )
+    boxes = _check_boxes(boxes)
+    scale_index = jnp.asarray(scale_index)
+    if scale_index.shape != (boxes.shape[0],):
+        raise ValueError(
+            f"scale_index must have shape (R,) = ({boxes.shape[0]},), got {scale_index.shape}"
+        )
+    valid = kwargs.pop("valid", None)
+    short = float(min(image_size))
+    out = None
+    for k, (feat, s) in enumerate(zip(features_per_scale, scales, strict=True)):
+        here = scale_index == k
+        if valid is not None:
+            here = here & jnp.asarray(valid, bool)
+        pooled = roi_pyramid_pool(
+            feat, boxes * jnp.float32(s / short), box_indices, valid=here, **kwargs
+        )
+        out = pooled if out is None else out + pooled
+    return out
