@@ -7,8 +7,9 @@ import jax
 
 from spp_jax.geometry import normalize_levels
 from spp_jax.pooling import check_options, spatial_pyramid_pool
+from spp_jax.roi import check_projection, roi_pyramid_pool
 
-__all__ = ["SpatialPyramidPooling"]
+__all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nn.Module):
@@ -44,5 +45,40 @@ class SpatialPyramidPooling(nn.Module):
             rule=self.rule,
             data_format=self.data_format,
             valid_sizes=valid_sizes,
+            channel_major=self.channel_major,
+        )
+
+
+class RoIPyramidPooling(nn.Module):
+    """Window (RoI) pyramid pooling layer (no parameters).
+
+    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
+    ``(R, C * sum(n_h * n_w))``. See :func:`spp_jax.roi_pyramid_pool`.
+    """
+
+    levels: tuple = (6, 3, 2, 1)
+    spatial_scale: float = 1 / 16
+    projection: str = "sppnet"
+    mode: str = "max"
+    data_format: str = "NHWC"
+    channel_major: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", normalize_levels(self.levels))
+        check_options(self.mode, "adaptive", self.data_format)
+        check_projection(self.projection)
+        super().__post_init__()
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return roi_pyramid_pool(
+            features,
+            boxes,
+            box_indices,
+            levels=self.levels,
+            spatial_scale=self.spatial_scale,
+            projection=self.projection,
+            mode=self.mode,
+            data_format=self.data_format,
+            valid=valid,
             channel_major=self.channel_major,
         )

@@ -7,8 +7,9 @@ from flax import nnx
 
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.pooling import check_options, spatial_pyramid_pool
+from spp_jax.roi import check_projection, roi_pyramid_pool
 
-__all__ = ["SpatialPyramidPooling"]
+__all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nnx.Module):
@@ -48,5 +49,46 @@ class SpatialPyramidPooling(nnx.Module):
             rule=self.rule,
             data_format=self.data_format,
             valid_sizes=valid_sizes,
+            channel_major=self.channel_major,
+        )
+
+
+class RoIPyramidPooling(nnx.Module):
+    """Window (RoI) pyramid pooling layer (no parameters, no state).
+
+    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
+    ``(R, C * sum(n_h * n_w))``. See :func:`spp_jax.roi_pyramid_pool`.
+    """
+
+    def __init__(
+        self,
+        levels: LevelsLike = (6, 3, 2, 1),
+        *,
+        spatial_scale: float = 1 / 16,
+        projection: str = "sppnet",
+        mode: str = "max",
+        data_format: str = "NHWC",
+        channel_major: bool = False,
+    ):
+        check_options(mode, "adaptive", data_format)
+        check_projection(projection)
+        self.levels = normalize_levels(levels)
+        self.spatial_scale = float(spatial_scale)
+        self.projection = projection
+        self.mode = mode
+        self.data_format = data_format
+        self.channel_major = bool(channel_major)
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return roi_pyramid_pool(
+            features,
+            boxes,
+            box_indices,
+            levels=self.levels,
+            spatial_scale=self.spatial_scale,
+            projection=self.projection,
+            mode=self.mode,
+            data_format=self.data_format,
+            valid=valid,
             channel_major=self.channel_major,
         )

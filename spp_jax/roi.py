@@ -105,7 +105,7 @@ def project_boxes(
     >>> project_boxes(jnp.array([[0.0, 0.0, 160.0, 100.0]]), 1 / 16, "sppnet", (38, 50)).tolist()
     [[1, 1, 9, 6]]
     """
-    _check_projection(projection)
+    check_projection(projection)
     boxes = _check_boxes(boxes)
     if projection == "roi_pool":
         return _to_int(_round_half_away(boxes * jnp.float32(spatial_scale)))
@@ -370,7 +370,8 @@ def _roi_avg(x: jax.Array, bins, box_b) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def _check_projection(projection: str) -> None:
+def check_projection(projection: str) -> None:
+    """Raises a ValueError naming an unknown ``projection``."""
     if projection not in PROJECTIONS:
         raise ValueError(f"unknown projection {projection!r}; accepted are {PROJECTIONS}")
 
@@ -450,7 +451,7 @@ def roi_pyramid_pool(
       >>> roi_pyramid_pool(f, jnp.array([[0.0, 0.0, 320.0, 240.0]]), levels=(2, 1)).shape
       (1, 40)
     """
-    _check_projection(projection)
+    check_projection(projection)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
     if data_format not in DATA_FORMATS:

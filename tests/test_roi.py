@@ -1,0 +1,209 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import spp_jax
+from tests.roi_reference import ref_project, ref_roi_grad, ref_roi_pool
+
+LEVELS = (3, (2, 1), 1)
+# Inside, half-pixel coordinates (rounding), partly and fully outside the image,
+# zero-size, inverted, the whole image and more.
+BOXES = np.array(
+    [
+        [0, 0, 100, 80],
+        [8.5, 7.5, 40.5, 23.5],
+        [24.0, 8.0, 56.0, 40.0],
+        [50, 40, 60, 45],
+        [170, 140, 200, 150],
+        [300, 300, 400, 400],
+        [30, 20, 10, 5],
+        [-20, -20, 500, 500],
+        [16, 16, 16, 16],
+    ],
+    np.float32,
+)
+BOX_B = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0])
+
+
+def _features(seed=0, shape=(2, 9, 11, 3)):
+    # Small integers: many ties, so gradient routing is tested for real.
+    return np.round(np.random.default_rng(seed).standard_normal(shape) * 2).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def pool_fns():
+    def pool(f, b, idx, valid, projection, mode):
+        return spp_jax.roi_pyramid_pool(
+            f, b, idx, levels=LEVELS, projection=projection, mode=mode, valid=valid
+        )
+
+    fwd = jax.jit(pool, static_argnums=(4, 5))
+    grad = jax.jit(
+        jax.grad(lambda f, b, idx, valid, cot, p: jnp.sum(pool(f, b, idx, valid, p, "max") * cot)),
+        static_argnums=5,
+    )
+    return fwd, grad
+
+
+@pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_matches_reference(pool_fns, projection, mode):
+    x = _features()
+    y = pool_fns[0](x, BOXES, BOX_B, None, projection, mode)
+    want, _ = ref_roi_pool(x, BOXES, BOX_B, LEVELS, 1 / 16, projection, mode)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+def test_max_gradient_routes_to_first_max(pool_fns, projection):
+    x = _features(1)
+    want, wins = ref_roi_pool(x, BOXES, BOX_B, LEVELS, 1 / 16, projection)
+    cot = np.random.default_rng(2).standard_normal(want.shape).astype(np.float32)
+    g = pool_fns[1](x, BOXES, BOX_B, None, cot, projection)
+    np.testing.assert_allclose(np.asarray(g), ref_roi_grad(x, wins, cot), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_rows_give_zeros_and_no_gradient(pool_fns):
+    x = _features(3)
+    valid = np.array([True, False] * 4 + [True])
+    y = np.asarray(pool_fns[0](x, BOXES, BOX_B, valid, "sppnet", "max"))
+    assert not y[~valid].any()
+    cot = np.ones(y.shape, np.float32)
+    cot[valid] = 0.0  # only padding rows get a cotangent
+    assert not np.asarray(pool_fns[1](x, BOXES, BOX_B, valid, cot, "sppnet")).any()
+
+
+def test_projection_hand_cases():
+    b = np.array([[0.0, 0.0, 160.0, 100.0], [17.0, 31.0, 15.0, 33.0], [8.0, 8.0, 8.0, 8.0]])
+    got = spp_jax.project_boxes(b, 1 / 16, "sppnet", (38, 50)).tolist()
+    # left = floor(0/16)+1 = 1, right = ceil(160/16)-1 = 9, bottom = ceil(100/16)-1 = 6
+    assert got[0] == [1, 1, 9, 6]
+    # inverted: left 2 > right 0 -> both floor((2+0)/2) = 1; top 2 <= bottom 2
+    assert got[1] == [1, 2, 1, 2]
+    # a point: left 1 > right 0 -> 0
+    assert got[2] == [0, 0, 0, 0]
+    for box in b:
+        assert (
+            ref_project(box, 1 / 16, "sppnet", 38, 50) == got[list(map(tuple, b)).index(tuple(box))]
+        )
+    # roi_pool rounds halves away from zero (jnp.round would give 0 and 2 here).
+    half = np.array([[8.0, 40.0, -8.0, 24.0]])  # * 1/16 -> 0.5, 2.5, -0.5, 1.5
+    assert spp_jax.project_boxes(half, 1 / 16, "roi_pool").tolist() == [[1, 3, -1, 2]]
+    # a stride that is not a power of two, box edges exactly on cell boundaries
+    assert spp_jax.project_boxes(
+        [[24.0, 36.0, 48.0, 60.0]], 1 / 12, "sppnet", (20, 20)
+    ).tolist() == [[3, 4, 3, 4]]
+
+
+def test_nan_boxes_do_not_crash():
+    x = _features(4)
+    b = np.array([[np.nan, 0, 50, np.nan], [0, 0, 50, 50]], np.float32)
+    y = spp_jax.roi_pyramid_pool(x, b, levels=(2, 1))
+    assert np.isfinite(np.asarray(y)).all()  # NaN coordinates count as 0
+
+
+def test_select_scales_hand_cases():
+    image = (480, 640)
+    boxes = np.array([[0, 0, 100, 100], [0, 0, 224, 224], [0, 0, 480, 640], [0, 0, 1, 1]])
+    # 100px box: area 1e4 * (s/480)^2 closest to 224^2 at s=1200 (index 4);
+    # 224px box: exactly at s=480 (index 0); whole image: smallest scale; tiny: largest.
+    assert spp_jax.select_scales(boxes, image).tolist() == [4, 0, 0, 4]
+    assert spp_jax.select_scales([[0, 0, 300, 300]], image, scales=(360, 480)).tolist() == [0]
+
+
+def test_multiscale_pools_each_box_at_its_scale():
+    image = (96, 128)
+    scales = (96, 192)
+    feats = [_features(5, (1, 6, 8, 2)), _features(6, (1, 12, 16, 2))]
+    boxes = np.array([[0, 0, 64, 48], [16, 16, 40, 40]], np.float32)
+    idx = np.array([1, 0])
+    y = spp_jax.multiscale_roi_pyramid_pool(feats, boxes, idx, image, scales, levels=(2, 1))
+    for r, k in enumerate(idx):
+        want = spp_jax.roi_pyramid_pool(
+            feats[k], boxes[r : r + 1] * (scales[k] / 96), levels=(2, 1)
+        )
+        np.testing.assert_array_equal(np.asarray(y[r]), np.asarray(want[0]))
+
+
+def test_one_compile_for_many_box_sets():
+    traces = []
+
+    @jax.jit
+    def f(x, b):
+        traces.append(1)
+        return spp_jax.roi_pyramid_pool(x, b, levels=(2, 1))
+
+    x = _features(7)
+    for seed in range(3):
+        b = np.random.default_rng(seed).uniform(0, 150, (5, 4)).astype(np.float32)
+        jax.block_until_ready(f(x, b))
+    assert len(traces) == 1
+
+
+def test_nchw_and_channel_major_match_nhwc():
+    x = _features(8)
+    y = spp_jax.roi_pyramid_pool(x, BOXES, BOX_B, levels=(2,), channel_major=True)
+    y2 = spp_jax.roi_pyramid_pool(
+        np.transpose(x, (0, 3, 1, 2)), BOXES, BOX_B, levels=(2,), data_format="NCHW"
+    )
+    r = BOXES.shape[0]
+    np.testing.assert_array_equal(
+        np.asarray(y).reshape(r, 3, 2, 2), np.asarray(y2).reshape(r, 2, 2, 3).transpose(0, 3, 1, 2)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"boxes": np.zeros((3, 5), np.float32)}, ValueError, r"\(R, 4\).*\(3, 5\)"),
+        ({"box_indices": np.array([0, 2, 0])}, ValueError, r"\[0, 2\).*\[2\]"),
+        ({"box_indices": np.array([0, 1])}, ValueError, r"\(3,\)"),
+        ({"projection": "crop"}, ValueError, "'crop'"),
+        ({"mode": "median"}, ValueError, "'median'"),
+        ({"valid": np.ones(2, bool)}, ValueError, r"\(3,\)"),
+    ],
+)
+def test_errors(kwargs, error, match):
+    args = {"features": _features(9), "boxes": BOXES[:3], "box_indices": None}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        spp_jax.roi_pyramid_pool(
+            args.pop("features"), args.pop("boxes"), args.pop("box_indices"), **args
+        )
+
+
+def test_modules_in_a_tiny_detector_head():
+    boxes = jnp.asarray(BOXES[:4])
+    idx = jnp.asarray(BOX_B[:4])
+    labels = jnp.array([0, 1, 2, 0])
+
+    class Head(nn.Module):
+        @nn.compact
+        def __call__(self, img):
+            f = nn.relu(nn.Conv(4, (3, 3), strides=16)(img))  # stride 16 like SPP-net
+            v = spp_jax.linen.RoIPyramidPooling(levels=(2, 1))(f, boxes, idx)
+            return nn.Dense(3)(v)
+
+    imgs = jnp.ones((2, 144, 176, 3))
+    head = Head()
+    params = head.init(jax.random.key(0), imgs)
+
+    @jax.jit
+    def loss(p):
+        logits = head.apply(p, imgs)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+    grads = jax.grad(loss)(params)
+    assert np.isfinite(loss(params))
+    assert float(jnp.abs(grads["params"]["Conv_0"]["kernel"]).sum()) > 0
+
+    layer = spp_jax.nnx.RoIPyramidPooling((2, 1))
+    f = jnp.asarray(_features(10))
+    np.testing.assert_array_equal(
+        np.asarray(layer(f, boxes, idx)),
+        np.asarray(spp_jax.roi_pyramid_pool(f, boxes, idx, levels=(2, 1))),
+    )
+    with pytest.raises(ValueError, match="'crop'"):
+        spp_jax.nnx.RoIPyramidPooling(projection="crop")
