@@ -207,3 +207,31 @@ def test_modules_in_a_tiny_detector_head():
     )
     with pytest.raises(ValueError, match="'crop'"):
         spp_jax.nnx.RoIPyramidPooling(projection="crop")
+
+
+def test_torchvision_roi_pool_parity_if_available():
+    torch = pytest.importorskip("torch")
+    tv_ops = pytest.importorskip("torchvision.ops")
+    x = _features(11, (2, 13, 17, 3))
+    boxes = np.concatenate([BOXES, np.array([[3.5, 2.5, 150.5, 170.5], [0, 0, 0, 0]])]).astype(
+        np.float32
+    )
+    idx = np.concatenate([BOX_B, [1, 0]])
+    xt = torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()).requires_grad_(True)
+    rois = torch.from_numpy(np.concatenate([idx[:, None], boxes], 1).astype(np.float32))
+    for n in (1, 2, 3, 6, 7):
+        want = tv_ops.roi_pool(xt, rois, (n, n), 1 / 16)
+        cot = np.random.default_rng(n).standard_normal(tuple(want.shape)).astype(np.float32)
+        (g_want,) = torch.autograd.grad(want, xt, torch.from_numpy(cot))
+
+        def pool(f, n=n):
+            return spp_jax.roi_pyramid_pool(
+                f, boxes, idx, levels=(n,), projection="roi_pool", channel_major=True
+            )
+
+        y = pool(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y), want.detach().numpy().reshape(len(boxes), -1))
+        g = jax.grad(lambda f, cot=cot, pool=pool: jnp.sum(pool(f) * cot.reshape(len(boxes), -1)))(
+            jnp.asarray(x)
+        )
+        np.testing.assert_array_equal(np.asarray(g), np.transpose(g_want.numpy(), (0, 2, 3, 1)))
