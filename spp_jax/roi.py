@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES
+from spp_jax.pooling import DATA_FORMATS, MODES, _flatten_levels
 
 PROJECTIONS = ("sppnet", "roi_pool")
 SCALES = (480, 576, 688, 864, 1200)
@@ -450,11 +450,8 @@ def roi_pyramid_pool(
         keep = ~empty
         if valid is not None:
             keep = keep & valid[:, None, None]
-        o = jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype)
-        if channel_major:
-            o = jnp.transpose(o, (0, 3, 1, 2))
-        outs.append(o.reshape(r, -1))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
+    return _flatten_levels(outs, channel_major)
 
 
 def select_scales(
