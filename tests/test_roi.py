@@ -235,3 +235,14 @@ def test_torchvision_roi_pool_parity_if_available():
             jnp.asarray(x)
         )
         np.testing.assert_array_equal(np.asarray(g), np.transpose(g_want.numpy(), (0, 2, 3, 1)))
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_bfloat16_features(mode):
+    x = _features(12)  # small integers: exact in bfloat16
+    y16 = spp_jax.roi_pyramid_pool(
+        jnp.asarray(x, jnp.bfloat16), BOXES, BOX_B, levels=(2, 1), mode=mode
+    )
+    y32 = spp_jax.roi_pyramid_pool(x, BOXES, BOX_B, levels=(2, 1), mode=mode)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=1e-2, atol=1e-2)
