@@ -204,18 +204,25 @@ def _shift(a: jax.Array, step: int, axis: int, fill) -> jax.Array:
     return jnp.concatenate([part, pad], axis)
 
 
+def _doubling(first, n: int, step_fn):
+    """``[first, f(first, 1), f(f(first, 1), 2), ...]`` for block sizes up to ``n``,
+    stacked on a new leading axis (one table dimension)."""
+    out = [first]
+    for k in range(1, _levels_of(n)):
+        out.append(step_fn(out[-1], 1 << (k - 1)))
+    return jax.tree.map(lambda *a: jnp.stack(a), *out)
+
+
 def _table_values(x: jax.Array) -> jax.Array:
     """``(KH, KW, B, H, W, C)`` block maxima (NaN-propagating)."""
     _, h, w, _ = x.shape
-    rows = [x]
-    for k in range(1, _levels_of(w)):
-        prev = rows[-1]
-        rows.append(jnp.maximum(prev, _shift(prev, 1 << (k - 1), 2, -jnp.inf)))
-    table = [jnp.stack(rows)]
-    for k in range(1, _levels_of(h)):
-        prev = table[-1]
-        table.append(jnp.maximum(prev, _shift(prev, 1 << (k - 1), 2, -jnp.inf)))
-    return jnp.stack(table)
+
+    def step(v, s):
+        # Axis 2 is W for the first pass (on x) and H for the second (on the
+        # stacked (KW, B, H, W, C) table).
+        return jnp.maximum(v, _shift(v, s, 2, -jnp.inf))
+
+    return _doubling(_doubling(x, w, step), h, step)
 
 
 def _table_winners(x: jax.Array):
@@ -226,22 +233,14 @@ def _table_winners(x: jax.Array):
         jnp.int32, x.shape, 2
     )
     big = jnp.int32(np.iinfo(np.int32).max)
-    vals, ks = [x], [keys]
-    for k in range(1, _levels_of(w)):
-        v, kk = vals[-1], ks[-1]
-        sv, sk = _shift(v, 1 << (k - 1), 2, -jnp.inf), _shift(kk, 1 << (k - 1), 2, big)
-        take = _better(v, kk, sv, sk)
-        vals.append(jnp.where(take, sv, v))
-        ks.append(jnp.where(take, sk, kk))
-    v, kk = jnp.stack(vals), jnp.stack(ks)  # (KW, B, H, W, C)
-    tv, tk = [v], [kk]
-    for k in range(1, _levels_of(h)):
-        v, kk = tv[-1], tk[-1]
-        sv, sk = _shift(v, 1 << (k - 1), 2, -jnp.inf), _shift(kk, 1 << (k - 1), 2, big)
-        take = _better(v, kk, sv, sk)
-        tv.append(jnp.where(take, sv, v))
-        tk.append(jnp.where(take, sk, kk))
-    return jnp.stack(tv), jnp.stack(tk)
+
+    def step(vk, s):
+        v, k = vk
+        sv, sk = _shift(v, s, 2, -jnp.inf), _shift(k, s, 2, big)
+        take = _better(v, k, sv, sk)
+        return jnp.where(take, sv, v), jnp.where(take, sk, k)
+
+    return _doubling(_doubling((x, keys), w, step), h, step)
 
 
 def _corner_rows(bins, box_b, shape):
