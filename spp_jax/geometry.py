@@ -83,7 +83,7 @@ def normalize_levels(levels: LevelsLike) -> tuple[Level, ...]:
     if isinstance(levels, (str, bytes)) or not isinstance(levels, Iterable):
         raise TypeError(f"levels must be a sequence of ints or (n_h, n_w) pairs, got {levels!r}")
     out: list[Level] = []
-    for item in levels:  # type: ignore[union-attr]
+    for item in levels:
         if _is_int(item):
             pair = (int(item), int(item))  # type: ignore[arg-type]
         elif (

@@ -179,7 +179,7 @@ class _InputKeys(NamedTuple):
         picked = picked.reshape([-1 if d == axis else 1 for d in range(4)])
         other = lax.broadcasted_iota(jnp.int32, shape, 3 - axis)
         rows, cols = (picked, other) if axis == 1 else (other, picked)
-        return rows * self.shape[2] + cols
+        return jnp.asarray(rows * self.shape[2] + cols)
 
 
 def _slice(a, lo: int, stop: int, step: int, axis: int) -> jax.Array:
@@ -202,21 +202,24 @@ def _fold(st: _Stage, arrays: tuple, extras: tuple, item, combine) -> jax.Array:
     if st.strided and not extras:
         shape = [1] * 4
         shape[ax] = len(st.ranges)
-        acc = None
-        for lo, stop, step in st.offsets():
-            cands = tuple(_slice(a, lo, stop, step, ax) for a in arrays)
-            cell = np.arange(lo, stop, step, dtype=np.int32).reshape(shape)
-            it = item(cands, cell, extras)
-            acc = it if acc is None else combine(acc, it)
-        return acc
+        return functools.reduce(
+            combine,
+            (
+                item(
+                    tuple(_slice(a, lo, stop, step, ax) for a in arrays),
+                    np.arange(lo, stop, step, dtype=np.int32).reshape(shape),
+                    extras,
+                )
+                for lo, stop, step in st.offsets()
+            ),
+        )
     parts = []
     for p, (s, e) in enumerate(st.ranges):
         ex = tuple(lax.slice_in_dim(a, p, p + 1, 1, ax) for a in extras)
-        acc = None
-        for c in range(s, e):
-            it = item(tuple(_slice(a, c, c + 1, 1, ax) for a in arrays), c, ex)
-            acc = it if acc is None else combine(acc, it)
-        parts.append(acc)
+        cells = (
+            item(tuple(_slice(a, c, c + 1, 1, ax) for a in arrays), c, ex) for c in range(s, e)
+        )
+        parts.append(functools.reduce(combine, cells))
     return jnp.concatenate(parts, ax)
 
 
@@ -402,10 +405,11 @@ def _level_bounds(sizes, level: Level) -> tuple[Bounds, Bounds]:
     return _bounds(sizes[:, 1], level[1], 2), _bounds(sizes[:, 0], level[0], 1)
 
 
-def _bounds(size: jax.Array, n: int, axis: int) -> Bounds:
+def _bounds(size: jax.Array, n: int, axis: int) -> tuple[jax.Array, jax.Array]:
     shape = [1] * 4
     shape[0], shape[axis] = size.shape[0], n
-    return tuple(b.reshape(shape) for b in _dynamic_bins(size, n))
+    start, end = _dynamic_bins(size, n)
+    return start.reshape(shape), end.reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -500,9 +504,10 @@ def _avg_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
         cb, rb = _level_bounds(sizes, (nh, nw))
         s = xf if cst is None else _stage_sum(xf, cb, cst)
         s = s if rst is None else _stage_sum(s, rb, rst)
+        area: jax.Array
         if sizes is None:
-            area = np.array([[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows])
-            area = area[None, :, :, None].astype(np.float32)
+            areas = [[(re - rs) * (ce - cs) for cs, ce in cols] for rs, re in rows]
+            area = jnp.asarray(areas, jnp.float32)[None, :, :, None]
         else:
             hs, he = _dynamic_bins(sizes[:, 0], nh)
             ws, we = _dynamic_bins(sizes[:, 1], nw)

@@ -131,13 +131,13 @@ def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w:
     x1, y1, x2, y2 = (proj[:, i] for i in range(4))
     if projection == "sppnet":
         # Adaptive bins of the inclusive window [left, right]: never empty.
-        def axis(lo, hi, n):
+        def spp_axis(lo, hi, n):
             a = (hi - lo + 1)[:, None]
             i = jnp.arange(n, dtype=jnp.int32)[None, :]
             return lo[:, None] + (i * a) // n, lo[:, None] - ((-(i + 1) * a) // n)
 
-        hs, he = axis(y1, y2, n_h)
-        ws, we = axis(x1, x2, n_w)
+        hs, he = spp_axis(y1, y2, n_h)
+        ws, we = spp_axis(x1, x2, n_w)
     else:
         # torchvision roi_pool: float32 bin size L / n, floor / ceil of p * size,
         # offset by the roi start, clipped to the map. XLA's vectorised division
@@ -145,7 +145,7 @@ def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w:
         # tables made on the host for L up to a cap, and from the exact integer
         # formula beyond it (windows over 4x the map: there the two can differ
         # only where p * L / n lies within an ulp of an integer).
-        def axis(lo, hi, n, size):
+        def roi_axis(lo, hi, n, size):
             length = jnp.maximum(hi - lo + 1, 1)
             starts, ends, cap = _roi_pool_tables(n, 4 * max(h, w))
             i = jnp.arange(n, dtype=jnp.int32)[None, :]
@@ -155,8 +155,8 @@ def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w:
             end = jnp.where(big, -((-(i + 1) * length[:, None]) // n), jnp.asarray(ends)[idx])
             return jnp.clip(start + lo[:, None], 0, size), jnp.clip(end + lo[:, None], 0, size)
 
-        hs, he = axis(y1, y2, n_h, h)
-        ws, we = axis(x1, x2, n_w, w)
+        hs, he = roi_axis(y1, y2, n_h, h)
+        ws, we = roi_axis(x1, x2, n_w, w)
     hs, he = hs[:, :, None], he[:, :, None]
     ws, we = ws[:, None, :], we[:, None, :]
     shape = (proj.shape[0], n_h, n_w)
@@ -515,13 +515,14 @@ def multiscale_roi_pyramid_pool(
         )
     valid = kwargs.pop("valid", None)
     short = float(min(image_size))
-    out = None
+    pooled = []
     for k, (feat, s) in enumerate(zip(features_per_scale, scales, strict=True)):
         here = scale_index == k
         if valid is not None:
             here = here & jnp.asarray(valid, bool)
-        pooled = roi_pyramid_pool(
-            feat, boxes * jnp.float32(s / short), box_indices, valid=here, **kwargs
+        pooled.append(
+            roi_pyramid_pool(
+                feat, boxes * jnp.float32(s / short), box_indices, valid=here, **kwargs
+            )
         )
-        out = pooled if out is None else out + pooled
-    return out
+    return functools.reduce(jnp.add, pooled)  # each box is non-zero at one scale only
