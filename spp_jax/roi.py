@@ -107,6 +107,11 @@ def project_boxes(
     """
     check_projection(projection)
     boxes = _check_boxes(boxes)
+    if not spatial_scale > 0:
+        raise ValueError(
+            f"spatial_scale must be a positive number (feature cells per image pixel, e.g. "
+            f"1/16), got {spatial_scale!r}"
+        )
     if projection == "roi_pool":
         return _to_int(_round_half_away(boxes * jnp.float32(spatial_scale)))
     if feature_size is None:
@@ -471,6 +476,8 @@ def select_scales(
     boxes = _check_boxes(boxes)
     if len(scales) == 0:
         raise ValueError("scales must name at least one scale")
+    if len(image_size) != 2 or min(image_size) <= 0:
+        raise ValueError(f"image_size must be a positive (height, width), got {image_size!r}")
     short = float(min(image_size))
     area = jnp.maximum(boxes[:, 2] - boxes[:, 0], 0) * jnp.maximum(boxes[:, 3] - boxes[:, 1], 0)
     factors = jnp.asarray([(s / short) ** 2 for s in scales], jnp.float32)

@@ -111,6 +111,8 @@ def test_select_scales_hand_cases():
     # 224px box: exactly at s=480 (index 0); whole image: smallest scale; tiny: largest.
     assert spp_jax.select_scales(boxes, image).tolist() == [4, 0, 0, 4]
     assert spp_jax.select_scales([[0, 0, 300, 300]], image, scales=(360, 480)).tolist() == [0]
+    with pytest.raises(ValueError, match=r"image_size.*\(0, 640\)"):
+        spp_jax.select_scales(boxes, (0, 640))
 
 
 def test_multiscale_pools_each_box_at_its_scale():
@@ -163,6 +165,8 @@ def test_nchw_and_channel_major_match_nhwc():
         ({"projection": "crop"}, ValueError, "'crop'"),
         ({"mode": "median"}, ValueError, "'median'"),
         ({"valid": np.ones(2, bool)}, ValueError, r"\(3,\)"),
+        ({"spatial_scale": 0.0}, ValueError, "spatial_scale.*0.0"),
+        ({"levels": ()}, ValueError, "empty"),
     ],
 )
 def test_errors(kwargs, error, match):
