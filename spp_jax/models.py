@@ -1,0 +1,668 @@
+"""The SPP-net classification networks (He et al., arXiv 1406.4729, Table 1) in Flax linen.
+
+Four conv trunks, each followed by a spatial pyramid pooling head (``head="spp"``) or
+by the paper's no-SPP baseline (``head="pool6"``). Every conv is followed by a ReLU;
+"ceil" pools use Caffe's rounding (below). Sizes are for a 224 x 224 input:
+
+* ``"zf5"`` (ZF-5, total stride 16)::
+
+    conv1 96x7x7 s2 pad 1, LRN, pool 3 s2 ceil   224 -> 110 -> 55
+    conv2 256x5x5 s2 pad 1, LRN, pool 3 s2 ceil   55 -> 27 -> 13
+    conv3 384x3x3, conv4 384x3x3, conv5 256x3x3 (pad 1)   13 -> 13
+
+  (10 x 10 at a 180 input.)
+* ``"convnet5"`` (Convnet*-5)::
+
+    conv1 96x11x11 s4 pad 2, LRN                  224 -> 55
+    conv2 256x5x5 pad 2, LRN, pool 3 s2 ceil      55 -> 27
+    conv3 384x3x3 pad 1, pool 3 s2 ceil           27 -> 13
+    conv4 384x3x3, conv5 256x3x3 (pad 1)          13 -> 13
+
+* ``"overfeat5"`` / ``"overfeat7"`` (Overfeat-5/7, total stride 12)::
+
+    conv1 96x7x7 s2 no pad, pool 3 s3 floor, LRN  224 -> 109 -> 36
+    conv2 256x5x5 pad 2, pool 2 s2 floor          36 -> 18
+    3 (overfeat5) or 5 (overfeat7) x 512x3x3 pad 1  18 -> 18
+
+The paddings are the ones that give the paper's map sizes; they are pinned by tests.
+
+Size arithmetic (one formula for Python ints and integer ``jnp`` arrays, see
+:func:`feature_map_size`), for an axis of ``n`` cells:
+
+* conv (kernel ``k``, stride ``s``, pad ``p`` on both sides):
+  ``floor((n + 2p - k) / s) + 1``;
+* floor-mode pool: ``floor((n - k) / s) + 1``;
+* ceil-mode pool (Caffe): ``ceil((n - k) / s) + 1``, less one if the last window
+  would start outside the input. Implemented as a max pool padded with ``-inf`` on
+  the high side only.
+
+LRN is AlexNet/Caffe's across-channel local response normalisation
+(:func:`local_response_norm`).
+
+Each architecture is a static tuple of layer specs (:func:`layer_specs`); the module
+and the size arithmetic both walk that tuple, so they cannot disagree.
+
+Padded batches: with ``valid_sizes`` every example gives the logits it would give
+alone, unpadded (see :class:`SPPNet`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from spp_jax.geometry import normalize_levels
+from spp_jax.linen import SpatialPyramidPooling
+
+__all__ = [
+    "ARCHS",
+    "HEADS",
+    "PARAM_COUNTS",
+    "ConvSpec",
+    "LRNSpec",
+    "PoolSpec",
+    "SPPNet",
+    "feature_map_size",
+    "layer_specs",
+    "local_response_norm",
+    "pool6_window",
+]
+
+ARCHS = ("zf5", "convnet5", "overfeat5", "overfeat7")
+HEADS = ("spp", "pool6")
+POOL6_SIZE = 6
+
+
+# --------------------------------------------------------------------------------------
+# Layer specs: the one source of truth for the trunks.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A square conv followed by a ReLU: ``features`` maps, ``kernel`` x ``kernel``."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    pad: int = 0
+
+    def out_size(self, n: Any) -> Any:
+        """Output length of an axis of ``n`` cells (int or integer array)."""
+        return (n + 2 * self.pad - self.kernel) // self.stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """A square max pool; ``ceil=True`` is Caffe's ceil-mode rounding."""
+
+    window: int
+    stride: int
+    ceil: bool = False
+
+    def out_size(self, n: Any) -> Any:
+        """Output length of an axis of ``n`` cells (int or integer array)."""
+        if not self.ceil:
+            return (n - self.window) // self.stride + 1
+        out = -((self.window - n) // self.stride) + 1  # ceil((n - k) / s) + 1
+        # Caffe: the last window must start inside the input.
+        return out - ((out - 1) * self.stride >= n)
+
+
+@dataclasses.dataclass(frozen=True)
+class LRNSpec:
+    """Across-channel local response normalisation (:func:`local_response_norm`)."""
+
+    size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 2.0
+
+    def out_size(self, n: Any) -> Any:
+        """LRN keeps the spatial size."""
+        return n
+
+
+LayerSpec = ConvSpec | PoolSpec | LRNSpec
+
+# (stem, tail): the tail holds the 3x3 convs after conv2 (scaled by ``depth``) and
+# the pools between them.
+_C3 = 3  # kernel of the tail convs (all pad 1, stride 1: they keep the size)
+_ARCH_SPECS: dict[str, tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]] = {
+    "zf5": (
+        (
+            ConvSpec(96, 7, 2, 1),
+            LRNSpec(),
+            PoolSpec(3, 2, ceil=True),
+            ConvSpec(256, 5, 2, 1),
+            LRNSpec(),
+            PoolSpec(3, 2, ceil=True),
+        ),
+        (ConvSpec(384, _C3, 1, 1), ConvSpec(384, _C3, 1, 1), ConvSpec(256, _C3, 1, 1)),
+    ),
+    "convnet5": (
+        (
+            ConvSpec(96, 11, 4, 2),
+            LRNSpec(),
+            ConvSpec(256, 5, 1, 2),
+            LRNSpec(),
+            PoolSpec(3, 2, ceil=True),
+        ),
+        (
+            ConvSpec(384, _C3, 1, 1),
+            PoolSpec(3, 2, ceil=True),
+            ConvSpec(384, _C3, 1, 1),
+            ConvSpec(256, _C3, 1, 1),
+        ),
+    ),
+    "overfeat5": (
+        (
+            ConvSpec(96, 7, 2, 0),
+            PoolSpec(3, 3),
+            LRNSpec(),
+            ConvSpec(256, 5, 1, 2),
+            PoolSpec(2, 2),
+        ),
+        (ConvSpec(512, _C3, 1, 1),) * 3,
+    ),
+    "overfeat7": (
+        (
+            ConvSpec(96, 7, 2, 0),
+            PoolSpec(3, 3),
+            LRNSpec(),
+            ConvSpec(256, 5, 1, 2),
+            PoolSpec(2, 2),
+        ),
+        (ConvSpec(512, _C3, 1, 1),) * 5,
+    ),
+}
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; accepted: {', '.join(map(repr, ARCHS))}")
+
+
+def _check_scale(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _round_half_up(v: float) -> int:
+    return math.floor(v + 0.5)
+
+
+def _scale_tail(tail: tuple[LayerSpec, ...], depth: float) -> tuple[LayerSpec, ...]:
+    convs = [s for s in tail if isinstance(s, ConvSpec)]
+    pools_after: dict[int, list[LayerSpec]] = {}  # 1-based conv index -> specs after it
+    j = 0
+    for s in tail:
+        if isinstance(s, ConvSpec):
+            j += 1
+        else:
+            pools_after.setdefault(j, []).append(s)
+    n = len(convs)
+    m = max(1, _round_half_up(n * depth))
+    out: list[LayerSpec] = []
+    for i in range(1, m + 1):
+        out.append(convs[-1] if i == m else convs[min(i, n - 1) - 1])
+        for jj, specs in sorted(pools_after.items()):
+            if min(jj, m) == i:
+                out.extend(specs)
+    return tuple(out)
+
+
+def layer_specs(arch: str, *, width: float = 1.0, depth: float = 1.0) -> tuple[LayerSpec, ...]:
+    """The trunk of ``arch`` as a tuple of layer specs, conv1 first.
+
+    Args:
+      arch: one of :data:`ARCHS`.
+      width: multiplies every conv's channel count: ``max(1, round(c * width))``
+        (halves round up).
+      depth: scales the 3x3 convs after conv2 (``n`` = 3 for zf5, convnet5 and
+        overfeat5, 5 for overfeat7) to ``m = max(1, round(n * depth))`` (halves
+        round up). With the original convs ``c_1 .. c_n``, new conv ``i < m`` is
+        ``c_min(i, n-1)`` and new conv ``m`` is ``c_n`` (so the last conv keeps the
+        conv5 channel count: fewer layers drop from the middle, more repeat
+        ``c_(n-1)``). A pool that followed ``c_j`` follows new conv ``min(j, m)``.
+        The 3x3 convs keep the spatial size, so ``depth`` never changes map sizes.
+
+    Returns:
+      A tuple of :class:`ConvSpec`, :class:`PoolSpec` and :class:`LRNSpec`.
+
+    >>> [s.features for s in layer_specs("zf5", width=0.5) if isinstance(s, ConvSpec)]
+    [48, 128, 192, 192, 128]
+    >>> [s.features for s in layer_specs("zf5", depth=0.34) if isinstance(s, ConvSpec)]
+    [96, 256, 256]
+    """
+    _check_arch(arch)
+    _check_scale("width", width)
+    _check_scale("depth", depth)
+    stem, tail = _ARCH_SPECS[arch]
+    specs = stem + _scale_tail(tail, depth)
+    if width != 1:
+        specs = tuple(
+            dataclasses.replace(s, features=max(1, _round_half_up(s.features * width)))
+            if isinstance(s, ConvSpec)
+            else s
+            for s in specs
+        )
+    return specs
+
+
+def _walk_sizes(specs: Sequence[LayerSpec], h: Any, w: Any) -> list[tuple[Any, Any]]:
+    sizes = [(h, w)]
+    for s in specs:
+        h, w = s.out_size(h), s.out_size(w)
+        sizes.append((h, w))
+    return sizes
+
+
+def feature_map_size(arch: str, h: Any, w: Any, *, depth: float = 1.0) -> tuple[Any, Any]:
+    """Size ``(h5, w5)`` of the last conv map for an ``h x w`` input.
+
+    The same integer formulas (module docstring) run on Python ints and on integer
+    ``jnp`` arrays (e.g. the per-example ``valid_sizes`` columns), elementwise.
+
+    Args:
+      arch: one of :data:`ARCHS`.
+      h: input height: an int or an integer array.
+      w: input width: an int or an integer array.
+      depth: as in :func:`layer_specs`; accepted for symmetry, it never changes
+        the size (the 3x3 convs it scales keep the size).
+
+    Returns:
+      ``(h5, w5)``, ints or arrays like the inputs.
+
+    Raises:
+      ValueError: bad ``arch``, or (Python ints) an input so small that some layer's
+        output would be empty.
+
+    >>> feature_map_size("zf5", 224, 224), feature_map_size("zf5", 180, 180)
+    ((13, 13), (10, 10))
+    >>> feature_map_size("overfeat7", 224, 161)
+    (18, 13)
+    """
+    specs = layer_specs(arch, depth=depth)
+    sizes = _walk_sizes(specs, h, w)
+    if isinstance(h, int) and isinstance(w, int):
+        for i, (hh, ww) in enumerate(sizes):
+            if hh < 1 or ww < 1:
+                raise ValueError(
+                    f"input {h}x{w} is too small for arch {arch!r}: layer {i} "
+                    f"({specs[i - 1]}) gives an empty {hh}x{ww} map"
+                )
+    return sizes[-1]
+
+
+def pool6_window(arch: str, base_size: int = 224) -> tuple[int, int]:
+    """Fixed ``(window, stride)`` of the ``head="pool6"`` max pool.
+
+    With ``m`` the conv5 side at a ``base_size`` square input: ``stride = m // 6``
+    and ``window = m - 5 * stride``, so exactly 6 windows tile ``[0, m)`` with no
+    gap (``window >= stride``). This is the paper's pool for its sizes (ZF-5 and
+    Convnet*-5: 13 -> window 3 stride 2; Overfeat: 18 -> window 3 stride 3) and
+    gives 6 for any ``m >= 6``, unlike the sliding rule ``ceil(m/6), floor(m/6)``.
+
+    >>> pool6_window("zf5"), pool6_window("overfeat5"), pool6_window("zf5", 112)
+    ((3, 2), (3, 3), (1, 1))
+
+    Raises:
+      ValueError: if the conv5 map at ``base_size`` is smaller than 6 x 6.
+    """
+    if isinstance(base_size, bool) or not isinstance(base_size, int) or base_size < 1:
+        raise ValueError(f"base_size must be a positive int, got {base_size!r}")
+    m, _ = feature_map_size(arch, base_size, base_size)
+    if m < POOL6_SIZE:
+        raise ValueError(
+            f'head="pool6" needs a conv5 map of at least {POOL6_SIZE}x{POOL6_SIZE} at '
+            f"base_size={base_size}; arch {arch!r} gives {m}x{m}"
+        )
+    stride = m // POOL6_SIZE
+    return m - (POOL6_SIZE - 1) * stride, stride
+
+
+def _pool6_accepted(arch: str, base_size: int) -> list[int]:
+    """Input sides (per axis) whose conv5 map pools to 6 with the base_size pool."""
+    win, stride = pool6_window(arch, base_size)
+    good = []
+    for n in range(1, 4 * base_size + 64):
+        try:
+            m, _ = feature_map_size(arch, n, n)
+        except ValueError:
+            continue
+        if m >= win and (m - win) // stride + 1 == POOL6_SIZE:
+            good.append(n)
+    return good
+
+
+# --------------------------------------------------------------------------------------
+# Pure ops.
+# --------------------------------------------------------------------------------------
+
+
+def local_response_norm(
+    x: jax.Array,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.75,
+    k: float = 2.0,
+) -> jax.Array:
+    """AlexNet/Caffe across-channel local response normalisation (NHWC).
+
+    ``y[..., c] = x[..., c] / (k + alpha / size * sum(x[..., j] ** 2)) ** beta`` with
+    ``j`` over the ``size`` channels centred on ``c`` (``c - (size-1)//2`` to
+    ``c + size//2``), clipped to the valid channels. Caffe divides ``alpha`` by
+    ``size``; AlexNet's paper does not.
+
+    Args:
+      x: ``(..., C)``, channels last. Computed in float32 for 16-bit inputs.
+      size: channels in the window (odd in practice).
+      alpha: scale of the sum of squares (before dividing by ``size``).
+      beta: exponent.
+      k: additive constant.
+
+    Returns:
+      Same shape and dtype as ``x``.
+
+    >>> import jax.numpy as jnp
+    >>> y = local_response_norm(jnp.ones((1, 7)))
+    >>> bool(jnp.allclose(y[0, 0], 2.0 ** -0.75, rtol=1e-4))
+    True
+    """
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    lo = (size - 1) // 2
+    pads = [(0, 0)] * (x.ndim - 1) + [(lo, size - 1 - lo)]
+    sq = lax.reduce_window(
+        xf * xf,
+        np.array(0, xf.dtype),  # a concrete 0: reduce_window_sum, which has a VJP
+        lax.add,
+        (1,) * (x.ndim - 1) + (size,),
+        (1,) * x.ndim,
+        pads,
+    )
+    return (xf * (k + (alpha / size) * sq) ** -beta).astype(x.dtype)
+
+
+def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
+    """NHWC max pool; ceil mode pads with -inf on the high side only."""
+    pads = []
+    for n in x.shape[1:3]:
+        out = spec.out_size(n)
+        pads.append((0, max(0, (out - 1) * spec.stride + spec.window - n)))
+    return nn.max_pool(x, (spec.window,) * 2, (spec.stride,) * 2, padding=pads)
+
+
+def _mask(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
+    """Zeros ``x[i, h_i:, :]`` and ``x[i, :, w_i:]`` (sizes ``(B, 2)``)."""
+    if sizes is None:
+        return x
+    _, h, w, _ = x.shape
+    rows = lax.broadcasted_iota(jnp.int32, (1, h, 1, 1), 1) < sizes[:, 0, None, None, None]
+    cols = lax.broadcasted_iota(jnp.int32, (1, 1, w, 1), 2) < sizes[:, 1, None, None, None]
+    return jnp.where(rows & cols, x, jnp.zeros((), x.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# The network.
+# --------------------------------------------------------------------------------------
+
+PARAM_COUNTS: dict[str, int] = {
+    "zf5/spp": 77_037_672,
+    "zf5/pool6": 62_357_608,
+    "convnet5/spp": 77_058_408,
+    "convnet5/pool6": 62_378_344,
+    "overfeat5/spp": 132_268_648,
+    "overfeat5/pool6": 102_908_520,
+    "overfeat7/spp": 136_988_264,
+    "overfeat7/pool6": 107_628_136,
+    "small": 2_142_506,
+}
+"""Parameter counts of the docstring table of :class:`SPPNet` (3 input channels).
+
+Keys ``"{arch}/{head}"`` at ``num_classes=1000, width=depth=1, fc_dim=4096``, and
+``"small"``: ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` (SPP
+head, default levels) at a 112 x 112 input. Pinned by a test against ``jax.eval_shape``.
+"""
+
+
+class SPPNet(nn.Module):
+    """SPP-net classifier: a conv trunk, SPP (or fixed pool6) and fc6/fc7/fc8.
+
+    ``x`` ``(B, H, W, C_in)`` -> trunk -> conv5 map ``(B, h5, w5, C5)``
+    (:func:`feature_map_size`) -> ``head`` -> fc6 (``fc_dim``, ReLU, dropout) -> fc7
+    (``fc_dim``, ReLU, dropout) -> fc8 -> logits ``(B, num_classes)``.
+
+    Heads:
+
+    * ``"spp"``: :class:`spp_jax.linen.SpatialPyramidPooling` ``(levels)``, flattened
+      to ``C5 * sum(n_h * n_w)`` (12,800 for ZF-5 with ``(6, 3, 2, 1)``), whatever
+      ``H, W``: any input from the minimum size up works.
+    * ``"pool6"`` (the paper's no-SPP baseline): a max pool with a FIXED window and
+      stride (:func:`pool6_window`, derived from ``base_size``) that maps the conv5
+      map of a ``base_size`` input to exactly 6 x 6, then flattened
+      (``36 * C5``). fc6's input size would change with the input size, so any
+      input whose pooled map is not 6 x 6 raises a ``ValueError`` naming the input
+      size and the accepted ones. Inputs near ``base_size`` all give 6 x 6 (ZF-5 at
+      ``base_size=224``: sides 215 to 246, conv5 13 or 14). Set ``base_size`` for
+      scaled-down images (``base_size=112``: ZF-5's conv5 is 6 x 6, window 1, stride 1).
+
+    Parameter counts (3 input channels; ``num_classes=1000``, ``width=depth=1``,
+    ``fc_dim=4096``, default ``levels``; also in :data:`PARAM_COUNTS`):
+
+    =========  ===========  ============
+    arch       head="spp"   head="pool6"
+    =========  ===========  ============
+    zf5        77,037,672   62,357,608
+    convnet5   77,058,408   62,378,344
+    overfeat5  132,268,648  102,908,520
+    overfeat7  136,988,264  107,628,136
+    =========  ===========  ============
+
+    Small CPU variant (the default training config):
+    ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` at a 112 x 112
+    input: 2,142,506 parameters (the SPP head's count does not depend on the input size).
+
+    Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input
+    pixels, clipped into ``[1, H] x [1, W]``) example ``i`` gives the logits of the
+    network run on ``x[i, :h_i, :w_i]`` alone, whatever the padding holds. The input
+    is zeroed outside the valid region; after every conv (+ReLU) and pool the valid
+    size is recomputed with :func:`feature_map_size`'s formulas and the map zeroed
+    outside it (so a conv's zero padding matches, and since activations are >= 0 after
+    ReLU/LRN, a max pool over zeros matches ceil mode's ``-inf`` padding); SPP then
+    pools each example over its own conv5 region. Changing the sizes never
+    recompiles. Only with ``head="spp"``.
+
+    Attributes:
+      arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
+      num_classes: logits per example.
+      head: ``"spp"`` or ``"pool6"``.
+      levels: SPP pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
+      width: conv channel multiplier (:func:`layer_specs`).
+      depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
+      fc_dim: width of fc6 and fc7.
+      dropout_rate: dropout after fc6 and fc7 (``train=True`` only; needs a
+        ``"dropout"`` rng).
+      base_size: the square input side the ``"pool6"`` pool is sized for.
+      dtype: computation dtype (params are float32); logits are returned as float32.
+
+    The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
+
+    Example:
+      Shapes only (``jax.eval_shape``: nothing is computed or allocated):
+
+      >>> import jax, jax.numpy as jnp
+      >>> net = SPPNet(width=0.125, fc_dim=16, num_classes=3, levels=(2, 1))
+      >>> x = jnp.ones((2, 80, 64, 3))
+      >>> logits, variables = jax.eval_shape(net.init_with_output, jax.random.key(0), x)
+      >>> logits.shape, net.output_dim  # output_dim: 32 channels * (4 + 1) bins
+      ((2, 3), 160)
+
+      Real use (a padded batch of two images of sizes 80x64 and 57x60)::
+
+        variables = jax.jit(net.init)(jax.random.key(0), x)
+        sizes = jnp.array([[80, 64], [57, 60]])
+        logits = jax.jit(net.apply)(variables, x, valid_sizes=sizes)  # (2, 3)
+        feats = net.apply(variables, x, method=SPPNet.features)  # (2, 160)
+        train_logits = net.apply(variables, x, train=True, rngs={"dropout": key})
+    """
+
+    arch: str = "zf5"
+    num_classes: int = 1000
+    head: str = "spp"
+    levels: tuple = (6, 3, 2, 1)
+    width: float = 1.0
+    depth: float = 1.0
+    fc_dim: int = 4096
+    dropout_rate: float = 0.5
+    base_size: int = 224
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Fail at construction, naming the bad value, rather than at first call.
+        _check_arch(self.arch)
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; accepted: {', '.join(map(repr, HEADS))}")
+        _check_scale("width", self.width)
+        _check_scale("depth", self.depth)
+        for name in ("num_classes", "fc_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        normalize_levels(self.levels)
+        if self.head == "pool6":
+            pool6_window(self.arch, self.base_size)
+        super().__post_init__()
+
+    @property
+    def specs(self) -> tuple[LayerSpec, ...]:
+        """The trunk's layer specs (:func:`layer_specs` with this width and depth)."""
+        return layer_specs(self.arch, width=self.width, depth=self.depth)
+
+    @property
+    def output_dim(self) -> int:
+        """Length of the vector fed to fc6 (:meth:`features`)."""
+        c5 = next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
+        if self.head == "pool6":
+            return POOL6_SIZE * POOL6_SIZE * c5
+        return c5 * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        valid_sizes: jax.Array | None = None,
+        return_features: bool = False,
+    ) -> jax.Array:
+        """Logits (or, with ``return_features``, the fc6 input).
+
+        Args:
+          x: ``(B, H, W, C_in)`` float images.
+          train: enables dropout (needs a ``"dropout"`` rng).
+          valid_sizes: optional ``(B, 2)`` ints, each example's true ``(h, w)`` in
+            input pixels (``head="spp"`` only; see the class docstring).
+          return_features: return the ``(B, output_dim)`` pooled vector before fc6.
+
+        Returns:
+          ``(B, num_classes)`` float32 logits, or ``(B, output_dim)`` features in
+          ``dtype``.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
+        _, h, w, _ = x.shape
+        h5, w5 = feature_map_size(self.arch, h, w)  # raises for too-small inputs
+        sizes = None
+        if valid_sizes is not None:
+            if self.head != "spp":
+                raise ValueError(
+                    f'valid_sizes needs head="spp" (pool6 has a fixed input size), '
+                    f"got head={self.head!r}"
+                )
+            sizes = jnp.asarray(valid_sizes)
+            if sizes.shape != (x.shape[0], 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
+                raise ValueError(
+                    f"valid_sizes must be ({x.shape[0]}, 2) ints, got {sizes.dtype}{sizes.shape}"
+                )
+            sizes = jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([h, w], jnp.int32))
+
+        x = _mask(x.astype(self.dtype), sizes)
+        n_conv = 0
+        for spec in self.specs:
+            if isinstance(spec, ConvSpec):
+                n_conv += 1
+                x = nn.Conv(
+                    spec.features,
+                    (spec.kernel, spec.kernel),
+                    strides=(spec.stride, spec.stride),
+                    padding=((spec.pad, spec.pad), (spec.pad, spec.pad)),
+                    dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    name=f"conv{n_conv}",
+                )(x)
+                x = nn.relu(x)
+            elif isinstance(spec, PoolSpec):
+                x = _max_pool(x, spec)
+            else:
+                x = local_response_norm(x, spec.size, spec.alpha, spec.beta, spec.k)
+            if sizes is not None and not isinstance(spec, LRNSpec):
+                sizes = jnp.clip(spec.out_size(sizes), 1, None)
+                x = _mask(x, sizes)
+        assert x.shape[1:3] == (h5, w5), (x.shape, h5, w5)
+        self.sow("intermediates", "last_conv", x)
+
+        if self.head == "spp":
+            x = SpatialPyramidPooling(levels=self.levels)(x, valid_sizes=sizes)
+        else:
+            x = self._pool6(x, h, w)
+        if return_features:
+            return x
+
+        for name in ("fc6", "fc7"):
+            x = nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+            x = nn.relu(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc8")(x)
+        return x.astype(jnp.float32)
+
+    def _pool6(self, x: jax.Array, h: int, w: int) -> jax.Array:
+        win, stride = pool6_window(self.arch, self.base_size)
+        h5, w5 = x.shape[1:3]
+        ph, pw = ((m - win) // stride + 1 if m >= win else 0 for m in (h5, w5))
+        if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
+            ok = _pool6_accepted(self.arch, self.base_size)
+            accepted = f"{ok[0]}..{ok[-1]}" if ok == list(range(ok[0], ok[-1] + 1)) else ok
+            raise ValueError(
+                f'head="pool6" needs a {POOL6_SIZE}x{POOL6_SIZE} pooled map (fc6 has a fixed '
+                f"input size), but input {h}x{w} gives conv5 {h5}x{w5} -> {ph}x{pw} with the "
+                f"window {win} stride {stride} sized for base_size={self.base_size}; accepted "
+                f"input sides: {accepted} (e.g. {self.base_size}x{self.base_size}). Use "
+                f'head="spp" for other sizes, or set base_size.'
+            )
+        x = nn.max_pool(x, (win, win), (stride, stride))
+        return x.reshape(x.shape[0], -1)
+
+    def features(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        valid_sizes: jax.Array | None = None,
+    ) -> jax.Array:
+        """The ``(B, output_dim)`` vector fed to fc6 (SPP or pool6 output).
+
+        Call as ``net.apply(variables, x, method=SPPNet.features)``; the variables
+        may come from a full ``init`` (fc params are ignored).
+        """
+        return self(x, train=train, valid_sizes=valid_sizes, return_features=True)
