@@ -1,0 +1,482 @@
+"""TFDS input pipelines with resolution buckets, for SPP-net training and evaluation.
+
+Every batch has one static shape (a "bucket"), so the jitted/pmapped step compiles
+once per bucket and never per image:
+
+* **Training** (:func:`train_batches`): the paper's crops. Each image's short side is
+  resized to ``crop_size * resize_ratio``, a random ``crop_size`` square is cut and
+  flipped at random, and the crop is then RESIZED to the epoch's size (multi-size
+  training: the same content at a lower resolution, paper section 3.2). One epoch
+  is one bucket ``(local_batch, size, size, 3)``.
+* **Evaluation** (:func:`eval_batches`), ``mode="center"``: the short side resized to
+  ``size * resize_ratio``, then a centre ``size`` square. ``mode="full"``: the FULL
+  image, short side resized to ``size`` and aspect kept (long side capped at
+  ``max_aspect * size`` by a centre crop). Images are padded with zeros to an
+  aspect-ratio bucket and the batch carries ``valid_sizes`` so that the model's
+  SPP layer pools each image over its own pixels only.
+
+Determinism and several hosts: the order of an epoch is a function of
+``(seed, epoch)`` only: files and examples are shuffled with seeds derived from
+them, each example's crop/flip uses stateless random ops seeded by its position
+in the global order, and process ``p`` of ``P`` keeps positions ``p, p+P, ...``
+(``tf.data.Dataset.shard`` before decoding). The union of the processes' local
+batches at a step is therefore the same set of examples whatever ``P`` is, every
+process yields the same number of batches (no collective waits for a missing
+batch), and a resumed run can skip to the exact batch it stopped at. The cost is
+that each process reads (not decodes) every record; for ImageNet-sized data on
+many hosts a per-file split (``tfds.split_for_jax_process``) reads less but
+changes the data order with the number of processes.
+
+Datasets: any TFDS image classification dataset by name; the default is the
+built-in ``spp_shapes`` (:mod:`spp_jax.datasets`), generated locally. Nothing
+here downloads: a dataset missing from ``data_dir`` fails at once with a message
+saying how to get it.
+
+Each batch is a dict of NumPy arrays: ``image`` float32 ``(b, H, W, 3)``
+normalised with the ImageNet mean/std (padding is 0 after normalisation),
+``label`` int32 ``(b,)``, ``mask`` float32 ``(b,)`` (0 for filler examples of a
+padded final batch) and, in ``full`` mode, ``valid_sizes`` int32 ``(b, 2)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("spp_jax.data")
+
+BUILTIN = "spp_shapes"
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+EVAL_MODES = ("center", "full")
+
+Batch = dict[str, np.ndarray]
+
+
+def _tf():
+    import tensorflow as tf
+
+    # tf.data only: keep TensorFlow off any accelerator JAX wants.
+    with contextlib.suppress(RuntimeError):  # already initialised
+        tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _tfds():
+    import tensorflow_datasets as tfds
+
+    import spp_jax.datasets  # noqa: F401  (registers the built-in builder)
+
+    return tfds
+
+
+def default_data_dir() -> str:
+    """``$TFDS_DATA_DIR`` if set, else TFDS's default ``~/tensorflow_datasets``."""
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the pipelines need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    num_examples: dict[str, int]
+    image_key: str
+    label_key: str
+
+
+def get_builder(name: str = BUILTIN, data_dir: str | None = None):
+    """Returns the TFDS builder for ``name``, preparing only the built-in dataset.
+
+    Args:
+      name: a TFDS name such as ``"imagenette"``, ``"caltech101"``,
+        ``"oxford_flowers102"``, ``"imagenet2012"`` or the built-in ``"spp_shapes"``
+        (``"spp_shapes/tiny"`` for a small version).
+      data_dir: TFDS data directory (default :func:`default_data_dir`).
+
+    Raises:
+      FileNotFoundError: ``name`` is not the built-in dataset and is not prepared
+        in ``data_dir``; the message says how to get it. Nothing is downloaded.
+    """
+    tfds = _tfds()
+    data_dir = data_dir or default_data_dir()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # unknown name
+        raise ValueError(
+            f"unknown TFDS dataset {name!r} ({e}); accepted: any name from `tfds.list_builders()`"
+            f", e.g. 'imagenette', 'caltech101', 'oxford_flowers102', or {BUILTIN!r}"
+        ) from e
+    if name.split("/")[0] == BUILTIN and not _is_prepared(builder):
+        log.info("building the built-in dataset %s in %s (offline, < 1 min)", name, data_dir)
+        builder.download_and_prepare()
+    return builder
+
+
+def _is_prepared(builder) -> bool:
+    try:
+        return bool(builder.is_prepared())
+    except AttributeError:  # older TFDS
+        return os.path.isdir(builder.data_dir) and bool(builder.info.splits)
+
+
+def _as_dataset(builder, split: str, *, shuffle_seed: int | None):
+    tfds = _tfds()
+    read_config = tfds.ReadConfig(
+        shuffle_seed=shuffle_seed,
+        interleave_cycle_length=16,
+        add_tfds_id=False,
+    )
+    try:
+        return builder.as_dataset(
+            split=split,
+            shuffle_files=shuffle_seed is not None,
+            read_config=read_config,
+            decoders={"image": tfds.decode.SkipDecoding()},
+        )
+    except AssertionError as e:  # TFDS: "could not find data in ..."
+        name = builder.name
+        root = builder.data_dir.split(os.sep + name + os.sep)[0]
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in data_dir {root!r} and "
+            f"spp_jax never downloads. Prepare it on a machine with internet access: "
+            f"`tfds build {name} --data_dir DIR` (imagenet2012 needs its tar files in "
+            f"DIR/downloads/manual first), then pass `--set data_dir=DIR` or set TFDS_DATA_DIR. "
+            f"Or use the built-in dataset {BUILTIN!r}, which needs no network."
+        ) from e
+
+
+def dataset_info(
+    builder, *, image_key: str = "image", label_key: str = "label", splits=("train", "test")
+) -> DatasetInfo:
+    """Number of classes and of examples per split (counted if TFDS has no split info)."""
+    features = builder.info.features
+    for key in (image_key, label_key):
+        if key not in features:
+            raise ValueError(
+                f"dataset {builder.name!r} has no feature {key!r}; it has {sorted(features)}"
+            )
+    num_examples = {}
+    for split in splits:
+        try:
+            num_examples[split] = builder.info.splits[split].num_examples
+        except KeyError:  # e.g. under tfds.testing.mock_data: count once
+            ds = _as_dataset(builder, split, shuffle_seed=None)
+            num_examples[split] = int(ds.reduce(0, lambda n, _: n + 1))
+    return DatasetInfo(
+        name=builder.name,
+        num_classes=int(features[label_key].num_classes),
+        num_examples=num_examples,
+        image_key=image_key,
+        label_key=label_key,
+    )
+
+
+# ----------------------------------------------------------------- image ops (TF graph)
+
+
+def _decode(tf, image):
+    if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    image = tf.ensure_shape(image, [None, None, 3])
+    return image
+
+
+def _resize_short_side(tf, image, short: int):
+    shape = tf.shape(image)[:2]
+    scale = tf.cast(short, tf.float32) / tf.cast(tf.reduce_min(shape), tf.float32)
+    new = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), 1)
+    return tf.image.resize(tf.cast(image, tf.float32), new, antialias=True)
+
+
+def _normalize(tf, image):
+    return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+def _center_crop(tf, image, size: int):
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+# -------------------------------------------------------------------------- training
+
+
+def train_size_for_epoch(config_sizes: Sequence[int], schedule: str, epoch: int, seed: int) -> int:
+    """The training input size of ``epoch`` under a size schedule.
+
+    Args:
+      config_sizes: ``"single"``: ``(s,)``; ``"paper"``: the sizes to alternate,
+        e.g. ``(224, 180)``; ``"random"``: ``(low, high)``, inclusive.
+      schedule: ``"single"``, ``"paper"`` (epoch ``e`` uses
+        ``sizes[e % len(sizes)]``) or ``"random"`` (uniform integer in
+        ``[low, high]``, drawn once per epoch from ``(seed, epoch)``, so every
+        process and a resumed run agree).
+      epoch: 0-based epoch.
+      seed: the run's seed.
+
+    >>> [train_size_for_epoch((224, 180), "paper", e, 0) for e in range(4)]
+    [224, 180, 224, 180]
+    """
+    sizes = tuple(int(s) for s in config_sizes)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"train sizes must be positive ints, got {config_sizes!r}")
+    if schedule == "single":
+        if len(sizes) != 1:
+            raise ValueError(f"schedule 'single' takes one size, got {sizes}")
+        return sizes[0]
+    if schedule == "paper":
+        return sizes[epoch % len(sizes)]
+    if schedule == "random":
+        if len(sizes) != 2 or sizes[0] > sizes[1]:
+            raise ValueError(f"schedule 'random' takes (low, high) with low <= high, got {sizes}")
+        rng = np.random.default_rng([seed, epoch, 7919])
+        return int(rng.integers(sizes[0], sizes[1] + 1))
+    raise ValueError(f"size schedule {schedule!r} not accepted; use 'single', 'paper' or 'random'")
+
+
+def train_batches(
+    builder,
+    info: DatasetInfo,
+    *,
+    split: str,
+    epoch: int,
+    size: int,
+    crop_size: int,
+    local_batch_size: int,
+    global_batch_size: int,
+    seed: int = 0,
+    resize_ratio: float = 256 / 224,
+    shuffle_buffer: int = 10_000,
+    process_index: int = 0,
+    process_count: int = 1,
+    skip_batches: int = 0,
+) -> Iterator[Batch]:
+    """Yields one epoch of training batches ``image (b, size, size, 3)``, ``label (b,)``.
+
+    ``steps_per_epoch(info, split, global_batch_size)`` batches in all (minus
+    ``skip_batches``, for resuming mid-epoch), on every process alike.
+    """
+    tf = _tf()
+    steps = steps_per_epoch(info, split, global_batch_size)
+    ds = _as_dataset(builder, split, shuffle_seed=_mix(seed, epoch, 1))
+    ds = ds.shuffle(
+        min(shuffle_buffer, info.num_examples[split]),
+        seed=_mix(seed, epoch, 2),
+        reshuffle_each_iteration=False,
+    )
+    ds = ds.enumerate().shard(process_count, process_index)
+    resize_to = max(crop_size, round(crop_size * resize_ratio))
+    base = _mix(seed, epoch, 3)
+
+    def prep(position, example):
+        image = _decode(tf, example[info.image_key])
+        image = _resize_short_side(tf, image, resize_to)
+        s = tf.stack([tf.constant(base, tf.int64), position])
+        image = tf.image.stateless_random_crop(image, [crop_size, crop_size, 3], seed=s)
+        image = tf.image.stateless_random_flip_left_right(image, seed=s + 1)
+        if size != crop_size:  # multi-size training: same content, another resolution
+            image = tf.image.resize(image, [size, size], antialias=True)
+        return {
+            "image": _normalize(tf, image),
+            "label": tf.cast(example[info.label_key], tf.int32),
+        }
+
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch_size, drop_remainder=True).take(steps).skip(skip_batches)
+    ds = ds.prefetch(2)
+    for batch in ds.as_numpy_iterator():
+        batch["mask"] = np.ones(local_batch_size, np.float32)
+        yield batch
+
+
+def steps_per_epoch(info: DatasetInfo, split: str, global_batch_size: int) -> int:
+    """Full global batches in one pass over ``split`` (the remainder is dropped)."""
+    steps = info.num_examples[split] // global_batch_size
+    if steps < 1:
+        raise ValueError(
+            f"split {split!r} has {info.num_examples[split]} examples, fewer than one global "
+            f"batch of {global_batch_size}; lower batch_size"
+        )
+    return steps
+
+
+def _mix(*ints: int) -> int:
+    return int(np.random.default_rng(list(ints)).integers(0, 2**31 - 1))
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def full_image_buckets(size: int, max_aspect: float = 2.0, steps: int = 4) -> list[tuple[int, int]]:
+    """Padded shapes for full-image evaluation at short side ``size``.
+
+    Long sides ``size * (1 + k (max_aspect - 1) / steps)``, ``k = 0..steps``, for
+    landscape ``(size, L)`` and portrait ``(L, size)`` images; each image goes to
+    the smallest bucket that holds it.
+
+    >>> full_image_buckets(100, 2.0, 2)
+    [(100, 100), (100, 150), (150, 100), (100, 200), (200, 100)]
+    """
+    out = [(size, size)]
+    for k in range(1, steps + 1):
+        long = math.ceil(size * (1 + k * (max_aspect - 1) / steps))
+        out += [(size, long), (long, size)]
+    return out
+
+
+def eval_batches(
+    builder,
+    info: DatasetInfo,
+    *,
+    split: str,
+    mode: str,
+    size: int,
+    local_batch_size: int,
+    resize_ratio: float = 256 / 224,
+    max_aspect: float = 2.0,
+    bucket_steps: int = 4,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Yields every example of ``split`` once (this process's share), in batches.
+
+    Partial batches are filled up with ``mask = 0`` examples. In ``"full"`` mode
+    the batches are grouped by aspect-ratio bucket and carry ``valid_sizes``;
+    with several processes one bucket (the largest) is used, so all processes
+    run the same shapes and the same number of batches.
+    """
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval mode {mode!r} not accepted; use one of {EVAL_MODES}")
+    tf = _tf()
+    ds = _as_dataset(builder, split, shuffle_seed=None).shard(process_count, process_index)
+    n_local = math.ceil(info.num_examples[split] / process_count)
+    n_batches = math.ceil(n_local / local_batch_size)
+
+    if mode == "center":
+        resize_to = max(size, round(size * resize_ratio))
+
+        def prep(example):
+            image = _resize_short_side(tf, _decode(tf, example[info.image_key]), resize_to)
+            return {
+                "image": _normalize(tf, _center_crop(tf, image, size)),
+                "label": tf.cast(example[info.label_key], tf.int32),
+            }
+
+        ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).batch(local_batch_size)
+        yield from _fill(ds.prefetch(2).as_numpy_iterator(), local_batch_size, n_batches)
+        return
+
+    buckets = full_image_buckets(size, max_aspect, bucket_steps)
+    if process_count > 1:
+        longest = max(max(b) for b in buckets)
+        buckets = [(longest, longest)]
+    bucket_h = tf.constant([b[0] for b in buckets])
+    bucket_w = tf.constant([b[1] for b in buckets])
+    max_long = math.floor(size * max_aspect)
+
+    def prep_full(example):
+        image = _resize_short_side(tf, _decode(tf, example[info.image_key]), size)
+        shape = tf.shape(image)
+        h = tf.minimum(shape[0], max_long)
+        w = tf.minimum(shape[1], max_long)
+        image = _normalize(tf, _center_crop_hw(tf, image, h, w))
+        fits = tf.logical_and(bucket_h >= h, bucket_w >= w)
+        area = tf.where(fits, bucket_h * bucket_w, tf.int32.max)
+        bucket = tf.cast(tf.argmin(area), tf.int64)
+        image = tf.pad(image, [[0, tf.gather(bucket_h, bucket) - h], [0, 0], [0, 0]])
+        image = tf.pad(image, [[0, 0], [0, tf.gather(bucket_w, bucket) - w], [0, 0]])
+        return bucket, {
+            "image": image,
+            "label": tf.cast(example[info.label_key], tf.int32),
+            "valid_sizes": tf.stack([h, w]),
+        }
+
+    ds = ds.map(prep_full, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.group_by_window(
+        key_func=lambda bucket, _: bucket,
+        reduce_func=lambda _, window: window.map(lambda b, ex: ex).batch(local_batch_size),
+        window_size=local_batch_size,
+    )
+    yield from _fill(ds.prefetch(2).as_numpy_iterator(), local_batch_size, n_batches)
+
+
+def _center_crop_hw(tf, image, h, w):
+    shape = tf.shape(image)
+    top = (shape[0] - h) // 2
+    left = (shape[1] - w) // 2
+    return image[top : top + h, left : left + w]
+
+
+def _fill(batches: Iterator[Batch], size: int, min_batches: int) -> Iterator[Batch]:
+    """Pads each batch to ``size`` (mask 0) and appends empty batches up to ``min_batches``.
+
+    The empty batches keep every process in step in multi-process evaluation.
+    """
+    count = 0
+    last: Batch | None = None
+    for batch in batches:
+        n = len(batch["label"])
+        batch = {k: _pad_rows(v, size) for k, v in batch.items()}
+        batch["mask"] = (np.arange(size) < n).astype(np.float32)
+        last = batch
+        count += 1
+        yield batch
+    if last is None or count >= min_batches:
+        return
+    empty = {k: np.zeros_like(v) for k, v in last.items()}
+    if "valid_sizes" in empty:
+        empty["valid_sizes"] = np.ones_like(last["valid_sizes"])
+    for _ in range(min_batches - count):
+        yield empty
+
+
+def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
+    if len(a) == size:
+        return a
+    pad = np.zeros((size - len(a), *a.shape[1:]), a.dtype)
+    if a.ndim == 2 and a.dtype.kind == "i":  # valid_sizes of filler rows: 1x1
+        pad += 1
+    return np.concatenate([a, pad])
+
+
+def load_image_folder(folder: str) -> list[tuple[str, np.ndarray]]:
+    """Reads every ``.jpg/.jpeg/.png/.bmp/.gif`` under ``folder`` (sorted) as uint8 RGB."""
+    tf = _tf()
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+    paths = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(folder)
+        for f in files
+        if f.lower().endswith(exts)
+    )
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(exts)}) under {folder!r}")
+    out = []
+    for p in paths:
+        data = tf.io.read_file(p)
+        out.append((p, tf.io.decode_image(data, channels=3, expand_animations=False).numpy()))
+    return out
+
+
+def preprocess_full(image: np.ndarray, size: int, max_aspect: float = 2.0) -> np.ndarray:
+    """Full-image preprocessing of one uint8 image, as in ``eval_batches(mode="full")``."""
+    tf = _tf()
+    image = _resize_short_side(tf, tf.convert_to_tensor(image), size)
+    max_long = math.floor(size * max_aspect)
+    h = min(int(image.shape[0]), max_long)
+    w = min(int(image.shape[1]), max_long)
+    return np.asarray(_normalize(tf, _center_crop_hw(tf, image, h, w)), np.float32)
+
+
+def describe(info: DatasetInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
