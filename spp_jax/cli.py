@@ -64,14 +64,152 @@ def demo(levels=(6, 3, 2, 1), channels: int = 256, batch: int = 4) -> dict:
     return {"dim": dim, "sizes": sizes, "padded_max_abs_diff": worst}
 
 
+def load_config(name_or_path: str, overrides: list[str] | None = None):
+    """Loads ``get_config()`` from a path or ``experiments/configs/NAME.py``; applies ``--set``.
+
+    Each override is ``key=value`` with a dotted key (``model.width=0.5``); the value is
+    parsed as a Python literal when it is one (``0.5``, ``(112, 90)``, ``None``).
+    """
+    import ast
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(name_or_path)
+    repo_root = Path(__file__).resolve().parents[1]
+    candidates = [
+        path,
+        Path("experiments/configs") / f"{name_or_path}.py",
+        repo_root / "experiments" / "configs" / f"{name_or_path}.py",
+    ]
+    found = next((c for c in candidates if c.suffix == ".py" and c.is_file()), None)
+    if found is None:
+        names = sorted(p.stem for p in (repo_root / "experiments" / "configs").glob("[!_]*.py"))
+        raise SystemExit(
+            f"config {name_or_path!r} not found; give a path to a .py file with get_config() "
+            f"or one of {names}"
+        )
+    root = str(found.resolve().parents[2])  # so configs can import experiments.configs.*
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"spp_config_{found.stem}", found)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise SystemExit(
+                f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
+            )
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(node[leaf], float) and isinstance(value, int):
+            value = float(value)
+        with config.unlocked():
+            node[leaf] = value
+    return config
+
+
+def _init_distributed(args) -> None:
+    """``jax.distributed.initialize`` from flags, environment, or auto-detection."""
+    import os
+
+    address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        num = args.num_processes or int(os.environ["JAX_NUM_PROCESSES"])
+        pid = args.process_id if args.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(address, num_processes=num, process_id=pid)
+    elif args.distributed:
+        jax.distributed.initialize()  # TPU pods, SLURM, ... fill in everything themselves
+    else:
+        return
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spp-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="pool inputs of several sizes into fixed-length vectors")
     d.add_argument("--levels", default="6,3,2,1", help="comma-separated bin counts")
     d.add_argument("--channels", type=int, default=256)
+
+    t = sub.add_parser("train", help="train an SPP net (multi-size), checkpoint, evaluate")
+    t.add_argument("--config", default="default", help="NAME in experiments/configs or a path")
+    t.add_argument("--workdir", required=True)
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.width=0.5 (repeatable)",
+    )
+    for p in (t,):
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="jax.distributed.initialize() with auto-detection (TPU, SLURM)",
+        )
+        p.add_argument("--coordinator-address", help="host:port of process 0 (several hosts)")
+        p.add_argument("--num-processes", type=int)
+        p.add_argument("--process-id", type=int)
+    e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--sizes", help="comma-separated test sizes (default: the config's)")
+    x = sub.add_parser("extract", help="SPP features of images of any size to an .npz")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--images", required=True, help="an image folder or a TFDS dataset name")
+    x.add_argument("--out", required=True, help="output .npz")
+    x.add_argument("--size", type=int, help="short side in pixels (default: the crop size)")
+    x.add_argument("--split", default="test", help="TFDS split (default: test)")
+    x.add_argument("--batch-size", type=int, default=32)
+    x.add_argument("--limit", type=int, help="at most this many images")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    if args.command == "train":
+        from spp_jax import train
+
+        config = load_config(args.config, args.set)
+        _init_distributed(args)
+        train.train_and_evaluate(config, args.workdir)
+        return 0
+    if args.command == "eval":
+        from spp_jax import train
+
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+        train.evaluate_workdir(args.workdir, sizes)
+        return 0
+    if args.command == "extract":
+        from spp_jax.extract import extract_features
+
+        extract_features(
+            args.workdir,
+            args.images,
+            args.out,
+            size=args.size,
+            batch_size=args.batch_size,
+            split=args.split,
+            limit=args.limit,
+        )
+        return 0
     if args.command in (None, "demo"):
         levels = tuple(int(v) for v in getattr(args, "levels", "6,3,2,1").split(","))
         out = demo(levels, getattr(args, "channels", 256))

@@ -1,0 +1,22 @@
+"""The no-SPP baseline of ``default``: the last pool fixed to a 6x6 output, single size.
+
+Command::
+
+    spp-jax train --config nospp --workdir /tmp/spp_nospp
+
+About 5 minutes on 2 CPU cores. A fixed-size head cannot take other sizes, so it
+trains on 112 crops only and is evaluated by centre crop at 112 only; compare
+with ``default`` (and ``single``) for the paper's Table 2 trend.
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.model.head = "pool6"
+    c.size_schedule = "single"
+    c.train_sizes = (112,)
+    c.eval_sizes = (112,)
+    c.eval_full_image = False
+    return c

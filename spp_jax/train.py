@@ -1,0 +1,670 @@
+"""Multi-size SPP-net training with ``jax.pmap``, TFDS input and orbax checkpoints.
+
+Shaped like the Flax ImageNet example: small typed functions, a pure
+``train_step(state, batch) -> (state, metrics)`` and ``train_and_evaluate(config,
+workdir)``. The config is an ``ml_collections.ConfigDict`` (see
+``experiments/configs/default.py`` for every key and its meaning).
+
+* **Multi-size training.** The size schedule (:func:`spp_jax.data.train_size_for_epoch`)
+  gives each epoch one input size; every epoch is one static batch shape, so the
+  pmapped step compiles once per size and is reused whenever that size comes
+  back. Compiles are logged (``compiled train step for bucket ...``) and counted
+  in ``metrics.jsonl``.
+* **Devices and hosts.** The global batch is split over all devices of all
+  processes; ``train_step`` averages gradients with ``lax.pmean`` over the axis
+  ``"batch"`` and knows nothing else about pmap, so it also runs under
+  ``jax.jit``/``shard_map`` with a mesh axis of that name. With several
+  processes (``jax.distributed.initialize``), each process reads its own share
+  of every batch (:mod:`spp_jax.data`).
+* **Checkpoints.** orbax writes each checkpoint to a temporary directory and
+  renames it when complete, so a crash never leaves a half-written one. The
+  data order, crops, size schedule and dropout keys are all functions of
+  ``(seed, epoch, step)``, so a run killed and resumed from its last
+  checkpoint ends with the same parameters as an uninterrupted run.
+* **Outputs** under ``workdir``: ``config.json``, ``metrics.jsonl`` (one line
+  per epoch, then the final evaluation), ``checkpoints/``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import jax_utils
+from flax.training import train_state
+
+from spp_jax import data as data_lib
+from spp_jax.models import SPPNet
+
+log = logging.getLogger("spp_jax.train")
+
+AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus the base key that dropout keys are folded from."""
+
+    dropout_key: jax.Array
+
+
+# --------------------------------------------------------------------------- building
+
+
+def create_model(config, num_classes: int) -> SPPNet:
+    """The :class:`spp_jax.models.SPPNet` that ``config.model`` describes."""
+    m = config.model
+    return SPPNet(
+        arch=m.arch,
+        num_classes=num_classes,
+        head=m.head,
+        levels=tuple(m.levels),
+        width=m.width,
+        depth=m.depth,
+        fc_dim=m.fc_dim,
+        dropout_rate=m.dropout_rate,
+        base_size=m.get("base_size", config.crop_size),
+        dtype=jnp.dtype(m.get("dtype", "float32")),
+    )
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """``"step"`` (the paper: divide by 10 at each of ``lr_boundaries``, fractions of
+    the run) or ``"cosine"``, both after ``warmup_epochs`` of linear warm-up."""
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    lr = config.learning_rate
+    if config.lr_schedule == "step":
+        bounds = {int(f * total): 0.1 for f in config.lr_boundaries}
+        main = optax.piecewise_constant_schedule(lr, bounds)
+        main = _shifted(main, warmup)
+    elif config.lr_schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
+    else:
+        raise ValueError(f"lr_schedule {config.lr_schedule!r} not accepted; use 'step' or 'cosine'")
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def _shifted(schedule: optax.Schedule, offset: int) -> optax.Schedule:
+    # join_schedules hands the later schedule (step - boundary); piecewise bounds are
+    # fractions of the whole run, so add the offset back.
+    return lambda step: schedule(step + offset)
+
+
+def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum (the paper) or AdamW; weight decay on kernels only."""
+
+    def kernels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", "") == "kernel", params
+        )
+
+    if config.optimizer == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(config.weight_decay, mask=kernels),
+            optax.sgd(schedule, momentum=config.momentum, nesterov=False),
+        )
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernels)
+    raise ValueError(f"optimizer {config.optimizer!r} not accepted; use 'sgd' or 'adamw'")
+
+
+def create_train_state(
+    config, model: SPPNet, image_size: int, tx: optax.GradientTransformation
+) -> TrainState:
+    """Initial state (unreplicated), identical on every process for a given seed."""
+    key = jax.random.key(config.seed)
+    init_key, dropout_key = jax.random.split(key)
+    x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(init_key, x)
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=tx,
+        dropout_key=jax.random.key_data(dropout_key),
+    )
+    # A strongly typed step: a weakly typed 0 would make the second step retrace.
+    return state.replace(step=jnp.array(0, jnp.int32))
+
+
+# ------------------------------------------------------------------------ the steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean softmax cross-entropy (float32)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, learning_rate_fn: optax.Schedule
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on this device's share of the global batch.
+
+    Gradients and metrics are averaged over the mapped axis ``"batch"`` (every
+    device holds the same number of examples, so this is the global mean).
+    Dropout keys: ``fold_in(fold_in(dropout_key, step), device index)``.
+
+    Args:
+      state: replicated :class:`TrainState`.
+      batch: ``image (b, H, W, 3)``, ``label (b,)``, ``mask (b,)``.
+      learning_rate_fn: for the ``lr`` metric.
+    """
+    key = jax.random.wrap_key_data(state.dropout_key)
+    key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(AXIS))
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params}, batch["image"], train=True, rngs={"dropout": key}
+        )
+        return cross_entropy(logits, batch["label"], batch["mask"]), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    state = state.apply_gradients(grads=grads)
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+    metrics = {
+        "loss": jax.lax.pmean(loss, AXIS),
+        "accuracy": jax.lax.psum(correct, AXIS) / jax.lax.psum(jnp.sum(batch["mask"]), AXIS),
+        "lr": learning_rate_fn(state.step - 1),
+    }
+    return state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable) -> dict:
+    """Sums of loss, top-1 and top-5 hits and examples over the ``"batch"`` axis.
+
+    ``valid_sizes`` in the batch (full-image buckets) goes to the SPP layer, so the
+    padding never reaches the pooled features.
+    """
+    logits = apply_fn(
+        {"params": params}, batch["image"], train=False, valid_sizes=batch.get("valid_sizes")
+    ).astype(jnp.float32)
+    mask = batch["mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    in_top5 = jnp.any(topk == batch["label"][:, None], axis=-1)
+    sums = {
+        "loss": jnp.sum(losses * mask),
+        "top1": jnp.sum((topk[:, 0] == batch["label"]) * mask),
+        "top5": jnp.sum(in_top5 * mask),
+        "count": jnp.sum(mask),
+    }
+    return jax.lax.psum(sums, AXIS)
+
+
+# -------------------------------------------------------------------- host utilities
+
+
+def shard(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``(local_batch, ...)`` -> ``(local_devices, local_batch / local_devices, ...)``."""
+    n = jax.local_device_count()
+    return jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
+
+
+def replicate(tree):
+    """Copies ``tree`` to every local device, laid out as pmap's own outputs are.
+
+    ``jax_utils.replicate`` gives arrays of another sharding than the step returns,
+    so the second step would compile again; one pass through a pmapped identity
+    gives them the step's own layout.
+    """
+    return jax.pmap(lambda x: x, axis_name=AXIS)(jax_utils.replicate(tree))
+
+
+def unreplicate_to_host(tree):
+    """The first replica of a pmapped pytree, as host arrays."""
+    return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``workdir/metrics.jsonl`` (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic | jax.Array):
+        return np.asarray(x).item()
+    return x
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def checkpoint_manager(workdir: str, keep: int = 3):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False
+        ),
+    )
+
+
+def save_checkpoint(manager, state: TrainState) -> None:
+    """Saves the (host, unreplicated) state; atomic (temporary dir, then rename)."""
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    manager.save(step, args=ocp.args.StandardSave(_savable(state)))
+    manager.wait_until_finished()
+    log.info("saved checkpoint at step %d", step)
+
+
+def _savable(state: TrainState) -> dict:
+    return {
+        "step": np.asarray(state.step),
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "dropout_key": np.asarray(state.dropout_key),
+    }
+
+
+def restore_checkpoint(manager, state: TrainState, step: int | None = None) -> TrainState:
+    """``state`` with the arrays of checkpoint ``step`` (default: the latest)."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step() if step is None else step
+    target = jax.tree_util.tree_map(np.asarray, _savable(state))
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    return state.replace(
+        step=jnp.array(restored["step"], jnp.int32),
+        params=restored["params"],
+        opt_state=restored["opt_state"],
+        dropout_key=restored["dropout_key"],
+    )
+
+
+def save_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str):
+    import ml_collections
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _progress(iterable: Iterable, total: int, desc: str):
+    if jax.process_index() != 0:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0, disable=None)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
+    """Trains, checkpoints and evaluates; resumes from ``workdir`` if it has a checkpoint.
+
+    Args:
+      config: ``ml_collections.ConfigDict`` (see ``experiments/configs/default.py``).
+      workdir: output directory, created if needed.
+      stop_after_step: stop (after checkpointing) once this many steps are done,
+        as if the run were killed there; for resume tests.
+
+    Returns:
+      ``{"state": host TrainState, "eval": final evaluation dict or None,
+      "train_compiles": shapes the train step was compiled for}``.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
+    n_proc, n_local = jax.process_count(), jax.local_device_count()
+    n_dev = jax.device_count()
+    if config.batch_size % n_dev:
+        raise ValueError(
+            f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
+            f"use a multiple of {n_dev}"
+        )
+    local_batch = config.batch_size // n_proc
+
+    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
+    info = data_lib.dataset_info(
+        builder,
+        image_key=config.image_key,
+        label_key=config.label_key,
+        splits=(config.train_split, config.eval_split),
+    )
+    steps_per_epoch = data_lib.steps_per_epoch(info, config.train_split, config.batch_size)
+    log.info(
+        "dataset %s: %d classes, %s examples; %d process(es) x %d device(s), global batch %d, "
+        "%d steps/epoch, %d epochs",
+        info.name,
+        info.num_classes,
+        info.num_examples,
+        n_proc,
+        n_local,
+        config.batch_size,
+        steps_per_epoch,
+        config.num_epochs,
+    )
+
+    model = create_model(config, info.num_classes)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    state = create_train_state(config, model, config.crop_size, create_optimizer(config, schedule))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    log.info("model %s/%s: %s parameters", config.model.arch, config.model.head, f"{n_params:,}")
+
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    if manager.latest_step() is not None:
+        state = restore_checkpoint(manager, state)
+        log.info("resumed from checkpoint at step %d", int(state.step))
+    start_step = int(state.step)
+
+    compiles: list[tuple[int, ...]] = []
+
+    def counted_train_step(state, batch):
+        # Runs once per trace, i.e. once per bucket; records the per-device shape.
+        compiles.append(tuple(batch["image"].shape))
+        return train_step(state, batch, learning_rate_fn=schedule)
+
+    p_train_step = jax.pmap(counted_train_step, axis_name=AXIS, donate_argnums=(0,))
+    p_state = replicate(state)
+    writer = MetricsWriter(workdir)
+    seen_shapes: set[tuple[int, ...]] = set()
+    step = start_step
+    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+        size = data_lib.train_size_for_epoch(
+            config.train_sizes, config.size_schedule, epoch, config.seed
+        )
+        skip = step - epoch * steps_per_epoch
+        batches = data_lib.train_batches(
+            builder,
+            info,
+            split=config.train_split,
+            epoch=epoch,
+            size=size,
+            crop_size=config.crop_size,
+            local_batch_size=local_batch,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            resize_ratio=config.resize_ratio,
+            shuffle_buffer=config.shuffle_buffer,
+            process_index=jax.process_index(),
+            process_count=n_proc,
+            skip_batches=skip,
+        )
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        n = 0
+        desc = f"epoch {epoch + 1}/{config.num_epochs} size {size}"
+        for batch in _progress(batches, steps_per_epoch - skip, desc):
+            batch = shard(batch)
+            shape = batch["image"].shape
+            if shape not in seen_shapes:
+                tc = time.perf_counter()
+            p_state, metrics = p_train_step(p_state, batch)
+            if shape not in seen_shapes:
+                jax.block_until_ready(metrics)
+                seen_shapes.add(shape)
+                log.info(
+                    "train step for bucket %s ready in %.1f s (compiled %d bucket(s) so far)",
+                    shape,
+                    time.perf_counter() - tc,
+                    len(compiles),
+                )
+            m = unreplicate_to_host(metrics)
+            sums["loss"] += float(m["loss"])
+            sums["accuracy"] += float(m["accuracy"])
+            n += 1
+            step += 1
+            every = config.checkpoint_every_steps
+            if (every and step % every == 0) or step == stop_after_step:
+                save_checkpoint(manager, unreplicate_to_host(p_state))
+            if step == stop_after_step:
+                log.info("stopping after step %d as asked", step)
+                return {
+                    "state": unreplicate_to_host(p_state),
+                    "eval": None,
+                    "train_compiles": compiles,
+                }
+        if n == 0:
+            continue
+        if step % steps_per_epoch == 0 and not (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        ):
+            save_checkpoint(manager, unreplicate_to_host(p_state))
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "size": size,
+            "train_loss": sums["loss"] / n,
+            "train_accuracy": sums["accuracy"] / n,
+            "lr": float(m["lr"]),
+            "epoch_seconds": time.perf_counter() - t0,
+            "train_compiles": len(compiles),
+        }
+        if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
+            ev = evaluate(
+                config, builder, info, p_state.params, model, mode="center", size=config.crop_size
+            )
+            record.update({f"test_{k}": v for k, v in ev.items()})
+        writer.write(record)
+        log.info(
+            "epoch %d/%d size %d: loss %.4f, train acc %.3f%s, %.1f s",
+            epoch + 1,
+            config.num_epochs,
+            size,
+            record["train_loss"],
+            record["train_accuracy"],
+            f", test acc {record['test_top1']:.3f}" if "test_top1" in record else "",
+            record["epoch_seconds"],
+        )
+
+    host_state = unreplicate_to_host(p_state)
+    final = None
+    if config.final_eval:
+        final = final_evaluation(config, builder, info, p_state.params, model)
+        writer.write({"final": final})
+        log.info("final test accuracy (top-1):\n%s", format_final(final))
+    if jax.process_index() == 0:
+        try:
+            plot_metrics(workdir)
+        except Exception as e:  # a plot must never fail a finished run
+            log.warning("could not plot metrics: %s", e)
+    return {"state": host_state, "eval": final, "train_compiles": compiles}
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+@functools.cache
+def _p_eval_step(apply_fn):
+    return jax.pmap(functools.partial(eval_step, apply_fn=apply_fn), axis_name=AXIS)
+
+
+def evaluate(config, builder, info, p_params, model: SPPNet, *, mode: str, size: int) -> dict:
+    """Top-1/top-5 accuracy and loss over the whole eval split (all processes).
+
+    Args:
+      p_params: replicated parameters.
+      mode: ``"center"`` crop or ``"full"`` image (aspect kept, bucketed, padded,
+        with ``valid_sizes``).
+      size: crop size, or short side of the full image.
+    """
+    p_eval = _p_eval_step(model.apply)
+    totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+    local_batch = config.eval_batch_size // jax.process_count()
+    batches = data_lib.eval_batches(
+        builder,
+        info,
+        split=config.eval_split,
+        mode=mode,
+        size=size,
+        local_batch_size=local_batch,
+        resize_ratio=config.resize_ratio,
+        max_aspect=config.max_aspect,
+        bucket_steps=config.get("full_image_bucket_steps", 4),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for batch in batches:
+        sums = unreplicate_to_host(p_eval(p_params, shard(batch)))
+        for k in totals:
+            totals[k] += float(sums[k])
+    count = max(totals["count"], 1.0)
+    return {
+        "top1": totals["top1"] / count,
+        "top5": totals["top5"] / count,
+        "loss": totals["loss"] / count,
+        "count": int(totals["count"]),
+    }
+
+
+def final_evaluation(config, builder, info, p_params, model) -> dict:
+    """Centre-crop and (SPP head only) full-image accuracy at every ``eval_sizes``."""
+    out: dict[str, dict] = {}
+    for size in config.eval_sizes:
+        row = {"center": evaluate(config, builder, info, p_params, model, mode="center", size=size)}
+        if config.model.head == "spp" and config.eval_full_image:
+            row["full"] = evaluate(config, builder, info, p_params, model, mode="full", size=size)
+        out[str(size)] = row
+    return out
+
+
+def format_final(final: dict) -> str:
+    lines = ["  size  centre-crop  full-image"]
+    for size, row in final.items():
+        full = f"{row['full']['top1']:10.4f}" if "full" in row else "       n/a"
+        lines.append(f"  {size:>4}  {row['center']['top1']:11.4f}  {full}")
+    return "\n".join(lines)
+
+
+def plot_metrics(workdir: str) -> str | None:
+    """Writes ``workdir/curves.png``: loss and accuracy per epoch, final accuracy by size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    epochs = [r for r in records if "epoch" in r]
+    if not epochs:
+        return None
+    finals = [r["final"] for r in records if "final" in r]
+    fig, axes = plt.subplots(1, 3 if finals else 2, figsize=(15 if finals else 10, 4))
+    x = [r["epoch"] for r in epochs]
+    axes[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label="train loss")
+    if any("test_loss" in r for r in epochs):
+        ex = [r for r in epochs if "test_loss" in r]
+        axes[0].plot(
+            [r["epoch"] for r in ex], [r["test_loss"] for r in ex], marker="s", label="test loss"
+        )
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(x, [r["train_accuracy"] for r in epochs], marker="o", label="train top-1")
+    if any("test_top1" in r for r in epochs):
+        ex = [r for r in epochs if "test_top1" in r]
+        axes[1].plot(
+            [r["epoch"] for r in ex],
+            [r["test_top1"] for r in ex],
+            marker="s",
+            label="test top-1 (centre crop)",
+        )
+    for r in epochs:
+        axes[1].annotate(
+            str(r["size"]),
+            (r["epoch"], r["train_accuracy"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+        )
+    axes[1].set_xlabel("epoch (labels: training size)")
+    axes[1].set_title("accuracy")
+    axes[1].legend()
+    if finals:
+        final = finals[-1]
+        sizes = list(final)
+        pos = np.arange(len(sizes))
+        axes[2].bar(
+            pos - 0.2, [final[s]["center"]["top1"] for s in sizes], 0.4, label="centre crop"
+        )
+        if all("full" in final[s] for s in sizes):
+            axes[2].bar(
+                pos + 0.2, [final[s]["full"]["top1"] for s in sizes], 0.4, label="full image"
+            )
+        axes[2].set_xticks(pos, sizes)
+        axes[2].set_xlabel("test size")
+        axes[2].set_title("final test top-1")
+        axes[2].legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:
+    """``spp-jax eval``: restores the latest checkpoint and runs the final evaluation."""
+    config = load_config(workdir)
+    if sizes is not None:
+        config.eval_sizes = tuple(sizes)
+    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
+    info = data_lib.dataset_info(
+        builder,
+        image_key=config.image_key,
+        label_key=config.label_key,
+        splits=(config.train_split, config.eval_split),
+    )
+    model = create_model(config, info.num_classes)
+    state = load_state(config, workdir, model, info.num_classes)
+    final = final_evaluation(config, builder, info, replicate(state.params), model)
+    log.info("test accuracy (top-1) at step %d:\n%s", int(state.step), format_final(final))
+    return final
+
+
+def load_state(config, workdir: str, model: SPPNet, num_classes: int) -> TrainState:
+    """The latest checkpointed state of a training workdir."""
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    tx = create_optimizer(config, learning_rate_schedule(config, 1))
+    state = create_train_state(config, model, config.crop_size, tx)
+    return restore_checkpoint(manager, state)
+
+
+def flatten_params(params) -> dict[str, np.ndarray]:
+    """``{"a/b/kernel": array}``: handy for comparing runs."""
+    flat = flax.traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    return {k: np.asarray(v) for k, v in flat.items()}

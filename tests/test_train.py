@@ -1,0 +1,287 @@
+"""Training loop: pmap equivalence, schedules, compile counts, resume, several processes.
+
+All runs use the ``tiny`` config (``experiments/configs/tiny.py``) on 4 forced CPU
+devices (see conftest.py), on the built-in ``spp_shapes/tiny`` data or on
+``tfds.testing.mock_data``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+from flax import jax_utils  # noqa: E402
+
+from spp_jax import cli  # noqa: E402
+from spp_jax import train as train_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    config = cli.load_config("tiny")
+    with config.unlocked():
+        for key, value in overrides.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("tfds"))
+    old = os.environ.get("TFDS_DATA_DIR")
+    os.environ["TFDS_DATA_DIR"] = d
+    yield d
+    if old is None:
+        os.environ.pop("TFDS_DATA_DIR", None)
+    else:
+        os.environ["TFDS_DATA_DIR"] = old
+
+
+def _params(result):
+    return train_lib.flatten_params(result["state"].params)
+
+
+def assert_params_equal(a, b, rtol=0.0, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=k)
+
+
+# ------------------------------------------------------------------ the step itself
+
+
+def test_pmap_step_equals_single_device_on_same_global_batch():
+    """4 devices x 2 examples == 1 device x 8 examples (no dropout)."""
+    config = tiny_config(**{"model.dropout_rate": 0.0})
+    model = train_lib.create_model(config, num_classes=10)
+    schedule = train_lib.learning_rate_schedule(config, 5)
+    tx = train_lib.create_optimizer(config, schedule)
+    state = train_lib.create_train_state(config, model, 48, tx)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.standard_normal((8, 48, 48, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, 8).astype(np.int32),
+        "mask": np.ones(8, np.float32),
+    }
+    step = functools.partial(train_lib.train_step, learning_rate_fn=schedule)
+    p_step = jax.pmap(step, axis_name=train_lib.AXIS)
+
+    four = jax_utils.replicate(state, jax.devices()[:4])
+    for _ in range(2):
+        four, m4 = p_step(
+            four, jax.tree_util.tree_map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
+        )
+    one = jax.pmap(step, axis_name=train_lib.AXIS, devices=jax.devices()[:1])
+    single = jax_utils.replicate(state, jax.devices()[:1])
+    for _ in range(2):
+        single, m1 = one(single, jax.tree_util.tree_map(lambda x: x[None], batch))
+    assert_params_equal(
+        train_lib.flatten_params(train_lib.unreplicate_to_host(four).params),
+        train_lib.flatten_params(train_lib.unreplicate_to_host(single).params),
+        rtol=2e-5,
+        atol=2e-6,
+    )
+    np.testing.assert_allclose(m4["loss"][0], m1["loss"][0], rtol=1e-5)
+    assert int(train_lib.unreplicate_to_host(four).step) == 2
+
+
+def test_train_step_runs_under_jit_with_a_mesh_axis():
+    """The same train_step, no pmap: shard_map over a 4-device mesh axis "batch"."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    config = tiny_config(**{"model.dropout_rate": 0.0})
+    model = train_lib.create_model(config, num_classes=10)
+    schedule = train_lib.learning_rate_schedule(config, 5)
+    state = train_lib.create_train_state(
+        config, model, 48, train_lib.create_optimizer(config, schedule)
+    )
+    mesh = Mesh(np.array(jax.devices()[:4]), (train_lib.AXIS,))
+    step = functools.partial(train_lib.train_step, learning_rate_fn=schedule)
+    shard_map = getattr(jax, "shard_map", None) or jax.experimental.shard_map.shard_map
+    mapped = jax.jit(
+        shard_map(step, mesh=mesh, in_specs=(P(), P(train_lib.AXIS)), out_specs=(P(), P()))
+    )
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": jnp.asarray(rng.standard_normal((8, 48, 48, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
+        "mask": jnp.ones(8, jnp.float32),
+    }
+    new_state, metrics = mapped(state, batch)
+    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+# ------------------------------------------------------------- whole runs (tiny config)
+
+
+@pytest.fixture(scope="module")
+def paper_run(data_dir, tmp_path_factory):
+    """One uninterrupted run of the tiny config: 2 epochs x 5 steps, sizes 48, 40."""
+    workdir = str(tmp_path_factory.mktemp("paper"))
+    config = tiny_config(
+        **{"model.dropout_rate": 0.3, "num_epochs": 3, "final_eval": False, "eval_every_epochs": 0}
+    )
+    return workdir, config, train_lib.train_and_evaluate(config, workdir)
+
+
+def test_one_compile_per_bucket_paper_schedule(paper_run):
+    workdir, _, result = paper_run
+    # sizes 48, 40, 48: two buckets, two compiles, however many steps.
+    assert sorted(set(result["train_compiles"])) == [(2, 40, 40, 3), (2, 48, 48, 3)]
+    assert len(result["train_compiles"]) == 2
+    records = train_lib.read_metrics(workdir)
+    assert [r["size"] for r in records] == [48, 40, 48]
+    assert [r["train_compiles"] for r in records] == [1, 2, 2]
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+    assert os.path.exists(os.path.join(workdir, "curves.png"))
+
+
+def test_resume_after_interruption_gives_the_same_parameters(paper_run, tmp_path):
+    _, config, uninterrupted = paper_run
+    workdir = str(tmp_path)
+    stopped = train_lib.train_and_evaluate(config, workdir, stop_after_step=7)  # mid epoch 2
+    assert int(stopped["state"].step) == 7
+    resumed = train_lib.train_and_evaluate(config, workdir)
+    assert int(resumed["state"].step) == 15
+    # Only the resumed bucket compiles again; params identical bit for bit.
+    assert_params_equal(_params(resumed), _params(uninterrupted))
+
+
+def test_random_schedule_compiles_once_per_drawn_size(data_dir, tmp_path):
+    from spp_jax.data import train_size_for_epoch
+
+    config = tiny_config(
+        size_schedule="random",
+        train_sizes=(38, 42),
+        num_epochs=3,
+        final_eval=False,
+        eval_every_epochs=0,
+    )
+    with config.unlocked():
+        config.seed = 3
+    result = train_lib.train_and_evaluate(config, str(tmp_path))
+    sizes = [train_size_for_epoch((38, 42), "random", e, 3) for e in range(3)]
+    assert [r["size"] for r in train_lib.read_metrics(str(tmp_path))] == sizes
+    assert sorted(s[1] for s in result["train_compiles"]) == sorted(set(sizes))
+
+
+def test_single_schedule_on_mock_tfds_data(tmp_path):
+    """A real TFDS dataset name, faked by tfds.testing.mock_data: one epoch, one bucket."""
+    import tensorflow_datasets as tfds
+
+    config = tiny_config(
+        dataset="oxford_flowers102",
+        size_schedule="single",
+        train_sizes=(48,),
+        num_epochs=1,
+        eval_every_epochs=1,
+        eval_sizes=(48,),
+    )
+    with tfds.testing.mock_data(num_examples=16):
+        result = train_lib.train_and_evaluate(config, str(tmp_path))
+    assert len(result["train_compiles"]) == 1
+    records = train_lib.read_metrics(str(tmp_path))
+    assert records[0]["step"] == 2 and records[0]["test_count"] == 16
+    final = result["eval"]
+    assert final["48"]["center"]["count"] == 16 and final["48"]["full"]["count"] == 16
+
+
+def test_bad_batch_size_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="batch_size 6 is not divisible by the 4 devices"):
+        train_lib.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
+
+
+# ----------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TWO_PROC_SETTINGS = [
+    "model.dropout_rate=0.0",  # dropout keys depend on the device layout
+    "num_epochs=2",
+    "eval_every_epochs=1",
+    "eval_sizes=(48,)",
+]
+
+
+def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
+    """2 processes x 2 CPU devices (loopback) reach the 1 x 4 parameters."""
+    sets = [a for s in TWO_PROC_SETTINGS for a in ("--set", s)]
+    port = _free_port()
+    workdir = str(tmp_path / "two")
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        TFDS_DATA_DIR=data_dir,
+        PYTHONPATH=REPO,
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "spp_jax",
+                "train",
+                "--config",
+                "tiny",
+                "--workdir",
+                workdir,
+                *sets,
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "process 1 of 2" in outs[1]
+
+    config = cli.load_config("tiny", TWO_PROC_SETTINGS)
+    one = train_lib.train_and_evaluate(config, str(tmp_path / "one"))
+    model = train_lib.create_model(config, 10)
+    two = train_lib.load_state(config, workdir, model, 10)
+    assert int(two.step) == int(one["state"].step) == 10
+    assert_params_equal(train_lib.flatten_params(two.params), _params(one), rtol=1e-5, atol=1e-6)
+    # Evaluation saw every test example once across the two processes.
+    final = [r["final"] for r in train_lib.read_metrics(workdir) if "final" in r][0]
+    assert final["48"]["center"]["count"] == final["48"]["full"]["count"] == 20
+    np.testing.assert_allclose(
+        final["48"]["center"]["top1"], one["eval"]["48"]["center"]["top1"], atol=1e-6
+    )
