@@ -1,8 +1,11 @@
 """spp_jax: Spatial Pyramid Pooling (He et al., SPP-net, arXiv 1406.4729) for JAX.
 
 The core (:func:`spatial_pyramid_pool`, :func:`pyramid_bins`, :func:`output_dim`)
-imports no Flax. The Flax wrappers live in :mod:`spp_jax.linen` and
-:mod:`spp_jax.nnx`, imported on first use.
+imports no Flax. Imported on first use: the Flax wrappers :mod:`spp_jax.linen` and
+:mod:`spp_jax.nnx`, the paper's networks :mod:`spp_jax.models`, and (with the
+``train`` extra) the input pipeline :mod:`spp_jax.data`, the training loop
+:mod:`spp_jax.train`, feature extraction :mod:`spp_jax.extract` and the built-in
+dataset :mod:`spp_jax.datasets`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ __version__ = "0.1.0"
 __all__ = [
     "LevelBins",
     "axis_bins",
+    "data",
+    "datasets",
+    "extract",
     "linen",
+    "models",
     "multiscale_roi_pyramid_pool",
     "nnx",
     "output_dim",
@@ -33,13 +40,14 @@ __all__ = [
     "roi_pyramid_pool",
     "select_scales",
     "spatial_pyramid_pool",
+    "train",
 ]
 
-_LAZY_SUBMODULES = ("linen", "nnx")
+_LAZY_SUBMODULES = ("data", "datasets", "extract", "linen", "models", "nnx", "train")
 
 
 def __getattr__(name: str) -> Any:
-    # Flax is imported only when a Flax wrapper is asked for.
+    # Flax (and TensorFlow) are imported only when a module that needs them is asked for.
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"spp_jax.{name}")
     raise AttributeError(f"module 'spp_jax' has no attribute {name!r}")

@@ -93,6 +93,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
     if root not in sys.path:
         sys.path.insert(0, root)
     spec = importlib.util.spec_from_file_location(f"spp_config_{found.stem}", found)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import config file {found}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    for handler in logging.getLogger().handlers:  # orbax/tfds INFO chatter off
+        handler.addFilter(lambda r: r.name != "absl" or r.levelno >= logging.WARNING)
     if args.command == "train":
         from spp_jax import train
 

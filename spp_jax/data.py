@@ -56,6 +56,7 @@ BUILTIN = "spp_shapes"
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 EVAL_MODES = ("center", "full")
+CROP_MODES = ("paper", "area")
 
 Batch = dict[str, np.ndarray]
 
@@ -260,8 +261,18 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     skip_batches: int = 0,
+    crop_mode: str = "paper",
+    min_crop_area: float = 0.8,
 ) -> Iterator[Batch]:
     """Yields one epoch of training batches ``image (b, size, size, 3)``, ``label (b,)``.
+
+    ``crop_mode="paper"``: short side resized to ``crop_size * resize_ratio``, then a
+    random ``crop_size`` square (the paper's crops, made for centred ImageNet
+    objects). ``"area"``: a random box of ``min_crop_area`` to all of the image's
+    area and aspect ratio 3/4 to 4/3, resized to ``crop_size`` (Inception-style;
+    keeps most of the image, for datasets whose objects lie anywhere, such as
+    ``spp_shapes``). Either way the crop is then flipped at random and resized to
+    ``size``.
 
     ``steps_per_epoch(info, split, global_batch_size)`` batches in all (minus
     ``skip_batches``, for resuming mid-epoch), on every process alike.
@@ -277,12 +288,17 @@ def train_batches(
     ds = ds.enumerate().shard(process_count, process_index)
     resize_to = max(crop_size, round(crop_size * resize_ratio))
     base = _mix(seed, epoch, 3)
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode {crop_mode!r} not accepted; use one of {CROP_MODES}")
 
     def prep(position, example):
         image = _decode(tf, example[info.image_key])
-        image = _resize_short_side(tf, image, resize_to)
         s = tf.stack([tf.constant(base, tf.int64), position])
-        image = tf.image.stateless_random_crop(image, [crop_size, crop_size, 3], seed=s)
+        if crop_mode == "paper":
+            image = _resize_short_side(tf, image, resize_to)
+            image = tf.image.stateless_random_crop(image, [crop_size, crop_size, 3], seed=s)
+        else:
+            image = _random_area_crop(tf, image, crop_size, min_crop_area, s)
         image = tf.image.stateless_random_flip_left_right(image, seed=s + 1)
         if size != crop_size:  # multi-size training: same content, another resolution
             image = tf.image.resize(image, [size, size], antialias=True)
@@ -297,6 +313,22 @@ def train_batches(
     for batch in ds.as_numpy_iterator():
         batch["mask"] = np.ones(local_batch_size, np.float32)
         yield batch
+
+
+def _random_area_crop(tf, image, crop_size: int, min_area: float, seed):
+    box = tf.zeros([1, 0, 4], tf.float32)
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=box,
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(min_area, 1.0),
+        max_attempts=20,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, extent)
+    return tf.image.resize(tf.cast(image, tf.float32), [crop_size, crop_size], antialias=True)
 
 
 def steps_per_epoch(info: DatasetInfo, split: str, global_batch_size: int) -> int:
@@ -449,23 +481,20 @@ def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([a, pad])
 
 
-def load_image_folder(folder: str) -> list[tuple[str, np.ndarray]]:
-    """Reads every ``.jpg/.jpeg/.png/.bmp/.gif`` under ``folder`` (sorted) as uint8 RGB."""
-    tf = _tf()
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def list_images(folder: str) -> list[str]:
+    """Every image file (:data:`IMAGE_EXTENSIONS`) under ``folder``, sorted."""
     paths = sorted(
         os.path.join(root, f)
         for root, _, files in os.walk(folder)
         for f in files
-        if f.lower().endswith(exts)
+        if f.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(exts)}) under {folder!r}")
-    out = []
-    for p in paths:
-        data = tf.io.read_file(p)
-        out.append((p, tf.io.decode_image(data, channels=3, expand_animations=False).numpy()))
-    return out
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}")
+    return paths
 
 
 def preprocess_full(image: np.ndarray, size: int, max_aspect: float = 2.0) -> np.ndarray:

@@ -26,11 +26,6 @@ from spp_jax import train as train_lib
 log = logging.getLogger("spp_jax.extract")
 
 
-def _batched(order: list[int], batch_size: int):
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
-
-
 def extract_features(
     workdir: str,
     images: str,
@@ -66,11 +61,10 @@ def extract_features(
             f"feature extraction needs an SPP head, the model in {workdir!r} has head "
             f"{config.model.head!r}; accepted: 'spp'"
         )
-    names, labels, pixels = _read(config, images, split, limit)
     info_classes = _num_classes(config)
     model = train_lib.create_model(config, info_classes)
     state = train_lib.load_state(config, workdir, model, info_classes)
-    log.info("restored step %d from %s; extracting %d images", int(state.step), workdir, len(names))
+    log.info("restored step %d from %s", int(state.step), workdir)
 
     @jax.jit
     def features(params, x, valid_sizes):
@@ -78,40 +72,59 @@ def extract_features(
             {"params": params}, x, train=False, valid_sizes=valid_sizes, method=SPPNET_FEATURES
         )
 
-    prepped = [data_lib.preprocess_full(p, size, config.max_aspect) for p in pixels]
     buckets = data_lib.full_image_buckets(size, config.max_aspect)
-    by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, img in enumerate(prepped):
-        h, w = img.shape[:2]
-        fitting = [b for b in buckets if b[0] >= h and b[1] >= w]
-        by_bucket[min(fitting, key=lambda b: b[0] * b[1])].append(i)
+    pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+    feats: dict[int, np.ndarray] = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    names: list[str] = []
+    labels: list[int] = []
 
-    result: list[np.ndarray | None] = [None] * len(prepped)
-    bar = tqdm(total=len(prepped), desc="extract", unit="img", disable=None)
-    for (bh, bw), idx in sorted(by_bucket.items()):
-        for chunk in _batched(idx, batch_size):
-            x = np.zeros((batch_size, bh, bw, 3), np.float32)
-            valid = np.ones((batch_size, 2), np.int32)
-            for j, i in enumerate(chunk):
-                h, w = prepped[i].shape[:2]
-                x[j, :h, :w] = prepped[i]
-                valid[j] = (h, w)
-            f = np.asarray(features(state.params, jnp.asarray(x), jnp.asarray(valid)))
-            for j, i in enumerate(chunk):
-                result[i] = f[j]
-            bar.update(len(chunk))
+    def flush(bucket: tuple[int, int]) -> None:
+        items = pending.pop(bucket, [])
+        if not items:
+            return
+        x = np.zeros((batch_size, *bucket, 3), np.float32)
+        valid = np.ones((batch_size, 2), np.int32)
+        for j, (_, img) in enumerate(items):
+            x[j, : img.shape[0], : img.shape[1]] = img
+            valid[j] = img.shape[:2]
+        f = np.asarray(features(state.params, jnp.asarray(x), jnp.asarray(valid)))
+        for j, (i, _) in enumerate(items):
+            feats[i] = f[j]
+        bar.update(len(items))
+
+    used: set[tuple[int, int]] = set()
+    total, stream = _stream(config, images, split, limit)
+    bar = tqdm(total=total, desc="extract", unit="img", disable=None)
+    # Streams the images: at most batch_size images per bucket are held at a time.
+    for i, (name, label, pixels) in enumerate(stream):
+        img = data_lib.preprocess_full(pixels, size, config.max_aspect)
+        h, w = img.shape[:2]
+        bucket = min((b for b in buckets if b[0] >= h and b[1] >= w), key=lambda b: b[0] * b[1])
+        used.add(bucket)
+        names.append(name)
+        if label is not None:
+            labels.append(label)
+        sizes[i] = (h, w)
+        pending[bucket].append((i, img))
+        if len(pending[bucket]) == batch_size:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
     bar.close()
-    log.info("compiled %d bucket(s): %s", len(by_bucket), sorted(by_bucket))
+    if not names:
+        raise ValueError(f"no images in {images!r}")
+    log.info("compiled %d bucket(s): %s", len(used), sorted(used))
     arrays = {
-        "features": np.stack(result).astype(np.float32),
-        "sizes": np.array([p.shape[:2] for p in prepped], np.int32),
+        "features": np.stack([feats[i] for i in range(len(names))]).astype(np.float32),
+        "sizes": np.array([sizes[i] for i in range(len(names))], np.int32),
         "names": np.array(names),
     }
-    if labels is not None:
+    if labels:
         arrays["labels"] = np.asarray(labels, np.int64)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, out)  # atomic: a reader never sees half a file
     log.info("wrote %s: features %s", out, arrays["features"].shape)
     return arrays
@@ -125,23 +138,31 @@ def _num_classes(config) -> int:
     return int(builder.info.features[config.label_key].num_classes)
 
 
-def _read(config, images: str, split: str, limit: int | None):
-    if os.path.isdir(images):
-        items = data_lib.load_image_folder(images)[:limit]
-        return [p for p, _ in items], None, [a for _, a in items]
-    builder = data_lib.get_builder(images, config.get("data_dir"))
-    ds = data_lib._as_dataset(builder, split, shuffle_seed=None)
-    if limit is not None:
-        ds = ds.take(limit)
+def _stream(config, images: str, split: str, limit: int | None):
+    """``(count, iterator of (name, label or None, uint8 image))`` for a folder or TFDS."""
     tf = data_lib._tf()
-    names, labels, pixels = [], [], []
-    for i, ex in enumerate(ds.as_numpy_iterator()):
-        img = ex[config.image_key]
-        if isinstance(img, bytes):
-            img = tf.io.decode_image(img, channels=3, expand_animations=False).numpy()
-        names.append(str(i))
-        labels.append(int(ex[config.label_key]))
-        pixels.append(img)
-    if not names:
-        raise ValueError(f"TFDS {images!r} split {split!r} has no examples")
-    return names, labels, pixels
+    if os.path.isdir(images):
+        paths = data_lib.list_images(images)[:limit]
+
+        def from_files():
+            for p in paths:
+                data = tf.io.read_file(p)
+                img = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+                yield p, None, img
+
+        return len(paths), from_files()
+    builder = data_lib.get_builder(images, config.get("data_dir"))
+    info = data_lib.dataset_info(
+        builder, image_key=config.image_key, label_key=config.label_key, splits=(split,)
+    )
+    total = info.num_examples[split] if limit is None else min(limit, info.num_examples[split])
+    ds = data_lib._as_dataset(builder, split, shuffle_seed=None).take(total)
+
+    def from_tfds():
+        for i, ex in enumerate(ds.as_numpy_iterator()):
+            img = ex[config.image_key]
+            if isinstance(img, bytes):
+                img = tf.io.decode_image(img, channels=3, expand_animations=False).numpy()
+            yield str(i), int(ex[config.label_key]), img
+
+    return total, from_tfds()

@@ -392,6 +392,12 @@ def local_response_norm(
     return (xf * (k + (alpha / size) * sq) ** -beta).astype(x.dtype)
 
 
+# He et al.'s initialisation for layers followed by ReLU: keeps the activations' scale
+# through the 7 ReLU layers (the default LeCun init shrinks it ~2x per layer, and with no
+# normalisation layers such a net sits at chance for many epochs).
+_RELU_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
 def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
     """NHWC max pool; ceil mode pads with -inf on the high side only."""
     pads = []
@@ -609,6 +615,7 @@ class SPPNet(nn.Module):
                     padding=((spec.pad, spec.pad), (spec.pad, spec.pad)),
                     dtype=self.dtype,
                     param_dtype=jnp.float32,
+                    kernel_init=_RELU_INIT,
                     name=f"conv{n_conv}",
                 )(x)
                 x = nn.relu(x)
@@ -630,10 +637,22 @@ class SPPNet(nn.Module):
             return x
 
         for name in ("fc6", "fc7"):
-            x = nn.Dense(self.fc_dim, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+            x = nn.Dense(
+                self.fc_dim,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=_RELU_INIT,
+                name=name,
+            )(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name="fc8")(x)
+        x = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(0.01),
+            name="fc8",
+        )(x)
         return x.astype(jnp.float32)
 
     def _pool6(self, x: jax.Array, h: int, w: int) -> jax.Array:

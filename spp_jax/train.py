@@ -422,6 +422,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             process_index=jax.process_index(),
             process_count=n_proc,
             skip_batches=skip,
+            crop_mode=config.get("crop_mode", "paper"),
+            min_crop_area=config.get("min_crop_area", 0.8),
         )
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0}

@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 
-from flax import jax_utils  # noqa: E402
+from flax import jax_utils
 
-from spp_jax import cli  # noqa: E402
-from spp_jax import train as train_lib  # noqa: E402
+from spp_jax import cli
+from spp_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,7 +102,8 @@ def test_pmap_step_equals_single_device_on_same_global_batch():
 
 def test_train_step_runs_under_jit_with_a_mesh_axis():
     """The same train_step, no pmap: shard_map over a 4-device mesh axis "batch"."""
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     config = tiny_config(**{"model.dropout_rate": 0.0})
     model = train_lib.create_model(config, num_classes=10)
@@ -156,6 +157,13 @@ def test_resume_after_interruption_gives_the_same_parameters(paper_run, tmp_path
     workdir = str(tmp_path)
     stopped = train_lib.train_and_evaluate(config, workdir, stop_after_step=7)  # mid epoch 2
     assert int(stopped["state"].step) == 7
+    # A crash in the middle of writing a later checkpoint leaves only a temporary
+    # directory; resuming must ignore it and take step 7.
+    partial = os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(partial, "default"))
+    with open(os.path.join(partial, "default", "junk"), "w") as f:
+        f.write("half a checkpoint")
+    assert train_lib.checkpoint_manager(workdir).latest_step() == 7
     resumed = train_lib.train_and_evaluate(config, workdir)
     assert int(resumed["state"].step) == 15
     # Only the resumed bucket compiles again; params identical bit for bit.
@@ -180,25 +188,33 @@ def test_random_schedule_compiles_once_per_drawn_size(data_dir, tmp_path):
     assert sorted(s[1] for s in result["train_compiles"]) == sorted(set(sizes))
 
 
-def test_single_schedule_on_mock_tfds_data(tmp_path):
-    """A real TFDS dataset name, faked by tfds.testing.mock_data: one epoch, one bucket."""
+@pytest.mark.parametrize(
+    "schedule,sizes", [("single", (48,)), ("paper", (48, 40)), ("random", (40, 48))]
+)
+def test_each_schedule_on_mock_tfds_data(schedule, sizes, tmp_path):
+    """A real TFDS dataset name, faked by tfds.testing.mock_data: one epoch of 2 steps."""
     import tensorflow_datasets as tfds
 
+    final = schedule == "single"  # evaluate once: centre crop and full image
     config = tiny_config(
         dataset="oxford_flowers102",
-        size_schedule="single",
-        train_sizes=(48,),
+        size_schedule=schedule,
+        train_sizes=sizes,
         num_epochs=1,
-        eval_every_epochs=1,
+        eval_every_epochs=int(final),
         eval_sizes=(48,),
+        final_eval=final,
     )
     with tfds.testing.mock_data(num_examples=16):
         result = train_lib.train_and_evaluate(config, str(tmp_path))
     assert len(result["train_compiles"]) == 1
     records = train_lib.read_metrics(str(tmp_path))
-    assert records[0]["step"] == 2 and records[0]["test_count"] == 16
-    final = result["eval"]
-    assert final["48"]["center"]["count"] == 16 and final["48"]["full"]["count"] == 16
+    assert records[0]["step"] == 2 and np.isfinite(records[0]["train_loss"])
+    assert int(result["state"].step) == 2
+    if final:
+        assert records[0]["test_count"] == 16
+        assert result["eval"]["48"]["center"]["count"] == 16
+        assert result["eval"]["48"]["full"]["count"] == 16
 
 
 def test_bad_batch_size_is_a_clear_error(data_dir, tmp_path):
@@ -280,7 +296,7 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
     assert int(two.step) == int(one["state"].step) == 10
     assert_params_equal(train_lib.flatten_params(two.params), _params(one), rtol=1e-5, atol=1e-6)
     # Evaluation saw every test example once across the two processes.
-    final = [r["final"] for r in train_lib.read_metrics(workdir) if "final" in r][0]
+    final = next(r["final"] for r in train_lib.read_metrics(workdir) if "final" in r)
     assert final["48"]["center"]["count"] == final["48"]["full"]["count"] == 20
     np.testing.assert_allclose(
         final["48"]["center"]["top1"], one["eval"]["48"]["center"]["top1"], atol=1e-6

@@ -20,8 +20,12 @@ def get_config():
     c.dataset = "imagenet2012"
     c.eval_split = "validation"
     c.shuffle_buffer = 50_000
+    c.crop_mode = "paper"
     c.model.width = 1.0
     c.model.fc_dim = 4096
+    c.model.dropout_rate = 0.5
+    c.optimizer = "sgd"
+    c.weight_decay = 5e-4
     c.model.base_size = 224
     c.crop_size = 224
     c.train_sizes = (224, 180)
