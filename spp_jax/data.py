@@ -116,9 +116,19 @@ def get_builder(name: str = BUILTIN, data_dir: str | None = None):
             f"unknown TFDS dataset {name!r} ({e}); accepted: any name from `tfds.list_builders()`"
             f", e.g. 'imagenette', 'caltech101', 'oxford_flowers102', or {BUILTIN!r}"
         ) from e
-    if name.split("/")[0] == BUILTIN and not _is_prepared(builder):
-        log.info("building the built-in dataset %s in %s (offline, < 1 min)", name, data_dir)
-        builder.download_and_prepare()
+    if name.split("/")[0] == BUILTIN:
+        import jax
+
+        # With several processes, process 0 builds and the others wait for it (they may
+        # share data_dir; two builders racing for one directory fail).
+        if jax.process_index() == 0 and not _is_prepared(builder):
+            log.info("building the built-in dataset %s in %s (offline, < 1 min)", name, data_dir)
+            builder.download_and_prepare()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"spp_jax built {name}")
+            builder = tfds.builder(name, data_dir=data_dir)
     return builder
 
 

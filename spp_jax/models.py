@@ -136,6 +136,14 @@ LayerSpec = ConvSpec | PoolSpec | LRNSpec
 # (stem, tail): the tail holds the 3x3 convs after conv2 (scaled by ``depth``) and
 # the pools between them.
 _C3 = 3  # kernel of the tail convs (all pad 1, stride 1: they keep the size)
+# Overfeat-5 and -7 share conv1-conv2 (7x7 s2, pool 3 s3, LRN, 5x5, pool 2 s2: stride 12).
+_OVERFEAT_STEM: tuple[LayerSpec, ...] = (
+    ConvSpec(96, 7, 2, 0),
+    PoolSpec(3, 3),
+    LRNSpec(),
+    ConvSpec(256, 5, 1, 2),
+    PoolSpec(2, 2),
+)
 _ARCH_SPECS: dict[str, tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]] = {
     "zf5": (
         (
@@ -163,26 +171,8 @@ _ARCH_SPECS: dict[str, tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]] = {
             ConvSpec(256, _C3, 1, 1),
         ),
     ),
-    "overfeat5": (
-        (
-            ConvSpec(96, 7, 2, 0),
-            PoolSpec(3, 3),
-            LRNSpec(),
-            ConvSpec(256, 5, 1, 2),
-            PoolSpec(2, 2),
-        ),
-        (ConvSpec(512, _C3, 1, 1),) * 3,
-    ),
-    "overfeat7": (
-        (
-            ConvSpec(96, 7, 2, 0),
-            PoolSpec(3, 3),
-            LRNSpec(),
-            ConvSpec(256, 5, 1, 2),
-            PoolSpec(2, 2),
-        ),
-        (ConvSpec(512, _C3, 1, 1),) * 5,
-    ),
+    "overfeat5": (_OVERFEAT_STEM, (ConvSpec(512, _C3, 1, 1),) * 3),
+    "overfeat7": (_OVERFEAT_STEM, (ConvSpec(512, _C3, 1, 1),) * 5),
 }
 
 

@@ -306,6 +306,18 @@ def restore_checkpoint(manager, state: TrainState, step: int | None = None) -> T
     )
 
 
+def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
+    """The TFDS builder and :class:`spp_jax.data.DatasetInfo` that ``config`` names."""
+    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
+    info = data_lib.dataset_info(
+        builder,
+        image_key=config.image_key,
+        label_key=config.label_key,
+        splits=(config.train_split, config.eval_split),
+    )
+    return builder, info
+
+
 def save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -357,13 +369,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         )
     local_batch = config.batch_size // n_proc
 
-    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
-    info = data_lib.dataset_info(
-        builder,
-        image_key=config.image_key,
-        label_key=config.label_key,
-        splits=(config.train_split, config.eval_split),
-    )
+    builder, info = load_dataset(config)
     steps_per_epoch = data_lib.steps_per_epoch(info, config.train_split, config.batch_size)
     log.info(
         "dataset %s: %d classes, %s examples; %d process(es) x %d device(s), global batch %d, "
@@ -642,13 +648,7 @@ def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:
     config = load_config(workdir)
     if sizes is not None:
         config.eval_sizes = tuple(sizes)
-    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
-    info = data_lib.dataset_info(
-        builder,
-        image_key=config.image_key,
-        label_key=config.label_key,
-        splits=(config.train_split, config.eval_split),
-    )
+    builder, info = load_dataset(config)
     model = create_model(config, info.num_classes)
     state = load_state(config, workdir, model, info.num_classes)
     final = final_evaluation(config, builder, info, replicate(state.params), model)

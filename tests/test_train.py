@@ -244,8 +244,12 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
     sets = [a for s in TWO_PROC_SETTINGS for a in ("--set", s)]
     port = _free_port()
     workdir = str(tmp_path / "two")
+    # No persistent compilation cache here: an entry compiled in this (one-process, four-
+    # device) session must not be reused for the two-process program.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env = dict(
-        os.environ,
+        env,
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         TFDS_DATA_DIR=data_dir,
         PYTHONPATH=REPO,

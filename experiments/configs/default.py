@@ -8,8 +8,8 @@ Takes about 8 minutes on 2 CPU cores (the first run also builds the dataset
 locally, ~20 s). Trains ZF-5 (width 0.25, fc 512, 2.1 M parameters) for 16 epochs
 with the paper's multi-size schedule: 112 crops and the same crops resized to 90,
 alternating every epoch (224/180 in the paper, halved for a CPU). AdamW rather
-than the paper's SGD, for a quick start within the CPU budget. Ends by printing test accuracy at test
-sizes 90, 112 and 140, centre crop vs full image. Writes
+than the paper's SGD, for a quick start within the CPU budget. Ends by printing
+test accuracy at test sizes 90, 112 and 140, centre crop vs full image. Writes
 ``WORKDIR/metrics.jsonl``, ``WORKDIR/checkpoints/`` and ``WORKDIR/curves.png``.
 
 Every key below is what ``spp_jax.train.train_and_evaluate`` reads; other configs
