@@ -225,8 +225,20 @@ def replicate(tree):
 
 
 def unreplicate_to_host(tree):
-    """The first replica of a pmapped pytree, as host arrays."""
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+    """The first local replica of a pmapped pytree, as host NumPy arrays.
+
+    Reads this process's first device buffer directly. Indexing (``x[0]``) would be
+    a computation over the global array, i.e. over every process's devices, and with
+    several processes such eager computations can deadlock when the processes issue
+    them at different moments.
+    """
+
+    def first(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)[0]
+        return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
+
+    return jax.tree_util.tree_map(first, tree)
 
 
 class MetricsWriter:
