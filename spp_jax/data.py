@@ -46,7 +46,6 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -515,7 +514,3 @@ def preprocess_full(image: np.ndarray, size: int, max_aspect: float = 2.0) -> np
     h = min(int(image.shape[0]), max_long)
     w = min(int(image.shape[1]), max_long)
     return np.asarray(_normalize(tf, _center_crop_hw(tf, image, h, w)), np.float32)
-
-
-def describe(info: DatasetInfo) -> dict[str, Any]:
-    return dataclasses.asdict(info)

@@ -61,7 +61,7 @@ def extract_features(
             f"feature extraction needs an SPP head, the model in {workdir!r} has head "
             f"{config.model.head!r}; accepted: 'spp'"
         )
-    info_classes = _num_classes(config)
+    info_classes = train_lib.load_dataset(config)[1].num_classes
     model = train_lib.create_model(config, info_classes)
     state = train_lib.load_state(config, workdir, model, info_classes)
     log.info("restored step %d from %s", int(state.step), workdir)
@@ -131,11 +131,6 @@ def extract_features(
 
 
 SPPNET_FEATURES = "features"  # the SPPNet method that returns the SPP vector
-
-
-def _num_classes(config) -> int:
-    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
-    return int(builder.info.features[config.label_key].num_classes)
 
 
 def _stream(config, images: str, split: str, limit: int | None):
