@@ -1,12 +1,19 @@
-"""Window (RoI) pyramid pooling for SPP-net detection: pure JAX, no Flax.
+"""Window (RoI) pyramid pooling for SPP-net detection: JAX, no Flax.
 
 SPP-net computes the conv feature map of an image once and pools a fixed-length
 pyramid vector for each of ~2,000 candidate windows (paper section 4). Each
 window is projected onto the map (``projection``), split into the bins of every
 pyramid level, and every bin is max- (or average-) pooled.
 
-How it is computed. The bins move with the boxes, so they cannot be static
-slices. For max pooling a 2-D sparse table is built once per map:
+Max pooling on CPU runs a compiled kernel through the XLA FFI when one can be
+built (``spp_jax/_native.py``): per box it pools the finest level of each
+divisible chain from the feature map and the coarser levels from those bins, and
+its gradient recomputes each bin's winner and adds the cotangent there. GPU, TPU,
+average pooling and CPUs without a compiler run the pure-JAX code below; both
+are tested against the same NumPy reference.
+
+How the pure-JAX code computes. The bins move with the boxes, so they cannot be
+static slices. For max pooling a 2-D sparse table is built once per map:
 ``T[kh, kw][b, h, w] = max(x[b, h : h + 2**kh, w : w + 2**kw])``; any bin is then
 the max of 4 overlapping table entries (its corners), one row gather of ``C``
 values each. Memory is ``(log2 H + 1) * (log2 W + 1)`` copies of the map (not a
@@ -31,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from spp_jax import _native
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES, _flatten_levels
+from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _plan
 
 PROJECTIONS = ("sppnet", "roi_pool")
 SCALES = (480, 576, 688, 864, 1200)
@@ -130,9 +138,9 @@ def project_boxes(
     return jnp.stack([left, top, right, bottom], axis=1)
 
 
-def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
-    """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
-    ``empty`` mask (roi_pool bins clipped away by the map)."""
+def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
+    """Per box: row bins ``(hs, he)`` of shape ``(R, n_h)`` and column bins
+    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells."""
     x1, y1, x2, y2 = (proj[:, i] for i in range(4))
     if projection == "sppnet":
         # Adaptive bins of the inclusive window [left, right]: never empty.
@@ -162,6 +170,13 @@ def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w:
 
         hs, he = roi_axis(y1, y2, n_h, h)
         ws, we = roi_axis(x1, x2, n_w, w)
+    return (hs, he), (ws, we)
+
+
+def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
+    """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
+    ``empty`` mask (roi_pool bins clipped away by the map)."""
+    (hs, he), (ws, we) = _axis_bins(proj, n_h, n_w, projection, h, w)
     hs, he = hs[:, :, None], he[:, :, None]
     ws, we = ws[:, None, :], we[:, None, :]
     shape = (proj.shape[0], n_h, n_w)
@@ -447,15 +462,39 @@ def roi_pyramid_pool(
             raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
         valid = valid.astype(bool)
     proj = project_boxes(boxes, spatial_scale, projection, (h, w))
-    outs = []
-    for nh, nw in lv:
-        bins, empty = _level_bins(proj, nh, nw, projection, h, w)
-        o = _roi_max(x, bins, box_b, (nh, nw)) if mode == "max" else _roi_avg(x, bins, box_b)
-        keep = ~empty
+
+    def pure_jax(x):
+        outs = []
+        for nh, nw in lv:
+            bins, empty = _level_bins(proj, nh, nw, projection, h, w)
+            o = _roi_max(x, bins, box_b, (nh, nw)) if mode == "max" else _roi_avg(x, bins, box_b)
+            keep = ~empty
+            if valid is not None:
+                keep = keep & valid[:, None, None]
+            outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
+        return _flatten_levels(outs, channel_major)
+
+    if mode != "max" or not _native.available():
+        return pure_jax(x)
+
+    def cpu_kernel(x):
+        bins = [_axis_bins(proj, nh, nw, projection, h, w) for nh, nw in lv]
+        rows = _native.bounds([hs for (hs, _), _ in bins], [he for (_, he), _ in bins])
+        cols = _native.bounds([ws for _, (ws, _) in bins], [we for _, (_, we) in bins])
+        # sppnet windows have adaptive bins (never empty): a coarse level whose
+        # count divides a finer one's is reduced from that level's bins.
+        steps = None
+        if projection == "sppnet":
+            base, plan = _plan(h, w, lv, "adaptive", "max", True)
+            steps = [(base, r, c) if src == "base" else None for src, r, c in plan]
+        pyr = _native.pyramid(lv, steps or [None] * len(lv))
+        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr)
         if valid is not None:
-            keep = keep & valid[:, None, None]
-        outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
-    return _flatten_levels(outs, channel_major)
+            flat = jnp.where(valid[:, None, None], flat, 0.0)
+        return _flat_bins(flat.astype(x.dtype), lv, channel_major)
+
+    # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
+    return lax.platform_dependent(x, cpu=cpu_kernel, default=pure_jax)
 
 
 def select_scales(

@@ -11,3 +11,17 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="spp_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+
+import pytest
+
+
+@pytest.fixture(scope="module", params=["cpu_kernel", "jax"])
+def impl(request):
+    """Runs a test module twice: with the compiled CPU kernels and with pure JAX."""
+    from spp_jax import _native
+
+    if request.param == "cpu_kernel" and _native._load() is not None:
+        pytest.skip(f"CPU kernels unavailable: {_native._load()}")
+    with _native.forced(request.param == "cpu_kernel"):
+        yield request.param

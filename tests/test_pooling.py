@@ -8,6 +8,9 @@ from jax.test_util import check_grads
 import spp_jax
 from tests.reference import ref_max_grad, ref_pool
 
+# Tests marked usefixtures("impl") run twice: with the compiled CPU kernels and with
+# the pure-JAX code (what GPU and TPU run), see conftest.py.
+
 # (B, H, W, C): odd, non-square, 1xW, smaller than the finest level, the paper's 13x13.
 SHAPES = [(2, 13, 13, 3), (2, 10, 7, 2), (1, 1, 9, 2), (2, 3, 5, 2), (1, 4, 4, 1)]
 LEVELS = [(6, 3, 2, 1), (4, 3, 2, 1), ((2, 3), 1)]
@@ -26,6 +29,7 @@ def _nchw(x):
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("channel_major", [False, True])
+@pytest.mark.usefixtures("impl")
 def test_adaptive_matches_reference(shape, levels, mode, data_format, channel_major):
     x = _x(shape)
     xin = x if data_format == "NHWC" else _nchw(x)
@@ -43,6 +47,7 @@ def test_adaptive_matches_reference(shape, levels, mode, data_format, channel_ma
 @pytest.mark.parametrize("rule", ["sliding", "partition"])
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("shape", [(2, 13, 13, 2), (1, 12, 9, 3)])
+@pytest.mark.usefixtures("impl")
 def test_other_rules_match_reference(rule, mode, shape):
     levels = (6, 3, 2, 1) if rule == "partition" else (3, 2, 1)
     x = _x(shape, 1)
@@ -53,6 +58,7 @@ def test_other_rules_match_reference(rule, mode, shape):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.usefixtures("impl")
 def test_low_precision_dtypes(dtype, mode):
     x = jnp.asarray(_x((2, 9, 11, 4), 2), dtype)
     y = spp_jax.spatial_pyramid_pool(x, (4, 2, 1), mode=mode)
@@ -64,6 +70,7 @@ def test_low_precision_dtypes(dtype, mode):
         np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.usefixtures("impl")
 def test_pytorch_parity_if_available():
     torch = pytest.importorskip("torch")
     x = _x((2, 11, 7, 3), 3)
@@ -77,6 +84,7 @@ def test_pytorch_parity_if_available():
         np.testing.assert_allclose(np.asarray(ya), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("impl")
 def test_nan_propagates():
     x = _x((1, 6, 6, 2))
     x[0, 1, 4, 0] = np.nan
@@ -89,7 +97,7 @@ def test_nan_propagates():
 
 
 @pytest.fixture(scope="module")
-def max_grad_fn():
+def max_grad_fn(impl):
     def loss(x, cot, levels):
         return jnp.sum(spp_jax.spatial_pyramid_pool(x, levels) * cot)
 
@@ -98,6 +106,7 @@ def max_grad_fn():
 
 @pytest.mark.parametrize("shape", [(2, 13, 13, 2), (1, 3, 5, 2), (2, 10, 7, 1)])
 @pytest.mark.parametrize("levels", [(6, 3, 2, 1), (4, 3, 2, 1)])
+@pytest.mark.usefixtures("impl")
 def test_max_gradient_routes_to_first_max(max_grad_fn, shape, levels):
     # Quantised values force many ties, like ReLU outputs tying at 0.
     x = np.round(_x(shape, 4)).clip(-1, 1).astype(np.float32)
@@ -106,6 +115,35 @@ def test_max_gradient_routes_to_first_max(max_grad_fn, shape, levels):
     np.testing.assert_allclose(np.asarray(g), ref_max_grad(x, levels, cot), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("shape", "mixed_sizes"), [((1, 13, 13, 83), False), ((8, 9, 10, 83), True)]
+)
+@pytest.mark.usefixtures("impl")
+def test_many_channels_max_and_gradient(shape, mixed_sizes):
+    # 83 = 64 + 16 + 3 channels: every vector block of the CPU kernel and its
+    # scalar tail. B = 1 and B = 8 take the kernel's two ways of splitting work.
+    x = np.round(_x(shape, 14)).clip(-1, 1).astype(np.float32)
+    x[0, 2, 3, 5] = x[-1, 4, 1, 70] = np.nan
+    levels = (6, 3, 2, 1)
+    rng = np.random.default_rng(15)
+    sizes = rng.integers(1, [shape[1] + 1, shape[2] + 1], (shape[0], 2)) if mixed_sizes else None
+    cot = _x((shape[0], spp_jax.output_dim(shape[3], levels)), 16)
+
+    def loss(x):
+        return jnp.sum(spp_jax.spatial_pyramid_pool(x, levels, valid_sizes=sizes) * cot)
+
+    y = np.asarray(spp_jax.spatial_pyramid_pool(x, levels, valid_sizes=sizes))
+    g = np.asarray(jax.jit(jax.grad(loss))(x))
+    for i in range(shape[0]):
+        h, w = sizes[i] if mixed_sizes else shape[1:3]
+        crop = x[i : i + 1, :h, :w]
+        np.testing.assert_array_equal(y[i], ref_pool(crop, levels)[0])
+        want = ref_max_grad(crop, levels, cot[i : i + 1])[0]
+        np.testing.assert_allclose(g[i, :h, :w], want, rtol=1e-6, atol=1e-6)
+        assert not g[i, h:].any() and not g[i, :, w:].any()
+
+
+@pytest.mark.usefixtures("impl")
 def test_max_gradient_all_ties_goes_to_one_cell():
     g = jax.grad(lambda x: spp_jax.spatial_pyramid_pool(x, (1,)).sum())(jnp.zeros((1, 5, 4, 1)))
     want = np.zeros((1, 5, 4, 1))
@@ -113,6 +151,7 @@ def test_max_gradient_all_ties_goes_to_one_cell():
     np.testing.assert_array_equal(np.asarray(g), want)
 
 
+@pytest.mark.usefixtures("impl")
 def test_max_gradient_with_nan_goes_to_first_nan(max_grad_fn):
     x = np.zeros((1, 4, 4, 1), np.float32)
     x[0, 2, 1, 0] = x[0, 1, 3, 0] = np.nan
@@ -138,7 +177,7 @@ def test_avg_gradient_is_cotangent_over_area():
 
 
 @pytest.fixture(scope="module")
-def padded_fn():
+def padded_fn(impl):
     def f(x, sizes, mode):
         return spp_jax.spatial_pyramid_pool(x, (6, 3, 2, 1), mode=mode, valid_sizes=sizes)
 
@@ -146,6 +185,7 @@ def padded_fn():
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.usefixtures("impl")
 def test_valid_sizes_equal_per_example_crop(padded_fn, mode):
     x = _x((4, 12, 10, 2), 7)
     sizes = np.array([[12, 10], [7, 4], [3, 9], [1, 1]])
@@ -159,6 +199,7 @@ def test_valid_sizes_equal_per_example_crop(padded_fn, mode):
         np.testing.assert_allclose(y[i], want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("impl")
 def test_valid_sizes_gradient_ignores_padding():
     x = _x((2, 8, 8, 2), 8)
     sizes = jnp.array([[5, 3], [8, 8]])
@@ -175,6 +216,7 @@ def test_valid_sizes_gradient_ignores_padding():
     np.testing.assert_allclose(g[1], ref_max_grad(x[1:], (4, 2, 1), cot[1:])[0], rtol=1e-6)
 
 
+@pytest.mark.usefixtures("impl")
 def test_valid_sizes_are_clipped():
     x = _x((2, 5, 6, 1), 10)
     y = spp_jax.spatial_pyramid_pool(x, (2, 1), valid_sizes=np.array([[0, 99], [-3, 2]]))
@@ -185,6 +227,7 @@ def test_valid_sizes_are_clipped():
 # ----------------------------------------------------------------------------- compiles
 
 
+@pytest.mark.usefixtures("impl")
 def test_one_compile_per_shape_bucket():
     traces = []
 
@@ -200,6 +243,7 @@ def test_one_compile_per_shape_bucket():
     assert traces == [(2, 13, 13, 4), (2, 10, 10, 4)]
 
 
+@pytest.mark.usefixtures("impl")
 def test_works_under_vmap_and_pmap():
     x = _x((4, 2, 7, 6, 3), 11)  # (devices, B, H, W, C)
     f = lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1))
@@ -207,6 +251,14 @@ def test_works_under_vmap_and_pmap():
     np.testing.assert_array_equal(np.asarray(jax.vmap(f)(x)), want)
     n = min(jax.local_device_count(), 4)
     np.testing.assert_array_equal(np.asarray(jax.pmap(f)(x[:n])), want[:n])
+    # shard_map over a mesh axis, with a gradient (results vary over the axis).
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    g = jax.jit(
+        jax.shard_map(jax.grad(lambda x: f(x).sum()), mesh=mesh, in_specs=spec, out_specs=spec)
+    )(x[:n].reshape(-1, *x.shape[2:]))
+    want_g = np.concatenate([ref_max_grad(xi, (2, 1), np.ones((2, 15))) for xi in x[:n]])
+    np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -247,7 +299,9 @@ def test_bad_inputs():
 
 def test_unpacked_argmax_path_equals_packed(monkeypatch):
     # Huge maps cannot pack (key, position) into 31 bits; force that path here.
-    from spp_jax import pooling
+    from spp_jax import _native, pooling
+
+    monkeypatch.setattr(_native, "_forced", False)  # a path of the pure-JAX code
 
     x = np.round(_x((2, 10, 7, 2), 12)).clip(-1, 1).astype(np.float32)
     cot = _x((2, spp_jax.output_dim(2, (6, 3, 1))), 13)

@@ -7,6 +7,9 @@ import pytest
 import spp_jax
 from tests.roi_reference import ref_project, ref_roi_grad, ref_roi_pool
 
+# Tests marked usefixtures("impl") run twice: with the compiled CPU kernels and with
+# the pure-JAX code (what GPU and TPU run), see conftest.py.
+
 LEVELS = (3, (2, 1), 1)
 # Inside, half-pixel coordinates (rounding), partly and fully outside the image,
 # zero-size, inverted, the whole image and more.
@@ -33,7 +36,7 @@ def _features(seed=0, shape=(2, 9, 11, 3)):
 
 
 @pytest.fixture(scope="module")
-def pool_fns():
+def pool_fns(impl):
     def pool(f, b, idx, valid, projection, mode):
         return spp_jax.roi_pyramid_pool(
             f, b, idx, levels=LEVELS, projection=projection, mode=mode, valid=valid
@@ -49,6 +52,7 @@ def pool_fns():
 
 @pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.usefixtures("impl")
 def test_matches_reference(pool_fns, projection, mode):
     x = _features()
     y = pool_fns[0](x, BOXES, BOX_B, None, projection, mode)
@@ -57,6 +61,7 @@ def test_matches_reference(pool_fns, projection, mode):
 
 
 @pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+@pytest.mark.usefixtures("impl")
 def test_max_gradient_routes_to_first_max(pool_fns, projection):
     x = _features(1)
     want, wins = ref_roi_pool(x, BOXES, BOX_B, LEVELS, 1 / 16, projection)
@@ -65,6 +70,26 @@ def test_max_gradient_routes_to_first_max(pool_fns, projection):
     np.testing.assert_allclose(np.asarray(g), ref_roi_grad(x, wins, cot), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.usefixtures("impl")
+def test_many_channels_max_and_gradient(projection, batch):
+    # 83 = 64 + 16 + 3 channels: every vector block of the CPU kernel and its tail.
+    x = _features(13, (batch, 9, 11, 83))
+    idx = BOX_B % batch
+    levels = (6, 3, 2, 1)
+    want, wins = ref_roi_pool(x, BOXES, idx, levels, 1 / 16, projection)
+    cot = np.random.default_rng(14).standard_normal(want.shape).astype(np.float32)
+
+    def pool(f):
+        return spp_jax.roi_pyramid_pool(f, BOXES, idx, levels=levels, projection=projection)
+
+    np.testing.assert_allclose(np.asarray(pool(x)), want, rtol=1e-6, atol=1e-6)
+    g = jax.jit(jax.grad(lambda f: jnp.sum(pool(f) * cot)))(x)
+    np.testing.assert_allclose(np.asarray(g), ref_roi_grad(x, wins, cot), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("impl")
 def test_padding_rows_give_zeros_and_no_gradient(pool_fns):
     x = _features(3)
     valid = np.array([True, False] * 4 + [True])
@@ -97,6 +122,7 @@ def test_projection_hand_cases():
     ).tolist() == [[3, 4, 3, 4]]
 
 
+@pytest.mark.usefixtures("impl")
 def test_nan_boxes_do_not_crash():
     x = _features(4)
     b = np.array([[np.nan, 0, 50, np.nan], [0, 0, 50, 50]], np.float32)
@@ -115,6 +141,7 @@ def test_select_scales_hand_cases():
         spp_jax.select_scales(boxes, (0, 640))
 
 
+@pytest.mark.usefixtures("impl")
 def test_multiscale_pools_each_box_at_its_scale():
     image = (96, 128)
     scales = (96, 192)
@@ -129,6 +156,7 @@ def test_multiscale_pools_each_box_at_its_scale():
         np.testing.assert_array_equal(np.asarray(y[r]), np.asarray(want[0]))
 
 
+@pytest.mark.usefixtures("impl")
 def test_one_compile_for_many_box_sets():
     traces = []
 
@@ -144,6 +172,7 @@ def test_one_compile_for_many_box_sets():
     assert len(traces) == 1
 
 
+@pytest.mark.usefixtures("impl")
 def test_nchw_and_channel_major_match_nhwc():
     x = _features(8)
     y = spp_jax.roi_pyramid_pool(x, BOXES, BOX_B, levels=(2,), channel_major=True)
@@ -178,6 +207,7 @@ def test_errors(kwargs, error, match):
         )
 
 
+@pytest.mark.usefixtures("impl")
 def test_modules_in_a_tiny_detector_head():
     boxes = jnp.asarray(BOXES[:4])
     idx = jnp.asarray(BOX_B[:4])
@@ -213,6 +243,7 @@ def test_modules_in_a_tiny_detector_head():
         spp_jax.nnx.RoIPyramidPooling(projection="crop")
 
 
+@pytest.mark.usefixtures("impl")
 def test_torchvision_roi_pool_parity_if_available():
     torch = pytest.importorskip("torch")
     tv_ops = pytest.importorskip("torchvision.ops")
@@ -242,6 +273,7 @@ def test_torchvision_roi_pool_parity_if_available():
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.usefixtures("impl")
 def test_bfloat16_features(mode):
     x = _features(12)  # small integers: exact in bfloat16
     y16 = spp_jax.roi_pyramid_pool(

@@ -4,8 +4,10 @@ Run (about a minute on 2 CPU cores; add ``--torch`` to compare with torchvision)
 
     python experiments/benchmarks/roi_pool.py --out results/roi_pool.json
 
-float32 on CPU: random boxes (sides 16 to 400 px) on a (1, 38, 50, 256) map, a
-~600x800 image at stride 16, levels (6, 3, 2, 1), projection "sppnet". Times
+float32 on CPU, as users get it (the compiled CPU kernel, spp_jax/_native.py;
+the pure-JAX code is also timed at R = 2,000): random boxes (sides 16 to 400
+px) on a (1, 38, 50, 256) map, a ~600x800 image at stride 16, levels
+(6, 3, 2, 1), projection "sppnet". Times
 forward and forward+backward at R = 300, 2,000 and 10,000 boxes, the compile
 time, and XLA's memory estimate for the compiled op (arguments, outputs and
 temporaries). With torchvision installed, also times four calls of
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
+from spp_jax import _native
 
 LEVELS = (6, 3, 2, 1)
 SHAPE = (1, 38, 50, 256)
@@ -47,7 +50,13 @@ def _time(fn, reps: int) -> float:
     return float(np.median(ts))
 
 
-def bench_jax(r: int, reps: int) -> dict:
+def bench_jax(r: int, reps: int, kernels: bool = True) -> dict:
+    """spp_jax times; ``kernels=False`` times the pure-JAX code (what GPU/TPU run)."""
+    with _native.forced(kernels and _native.available()):
+        return _bench_jax(r, reps)
+
+
+def _bench_jax(r: int, reps: int) -> dict:
     x = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE, np.float32))
     b = jnp.asarray(boxes(r))
     fwd = jax.jit(lambda x, b: spp_jax.roi_pyramid_pool(x, b, levels=LEVELS))
@@ -108,6 +117,7 @@ def main() -> None:
             old = res.get(r, got)
             res[r] = {k: min(v, old[k]) if v is not None else None for k, v in got.items()}
             print(f"measured R={r}", flush=True)
+    pure = bench_jax(2000, args.reps, kernels=False)
     tv = bench_torchvision(2000, args.reps) if args.torch else None
     print(
         f"{'R':>6} | {'fwd ms':>8} | {'boxes/s':>9} | {'fwd+bwd ms':>10} | {'compile s':>9} | "
@@ -120,6 +130,10 @@ def main() -> None:
             f"{r:>6} | {j['fwd_s'] * 1e3:8.1f} | {r / j['fwd_s']:9.0f} | "
             f"{j['fwd_bwd_s'] * 1e3:10.1f} | {j['compile_fwd_s']:9.2f} | {mf:14.1f} | {mb:18.1f}"
         )
+    print(
+        f"pure-JAX code (what GPU/TPU run) at R=2000: fwd {pure['fwd_s'] * 1e3:.1f} ms, "
+        f"fwd+bwd {pure['fwd_bwd_s'] * 1e3:.1f} ms"
+    )
     if tv:
         j = res[2000]
         print(
@@ -129,7 +143,18 @@ def main() -> None:
         )
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"shape": SHAPE, "levels": LEVELS, "jax": res, "torchvision": tv}, f, indent=1)
+        json.dump(
+            {
+                "shape": SHAPE,
+                "levels": LEVELS,
+                "cpu_kernels": _native.available(),
+                "jax": res,
+                "pure_jax_r2000": pure,
+                "torchvision": tv,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {args.out}")
 
 

@@ -5,14 +5,17 @@ Run (a few minutes on 2 CPU cores):
     python experiments/benchmarks/spp_layer.py --out results/spp_layer.json
 
 float32 on CPU, levels (6, 3, 2, 1). For each (B, H, W, C) it times, in one run:
-spp_jax forward and forward+backward (jit), PyTorch's pyramid of
-``adaptive_max_pool2d`` on channels_last tensors (if torch is installed: the
-``bench`` extra), and the floor, one global max over the same array (the cost of
-reading x once). Each time is the 25th percentile of repeated calls; the whole
-set is measured ``--rounds`` times, interleaved, and the best round kept for
-every contender alike (this machine's timings drift between runs). Also times
-``mode="avg"`` and a padded batch with ``valid_sizes``. Prints a table of ratios
-and writes JSON.
+spp_jax forward and forward+backward (jit) as users get it (the compiled CPU
+kernel, see spp_jax/_native.py) and with the pure-JAX code that GPU and TPU run;
+PyTorch's pyramid of ``adaptive_max_pool2d`` on channels_last tensors (if torch
+is installed: the ``bench`` extra); and the floor, one global max over the same
+array (the cost of reading x once). The backward pass gets its cotangent as an
+argument, as in training (a constant one would be folded into the program).
+Each time is the 25th percentile of repeated calls; the whole set is measured
+``--rounds`` times, interleaved, and the best round kept for every contender
+alike (this machine's timings drift between runs). Also times ``mode="avg"``
+and a padded batch with ``valid_sizes``. Prints a table of ratios and writes
+JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
+from spp_jax import _native
 
 SHAPES = [(32, 13, 13, 256), (32, 10, 10, 256), (8, 38, 50, 256), (64, 7, 7, 512)]
 LEVELS = (6, 3, 2, 1)
@@ -43,8 +47,16 @@ def _time(fn, reps: int) -> float:
     return float(np.percentile(times, 25))
 
 
-def bench_jax(shape, reps):
-    """spp_jax forward, forward+backward, floor and compile times."""
+def bench_jax(shape, reps, kernels=True):
+    """spp_jax forward, forward+backward, floor and compile times.
+
+    ``kernels=False`` times the pure-JAX code (what GPU and TPU run) on CPU.
+    """
+    with _native.forced(kernels and _native.available()):
+        return _bench_jax(shape, reps)
+
+
+def _bench_jax(shape, reps):
     x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
     cot = jnp.asarray(
         np.random.default_rng(1).standard_normal(
@@ -52,38 +64,44 @@ def bench_jax(shape, reps):
         )
     )
     fwd = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, LEVELS))
-    fb = jax.jit(jax.grad(lambda x: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS) * cot)))
+    fb = jax.jit(jax.grad(lambda x, c: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS) * c)))
     floor = jax.jit(jnp.max)
     t0 = time.perf_counter()
     fwd.lower(x).compile()
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fb.lower(x).compile()
+    fb.lower(x, cot).compile()
     compile_fb_s = time.perf_counter() - t0
     sizes = jnp.asarray(np.stack([np.full(shape[0], shape[1]), np.full(shape[0], shape[2])], 1))
     sizes = sizes - jnp.arange(shape[0])[:, None] % 3  # mixed true sizes
     fwd_pad = jax.jit(lambda x, s: spp_jax.spatial_pyramid_pool(x, LEVELS, valid_sizes=s))
     fb_pad = jax.jit(
-        jax.grad(lambda x, s: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS, valid_sizes=s) * cot))
+        jax.grad(
+            lambda x, s, c: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS, valid_sizes=s) * c)
+        )
     )
     fwd_avg = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, LEVELS, mode="avg"))
     # Squared, so that the backward pass needs the forward values (a linear loss
     # would let XLA skip the forward pass entirely).
     fb_avg = jax.jit(
-        jax.grad(lambda x: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS, mode="avg") ** 2 * cot))
+        jax.grad(lambda x, c: jnp.sum(spp_jax.spatial_pyramid_pool(x, LEVELS, mode="avg") ** 2 * c))
     )
     few = max(reps // 4, 5)
     return {
         "floor": _time(lambda: floor(x).block_until_ready(), reps),
         "fwd": _time(lambda: fwd(x).block_until_ready(), reps),
-        "fwd_bwd": _time(lambda: fb(x).block_until_ready(), few),
+        "fwd_bwd": _time(lambda: fb(x, cot).block_until_ready(), few),
         "fwd_valid_sizes": _time(lambda: fwd_pad(x, sizes).block_until_ready(), few),
-        "fwd_bwd_valid_sizes": _time(lambda: fb_pad(x, sizes).block_until_ready(), few),
+        "fwd_bwd_valid_sizes": _time(lambda: fb_pad(x, sizes, cot).block_until_ready(), few),
         "fwd_avg": _time(lambda: fwd_avg(x).block_until_ready(), few),
-        "fwd_bwd_avg": _time(lambda: fb_avg(x).block_until_ready(), few),
+        "fwd_bwd_avg": _time(lambda: fb_avg(x, cot).block_until_ready(), few),
         "compile_fwd_s": compile_s,
         "compile_fwd_bwd_s": compile_fb_s,
     }
+
+
+def bench_pure_jax(shape, reps):
+    return bench_jax(shape, reps, kernels=False)
 
 
 def bench_torch(shape, reps):
@@ -121,7 +139,11 @@ def main():
     best: dict = {}
     for r in range(args.rounds):
         for shape in SHAPES:
-            for who, fn in (("jax", bench_jax), ("torch", bench_torch)):
+            for who, fn in (
+                ("jax", bench_jax),
+                ("pure_jax", bench_pure_jax),
+                ("torch", bench_torch),
+            ):
                 got = fn(shape, args.reps)
                 if got is None:
                     best[(shape, who)] = None
@@ -129,7 +151,15 @@ def main():
                 old = best.get((shape, who)) or {}
                 best[(shape, who)] = {k: min(v, old.get(k, v)) for k, v in got.items()}
             print(f"round {r + 1}/{args.rounds}: measured {shape}", flush=True)
-    rows = [{"shape": s, "jax": best[(s, "jax")], "torch": best[(s, "torch")]} for s in SHAPES]
+    rows = [
+        {
+            "shape": s,
+            "jax": best[(s, "jax")],
+            "pure_jax": best[(s, "pure_jax")],
+            "torch": best[(s, "torch")],
+        }
+        for s in SHAPES
+    ]
     head = (
         f"{'(B,H,W,C)':>18} | {'fwd/floor':>9} | {'torch/fwd':>9} | {'fb/floor':>8} | "
         f"{'torch_fb/fb':>11} | {'fwd ms':>7} | {'fb ms':>7} | {'compile s':>9}"
@@ -145,6 +175,16 @@ def main():
             f"{j['fwd_bwd'] / j['floor']:8.1f} | {tfb} | {j['fwd'] * 1e3:7.3f} | "
             f"{j['fwd_bwd'] * 1e3:7.3f} | {j['compile_fwd_s']:9.2f}"
         )
+    print("\npure-JAX code (what GPU/TPU run), on this CPU:")
+    for r in rows:
+        p, t = r["pure_jax"], r["torch"]
+        tf = f"{t['fwd'] / p['fwd']:.2f}" if t else "n/a"
+        tfb = f"{t['fwd_bwd'] / p['fwd_bwd']:.2f}" if t else "n/a"
+        print(
+            f"{tuple(r['shape'])!s:>18} | fwd/floor {p['fwd'] / p['floor']:5.2f} | "
+            f"torch/fwd {tf} | torch_fb/fb {tfb} | fwd {p['fwd'] * 1e3:7.3f} ms | "
+            f"fb {p['fwd_bwd'] * 1e3:7.3f} ms"
+        )
     print("\nother modes, ms (forward / forward+backward):")
     for r in rows:
         j = r["jax"]
@@ -154,6 +194,7 @@ def main():
             f"{j['fwd_bwd_avg'] * 1e3:7.3f} | fwd+bwd compile {j['compile_fwd_bwd_s']:.2f} s"
         )
     meta = {
+        "cpu_kernels": _native.available(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "cpu": platform.processor() or platform.machine(),

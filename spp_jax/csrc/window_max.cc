@@ -1,0 +1,505 @@
+// CPU kernels for spp_jax: max pooling of the pyramid bins of rectangular
+// windows, and its gradient. Called from JAX through the XLA FFI;
+// spp_jax/_native.py compiles this file once per machine and falls back to the
+// pure-JAX code where it cannot.
+//
+// One kernel serves both public ops: spatial_pyramid_pool (window r is example
+// r, its bins static or per-example adaptive) and roi_pyramid_pool (window r is
+// box r on batch element bidx[r]). JAX computes every bin's cell range and
+// passes them as int32 bounds, separable per level:
+//   rows (R, sum_l n_h[l], 2): [start, end) of each row bin of each level,
+//   cols (R, sum_l n_w[l], 2): the same for columns.
+// Output bin k of window r runs over levels, then row bins, then column bins,
+// so out (R, NB, C), NB = sum_l n_h[l] * n_w[l], is spp_jax's flattened layout.
+//
+// A level l with base[l] >= 0 is reduced from the outputs of level base[l]
+// (which is reduced from the input): its bin (i, j) is the union of the base
+// bins p in cover rows [lo, hi) and q in cover cols [lo, hi). That holds for
+// adaptive bins whenever the coarse count divides the fine one, as in
+// (6, 3, 2, 1), and cuts the work on large maps several times.
+//
+// Semantics (the pure-JAX path's, PyTorch's and torchvision's): a bin's value is
+// its maximum; its gradient goes to one cell, the FIRST maximum in row-major
+// order (its "key" h * W + w); a NaN counts as larger than any number and the
+// first NaN wins. Bounds are clipped into the map; a bin left empty gives 0 and
+// no gradient.
+//
+// The gradient kernel recomputes the winners from x instead of saving them in
+// the forward pass: that costs one more pass over the bins but saves R * NB * C
+// int32 residuals (100 MB for 2,000 boxes of 256 channels) and their memory
+// traffic, which measured slower than the recomputation.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs body(lo, hi) over [0, n) in chunks of `grain`, on XLA's intra-op thread
+// pool and the calling thread. Chunks are claimed from an atomic counter, so the
+// caller only ever waits for chunks that some thread is already running: no
+// deadlock even when the pool is busy.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& body) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  if (helpers <= 0) {
+    body(0, n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, grain, chunks, &body]() {
+    for (;;) {
+      const int64_t c = state->next.fetch_add(1);
+      if (c >= chunks) return;
+      body(c * grain, std::min(n, (c + 1) * grain));
+      if (state->done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  // A helper that starts after every chunk is claimed returns at once without
+  // touching `body`, which may be gone by then; `state` is shared.
+  for (int64_t i = 0; i < helpers; ++i) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == chunks; });
+}
+
+inline int64_t Clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
+
+// 16-lane vectors (GCC/Clang vector extensions: one AVX-512 register, two AVX
+// ones, four NEON ones). The auto-vectoriser gave up on the NaN-aware selects.
+constexpr int64_t kLanes = 16;
+typedef float VF __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t VI __attribute__((vector_size(64), aligned(4), may_alias));
+
+inline VF LoadF(const float* p) { return *reinterpret_cast<const VF*>(p); }
+inline VI LoadI(const int32_t* p) { return *reinterpret_cast<const VI*>(p); }
+inline void Store(float* p, VF v) { *reinterpret_cast<VF*>(p) = v; }
+inline void Store(int32_t* p, VI v) { *reinterpret_cast<VI*>(p) = v; }
+
+// Does candidate v beat the running maximum m, visited in row-major order?
+// Larger wins, a NaN beats a number, ties keep the earlier candidate.
+inline VI Later(VF v, VF m) { return ~(v <= m) & (m == m); }
+inline bool Later(float v, float m) { return !(v <= m) && m == m; }
+
+// Does (v, kv) beat (m, km) when candidates come in no particular order?
+// Larger wins, a NaN beats a number, and equal values (or two NaNs) go to the
+// smaller key: the total order that makes the winner the first maximum.
+inline VI Beats(VF v, VI kv, VF m, VI km) {
+  const VI v_nan = v != v, m_nan = m != m, smaller = kv < km;
+  return (v_nan & (~m_nan | smaller)) | (~v_nan & ~m_nan & ((v > m) | ((v == m) & smaller)));
+}
+inline bool Beats(float v, int32_t kv, float m, int32_t km) {
+  const bool v_nan = v != v, m_nan = m != m;
+  if (v_nan) return !m_nan || kv < km;
+  return !m_nan && (v > m || (v == m && kv < km));
+}
+
+// NaN-propagating max (values only).
+inline VF Max(VF v, VF m) { return ((v > m) | (v != v)) ? v : m; }
+inline float Max(float v, float m) { return (v > m || v != v) ? v : m; }
+
+// Max (and first-max key) of the input cells [hs, he) x [ws, we) of one window,
+// channels [0, n) of `xb`, whose cells hold `x_stride` channels. The running
+// result stays in registers.
+template <bool kKeys>
+void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64_t n, int64_t hs,
+              int64_t he, int64_t ws, int64_t we, float* __restrict out,
+              int32_t* __restrict keys) {
+  const float* first = xb + (hs * w_len + ws) * x_stride;
+  const int32_t key0 = static_cast<int32_t>(hs * w_len + ws);
+  int64_t c = 0;
+  // kUnroll vectors at a time: one visit of a cell feeds several registers, which
+  // pays for the short loops over the few cells of a bin.
+  constexpr int64_t kUnroll = 4;
+  for (; c + kUnroll * kLanes <= n; c += kUnroll * kLanes) {
+    VF m[kUnroll];
+    VI k[kUnroll];
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      m[u] = LoadF(first + c + u * kLanes);
+      k[u] = VI{} + key0;
+    }
+    for (int64_t h = hs; h < he; ++h) {
+      for (int64_t w = (h == hs ? ws + 1 : ws); w < we; ++w) {
+        const float* p = xb + (h * w_len + w) * x_stride + c;
+        const VI cell = VI{} + static_cast<int32_t>(h * w_len + w);
+        for (int64_t u = 0; u < kUnroll; ++u) {
+          const VF v = LoadF(p + u * kLanes);
+          if (kKeys) {
+            const VI take = Later(v, m[u]);
+            m[u] = take ? v : m[u];
+            k[u] = take ? cell : k[u];
+          } else {
+            m[u] = Max(v, m[u]);
+          }
+        }
+      }
+    }
+    for (int64_t u = 0; u < kUnroll; ++u) {
+      Store(out + c + u * kLanes, m[u]);
+      if (kKeys) Store(keys + c + u * kLanes, k[u]);
+    }
+  }
+  for (; c + kLanes <= n; c += kLanes) {
+    VF m = LoadF(first + c);
+    VI k = VI{} + key0;
+    for (int64_t h = hs; h < he; ++h) {
+      for (int64_t w = (h == hs ? ws + 1 : ws); w < we; ++w) {
+        const VF v = LoadF(xb + (h * w_len + w) * x_stride + c);
+        if (kKeys) {
+          const VI take = Later(v, m);
+          m = take ? v : m;
+          k = take ? VI{} + static_cast<int32_t>(h * w_len + w) : k;
+        } else {
+          m = Max(v, m);
+        }
+      }
+    }
+    Store(out + c, m);
+    if (kKeys) Store(keys + c, k);
+  }
+  for (; c < n; ++c) {  // the last n mod 16 channels
+    float m = first[c];
+    int32_t k = key0;
+    for (int64_t h = hs; h < he; ++h) {
+      for (int64_t w = (h == hs ? ws + 1 : ws); w < we; ++w) {
+        const float v = xb[(h * w_len + w) * x_stride + c];
+        if (!kKeys) {
+          m = Max(v, m);
+        } else if (Later(v, m)) {
+          m = v;
+          k = static_cast<int32_t>(h * w_len + w);
+        }
+      }
+    }
+    out[c] = m;
+    if (kKeys) keys[c] = k;
+  }
+}
+
+// Max (and key) over base bins [ps, pe) x [qs, qe) of a base level with n_w
+// column bins, whose outputs (and keys) start at `base` (`base_keys`), n
+// channels per bin.
+template <bool kKeys>
+void BaseBin(const float* __restrict base, const int32_t* __restrict base_keys, int64_t n_w,
+             int64_t n, int64_t ps, int64_t pe, int64_t qs, int64_t qe, float* __restrict out,
+             int32_t* __restrict keys) {
+  const int64_t first = (ps * n_w + qs) * n;
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    VF m = LoadF(base + first + c);
+    VI k = kKeys ? LoadI(base_keys + first + c) : VI{};
+    for (int64_t p = ps; p < pe; ++p) {
+      for (int64_t q = (p == ps ? qs + 1 : qs); q < qe; ++q) {
+        const int64_t at = (p * n_w + q) * n + c;
+        const VF v = LoadF(base + at);
+        if (kKeys) {
+          const VI kv = LoadI(base_keys + at);
+          const VI take = Beats(v, kv, m, k);
+          m = take ? v : m;
+          k = take ? kv : k;
+        } else {
+          m = Max(v, m);
+        }
+      }
+    }
+    Store(out + c, m);
+    if (kKeys) Store(keys + c, k);
+  }
+  for (; c < n; ++c) {
+    float m = base[first + c];
+    int32_t k = kKeys ? base_keys[first + c] : 0;
+    for (int64_t p = ps; p < pe; ++p) {
+      for (int64_t q = (p == ps ? qs + 1 : qs); q < qe; ++q) {
+        const int64_t at = (p * n_w + q) * n + c;
+        if (!kKeys) {
+          m = Max(base[at], m);
+        } else if (Beats(base[at], base_keys[at], m, k)) {
+          m = base[at];
+          k = base_keys[at];
+        }
+      }
+    }
+    out[c] = m;
+    if (kKeys) keys[c] = k;
+  }
+}
+
+// The static description of the pyramid: per level its bin counts, its base
+// level (-1: reduced from the input) and, for levels with a base, the cover
+// ranges of base bins (n_h row pairs, then n_w column pairs; zeros otherwise).
+struct Pyramid {
+  ffi::Span<const int64_t> n_h, n_w, base, cover;
+  size_t size() const { return n_h.size(); }
+};
+
+// Where each level starts: its first output bin, row bin, column bin and cover
+// pair.
+struct Offsets {
+  int64_t bin, row, col, cover;
+};
+
+std::vector<Offsets> LevelOffsets(const Pyramid& pyr) {
+  std::vector<Offsets> off(pyr.size() + 1);
+  for (size_t l = 0; l < pyr.size(); ++l) {
+    off[l + 1] = {off[l].bin + pyr.n_h[l] * pyr.n_w[l], off[l].row + pyr.n_h[l],
+                  off[l].col + pyr.n_w[l], off[l].cover + 2 * (pyr.n_h[l] + pyr.n_w[l])};
+  }
+  return off;  // off[size()] holds the totals
+}
+
+ffi::Error CheckPyramid(const Pyramid& pyr, int64_t nh_all, int64_t nw_all) {
+  const size_t n = pyr.size();
+  if (n == 0 || pyr.n_w.size() != n || pyr.base.size() != n)
+    return ffi::Error::InvalidArgument("levels_h, levels_w and base must be equally long");
+  const std::vector<Offsets> off = LevelOffsets(pyr);
+  if (static_cast<int64_t>(pyr.cover.size()) != off[n].cover || off[n].row != nh_all ||
+      off[n].col != nw_all)
+    return ffi::Error::InvalidArgument("cover, rows or cols do not match the levels");
+  for (size_t l = 0; l < n; ++l) {
+    const int64_t b = pyr.base[l];
+    if (b >= static_cast<int64_t>(n) || (b >= 0 && pyr.base[b] != -1))
+      return ffi::Error::InvalidArgument("a level's base must be a level reduced from the input");
+    if (b < 0) continue;
+    const int64_t* cover = pyr.cover.begin() + off[l].cover;
+    for (int64_t i = 0; i < 2 * pyr.n_h[l]; ++i)
+      if (cover[i] < 0 || cover[i] > pyr.n_h[b]) return ffi::Error::InvalidArgument("bad cover");
+    for (int64_t i = 2 * pyr.n_h[l]; i < 2 * (pyr.n_h[l] + pyr.n_w[l]); ++i)
+      if (cover[i] < 0 || cover[i] > pyr.n_w[b]) return ffi::Error::InvalidArgument("bad cover");
+  }
+  return ffi::Error::Success();
+}
+
+// One window's bin bounds, clipped into the map.
+struct Bin {
+  int64_t hs, he, ws, we;
+  bool empty() const { return he <= hs || we <= ws; }
+};
+
+inline Bin BinOf(const int32_t* rows, const int32_t* cols, const Offsets& off, int64_t i, int64_t j,
+                 int64_t h_len, int64_t w_len) {
+  const int32_t* rb = rows + (off.row + i) * 2;
+  const int32_t* cb = cols + (off.col + j) * 2;
+  return {Clamp(rb[0], 0, h_len), Clamp(rb[1], 0, h_len), Clamp(cb[0], 0, w_len),
+          Clamp(cb[1], 0, w_len)};
+}
+
+// All bins of one window, channels [0, n) of xb (cells of x_stride channels),
+// into out (and keys): NB rows of n. Levels from the input come first, then
+// those from a base.
+template <bool kKeys>
+void PoolWindow(const float* xb, int64_t h_len, int64_t w_len, int64_t x_stride, int64_t n,
+                const int32_t* rows, const int32_t* cols, const Pyramid& pyr,
+                const std::vector<Offsets>& off, float* out, int32_t* keys) {
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t l = 0; l < pyr.size(); ++l) {
+      const int64_t base = pyr.base[l];
+      if ((pass == 0) != (base < 0)) continue;
+      const int64_t n_h = pyr.n_h[l], n_w = pyr.n_w[l];
+      const int64_t* cover = pyr.cover.begin() + off[l].cover;
+      for (int64_t i = 0; i < n_h; ++i) {
+        for (int64_t j = 0; j < n_w; ++j) {
+          const Bin bin = BinOf(rows, cols, off[l], i, j, h_len, w_len);
+          const int64_t k = off[l].bin + i * n_w + j;
+          float* o = out + k * n;
+          int32_t* ok = kKeys ? keys + k * n : nullptr;
+          if (bin.empty()) {
+            std::fill(o, o + n, 0.0f);
+            if (kKeys) std::fill(ok, ok + n, -1);
+          } else if (base < 0) {
+            InputBin<kKeys>(xb, w_len, x_stride, n, bin.hs, bin.he, bin.ws, bin.we, o, ok);
+          } else {
+            const int64_t* cr = cover + 2 * i;
+            const int64_t* cc = cover + 2 * n_h + 2 * j;
+            BaseBin<kKeys>(out + off[base].bin * n, kKeys ? keys + off[base].bin * n : nullptr,
+                           pyr.n_w[base], n, cr[0], cr[1], cc[0], cc[1], o, ok);
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error WindowMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> bidx,
+                     ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> cols,
+                     ffi::Span<const int64_t> levels_h, ffi::Span<const int64_t> levels_w,
+                     ffi::Span<const int64_t> base, ffi::Span<const int64_t> cover,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const Pyramid pyr{levels_h, levels_w, base, cover};
+  const int64_t nh_all = rows.dimensions()[1], nw_all = cols.dimensions()[1];
+  if (ffi::Error err = CheckPyramid(pyr, nh_all, nw_all); err.failure()) return err;
+  const auto xd = x.dimensions();
+  const int64_t b_len = xd[0], h_len = xd[1], w_len = xd[2], c_len = xd[3];
+  const std::vector<Offsets> off = LevelOffsets(pyr);
+  const int64_t nb = off[pyr.size()].bin;
+  const float* xp = x.typed_data();
+  const int32_t* bp = bidx.typed_data();
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = cols.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, bidx.element_count(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = Clamp(bp[r], 0, b_len - 1);
+      PoolWindow<false>(xp + b * h_len * w_len * c_len, h_len, w_len, c_len, c_len,
+                        rp + r * nh_all * 2, cp + r * nw_all * 2, pyr, off, op + r * nb * c_len,
+                        nullptr);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// o += g where k == cell: the cotangents of the bins whose winner is `cell`.
+inline void AddWhere(float* __restrict o, const float* __restrict g, const int32_t* __restrict k,
+                     int32_t cell, int64_t n) {
+  int64_t c = 0;
+  const VI cell_v = VI{} + cell;
+  for (; c + kLanes <= n; c += kLanes) {
+    Store(o + c, LoadF(o + c) + (LoadI(k + c) == cell_v ? LoadF(g + c) : VF{}));
+  }
+  for (; c < n; ++c) o[c] += k[c] == cell ? g[c] : 0.0f;
+}
+
+// Bins of up to this many cells add their cotangents by the vectorised masked
+// add over their cells; larger ones scatter (n scalar additions whatever the
+// bin's size). Measured on CPU: the masked add wins for small bins.
+constexpr int64_t kMaskedAddCells = 8;
+
+struct GradArgs {
+  const float* x;
+  const float* g;
+  const int32_t* bidx;
+  const int32_t* rows;
+  const int32_t* cols;
+  int64_t r_len, nh_all, nw_all;
+  Pyramid pyr;
+  std::vector<Offsets> off;
+  int64_t b_len, h_len, w_len, c_len;
+  float* gx;
+};
+
+// For the windows r with bidx[r] in [b0, b1): finds the winners of channels
+// [c0, c1) of every bin and adds the bins' cotangents there, into gx (zeroed
+// beforehand).
+void GradPart(const GradArgs& a, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
+  const int64_t h_len = a.h_len, w_len = a.w_len, c_len = a.c_len, n = c1 - c0;
+  const int64_t nb = a.off[a.pyr.size()].bin;
+  std::vector<float> values(nb * n);
+  std::vector<int32_t> keys(nb * n);
+  for (int64_t r = 0; r < a.r_len; ++r) {
+    const int64_t b = Clamp(a.bidx[r], 0, a.b_len - 1);
+    if (b < b0 || b >= b1) continue;
+    const int32_t* rows = a.rows + r * a.nh_all * 2;
+    const int32_t* cols = a.cols + r * a.nw_all * 2;
+    const int64_t image = b * h_len * w_len * c_len;
+    PoolWindow<true>(a.x + image + c0, h_len, w_len, c_len, n, rows, cols, a.pyr, a.off,
+                     values.data(), keys.data());
+    float* ob = a.gx + image + c0;
+    for (size_t l = 0; l < a.pyr.size(); ++l) {
+      for (int64_t i = 0; i < a.pyr.n_h[l]; ++i) {
+        for (int64_t j = 0; j < a.pyr.n_w[l]; ++j) {
+          const Bin bin = BinOf(rows, cols, a.off[l], i, j, h_len, w_len);
+          if (bin.empty()) continue;
+          const int64_t k = a.off[l].bin + i * a.pyr.n_w[l] + j;
+          const float* gr = a.g + (r * nb + k) * c_len + c0;
+          const int32_t* kr = keys.data() + k * n;
+          if ((bin.he - bin.hs) * (bin.we - bin.ws) <= kMaskedAddCells) {
+            for (int64_t h = bin.hs; h < bin.he; ++h) {
+              for (int64_t w = bin.ws; w < bin.we; ++w) {
+                const int32_t cell = static_cast<int32_t>(h * w_len + w);
+                AddWhere(ob + cell * c_len, gr, kr, cell, n);
+              }
+            }
+          } else {
+            for (int64_t c = 0; c < n; ++c) ob[kr[c] * c_len + c] += gr[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Gradient of WindowMax with respect to x, given the cotangent g (R, NB, C).
+// Threads split the batch elements (several per thread, as in
+// spatial_pyramid_pool) or else the channels (roi_pyramid_pool on one image),
+// so no two write one value and the additions always run in the same order:
+// the result is deterministic.
+ffi::Error WindowMaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                         ffi::Buffer<ffi::S32> bidx, ffi::Buffer<ffi::S32> rows,
+                         ffi::Buffer<ffi::S32> cols, ffi::Span<const int64_t> levels_h,
+                         ffi::Span<const int64_t> levels_w, ffi::Span<const int64_t> base,
+                         ffi::Span<const int64_t> cover, ffi::ResultBuffer<ffi::F32> gx) {
+  const Pyramid pyr{levels_h, levels_w, base, cover};
+  const int64_t nh_all = rows.dimensions()[1], nw_all = cols.dimensions()[1];
+  if (ffi::Error err = CheckPyramid(pyr, nh_all, nw_all); err.failure()) return err;
+  const auto xd = x.dimensions();
+  const GradArgs a{x.typed_data(), g.typed_data(), bidx.typed_data(), rows.typed_data(),
+                   cols.typed_data(), static_cast<int64_t>(bidx.element_count()), nh_all, nw_all, pyr,
+                   LevelOffsets(pyr), xd[0], xd[1], xd[2], xd[3], gx->typed_data()};
+  const int64_t image = a.h_len * a.w_len * a.c_len;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 0) + 1;
+  if (a.b_len >= 2 * threads) {
+    ParallelFor(pool, a.b_len, 1, [&](int64_t b0, int64_t b1) {
+      std::fill(a.gx + b0 * image, a.gx + b1 * image, 0.0f);
+      GradPart(a, b0, b1, 0, a.c_len);
+    });
+    return ffi::Error::Success();
+  }
+  ParallelFor(pool, a.b_len * image, 1 << 16,
+              [&](int64_t lo, int64_t hi) { std::fill(a.gx + lo, a.gx + hi, 0.0f); });
+  // About one chunk of whole vectors per thread.
+  const int64_t grain = std::max<int64_t>(
+      kLanes, ((a.c_len + threads - 1) / threads + kLanes - 1) / kLanes * kLanes);
+  ParallelFor(pool, a.c_len, grain,
+              [&](int64_t c0, int64_t c1) { GradPart(a, 0, a.b_len, c0, c1); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMax, WindowMax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // bidx (R,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows (R, NH, 2)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cols (R, NW, 2)
+                                  .Attr<ffi::Span<const int64_t>>("levels_h")
+                                  .Attr<ffi::Span<const int64_t>>("levels_w")
+                                  .Attr<ffi::Span<const int64_t>>("base")
+                                  .Attr<ffi::Span<const int64_t>>("cover")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // (R, NB, C)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMaxGrad, WindowMaxGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g (R, NB, C)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // bidx (R,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows (R, NH, 2)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cols (R, NW, 2)
+                                  .Attr<ffi::Span<const int64_t>>("levels_h")
+                                  .Attr<ffi::Span<const int64_t>>("levels_w")
+                                  .Attr<ffi::Span<const int64_t>>("base")
+                                  .Attr<ffi::Span<const int64_t>>("cover")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // (B, H, W, C)
