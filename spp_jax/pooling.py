@@ -74,6 +74,26 @@ Carry = tuple[jax.Array, ...]
 # --------------------------------------------------------------------------------------
 
 
+def _covers(bins, levels: tuple[Level, ...], fine: int, coarse: int, dynamic: bool):
+    """Each bin of level ``coarse`` as runs ``(rows, cols)`` of level ``fine``'s
+    bins, or None where some coarse bin is not such a union (then max pooling
+    cannot build the coarse level from the fine one)."""
+    if dynamic:
+        # The bins move with each example's size: use the size-independent
+        # rule (coarse count divides fine count, adaptive bins).
+        (fh, fw), (ch, cw) = levels[fine], levels[coarse]
+        if fh % ch or fw % cw:
+            return None
+        kh, kw = fh // ch, fw // cw
+        return (
+            tuple((i * kh, (i + 1) * kh) for i in range(ch)),
+            tuple((j * kw, (j + 1) * kw) for j in range(cw)),
+        )
+    rows = geometry.cover_ranges(bins[fine].rows, bins[coarse].rows)
+    cols = geometry.cover_ranges(bins[fine].cols, bins[coarse].cols)
+    return None if rows is None or cols is None else (rows, cols)
+
+
 @functools.lru_cache(maxsize=1024)
 def _plan(h: int, w: int, levels: tuple[Level, ...], rule: str, mode: str, dynamic: bool):
     """Static reduction plan for one shape bucket.
@@ -86,22 +106,7 @@ def _plan(h: int, w: int, levels: tuple[Level, ...], rule: str, mode: str, dynam
     bins = geometry._pyramid_bins(h, w, levels, rule)
 
     def covers(fine: int, coarse: int):
-        if mode != "max":
-            return None
-        if dynamic:
-            # The bins move with each example's size: use the size-independent
-            # rule (coarse count divides fine count, adaptive bins).
-            (fh, fw), (ch, cw) = levels[fine], levels[coarse]
-            if fh % ch or fw % cw:
-                return None
-            kh, kw = fh // ch, fw // cw
-            return (
-                tuple((i * kh, (i + 1) * kh) for i in range(ch)),
-                tuple((j * kw, (j + 1) * kw) for j in range(cw)),
-            )
-        rows = geometry.cover_ranges(bins[fine].rows, bins[coarse].rows)
-        cols = geometry.cover_ranges(bins[fine].cols, bins[coarse].cols)
-        return None if rows is None or cols is None else (rows, cols)
+        return None if mode != "max" else _covers(bins, levels, fine, coarse, dynamic)
 
     base, best = None, 0
     order = sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
@@ -119,6 +124,27 @@ def _plan(h: int, w: int, levels: tuple[Level, ...], rule: str, mode: str, dynam
         else:
             steps.append(("input", lb.rows, lb.cols))
     return base, tuple(steps)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kernel_pyramid(h: int, w: int, levels: tuple[Level, ...], rule: str, dynamic: bool):
+    """The CPU kernel's plan: each level is reduced from the covering level that
+    needs the fewest reads (chains allowed, e.g. 1x1 from 2x2 from 6x6), or from
+    the input where that reads less. ``dynamic``: bins that move with each
+    window's size (valid_sizes, RoI windows), costed at the full ``h x w``."""
+    bins = geometry._pyramid_bins(h, w, levels, rule)
+    steps: list = []
+    for i, lb in enumerate(bins):
+        best, best_cost = None, sum(e - s for s, e in lb.rows) * sum(e - s for s, e in lb.cols)
+        for f, (fh, fw) in enumerate(levels):
+            cover = _covers(bins, levels, f, i, dynamic) if fh * fw > lb.n_h * lb.n_w else None
+            if cover is None:
+                continue
+            cost = sum(e - s for s, e in cover[0]) * sum(e - s for s, e in cover[1])
+            if cost < best_cost:
+                best, best_cost = (f, *cover), cost
+        steps.append(best)
+    return _native.pyramid(levels, steps)
 
 
 def _windows(length: int, n: int) -> Ranges:
@@ -643,8 +669,7 @@ def spatial_pyramid_pool(
 
     def cpu_kernel(x):
         rows, cols = _bin_bounds(h, w, lv, rule, sizes, b)
-        steps = [(plan[0], r, c) if src == "base" else None for src, r, c in plan[1]]
-        pyr = _native.pyramid(lv, steps)
+        pyr = _kernel_pyramid(h, w, lv, rule, sizes is not None)
         flat = _native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)
 

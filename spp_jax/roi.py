@@ -40,7 +40,7 @@ from jax import lax
 
 from spp_jax import _native
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _plan
+from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _kernel_pyramid
 
 PROJECTIONS = ("sppnet", "roi_pool")
 SCALES = (480, 576, 688, 864, 1200)
@@ -483,11 +483,10 @@ def roi_pyramid_pool(
         cols = _native.bounds([ws for _, (ws, _) in bins], [we for _, (_, we) in bins])
         # sppnet windows have adaptive bins (never empty): a coarse level whose
         # count divides a finer one's is reduced from that level's bins.
-        steps = None
         if projection == "sppnet":
-            base, plan = _plan(h, w, lv, "adaptive", "max", True)
-            steps = [(base, r, c) if src == "base" else None for src, r, c in plan]
-        pyr = _native.pyramid(lv, steps or [None] * len(lv))
+            pyr = _kernel_pyramid(h, w, lv, "adaptive", True)
+        else:
+            pyr = _native.pyramid(lv, [None] * len(lv))
         flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr)
         if valid is not None:
             flat = jnp.where(valid[:, None, None], flat, 0.0)

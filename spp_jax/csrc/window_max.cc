@@ -36,6 +36,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -98,32 +102,85 @@ inline VI LoadI(const int32_t* p) { return *reinterpret_cast<const VI*>(p); }
 inline void Store(float* p, VF v) { *reinterpret_cast<VF*>(p) = v; }
 inline void Store(int32_t* p, VI v) { *reinterpret_cast<VI*>(p) = v; }
 
+// The comparisons below come in two versions: kNaN = true for windows that hold
+// a NaN (a NaN counts as larger than any number), kNaN = false for the usual
+// NaN-free windows, where they are plain comparisons and about half the work.
+
 // Does candidate v beat the running maximum m, visited in row-major order?
 // Larger wins, a NaN beats a number, ties keep the earlier candidate.
-inline VI Later(VF v, VF m) { return ~(v <= m) & (m == m); }
-inline bool Later(float v, float m) { return !(v <= m) && m == m; }
+template <bool kNaN>
+inline VI Later(VF v, VF m) {
+  if (kNaN) return ~(v <= m) & (m == m);
+  return v > m;
+}
+template <bool kNaN>
+inline bool Later(float v, float m) {
+  return kNaN ? (!(v <= m) && m == m) : v > m;
+}
 
 // Does (v, kv) beat (m, km) when candidates come in no particular order?
 // Larger wins, a NaN beats a number, and equal values (or two NaNs) go to the
 // smaller key: the total order that makes the winner the first maximum.
+template <bool kNaN>
 inline VI Beats(VF v, VI kv, VF m, VI km) {
-  const VI v_nan = v != v, m_nan = m != m, smaller = kv < km;
+  const VI smaller = kv < km;
+  if (!kNaN) return (v > m) | ((v == m) & smaller);
+  const VI v_nan = v != v, m_nan = m != m;
   return (v_nan & (~m_nan | smaller)) | (~v_nan & ~m_nan & ((v > m) | ((v == m) & smaller)));
 }
+template <bool kNaN>
 inline bool Beats(float v, int32_t kv, float m, int32_t km) {
-  const bool v_nan = v != v, m_nan = m != m;
+  const bool v_nan = kNaN && v != v, m_nan = kNaN && m != m;
   if (v_nan) return !m_nan || kv < km;
   return !m_nan && (v > m || (v == m && kv < km));
 }
 
-// NaN-propagating max (values only).
-inline VF Max(VF v, VF m) { return ((v > m) | (v != v)) ? v : m; }
-inline float Max(float v, float m) { return (v > m || v != v) ? v : m; }
+// Max, NaN-propagating where kNaN (values only). Without NaN it is `v > m ? v
+// : m`, which is exactly x86's maxps(v, m): one instruction where the compiler
+// would emit a compare and a blend.
+template <bool kNaN>
+inline VF Max(VF v, VF m) {
+  if (kNaN) return ((v > m) | (v != v)) ? v : m;
+#if defined(__AVX512F__)
+  return reinterpret_cast<VF>(_mm512_max_ps(reinterpret_cast<__m512>(v),
+                                            reinterpret_cast<__m512>(m)));
+#else
+  return v > m ? v : m;
+#endif
+}
+template <bool kNaN>
+inline float Max(float v, float m) {
+  return (v > m || (kNaN && v != v)) ? v : m;
+}
+
+// Might channels [0, n) of the cells [hs, he) x [ws, we) hold a NaN? Sums them:
+// a NaN makes the sum NaN. (So do +inf and -inf together, or an overflow to
+// both; then the caller just takes the NaN-aware path, which is always right.)
+inline bool MaybeNaN(const float* xb, int64_t w_len, int64_t x_stride, int64_t n, int64_t hs,
+                     int64_t he, int64_t ws, int64_t we) {
+  VF acc[4] = {};  // four independent sums, so the additions pipeline
+  float tail = 0.0f;
+  for (int64_t h = hs; h < he; ++h) {
+    for (int64_t w = ws; w < we; ++w) {
+      const float* p = xb + (h * w_len + w) * x_stride;
+      int64_t c = 0;
+      for (; c + 4 * kLanes <= n; c += 4 * kLanes) {
+        for (int64_t u = 0; u < 4; ++u) acc[u] += LoadF(p + c + u * kLanes);
+      }
+      for (; c + kLanes <= n; c += kLanes) acc[0] += LoadF(p + c);
+      for (; c < n; ++c) tail += p[c];
+    }
+  }
+  const VF sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  bool nan = tail != tail;
+  for (int64_t i = 0; i < kLanes; ++i) nan |= sum[i] != sum[i];
+  return nan;
+}
 
 // Max (and first-max key) of the input cells [hs, he) x [ws, we) of one window,
 // channels [0, n) of `xb`, whose cells hold `x_stride` channels. The running
 // result stays in registers.
-template <bool kKeys>
+template <bool kKeys, bool kNaN>
 void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64_t n, int64_t hs,
               int64_t he, int64_t ws, int64_t we, float* __restrict out,
               int32_t* __restrict keys) {
@@ -147,11 +204,11 @@ void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64
         for (int64_t u = 0; u < kUnroll; ++u) {
           const VF v = LoadF(p + u * kLanes);
           if (kKeys) {
-            const VI take = Later(v, m[u]);
+            const VI take = Later<kNaN>(v, m[u]);
             m[u] = take ? v : m[u];
             k[u] = take ? cell : k[u];
           } else {
-            m[u] = Max(v, m[u]);
+            m[u] = Max<kNaN>(v, m[u]);
           }
         }
       }
@@ -168,11 +225,11 @@ void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64
       for (int64_t w = (h == hs ? ws + 1 : ws); w < we; ++w) {
         const VF v = LoadF(xb + (h * w_len + w) * x_stride + c);
         if (kKeys) {
-          const VI take = Later(v, m);
+          const VI take = Later<kNaN>(v, m);
           m = take ? v : m;
           k = take ? VI{} + static_cast<int32_t>(h * w_len + w) : k;
         } else {
-          m = Max(v, m);
+          m = Max<kNaN>(v, m);
         }
       }
     }
@@ -186,8 +243,8 @@ void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64
       for (int64_t w = (h == hs ? ws + 1 : ws); w < we; ++w) {
         const float v = xb[(h * w_len + w) * x_stride + c];
         if (!kKeys) {
-          m = Max(v, m);
-        } else if (Later(v, m)) {
+          m = Max<kNaN>(v, m);
+        } else if (Later<kNaN>(v, m)) {
           m = v;
           k = static_cast<int32_t>(h * w_len + w);
         }
@@ -201,7 +258,7 @@ void InputBin(const float* __restrict xb, int64_t w_len, int64_t x_stride, int64
 // Max (and key) over base bins [ps, pe) x [qs, qe) of a base level with n_w
 // column bins, whose outputs (and keys) start at `base` (`base_keys`), n
 // channels per bin.
-template <bool kKeys>
+template <bool kKeys, bool kNaN>
 void BaseBin(const float* __restrict base, const int32_t* __restrict base_keys, int64_t n_w,
              int64_t n, int64_t ps, int64_t pe, int64_t qs, int64_t qe, float* __restrict out,
              int32_t* __restrict keys) {
@@ -216,11 +273,11 @@ void BaseBin(const float* __restrict base, const int32_t* __restrict base_keys, 
         const VF v = LoadF(base + at);
         if (kKeys) {
           const VI kv = LoadI(base_keys + at);
-          const VI take = Beats(v, kv, m, k);
+          const VI take = Beats<kNaN>(v, kv, m, k);
           m = take ? v : m;
           k = take ? kv : k;
         } else {
-          m = Max(v, m);
+          m = Max<kNaN>(v, m);
         }
       }
     }
@@ -234,8 +291,8 @@ void BaseBin(const float* __restrict base, const int32_t* __restrict base_keys, 
       for (int64_t q = (p == ps ? qs + 1 : qs); q < qe; ++q) {
         const int64_t at = (p * n_w + q) * n + c;
         if (!kKeys) {
-          m = Max(base[at], m);
-        } else if (Beats(base[at], base_keys[at], m, k)) {
+          m = Max<kNaN>(base[at], m);
+        } else if (Beats<kNaN>(base[at], base_keys[at], m, k)) {
           m = base[at];
           k = base_keys[at];
         }
@@ -260,29 +317,47 @@ struct Offsets {
   int64_t bin, row, col, cover;
 };
 
-std::vector<Offsets> LevelOffsets(const Pyramid& pyr) {
-  std::vector<Offsets> off(pyr.size() + 1);
+// Per level offsets (plus the totals at [size()]) and an order of computation
+// in which every level comes after its base.
+struct Layout {
+  std::vector<Offsets> off;
+  std::vector<size_t> order;
+};
+
+Layout MakeLayout(const Pyramid& pyr) {
+  Layout lay;
+  lay.off.resize(pyr.size() + 1);
   for (size_t l = 0; l < pyr.size(); ++l) {
-    off[l + 1] = {off[l].bin + pyr.n_h[l] * pyr.n_w[l], off[l].row + pyr.n_h[l],
-                  off[l].col + pyr.n_w[l], off[l].cover + 2 * (pyr.n_h[l] + pyr.n_w[l])};
+    const Offsets& o = lay.off[l];
+    lay.off[l + 1] = {o.bin + pyr.n_h[l] * pyr.n_w[l], o.row + pyr.n_h[l], o.col + pyr.n_w[l],
+                      o.cover + 2 * (pyr.n_h[l] + pyr.n_w[l])};
   }
-  return off;  // off[size()] holds the totals
+  std::vector<bool> done(pyr.size(), false);
+  for (size_t pass = 0; pass < pyr.size(); ++pass) {
+    for (size_t l = 0; l < pyr.size(); ++l) {
+      const int64_t b = pyr.base[l];
+      if (!done[l] && (b < 0 || (b < static_cast<int64_t>(pyr.size()) && done[b]))) {
+        done[l] = true;
+        lay.order.push_back(l);
+      }
+    }
+  }
+  return lay;  // order is shorter than size() if the bases form a cycle
 }
 
-ffi::Error CheckPyramid(const Pyramid& pyr, int64_t nh_all, int64_t nw_all) {
+ffi::Error CheckPyramid(const Pyramid& pyr, const Layout& lay, int64_t nh_all, int64_t nw_all) {
   const size_t n = pyr.size();
   if (n == 0 || pyr.n_w.size() != n || pyr.base.size() != n)
     return ffi::Error::InvalidArgument("levels_h, levels_w and base must be equally long");
-  const std::vector<Offsets> off = LevelOffsets(pyr);
-  if (static_cast<int64_t>(pyr.cover.size()) != off[n].cover || off[n].row != nh_all ||
-      off[n].col != nw_all)
+  if (static_cast<int64_t>(pyr.cover.size()) != lay.off[n].cover || lay.off[n].row != nh_all ||
+      lay.off[n].col != nw_all)
     return ffi::Error::InvalidArgument("cover, rows or cols do not match the levels");
+  if (lay.order.size() != n)
+    return ffi::Error::InvalidArgument("the levels' bases must not form a cycle");
   for (size_t l = 0; l < n; ++l) {
     const int64_t b = pyr.base[l];
-    if (b >= static_cast<int64_t>(n) || (b >= 0 && pyr.base[b] != -1))
-      return ffi::Error::InvalidArgument("a level's base must be a level reduced from the input");
     if (b < 0) continue;
-    const int64_t* cover = pyr.cover.begin() + off[l].cover;
+    const int64_t* cover = pyr.cover.begin() + lay.off[l].cover;
     for (int64_t i = 0; i < 2 * pyr.n_h[l]; ++i)
       if (cover[i] < 0 || cover[i] > pyr.n_h[b]) return ffi::Error::InvalidArgument("bad cover");
     for (int64_t i = 2 * pyr.n_h[l]; i < 2 * (pyr.n_h[l] + pyr.n_w[l]); ++i)
@@ -306,38 +381,61 @@ inline Bin BinOf(const int32_t* rows, const int32_t* cols, const Offsets& off, i
 }
 
 // All bins of one window, channels [0, n) of xb (cells of x_stride channels),
-// into out (and keys): NB rows of n. Levels from the input come first, then
-// those from a base.
-template <bool kKeys>
-void PoolWindow(const float* xb, int64_t h_len, int64_t w_len, int64_t x_stride, int64_t n,
-                const int32_t* rows, const int32_t* cols, const Pyramid& pyr,
-                const std::vector<Offsets>& off, float* out, int32_t* keys) {
-  for (int pass = 0; pass < 2; ++pass) {
-    for (size_t l = 0; l < pyr.size(); ++l) {
-      const int64_t base = pyr.base[l];
-      if ((pass == 0) != (base < 0)) continue;
-      const int64_t n_h = pyr.n_h[l], n_w = pyr.n_w[l];
-      const int64_t* cover = pyr.cover.begin() + off[l].cover;
-      for (int64_t i = 0; i < n_h; ++i) {
-        for (int64_t j = 0; j < n_w; ++j) {
-          const Bin bin = BinOf(rows, cols, off[l], i, j, h_len, w_len);
-          const int64_t k = off[l].bin + i * n_w + j;
-          float* o = out + k * n;
-          int32_t* ok = kKeys ? keys + k * n : nullptr;
-          if (bin.empty()) {
-            std::fill(o, o + n, 0.0f);
-            if (kKeys) std::fill(ok, ok + n, -1);
-          } else if (base < 0) {
-            InputBin<kKeys>(xb, w_len, x_stride, n, bin.hs, bin.he, bin.ws, bin.we, o, ok);
-          } else {
-            const int64_t* cr = cover + 2 * i;
-            const int64_t* cc = cover + 2 * n_h + 2 * j;
-            BaseBin<kKeys>(out + off[base].bin * n, kKeys ? keys + off[base].bin * n : nullptr,
-                           pyr.n_w[base], n, cr[0], cr[1], cc[0], cc[1], o, ok);
-          }
+// into out (and keys): NB rows of n. Levels go in the layout's order, each after
+// its base. (Bases are only used with bin rules that never leave a bin empty.)
+template <bool kKeys, bool kNaN>
+void PoolLevels(const float* xb, int64_t h_len, int64_t w_len, int64_t x_stride, int64_t n,
+                const int32_t* rows, const int32_t* cols, const Pyramid& pyr, const Layout& lay,
+                float* out, int32_t* keys) {
+  for (const size_t l : lay.order) {
+    const int64_t base = pyr.base[l];
+    const int64_t n_h = pyr.n_h[l], n_w = pyr.n_w[l];
+    const Offsets& off = lay.off[l];
+    const int64_t* cover = pyr.cover.begin() + off.cover;
+    for (int64_t i = 0; i < n_h; ++i) {
+      for (int64_t j = 0; j < n_w; ++j) {
+        const Bin bin = BinOf(rows, cols, off, i, j, h_len, w_len);
+        const int64_t k = off.bin + i * n_w + j;
+        float* o = out + k * n;
+        int32_t* ok = kKeys ? keys + k * n : nullptr;
+        if (bin.empty()) {
+          std::fill(o, o + n, 0.0f);
+          if (kKeys) std::fill(ok, ok + n, -1);
+        } else if (base < 0) {
+          InputBin<kKeys, kNaN>(xb, w_len, x_stride, n, bin.hs, bin.he, bin.ws, bin.we, o, ok);
+        } else {
+          const int64_t* cr = cover + 2 * i;
+          const int64_t* cc = cover + 2 * n_h + 2 * j;
+          const int64_t first = lay.off[base].bin * n;
+          BaseBin<kKeys, kNaN>(out + first, kKeys ? keys + first : nullptr, pyr.n_w[base], n,
+                               cr[0], cr[1], cc[0], cc[1], o, ok);
         }
       }
     }
+  }
+}
+
+// PoolLevels, with the cheaper comparisons if the window holds no NaN (the scan
+// also brings the window's cells into cache for the pooling).
+template <bool kKeys>
+void PoolWindow(const float* xb, int64_t h_len, int64_t w_len, int64_t x_stride, int64_t n,
+                const int32_t* rows, const int32_t* cols, const Pyramid& pyr, const Layout& lay,
+                float* out, int32_t* keys) {
+  int64_t hs = h_len, he = 0, ws = w_len, we = 0;  // the union of all bins
+  for (size_t l = 0; l < pyr.size(); ++l) {
+    for (int64_t i = 0; i < pyr.n_h[l]; ++i) {
+      for (int64_t j = 0; j < pyr.n_w[l]; ++j) {
+        const Bin bin = BinOf(rows, cols, lay.off[l], i, j, h_len, w_len);
+        if (bin.empty()) continue;
+        hs = std::min(hs, bin.hs), he = std::max(he, bin.he);
+        ws = std::min(ws, bin.ws), we = std::max(we, bin.we);
+      }
+    }
+  }
+  if (MaybeNaN(xb, w_len, x_stride, n, hs, he, ws, we)) {
+    PoolLevels<kKeys, true>(xb, h_len, w_len, x_stride, n, rows, cols, pyr, lay, out, keys);
+  } else {
+    PoolLevels<kKeys, false>(xb, h_len, w_len, x_stride, n, rows, cols, pyr, lay, out, keys);
   }
 }
 
@@ -348,11 +446,11 @@ ffi::Error WindowMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                      ffi::ResultBuffer<ffi::F32> out) {
   const Pyramid pyr{levels_h, levels_w, base, cover};
   const int64_t nh_all = rows.dimensions()[1], nw_all = cols.dimensions()[1];
-  if (ffi::Error err = CheckPyramid(pyr, nh_all, nw_all); err.failure()) return err;
+  const Layout lay = MakeLayout(pyr);
+  if (ffi::Error err = CheckPyramid(pyr, lay, nh_all, nw_all); err.failure()) return err;
   const auto xd = x.dimensions();
   const int64_t b_len = xd[0], h_len = xd[1], w_len = xd[2], c_len = xd[3];
-  const std::vector<Offsets> off = LevelOffsets(pyr);
-  const int64_t nb = off[pyr.size()].bin;
+  const int64_t nb = lay.off[pyr.size()].bin;
   const float* xp = x.typed_data();
   const int32_t* bp = bidx.typed_data();
   const int32_t* rp = rows.typed_data();
@@ -362,7 +460,7 @@ ffi::Error WindowMax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t b = Clamp(bp[r], 0, b_len - 1);
       PoolWindow<false>(xp + b * h_len * w_len * c_len, h_len, w_len, c_len, c_len,
-                        rp + r * nh_all * 2, cp + r * nw_all * 2, pyr, off, op + r * nb * c_len,
+                        rp + r * nh_all * 2, cp + r * nw_all * 2, pyr, lay, op + r * nb * c_len,
                         nullptr);
     }
   });
@@ -393,7 +491,7 @@ struct GradArgs {
   const int32_t* cols;
   int64_t r_len, nh_all, nw_all;
   Pyramid pyr;
-  std::vector<Offsets> off;
+  Layout lay;
   int64_t b_len, h_len, w_len, c_len;
   float* gx;
 };
@@ -403,7 +501,7 @@ struct GradArgs {
 // beforehand).
 void GradPart(const GradArgs& a, int64_t b0, int64_t b1, int64_t c0, int64_t c1) {
   const int64_t h_len = a.h_len, w_len = a.w_len, c_len = a.c_len, n = c1 - c0;
-  const int64_t nb = a.off[a.pyr.size()].bin;
+  const int64_t nb = a.lay.off[a.pyr.size()].bin;
   std::vector<float> values(nb * n);
   std::vector<int32_t> keys(nb * n);
   for (int64_t r = 0; r < a.r_len; ++r) {
@@ -412,15 +510,15 @@ void GradPart(const GradArgs& a, int64_t b0, int64_t b1, int64_t c0, int64_t c1)
     const int32_t* rows = a.rows + r * a.nh_all * 2;
     const int32_t* cols = a.cols + r * a.nw_all * 2;
     const int64_t image = b * h_len * w_len * c_len;
-    PoolWindow<true>(a.x + image + c0, h_len, w_len, c_len, n, rows, cols, a.pyr, a.off,
+    PoolWindow<true>(a.x + image + c0, h_len, w_len, c_len, n, rows, cols, a.pyr, a.lay,
                      values.data(), keys.data());
     float* ob = a.gx + image + c0;
     for (size_t l = 0; l < a.pyr.size(); ++l) {
       for (int64_t i = 0; i < a.pyr.n_h[l]; ++i) {
         for (int64_t j = 0; j < a.pyr.n_w[l]; ++j) {
-          const Bin bin = BinOf(rows, cols, a.off[l], i, j, h_len, w_len);
+          const Bin bin = BinOf(rows, cols, a.lay.off[l], i, j, h_len, w_len);
           if (bin.empty()) continue;
-          const int64_t k = a.off[l].bin + i * a.pyr.n_w[l] + j;
+          const int64_t k = a.lay.off[l].bin + i * a.pyr.n_w[l] + j;
           const float* gr = a.g + (r * nb + k) * c_len + c0;
           const int32_t* kr = keys.data() + k * n;
           if ((bin.he - bin.hs) * (bin.we - bin.ws) <= kMaskedAddCells) {
@@ -451,11 +549,12 @@ ffi::Error WindowMaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
                          ffi::Span<const int64_t> cover, ffi::ResultBuffer<ffi::F32> gx) {
   const Pyramid pyr{levels_h, levels_w, base, cover};
   const int64_t nh_all = rows.dimensions()[1], nw_all = cols.dimensions()[1];
-  if (ffi::Error err = CheckPyramid(pyr, nh_all, nw_all); err.failure()) return err;
+  const Layout lay = MakeLayout(pyr);
+  if (ffi::Error err = CheckPyramid(pyr, lay, nh_all, nw_all); err.failure()) return err;
   const auto xd = x.dimensions();
   const GradArgs a{x.typed_data(), g.typed_data(), bidx.typed_data(), rows.typed_data(),
                    cols.typed_data(), static_cast<int64_t>(bidx.element_count()), nh_all, nw_all, pyr,
-                   LevelOffsets(pyr), xd[0], xd[1], xd[2], xd[3], gx->typed_data()};
+                   lay, xd[0], xd[1], xd[2], xd[3], gx->typed_data()};
   const int64_t image = a.h_len * a.w_len * a.c_len;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 0) + 1;
   if (a.b_len >= 2 * threads) {
