@@ -144,6 +144,22 @@ def test_many_channels_max_and_gradient(shape, mixed_sizes):
 
 
 @pytest.mark.usefixtures("impl")
+def test_infinities_pool_and_route_like_numbers():
+    # +inf and -inf in one window make the CPU kernel's NaN scan (a sum) NaN: it
+    # then takes its NaN-aware comparisons, which must give the same results.
+    x = np.round(_x((2, 7, 6, 20), 17)).astype(np.float32)
+    x[0, 1, 2, :5] = np.inf
+    x[0, 4, 4, 3:9] = -np.inf
+    x[1, :, :, 0] = -np.inf  # a channel of -inf only: the first cell wins
+    levels = (6, 3, 2, 1)
+    cot = _x((2, spp_jax.output_dim(20, levels)), 18)
+    y = spp_jax.spatial_pyramid_pool(x, levels)
+    np.testing.assert_array_equal(np.asarray(y), ref_pool(x, levels))
+    g = jax.grad(lambda x: jnp.sum(spp_jax.spatial_pyramid_pool(x, levels) * cot))(x)
+    np.testing.assert_allclose(np.asarray(g), ref_max_grad(x, levels, cot), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.usefixtures("impl")
 def test_max_gradient_all_ties_goes_to_one_cell():
     g = jax.grad(lambda x: spp_jax.spatial_pyramid_pool(x, (1,)).sum())(jnp.zeros((1, 5, 4, 1)))
     want = np.zeros((1, 5, 4, 1))
