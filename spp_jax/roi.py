@@ -452,7 +452,7 @@ def roi_pyramid_pool(
     x = jnp.asarray(features)
     if data_format == "NCHW":
         x = jnp.transpose(x, (0, 2, 3, 1))
-    b, h, w, _c = x.shape
+    b, h, w, c = x.shape
     boxes = _check_boxes(boxes)
     r = boxes.shape[0]
     box_b = _check_indices(box_indices, r, b)
@@ -462,6 +462,8 @@ def roi_pyramid_pool(
             raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
         valid = valid.astype(bool)
     proj = project_boxes(boxes, spatial_scale, projection, (h, w))
+    if r == 0 or c == 0:  # nothing to pool
+        return jnp.zeros((r, c * sum(nh * nw for nh, nw in lv)), x.dtype)
 
     def pure_jax(x):
         outs = []

@@ -123,6 +123,16 @@ def test_projection_hand_cases():
 
 
 @pytest.mark.usefixtures("impl")
+def test_no_boxes_or_no_channels_give_empty_outputs():
+    f = _features()
+    y = spp_jax.roi_pyramid_pool(f, np.zeros((0, 4), np.float32), levels=LEVELS)
+    assert y.shape == (0, 3 * (9 + 2 + 1))
+    g = jax.grad(lambda f: spp_jax.roi_pyramid_pool(f, np.zeros((0, 4), np.float32)).sum())(f)
+    assert g.shape == f.shape and not np.asarray(g).any()
+    assert spp_jax.roi_pyramid_pool(f[..., :0], BOXES, BOX_B, levels=LEVELS).shape == (9, 0)
+
+
+@pytest.mark.usefixtures("impl")
 def test_nan_boxes_do_not_crash():
     x = _features(4)
     b = np.array([[np.nan, 0, 50, np.nan], [0, 0, 50, 50]], np.float32)
