@@ -56,6 +56,12 @@ def test_other_platforms_lower_the_pure_jax_code():
         )(jax.ShapeDtypeStruct(x.shape, x.dtype))
     assert exp.platforms == ("cpu", "cuda")
     np.testing.assert_array_equal(np.asarray(exp.call(x)), np.asarray(f(x)))
+    # Lowered for GPU alone (no GPU needed to lower), neither op calls the kernel.
+    grad = jax.jit(jax.grad(lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1)).sum()))
+    with _native.forced(True):
+        for fn in (f, grad):
+            gpu = export.export(fn, platforms=["cuda"])(jax.ShapeDtypeStruct(x.shape, x.dtype))
+            assert "SppJax" not in gpu.mlir_module()
 
 
 @pytest.mark.parametrize(
