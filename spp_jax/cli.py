@@ -65,39 +65,47 @@ def demo(levels=(6, 3, 2, 1), channels: int = 256, batch: int = 4) -> dict:
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None):
-    """Loads ``get_config()`` from a path or ``experiments/configs/NAME.py``; applies ``--set``.
+    """Loads a config and applies ``--set`` overrides.
 
-    Each override is ``key=value`` with a dotted key (``model.width=0.5``); the value is
-    parsed as a Python literal when it is one (``0.5``, ``(112, 90)``, ``None``).
+    Args:
+      name_or_path: the name of a shipped config (:func:`spp_jax.configs.available`:
+        ``default``, ``tiny``, ...), found from any directory, or the path of a ``.py``
+        file with a ``get_config()`` of its own (which may start from
+        ``spp_jax.configs.default.get_config()``).
+      overrides: ``key=value`` items with dotted keys (``model.width=0.5``); a value is
+        parsed as a Python literal when it is one (``0.5``, ``(112, 90)``, ``None``).
+
+    Returns:
+      The ``ml_collections.ConfigDict``.
+
+    Raises:
+      SystemExit: an unknown name, a missing file, a file without ``get_config()``, or
+        an override of a key the config does not have; the message names it.
     """
     import ast
     import importlib.util
-    import sys
     from pathlib import Path
 
+    from spp_jax import configs
+
+    names = configs.available()
     path = Path(name_or_path)
-    repo_root = Path(__file__).resolve().parents[1]
-    candidates = [
-        path,
-        Path("experiments/configs") / f"{name_or_path}.py",
-        repo_root / "experiments" / "configs" / f"{name_or_path}.py",
-    ]
-    found = next((c for c in candidates if c.suffix == ".py" and c.is_file()), None)
-    if found is None:
-        names = sorted(p.stem for p in (repo_root / "experiments" / "configs").glob("[!_]*.py"))
+    if name_or_path in names:
+        config = configs.get_config(name_or_path)
+    elif path.suffix == ".py" and path.is_file():
+        spec = importlib.util.spec_from_file_location(f"spp_config_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise SystemExit(f"cannot import config file {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise SystemExit(f"config file {path} has no get_config() function")
+        config = module.get_config()
+    else:
         raise SystemExit(
-            f"config {name_or_path!r} not found; give a path to a .py file with get_config() "
-            f"or one of {names}"
+            f"config {name_or_path!r} not found; give one of {list(names)} or the path of a "
+            ".py file with get_config()"
         )
-    root = str(found.resolve().parents[2])  # so configs can import experiments.configs.*
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"spp_config_{found.stem}", found)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"cannot import config file {found}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep:
@@ -109,6 +117,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
         *parents, leaf = key.split(".")
         node = config
         for part in parents:
+            if part not in node or not hasattr(node[part], "keys"):
+                raise SystemExit(
+                    f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
+                )
             node = node[part]
         if leaf not in node:
             raise SystemExit(
@@ -153,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--channels", type=int, default=256)
 
     t = sub.add_parser("train", help="train an SPP net (multi-size), checkpoint, evaluate")
-    t.add_argument("--config", default="default", help="NAME in experiments/configs or a path")
+    t.add_argument(
+        "--config", default="default", help="a shipped config NAME (spp_jax/configs) or a .py path"
+    )
     t.add_argument("--workdir", required=True)
     t.add_argument(
         "--set",

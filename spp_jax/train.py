@@ -3,7 +3,7 @@
 Shaped like the Flax ImageNet example: small typed functions, a pure
 ``train_step(state, batch) -> (state, metrics)`` and ``train_and_evaluate(config,
 workdir)``. The config is an ``ml_collections.ConfigDict`` (see
-``experiments/configs/default.py`` for every key and its meaning).
+``spp_jax/configs/default.py`` for every key, its meaning and its default).
 
 * **Multi-size training.** The size schedule (:func:`spp_jax.data.train_size_for_epoch`)
   gives each epoch one input size; every epoch is one static batch shape, so the
@@ -72,8 +72,8 @@ def create_model(config, num_classes: int) -> SPPNet:
         depth=m.depth,
         fc_dim=m.fc_dim,
         dropout_rate=m.dropout_rate,
-        base_size=m.get("base_size", config.crop_size),
-        dtype=jnp.dtype(m.get("dtype", "float32")),
+        base_size=m.base_size,
+        dtype=jnp.dtype(m.dtype),
     )
 
 
@@ -320,7 +320,7 @@ def restore_checkpoint(manager, state: TrainState, step: int | None = None) -> T
 
 def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
     """The TFDS builder and :class:`spp_jax.data.DatasetInfo` that ``config`` names."""
-    builder = data_lib.get_builder(config.dataset, config.get("data_dir"))
+    builder = data_lib.get_builder(config.dataset, config.data_dir)
     info = data_lib.dataset_info(
         builder,
         image_key=config.image_key,
@@ -337,13 +337,24 @@ def save_config(config, workdir: str) -> None:
 
 
 def load_config(workdir: str):
-    import ml_collections
+    """The config a training run saved in ``workdir/config.json``.
+
+    Keys the saved file lacks (a run from an older version) take their values from
+    :mod:`spp_jax.configs.default`, the one place defaults live.
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no ``config.json``.
+    """
+    from spp_jax.configs import default
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        saved = json.load(f)
+    config = default.get_config()
+    config.update(saved)
+    return config
 
 
 # --------------------------------------------------------------------------- training
@@ -361,7 +372,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     """Trains, checkpoints and evaluates; resumes from ``workdir`` if it has a checkpoint.
 
     Args:
-      config: ``ml_collections.ConfigDict`` (see ``experiments/configs/default.py``).
+      config: ``ml_collections.ConfigDict`` (see ``spp_jax/configs/default.py``).
       workdir: output directory, created if needed.
       stop_after_step: stop (after checkpointing) once this many steps are done,
         as if the run were killed there; for resume tests.
@@ -440,8 +451,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             process_index=jax.process_index(),
             process_count=n_proc,
             skip_batches=skip,
-            crop_mode=config.get("crop_mode", "paper"),
-            min_crop_area=config.get("min_crop_area", 0.8),
+            crop_mode=config.crop_mode,
+            min_crop_area=config.min_crop_area,
         )
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0}
@@ -553,7 +564,7 @@ def evaluate(config, builder, info, p_params, model: SPPNet, *, mode: str, size:
         local_batch_size=local_batch,
         resize_ratio=config.resize_ratio,
         max_aspect=config.max_aspect,
-        bucket_steps=config.get("full_image_bucket_steps", 4),
+        bucket_steps=config.full_image_bucket_steps,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

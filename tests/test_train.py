@@ -1,6 +1,6 @@
 """Training loop: pmap equivalence, schedules, compile counts, resume, several processes.
 
-All runs use the ``tiny`` config (``experiments/configs/tiny.py``) on 4 forced CPU
+All runs use the ``tiny`` config (``spp_jax/configs/tiny.py``) on 4 forced CPU
 devices (see conftest.py), on the built-in ``spp_shapes/tiny`` data or on
 ``tfds.testing.mock_data``.
 """

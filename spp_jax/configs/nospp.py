@@ -7,12 +7,15 @@ Command::
 About 9 minutes on 2 CPU cores (measured once here). A fixed-size head cannot take
 other sizes, so it trains on 112 crops only and is evaluated by centre crop at 112
 only; compare with ``default`` (and ``single``) for the paper's Table 2 trend.
+Optimiser and learning-rate schedule as in ``default`` (AdamW, 0.001, warm-up, cosine).
 """
 
-from experiments.configs import default
+import ml_collections
+
+from spp_jax.configs import default
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.model.head = "pool6"
     c.size_schedule = "single"

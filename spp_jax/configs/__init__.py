@@ -1,0 +1,50 @@
+"""Training configs, installed with the package.
+
+Each module has ``get_config()`` returning an ``ml_collections.ConfigDict``. ``default``
+holds every key that :func:`spp_jax.train.train_and_evaluate` reads, with its meaning;
+the others start from ``default.get_config()`` and override a few keys, so every
+default lives in one place. Run one with
+``spp-jax train --config NAME --workdir DIR [--set key=value ...]`` from any
+directory; :func:`available` lists the names.
+
+A config of your own is a ``.py`` file with ``get_config()``, passed by path
+(``spp-jax train --config path/to/mine.py``); it can start from a shipped one::
+
+    from spp_jax.configs import default
+
+    def get_config():
+        c = default.get_config()
+        c.num_epochs = 4
+        return c
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+__all__ = ["available", "get_config"]
+
+
+def available() -> tuple[str, ...]:
+    """Names of the shipped configs, sorted.
+
+    >>> available()
+    ('default', 'nospp', 'single', 'tiny', 'zf5_imagenet')
+    """
+    return tuple(
+        sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    )
+
+
+def get_config(name: str) -> Any:
+    """``get_config()`` of the shipped config ``name`` (an ``ml_collections.ConfigDict``).
+
+    Raises:
+      ValueError: ``name`` is not one of :func:`available`.
+    """
+    names = available()
+    if name not in names:
+        raise ValueError(f"unknown config {name!r}; accepted: {', '.join(map(repr, names))}")
+    return importlib.import_module(f"{__name__}.{name}").get_config()
