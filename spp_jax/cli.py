@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 
 import jax
@@ -137,8 +138,6 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
 
 def _init_distributed(args) -> None:
     """``jax.distributed.initialize`` from flags, environment, or auto-detection."""
-    import os
-
     address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
         num = args.num_processes or int(os.environ["JAX_NUM_PROCESSES"])
@@ -203,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # orbax/tfds INFO chatter off
         handler.addFilter(lambda r: r.name != "absl" or r.levelno >= logging.WARNING)
     if args.command == "train":
+        import spp_jax
         from spp_jax import train
 
+        log.info("spp_jax %s from %s", spp_jax.__version__, os.path.dirname(spp_jax.__file__))
         config = load_config(args.config, args.set)
         _init_distributed(args)
         train.train_and_evaluate(config, args.workdir)
