@@ -45,6 +45,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -138,19 +139,27 @@ def _is_prepared(builder) -> bool:
         return os.path.isdir(builder.data_dir) and bool(builder.info.splits)
 
 
-def _as_dataset(builder, split: str, *, shuffle_seed: int | None):
+def _as_dataset(builder, split: str, *, shuffle_seed: int | None, image_key: str):
+    """``split`` as a ``tf.data.Dataset`` of examples, ``image_key`` left encoded.
+
+    An encoded image feature (:class:`tfds.features.Image`) is decoded later, by
+    :func:`_decode`, so that only the examples a process keeps are decoded.
+    """
     tfds = _tfds()
     read_config = tfds.ReadConfig(
         shuffle_seed=shuffle_seed,
         interleave_cycle_length=16,
         add_tfds_id=False,
     )
+    decoders = None
+    if isinstance(builder.info.features[image_key], tfds.features.Image):
+        decoders = {image_key: tfds.decode.SkipDecoding()}
     try:
         return builder.as_dataset(
             split=split,
             shuffle_files=shuffle_seed is not None,
             read_config=read_config,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            decoders=decoders,
         )
     except AssertionError as e:  # TFDS: "could not find data in ..."
         name = builder.name
@@ -179,7 +188,7 @@ def dataset_info(
         try:
             num_examples[split] = builder.info.splits[split].num_examples
         except KeyError:  # e.g. under tfds.testing.mock_data: count once
-            ds = _as_dataset(builder, split, shuffle_seed=None)
+            ds = _as_dataset(builder, split, shuffle_seed=None, image_key=image_key)
             num_examples[split] = int(ds.reduce(0, lambda n, _: n + 1))
     return DatasetInfo(
         name=builder.name,
@@ -194,10 +203,23 @@ def dataset_info(
 
 
 def _decode(tf, image):
+    """An encoded (bytes) or decoded image as uint8 ``(H, W, 3)`` RGB.
+
+    Grayscale is repeated to three channels, an alpha channel is dropped, and
+    16-bit values keep their high byte (``tf.image.convert_image_dtype``).
+    """
     if image.dtype == tf.string:
-        image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    image = tf.ensure_shape(image, [None, None, 3])
-    return image
+        return tf.io.decode_image(image, channels=3, expand_animations=False)
+    if image.dtype != tf.uint8:
+        image = tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
+    if image.shape.rank == 2:
+        image = image[..., None]
+    channels = image.shape[-1]
+    if channels == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif channels in (2, 4):  # gray + alpha, RGB + alpha
+        image = tf.image.grayscale_to_rgb(image[..., :1]) if channels == 2 else image[..., :3]
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def _resize_short_side(tf, image, short: int):
@@ -211,11 +233,26 @@ def _normalize(tf, image):
     return (image - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
 
 
-def _center_crop(tf, image, size: int):
+def _center_crop(tf, image, h, w):
+    """The centre ``(h, w)`` window of ``image`` (ints or scalar tensors, at most its size)."""
     shape = tf.shape(image)
-    top = (shape[0] - size) // 2
-    left = (shape[1] - size) // 2
-    return image[top : top + size, left : left + size]
+    top = (shape[0] - h) // 2
+    left = (shape[1] - w) // 2
+    return image[top : top + h, left : left + w]
+
+
+def _full_image(tf, image, size: int, max_aspect: float):
+    """Full-image preprocessing: short side resized to ``size``, aspect kept, the long
+    side capped at ``floor(max_aspect * size)`` by a centre crop, normalised.
+
+    Returns ``(image (h, w, 3) float32, h, w)``.
+    """
+    image = _resize_short_side(tf, image, size)
+    shape = tf.shape(image)
+    max_long = math.floor(size * max_aspect)
+    h = tf.minimum(shape[0], max_long)
+    w = tf.minimum(shape[1], max_long)
+    return _normalize(tf, _center_crop(tf, image, h, w)), h, w
 
 
 # -------------------------------------------------------------------------- training
@@ -288,7 +325,7 @@ def train_batches(
     """
     tf = _tf()
     steps = steps_per_epoch(info, split, global_batch_size)
-    ds = _as_dataset(builder, split, shuffle_seed=_mix(seed, epoch, 1))
+    ds = _as_dataset(builder, split, shuffle_seed=_mix(seed, epoch, 1), image_key=info.image_key)
     ds = ds.shuffle(
         min(shuffle_buffer, info.num_examples[split]),
         seed=_mix(seed, epoch, 2),
@@ -399,7 +436,8 @@ def eval_batches(
     if mode not in EVAL_MODES:
         raise ValueError(f"eval mode {mode!r} not accepted; use one of {EVAL_MODES}")
     tf = _tf()
-    ds = _as_dataset(builder, split, shuffle_seed=None).shard(process_count, process_index)
+    ds = _as_dataset(builder, split, shuffle_seed=None, image_key=info.image_key)
+    ds = ds.shard(process_count, process_index)
     n_local = math.ceil(info.num_examples[split] / process_count)
     n_batches = math.ceil(n_local / local_batch_size)
 
@@ -409,7 +447,7 @@ def eval_batches(
         def prep(example):
             image = _resize_short_side(tf, _decode(tf, example[info.image_key]), resize_to)
             return {
-                "image": _normalize(tf, _center_crop(tf, image, size)),
+                "image": _normalize(tf, _center_crop(tf, image, size, size)),
                 "label": tf.cast(example[info.label_key], tf.int32),
             }
 
@@ -423,14 +461,9 @@ def eval_batches(
         buckets = [(longest, longest)]
     bucket_h = tf.constant([b[0] for b in buckets])
     bucket_w = tf.constant([b[1] for b in buckets])
-    max_long = math.floor(size * max_aspect)
 
     def prep_full(example):
-        image = _resize_short_side(tf, _decode(tf, example[info.image_key]), size)
-        shape = tf.shape(image)
-        h = tf.minimum(shape[0], max_long)
-        w = tf.minimum(shape[1], max_long)
-        image = _normalize(tf, _center_crop_hw(tf, image, h, w))
+        image, h, w = _full_image(tf, _decode(tf, example[info.image_key]), size, max_aspect)
         fits = tf.logical_and(bucket_h >= h, bucket_w >= w)
         area = tf.where(fits, bucket_h * bucket_w, tf.int32.max)
         bucket = tf.cast(tf.argmin(area), tf.int64)
@@ -449,13 +482,6 @@ def eval_batches(
         window_size=local_batch_size,
     )
     yield from _fill(ds.prefetch(2).as_numpy_iterator(), local_batch_size, n_batches)
-
-
-def _center_crop_hw(tf, image, h, w):
-    shape = tf.shape(image)
-    top = (shape[0] - h) // 2
-    left = (shape[1] - w) // 2
-    return image[top : top + h, left : left + w]
 
 
 def _fill(batches: Iterator[Batch], size: int, min_batches: int) -> Iterator[Batch]:
@@ -493,6 +519,22 @@ def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
+class BadImageError(ValueError):
+    """A file (or a dataset example) that cannot be read or decoded as an image.
+
+    The message is one line: ``cannot read image NAME: REASON``.
+
+    Attributes:
+      name: the file path (or example name).
+      reason: why, in a few words (TensorFlow's message without its op details).
+    """
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"cannot read image {name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
 def list_images(folder: str) -> list[str]:
     """Every image file (:data:`IMAGE_EXTENSIONS`) under ``folder``, sorted."""
     paths = sorted(
@@ -506,11 +548,67 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def preprocess_full(image: np.ndarray, size: int, max_aspect: float = 2.0) -> np.ndarray:
-    """Full-image preprocessing of one uint8 image, as in ``eval_batches(mode="full")``."""
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decodes an encoded JPEG, PNG, GIF (first frame), BMP or WebP image.
+
+    Args:
+      data: the file's bytes.
+      name: what to call the image in an error (its path).
+
+    Returns:
+      uint8 ``(H, W, 3)`` RGB: grayscale is repeated to three channels, an alpha
+      channel is dropped (not composited), and 16-bit PNGs keep the high byte
+      of each value (``v >> 8``, as ``tf.image.convert_image_dtype`` does).
+
+    Raises:
+      BadImageError: ``data`` is empty, not an image, truncated or corrupt; the
+        message names ``name`` and says why in one line.
+    """
     tf = _tf()
-    image = _resize_short_side(tf, tf.convert_to_tensor(image), size)
-    max_long = math.floor(size * max_aspect)
-    h = min(int(image.shape[0]), max_long)
-    w = min(int(image.shape[1]), max_long)
-    return np.asarray(_normalize(tf, _center_crop_hw(tf, image, h, w)), np.float32)
+    if not data:
+        raise BadImageError(name, "the file is empty")
+    try:
+        image = _decode(tf, tf.constant(data))
+        return np.asarray(image)
+    except tf.errors.OpError as e:
+        raise BadImageError(name, _op_error_reason(e)) from None
+
+
+def read_image(path: str) -> np.ndarray:
+    """Reads and decodes the image file ``path`` (see :func:`decode_image`).
+
+    Raises:
+      BadImageError: the file cannot be read or decoded; the one-line message
+        names ``path``.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadImageError(path, e.strerror or str(e)) from None
+    return decode_image(data, path)
+
+
+def _op_error_reason(e: Exception) -> str:
+    """TensorFlow's error message without ``{{function_node ...}}`` and ``[Op:...]``."""
+    message = getattr(e, "message", None) or str(e)
+    message = re.sub(r"\{\{[^}]*\}\}", "", message)
+    message = re.sub(r"\s*\[Op:.*", "", message, flags=re.S)
+    return " ".join(message.split()) or type(e).__name__
+
+
+def preprocess_full(image: np.ndarray, size: int, max_aspect: float = 2.0) -> np.ndarray:
+    """Full-image preprocessing of one image, as in ``eval_batches(mode="full")``.
+
+    Args:
+      image: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (or
+        uint16) pixels; converted as :func:`decode_image` does.
+      size: the short side after resizing.
+      max_aspect: the long side is centre-cropped to ``floor(max_aspect * size)``.
+
+    Returns:
+      float32 ``(h, w, 3)``, normalised, ``min(h, w) == size``.
+    """
+    tf = _tf()
+    image, _, _ = _full_image(tf, _decode(tf, tf.convert_to_tensor(image)), size, max_aspect)
+    return np.asarray(image, np.float32)

@@ -12,9 +12,11 @@ image, e.g. ``256 * 50 = 12,800`` for ZF-5 with levels (6, 3, 2, 1).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,9 @@ from spp_jax import data as data_lib
 from spp_jax import train as train_lib
 
 log = logging.getLogger("spp_jax.extract")
+
+#: What :func:`extract_features` does with an image it cannot read or decode.
+ON_BAD_IMAGE = ("raise", "skip")
 
 
 def extract_features(
@@ -35,25 +40,48 @@ def extract_features(
     batch_size: int = 32,
     split: str = "test",
     limit: int | None = None,
+    on_bad_image: str = "raise",
 ) -> dict[str, np.ndarray]:
     """Writes SPP features of ``images`` with the latest checkpoint of ``workdir``.
+
+    Reads no training data: the class count comes from the checkpoint's arrays
+    (:func:`checkpoint_num_classes`).
 
     Args:
       workdir: a training workdir (``config.json`` and ``checkpoints/``).
       images: a folder of image files, or a TFDS dataset name (``split`` of it).
+        JPEG, PNG (8 or 16 bits), GIF (first frame) and BMP; grayscale is repeated
+        to RGB and an alpha channel dropped (:func:`spp_jax.data.decode_image`).
       out: the ``.npz`` to write: ``features (N, D)`` float32, ``sizes (N, 2)``
         (the resized image's height and width), ``names (N,)`` (file paths or
-        example indices) and, for TFDS, ``labels (N,)``.
+        example indices), ``skipped (S,)`` (the names of the images skipped as
+        unreadable, empty unless ``on_bad_image="skip"``) and, for TFDS,
+        ``labels (N,)``.
       size: short side in pixels (default: the config's ``crop_size``).
       batch_size: images per compiled call.
       split: TFDS split when ``images`` is a dataset name.
       limit: at most this many images (``None``: all).
+      on_bad_image: ``"raise"``: a file that cannot be read or decoded (empty,
+        not an image, truncated, corrupt) raises :class:`spp_jax.data.BadImageError`,
+        whose one-line message names the file; ``"skip"``: it is skipped with a
+        warning, and the skipped files are logged at the end and listed in
+        ``skipped``.
 
     Returns:
       The arrays written.
+
+    Raises:
+      ValueError: ``on_bad_image`` is not one of :data:`ON_BAD_IMAGE`; the model
+        has no SPP head; no image could be read.
+      spp_jax.data.BadImageError: an unreadable image, with ``on_bad_image="raise"``.
     """
     from tqdm.auto import tqdm
 
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(
+            f"on_bad_image {on_bad_image!r} not accepted; use one of "
+            f"{', '.join(map(repr, ON_BAD_IMAGE))}"
+        )
     config = train_lib.load_config(workdir)
     size = size or config.crop_size
     if config.model.head != "spp":
@@ -61,9 +89,9 @@ def extract_features(
             f"feature extraction needs an SPP head, the model in {workdir!r} has head "
             f"{config.model.head!r}; accepted: 'spp'"
         )
-    info_classes = train_lib.load_dataset(config)[1].num_classes
-    model = train_lib.create_model(config, info_classes)
-    state = train_lib.load_state(config, workdir, model, info_classes)
+    num_classes = checkpoint_num_classes(config, workdir)
+    model = train_lib.create_model(config, num_classes)
+    state = train_lib.load_state(config, workdir, model, num_classes)
     log.info("restored step %d from %s", int(state.step), workdir)
 
     @jax.jit
@@ -78,6 +106,7 @@ def extract_features(
     sizes: dict[int, tuple[int, int]] = {}
     names: list[str] = []
     labels: list[int] = []
+    skipped: list[str] = []
 
     def flush(bucket: tuple[int, int]) -> None:
         items = pending.pop(bucket, [])
@@ -97,11 +126,21 @@ def extract_features(
     total, stream = _stream(config, images, split, limit)
     bar = tqdm(total=total, desc="extract", unit="img", disable=None)
     # Streams the images: at most batch_size images per bucket are held at a time.
-    for i, (name, label, pixels) in enumerate(stream):
-        img = data_lib.preprocess_full(pixels, size, config.max_aspect)
+    for name, label, load in stream:
+        try:
+            img = data_lib.preprocess_full(load(), size, config.max_aspect)
+        except data_lib.BadImageError as e:
+            if on_bad_image == "raise":
+                bar.close()
+                raise
+            log.warning("skipping %s", e)
+            skipped.append(name)
+            bar.update(1)
+            continue
         h, w = img.shape[:2]
         bucket = min((b for b in buckets if b[0] >= h and b[1] >= w), key=lambda b: b[0] * b[1])
         used.add(bucket)
+        i = len(names)
         names.append(name)
         if label is not None:
             labels.append(label)
@@ -112,13 +151,21 @@ def extract_features(
     for bucket in list(pending):
         flush(bucket)
     bar.close()
+    if skipped:
+        log.warning(
+            "skipped %d unreadable image(s) of %d: %s", len(skipped), total, ", ".join(skipped)
+        )
     if not names:
-        raise ValueError(f"no images in {images!r}")
+        raise ValueError(
+            f"no readable images in {images!r}"
+            + (f" ({len(skipped)} skipped as unreadable)" if skipped else "")
+        )
     log.info("compiled %d bucket(s): %s", len(used), sorted(used))
     arrays = {
         "features": np.stack([feats[i] for i in range(len(names))]).astype(np.float32),
         "sizes": np.array([sizes[i] for i in range(len(names))], np.int32),
         "names": np.array(names),
+        "skipped": np.array(skipped, dtype=str),
     }
     if labels:
         arrays["labels"] = np.asarray(labels, np.int64)
@@ -133,31 +180,100 @@ def extract_features(
 SPPNET_FEATURES = "features"  # the SPPNet method that returns the SPP vector
 
 
-def _stream(config, images: str, split: str, limit: int | None):
-    """``(count, iterator of (name, label or None, uint8 image))`` for a folder or TFDS."""
-    tf = data_lib._tf()
+def checkpoint_num_classes(config, workdir: str) -> int:
+    """The class count of the model saved in ``workdir``'s latest checkpoint.
+
+    Read from the shapes of the checkpointed arrays (orbax metadata; no array
+    and no dataset is read): the parameters whose shapes change with
+    ``num_classes`` in the model that ``config`` describes (the classifier's
+    kernel and bias) give the count.
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no checkpoint.
+      ValueError: the checkpoint's parameters do not fit the config's model.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    saved = _shapes(manager.item_metadata(step)["params"])
+    one, two = _model_param_shapes(config, 1), _model_param_shapes(config, 2)
+    counts: dict[str, int] = {}
+    for path, shape in one.items():
+        if shape == two[path]:
+            continue
+        axis = next(a for a, (p, q) in enumerate(zip(shape, two[path], strict=True)) if p != q)
+        if path not in saved or len(saved[path]) != len(shape):
+            raise ValueError(
+                f"the checkpoint at step {step} under {directory} has no parameter {path} of "
+                f"rank {len(shape)}, which the config's model "
+                f"({config.model.arch}/{config.model.head}) has"
+            )
+        counts[path] = saved[path][axis]
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            f"cannot tell the class count from the checkpoint under {directory}: "
+            f"the classifier's shapes give {counts or 'nothing'}"
+        )
+    return next(iter(counts.values()))
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _model_param_shapes(config, num_classes: int) -> dict[str, tuple[int, ...]]:
+    model = train_lib.create_model(config, num_classes)
+    x = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
+    init = functools.partial(model.init, train=False)
+    return _shapes(jax.eval_shape(init, jax.random.key(0), x)["params"])
+
+
+Loader = Callable[[], np.ndarray]
+
+
+def _stream(
+    config, images: str, split: str, limit: int | None
+) -> tuple[int, Iterator[tuple[str, int | None, Loader]]]:
+    """``(count, iterator of (name, label or None, loader))`` for a folder or TFDS.
+
+    ``loader()`` returns the image's uint8 pixels or raises
+    :class:`spp_jax.data.BadImageError`.
+    """
     if os.path.isdir(images):
         paths = data_lib.list_images(images)[:limit]
 
         def from_files():
             for p in paths:
-                data = tf.io.read_file(p)
-                img = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-                yield p, None, img
+                yield p, None, functools.partial(data_lib.read_image, p)
 
         return len(paths), from_files()
-    builder = data_lib.get_builder(images, config.get("data_dir"))
+    builder = data_lib.get_builder(images, config.data_dir)
     info = data_lib.dataset_info(
         builder, image_key=config.image_key, label_key=config.label_key, splits=(split,)
     )
     total = info.num_examples[split] if limit is None else min(limit, info.num_examples[split])
-    ds = data_lib._as_dataset(builder, split, shuffle_seed=None).take(total)
+    ds = data_lib._as_dataset(builder, split, shuffle_seed=None, image_key=info.image_key)
+    ds = ds.take(total)
 
     def from_tfds():
         for i, ex in enumerate(ds.as_numpy_iterator()):
-            img = ex[config.image_key]
+            img = ex[info.image_key]
             if isinstance(img, bytes):
-                img = tf.io.decode_image(img, channels=3, expand_animations=False).numpy()
-            yield str(i), int(ex[config.label_key]), img
+                where = f"{images}[{split}] example {i}"
+                load = functools.partial(data_lib.decode_image, img, where)
+            else:
+                load = functools.partial(np.asarray, img)
+            yield str(i), int(ex[info.label_key]), load
 
     return total, from_tfds()
