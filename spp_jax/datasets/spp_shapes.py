@@ -310,7 +310,8 @@ def make_example(
       (the object's size over the image's short side, in :data:`SCALE_RANGE`),
       ``center`` (``(y, x)`` in pixels), ``bbox`` (``(y0, x0, y1, x1)``, the
       object's pixels with coverage >= 0.5, end-exclusive), ``rotation`` (radians),
-      ``num_distractors`` and ``class_name``.
+      ``num_distractors``, ``class_name`` and ``colour`` (the object's RGB before the
+      final pixel noise).
 
     Raises:
       ValueError: unknown ``split`` or negative ``index``.
@@ -373,7 +374,8 @@ def make_example(
     v = (-px * sin + py * cos) / (r / stretch)
     d = _SDFS[label](u, v, rng, r)
     alpha = _coverage(d * r)
-    _blend(canvas, y0, x0, alpha, (fg + rng.normal(0, 10, 3)).astype(np.float32))
+    colour = (fg + rng.normal(0, 10, 3)).astype(np.float32)
+    _blend(canvas, y0, x0, alpha, colour)
     rows = np.flatnonzero((alpha >= 0.5).any(axis=1))
     cols = np.flatnonzero((alpha >= 0.5).any(axis=0))
     bbox = (y0 + int(rows[0]), x0 + int(cols[0]), y0 + int(rows[-1]) + 1, x0 + int(cols[-1]) + 1)
@@ -387,6 +389,7 @@ def make_example(
         "rotation": rotation,
         "num_distractors": num_distractors,
         "class_name": CLASS_NAMES[label],
+        "colour": tuple(float(c) for c in colour),
     }
     return image, label, meta
 
