@@ -8,6 +8,11 @@ and the network compiles once per bucket, not once per image size.
 
 The features are the SPP vectors (the input of fc6): ``C * sum(n * n)`` floats per
 image, e.g. ``256 * 50 = 12,800`` for ZF-5 with levels (6, 3, 2, 1).
+
+A file that cannot be read or decoded raises :class:`spp_jax.data.BadImageError`,
+one line that names it, or (``on_bad_image="skip"``) is skipped with a warning and
+listed in the output's ``skipped``. No training data is read: the class count
+comes from the checkpoint.
 """
 
 from __future__ import annotations
