@@ -42,6 +42,11 @@ LRN is AlexNet/Caffe's across-channel local response normalisation
 Each architecture is a static tuple of layer specs (:func:`layer_specs`); the module
 and the size arithmetic both walk that tuple, so they cannot disagree.
 
+The network is built from parts: :class:`ConvTrunk` (images to the last conv map,
+reusable on its own, e.g. for detection), a pooling head (:class:`SPPHead` or
+:class:`Pool6Head`) and the classifier :class:`MLPHead` (fc6, fc7, fc8);
+:class:`SPPNet` composes them with the parameter names of one flat tree.
+
 Padded batches: with ``valid_sizes`` every example gives the logits it would give
 alone, unpadded (see :class:`SPPNet`).
 """
@@ -65,10 +70,13 @@ from spp_jax.linen import SpatialPyramidPooling
 __all__ = [
     "ARCHS",
     "HEADS",
-    "PARAM_COUNTS",
     "ConvSpec",
+    "ConvTrunk",
     "LRNSpec",
+    "MLPHead",
+    "Pool6Head",
     "PoolSpec",
+    "SPPHead",
     "SPPNet",
     "feature_map_size",
     "layer_specs",
@@ -407,192 +415,113 @@ def _mask(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
     return jnp.where(rows & cols, x, jnp.zeros((), x.dtype))
 
 
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_images(x: jax.Array) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
+
+
+def _clip_valid_sizes(valid_sizes: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    """``valid_sizes`` as ``(B, 2)`` int32 clipped into ``[1, H] x [1, W]``, or None."""
+    if valid_sizes is None:
+        return None
+    b, h, w, _ = shape
+    sizes = jnp.asarray(valid_sizes)
+    if sizes.shape != (b, 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
+        raise ValueError(f"valid_sizes must be ({b}, 2) ints, got {sizes.dtype}{sizes.shape}")
+    return jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([h, w], jnp.int32))
+
+
 # --------------------------------------------------------------------------------------
-# The network.
+# The parts: conv trunk, pooling heads, classifier.
 # --------------------------------------------------------------------------------------
 
-PARAM_COUNTS: dict[str, int] = {
-    "zf5/spp": 77_037_672,
-    "zf5/pool6": 62_357_608,
-    "convnet5/spp": 77_058_408,
-    "convnet5/pool6": 62_378_344,
-    "overfeat5/spp": 132_268_648,
-    "overfeat5/pool6": 102_908_520,
-    "overfeat7/spp": 136_988_264,
-    "overfeat7/pool6": 107_628_136,
-    "small": 2_142_506,
-}
-"""Parameter counts of the docstring table of :class:`SPPNet` (3 input channels).
 
-Keys ``"{arch}/{head}"`` at ``num_classes=1000, width=depth=1, fc_dim=4096``, and
-``"small"``: ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` (SPP
-head, default levels) at a 112 x 112 input. Pinned by a test against ``jax.eval_shape``.
-"""
+class ConvTrunk(nn.Module):
+    """The conv layers of an SPP-net: images to the last conv feature map.
 
+    ``x`` ``(B, H, W, C_in)`` -> conv1 ... conv5 (:func:`layer_specs`: each conv followed
+    by a ReLU, with the architecture's LRN and max pools) -> ``(B, h5, w5, C5)`` with
+    ``(h5, w5) = feature_map_size(arch, H, W)`` and ``C5 = out_channels``. Any input
+    from the architecture's minimum size up works. This is the part detection reuses:
+    one conv map per image, then :func:`spp_jax.roi_pyramid_pool` per window.
 
-class SPPNet(nn.Module):
-    """SPP-net classifier: a conv trunk, SPP (or fixed pool6) and fc6/fc7/fc8.
+    Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input pixels,
+    clipped into ``[1, H] x [1, W]``) example ``i``'s map equals, on its valid region,
+    the map of ``x[i, :h_i, :w_i]`` run alone, and is zero outside it. The input is zeroed
+    outside the valid region; after every conv (+ReLU) and pool the valid size is
+    recomputed with :func:`feature_map_size`'s formulas and the map zeroed outside it (so
+    a conv's zero padding matches, and since activations are >= 0 after ReLU/LRN, a max
+    pool over zeros matches ceil mode's ``-inf`` padding). Changing the sizes never
+    recompiles.
 
-    ``x`` ``(B, H, W, C_in)`` -> trunk -> conv5 map ``(B, h5, w5, C5)``
-    (:func:`feature_map_size`) -> ``head`` -> fc6 (``fc_dim``, ReLU, dropout) -> fc7
-    (``fc_dim``, ReLU, dropout) -> fc8 -> logits ``(B, num_classes)``.
-
-    Heads:
-
-    * ``"spp"``: :class:`spp_jax.linen.SpatialPyramidPooling` ``(levels)``, flattened
-      to ``C5 * sum(n_h * n_w)`` (12,800 for ZF-5 with ``(6, 3, 2, 1)``), whatever
-      ``H, W``: any input from the minimum size up works.
-    * ``"pool6"`` (the paper's no-SPP baseline): a max pool with a FIXED window and
-      stride (:func:`pool6_window`, derived from ``base_size``) that maps the conv5
-      map of a ``base_size`` input to exactly 6 x 6, then flattened
-      (``36 * C5``). fc6's input size would change with the input size, so any
-      input whose pooled map is not 6 x 6 raises a ``ValueError`` naming the input
-      size and the accepted ones. Inputs near ``base_size`` all give 6 x 6 (ZF-5 at
-      ``base_size=224``: sides 215 to 246, conv5 13 or 14). Set ``base_size`` for
-      scaled-down images (``base_size=112``: ZF-5's conv5 is 6 x 6, window 1, stride 1).
-
-    Parameter counts (3 input channels; ``num_classes=1000``, ``width=depth=1``,
-    ``fc_dim=4096``, default ``levels``; also in :data:`PARAM_COUNTS`):
-
-    =========  ===========  ============
-    arch       head="spp"   head="pool6"
-    =========  ===========  ============
-    zf5        77,037,672   62,357,608
-    convnet5   77,058,408   62,378,344
-    overfeat5  132,268,648  102,908,520
-    overfeat7  136,988,264  107,628,136
-    =========  ===========  ============
-
-    Small CPU variant (the default training config):
-    ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` at a 112 x 112
-    input: 2,142,506 parameters (the SPP head's count does not depend on the input size).
-
-    Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input
-    pixels, clipped into ``[1, H] x [1, W]``) example ``i`` gives the logits of the
-    network run on ``x[i, :h_i, :w_i]`` alone, whatever the padding holds. The input
-    is zeroed outside the valid region; after every conv (+ReLU) and pool the valid
-    size is recomputed with :func:`feature_map_size`'s formulas and the map zeroed
-    outside it (so a conv's zero padding matches, and since activations are >= 0 after
-    ReLU/LRN, a max pool over zeros matches ceil mode's ``-inf`` padding); SPP then
-    pools each example over its own conv5 region. Changing the sizes never
-    recompiles. Only with ``head="spp"``.
+    The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
+    Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
     Attributes:
       arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
-      num_classes: logits per example.
-      head: ``"spp"`` or ``"pool6"``.
-      levels: SPP pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
       width: conv channel multiplier (:func:`layer_specs`).
       depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
-      fc_dim: width of fc6 and fc7.
-      dropout_rate: dropout after fc6 and fc7 (``train=True`` only; needs a
-        ``"dropout"`` rng).
-      base_size: the square input side the ``"pool6"`` pool is sized for.
-      dtype: computation dtype (params are float32); logits are returned as float32.
-
-    The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
+      dtype: computation dtype (params are float32).
 
     Example:
-      Shapes only (``jax.eval_shape``: nothing is computed or allocated):
-
       >>> import jax, jax.numpy as jnp
-      >>> net = SPPNet(width=0.125, fc_dim=16, num_classes=3, levels=(2, 1))
-      >>> x = jnp.ones((2, 80, 64, 3))
-      >>> logits, variables = jax.eval_shape(net.init_with_output, jax.random.key(0), x)
-      >>> logits.shape, net.output_dim  # output_dim: 32 channels * (4 + 1) bins
-      ((2, 3), 160)
-
-      Real use (a padded batch of two images of sizes 80x64 and 57x60)::
-
-        variables = jax.jit(net.init)(jax.random.key(0), x)
-        sizes = jnp.array([[80, 64], [57, 60]])
-        logits = jax.jit(net.apply)(variables, x, valid_sizes=sizes)  # (2, 3)
-        feats = net.apply(variables, x, method=SPPNet.features)  # (2, 160)
-        train_logits = net.apply(variables, x, train=True, rngs={"dropout": key})
+      >>> trunk = ConvTrunk(width=0.125)
+      >>> x = jnp.ones((2, 180, 240, 3))
+      >>> (fmap, sizes), _ = jax.eval_shape(trunk.init_with_output, jax.random.key(0), x)
+      >>> fmap.shape, trunk.out_channels, sizes
+      ((2, 10, 14, 32), 32, None)
     """
 
     arch: str = "zf5"
-    num_classes: int = 1000
-    head: str = "spp"
-    levels: tuple = (6, 3, 2, 1)
     width: float = 1.0
     depth: float = 1.0
-    fc_dim: int = 4096
-    dropout_rate: float = 0.5
-    base_size: int = 224
     dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        # Fail at construction, naming the bad value, rather than at first call.
         _check_arch(self.arch)
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; accepted: {', '.join(map(repr, HEADS))}")
         _check_scale("width", self.width)
         _check_scale("depth", self.depth)
-        for name in ("num_classes", "fc_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
-        normalize_levels(self.levels)
-        if self.head == "pool6":
-            pool6_window(self.arch, self.base_size)
         super().__post_init__()
 
     @property
     def specs(self) -> tuple[LayerSpec, ...]:
-        """The trunk's layer specs (:func:`layer_specs` with this width and depth)."""
+        """The layer specs (:func:`layer_specs` with this width and depth)."""
         return layer_specs(self.arch, width=self.width, depth=self.depth)
 
     @property
-    def output_dim(self) -> int:
-        """Length of the vector fed to fc6 (:meth:`features`)."""
-        c5 = next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
-        if self.head == "pool6":
-            return POOL6_SIZE * POOL6_SIZE * c5
-        return c5 * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+    def out_channels(self) -> int:
+        """``C5``: channels of the last conv map."""
+        return next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool = False,
-        valid_sizes: jax.Array | None = None,
-        return_features: bool = False,
-    ) -> jax.Array:
-        """Logits (or, with ``return_features``, the fc6 input).
+        self, x: jax.Array, valid_sizes: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The last conv map and each example's valid size in it.
 
         Args:
           x: ``(B, H, W, C_in)`` float images.
-          train: enables dropout (needs a ``"dropout"`` rng).
-          valid_sizes: optional ``(B, 2)`` ints, each example's true ``(h, w)`` in
-            input pixels (``head="spp"`` only; see the class docstring).
-          return_features: return the ``(B, output_dim)`` pooled vector before fc6.
+          valid_sizes: optional ``(B, 2)`` ints, each example's true ``(h, w)`` in input
+            pixels (see the class docstring).
 
         Returns:
-          ``(B, num_classes)`` float32 logits, or ``(B, output_dim)`` features in
-          ``dtype``.
+          ``(fmap, sizes)``: ``fmap`` ``(B, h5, w5, C5)`` in ``dtype``; ``sizes`` the
+          ``(B, 2)`` int32 valid ``(h5_i, w5_i)`` of each example in ``fmap``, or None
+          without ``valid_sizes``.
+
+        Raises:
+          ValueError: ``x`` is not 4-D, is too small for the architecture, or
+            ``valid_sizes`` is not ``(B, 2)`` ints.
         """
-        if x.ndim != 4:
-            raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
+        _check_images(x)
         _, h, w, _ = x.shape
         h5, w5 = feature_map_size(self.arch, h, w)  # raises for too-small inputs
-        sizes = None
-        if valid_sizes is not None:
-            if self.head != "spp":
-                raise ValueError(
-                    f'valid_sizes needs head="spp" (pool6 has a fixed input size), '
-                    f"got head={self.head!r}"
-                )
-            sizes = jnp.asarray(valid_sizes)
-            if sizes.shape != (x.shape[0], 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
-                raise ValueError(
-                    f"valid_sizes must be ({x.shape[0]}, 2) ints, got {sizes.dtype}{sizes.shape}"
-                )
-            sizes = jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([h, w], jnp.int32))
-
+        sizes = _clip_valid_sizes(valid_sizes, x.shape)
         x = _mask(x.astype(self.dtype), sizes)
         n_conv = 0
         for spec in self.specs:
@@ -618,14 +547,116 @@ class SPPNet(nn.Module):
                 x = _mask(x, sizes)
         assert x.shape[1:3] == (h5, w5), (x.shape, h5, w5)
         self.sow("intermediates", "last_conv", x)
+        return x, sizes
 
-        if self.head == "spp":
-            x = SpatialPyramidPooling(levels=self.levels)(x, valid_sizes=sizes)
-        else:
-            x = self._pool6(x, h, w)
-        if return_features:
-            return x
 
+class SPPHead(nn.Module):
+    """Spatial pyramid pooling of a conv map into one fixed-length vector per example.
+
+    ``(B, h, w, C)`` -> ``(B, C * sum(n_h * n_w))`` whatever ``h, w``
+    (:class:`spp_jax.linen.SpatialPyramidPooling`); no parameters.
+
+    Attributes:
+      levels: pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
+    """
+
+    levels: tuple = (6, 3, 2, 1)
+
+    def __post_init__(self) -> None:
+        normalize_levels(self.levels)
+        super().__post_init__()
+
+    def output_dim(self, channels: int) -> int:
+        """Length of the pooled vector for a ``channels``-channel map."""
+        return channels * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
+        """Pools ``x`` (``(B, h, w, C)``), each example over its ``valid_sizes`` region."""
+        return SpatialPyramidPooling(levels=self.levels)(x, valid_sizes=valid_sizes)
+
+
+class Pool6Head(nn.Module):
+    """The paper's no-SPP baseline: a max pool of FIXED window and stride, flattened.
+
+    ``(B, h, w, C)`` -> ``(B, 36 * C)``; only maps that this pool takes to exactly
+    6 x 6 are accepted (fc6 after it has a fixed input size). :func:`pool6_window` gives
+    the window and stride for an architecture and base input size; no parameters.
+
+    Attributes:
+      window: pool window (square).
+      stride: pool stride.
+    """
+
+    window: int = 3
+    stride: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive_int("window", self.window)
+        _check_positive_int("stride", self.stride)
+        super().__post_init__()
+
+    def pooled_size(self, m: int) -> int:
+        """Pooled length of an axis of ``m`` cells (0 if the window does not fit)."""
+        return (m - self.window) // self.stride + 1 if m >= self.window else 0
+
+    def output_dim(self, channels: int) -> int:
+        """Length of the pooled vector for a ``channels``-channel map."""
+        return POOL6_SIZE * POOL6_SIZE * channels
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
+        """Pools ``x`` (``(B, h, w, C)``) to ``(B, 36 * C)``.
+
+        Raises:
+          ValueError: ``valid_sizes`` is given (a fixed-size head pools the whole map),
+            or the map does not pool to 6 x 6.
+        """
+        if valid_sizes is not None:
+            raise ValueError(
+                'valid_sizes needs head="spp" (pool6 has a fixed input size), got head="pool6"'
+            )
+        h5, w5 = x.shape[1:3]
+        ph, pw = self.pooled_size(h5), self.pooled_size(w5)
+        if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
+            raise ValueError(
+                f"Pool6Head(window={self.window}, stride={self.stride}) needs a map that pools "
+                f"to {POOL6_SIZE}x{POOL6_SIZE}, got {h5}x{w5} -> {ph}x{pw}"
+            )
+        x = nn.max_pool(x, (self.window,) * 2, (self.stride,) * 2)
+        return x.reshape(x.shape[0], -1)
+
+
+class MLPHead(nn.Module):
+    """The classifier on the pooled vector: fc6 -> fc7 -> fc8 logits.
+
+    ``(B, D)`` -> fc6 (``fc_dim``, ReLU, dropout) -> fc7 (``fc_dim``, ReLU, dropout) ->
+    fc8 -> ``(B, num_classes)`` float32 logits. Parameters ``fc6``, ``fc7``, ``fc8``
+    (``kernel``, ``bias``), float32.
+
+    Attributes:
+      num_classes: logits per example.
+      fc_dim: width of fc6 and fc7.
+      dropout_rate: dropout after fc6 and fc7 (``train=True`` only; needs a ``"dropout"``
+        rng).
+      dtype: computation dtype.
+    """
+
+    num_classes: int = 1000
+    fc_dim: int = 4096
+    dropout_rate: float = 0.5
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        _check_positive_int("num_classes", self.num_classes)
+        _check_positive_int("fc_dim", self.fc_dim)
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """``(B, D)`` features -> ``(B, num_classes)`` float32 logits."""
         for name in ("fc6", "fc7"):
             x = nn.Dense(
                 self.fc_dim,
@@ -645,22 +676,194 @@ class SPPNet(nn.Module):
         )(x)
         return x.astype(jnp.float32)
 
-    def _pool6(self, x: jax.Array, h: int, w: int) -> jax.Array:
-        win, stride = pool6_window(self.arch, self.base_size)
-        h5, w5 = x.shape[1:3]
-        ph, pw = ((m - win) // stride + 1 if m >= win else 0 for m in (h5, w5))
-        if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
-            ok = _pool6_accepted(self.arch, self.base_size)
-            accepted = f"{ok[0]}..{ok[-1]}" if ok == list(range(ok[0], ok[-1] + 1)) else ok
-            raise ValueError(
-                f'head="pool6" needs a {POOL6_SIZE}x{POOL6_SIZE} pooled map (fc6 has a fixed '
-                f"input size), but input {h}x{w} gives conv5 {h5}x{w5} -> {ph}x{pw} with the "
-                f"window {win} stride {stride} sized for base_size={self.base_size}; accepted "
-                f"input sides: {accepted} (e.g. {self.base_size}x{self.base_size}). Use "
-                f'head="spp" for other sizes, or set base_size.'
-            )
-        x = nn.max_pool(x, (win, win), (stride, stride))
-        return x.reshape(x.shape[0], -1)
+
+# --------------------------------------------------------------------------------------
+# The network.
+# --------------------------------------------------------------------------------------
+
+# Parameter counts of the docstring table of SPPNet (3 input channels), pinned by a test
+# against jax.eval_shape. Keys "{arch}/{head}" at num_classes=1000, width=depth=1,
+# fc_dim=4096, and "small": SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)
+# (SPP head, default levels) at a 112 x 112 input.
+_PARAM_COUNTS: dict[str, int] = {
+    "zf5/spp": 77_037_672,
+    "zf5/pool6": 62_357_608,
+    "convnet5/spp": 77_058_408,
+    "convnet5/pool6": 62_378_344,
+    "overfeat5/spp": 132_268_648,
+    "overfeat5/pool6": 102_908_520,
+    "overfeat7/spp": 136_988_264,
+    "overfeat7/pool6": 107_628_136,
+    "small": 2_142_506,
+}
+
+
+class SPPNet(nn.Module):
+    """SPP-net classifier: :class:`ConvTrunk`, a pooling head, then :class:`MLPHead`.
+
+    ``x`` ``(B, H, W, C_in)`` -> trunk -> conv5 map ``(B, h5, w5, C5)``
+    (:func:`feature_map_size`) -> ``head`` -> fc6 (``fc_dim``, ReLU, dropout) -> fc7
+    (``fc_dim``, ReLU, dropout) -> fc8 -> logits ``(B, num_classes)``.
+
+    Heads:
+
+    * ``"spp"`` (:class:`SPPHead`): :class:`spp_jax.linen.SpatialPyramidPooling`
+      ``(levels)``, flattened to ``C5 * sum(n_h * n_w)`` (12,800 for ZF-5 with
+      ``(6, 3, 2, 1)``), whatever ``H, W``: any input from the minimum size up works.
+    * ``"pool6"`` (:class:`Pool6Head`, the paper's no-SPP baseline): a max pool with a
+      FIXED window and stride (:func:`pool6_window`, derived from ``base_size``) that maps
+      the conv5 map of a ``base_size`` input to exactly 6 x 6, then flattened
+      (``36 * C5``). fc6's input size would change with the input size, so any
+      input whose pooled map is not 6 x 6 raises a ``ValueError`` naming the input
+      size and the accepted ones. Inputs near ``base_size`` all give 6 x 6 (ZF-5 at
+      ``base_size=224``: sides 215 to 246, conv5 13 or 14). Set ``base_size`` for
+      scaled-down images (``base_size=112``: ZF-5's conv5 is 6 x 6, window 1, stride 1).
+
+    The parts' parameters sit at the top level of the tree (``conv1`` ... ``convN``,
+    ``fc6``, ``fc7``, ``fc8``), so a :class:`ConvTrunk` of the same ``arch``, ``width``
+    and ``depth`` takes ``{k: v for k, v in params.items() if k.startswith("conv")}``.
+
+    Parameter counts (3 input channels; ``num_classes=1000``, ``width=depth=1``,
+    ``fc_dim=4096``, default ``levels``):
+
+    =========  ===========  ============
+    arch       head="spp"   head="pool6"
+    =========  ===========  ============
+    zf5        77,037,672   62,357,608
+    convnet5   77,058,408   62,378,344
+    overfeat5  132,268,648  102,908,520
+    overfeat7  136,988,264  107,628,136
+    =========  ===========  ============
+
+    Small CPU variant (the default training config):
+    ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` at a 112 x 112
+    input: 2,142,506 parameters (the SPP head's count does not depend on the input size).
+
+    Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input
+    pixels, clipped into ``[1, H] x [1, W]``) example ``i`` gives the logits of the
+    network run on ``x[i, :h_i, :w_i]`` alone, whatever the padding holds: the trunk
+    zeroes every map outside each example's valid region (:class:`ConvTrunk`) and SPP
+    pools each example over its own conv5 region. Changing the sizes never recompiles.
+    Only with ``head="spp"``.
+
+    Attributes:
+      arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
+      num_classes: logits per example.
+      head: ``"spp"`` or ``"pool6"``.
+      levels: SPP pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
+      width: conv channel multiplier (:func:`layer_specs`).
+      depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
+      fc_dim: width of fc6 and fc7.
+      dropout_rate: dropout after fc6 and fc7 (``train=True`` only; needs a
+        ``"dropout"`` rng).
+      base_size: the square input side the ``"pool6"`` pool is sized for.
+      dtype: computation dtype (params are float32); logits are returned as float32.
+
+    The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
+
+    Example:
+      Shapes only (``jax.eval_shape``: nothing is computed or allocated):
+
+      >>> import jax, jax.numpy as jnp
+      >>> net = SPPNet(width=0.125, fc_dim=16, num_classes=3, levels=(2, 1))
+      >>> x = jnp.ones((2, 80, 64, 3))
+      >>> logits, variables = jax.eval_shape(net.init_with_output, jax.random.key(0), x)
+      >>> logits.shape, net.output_dim  # output_dim: 32 channels * (4 + 1) bins
+      ((2, 3), 160)
+      >>> sorted(variables["params"])
+      ['conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8']
+
+      Real use (a padded batch of two images of sizes 80x64 and 57x60)::
+
+        variables = jax.jit(net.init)(jax.random.key(0), x)
+        sizes = jnp.array([[80, 64], [57, 60]])
+        logits = jax.jit(net.apply)(variables, x, valid_sizes=sizes)  # (2, 3)
+        feats = net.apply(variables, x, method=SPPNet.features)  # (2, 160)
+        train_logits = net.apply(variables, x, train=True, rngs={"dropout": key})
+    """
+
+    arch: str = "zf5"
+    num_classes: int = 1000
+    head: str = "spp"
+    levels: tuple = (6, 3, 2, 1)
+    width: float = 1.0
+    depth: float = 1.0
+    fc_dim: int = 4096
+    dropout_rate: float = 0.5
+    base_size: int = 224
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        # Fail at construction, naming the bad value, rather than at first call (the
+        # parts are built in setup, i.e. lazily).
+        _check_arch(self.arch)
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; accepted: {', '.join(map(repr, HEADS))}")
+        _check_scale("width", self.width)
+        _check_scale("depth", self.depth)
+        _check_positive_int("num_classes", self.num_classes)
+        _check_positive_int("fc_dim", self.fc_dim)
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        normalize_levels(self.levels)
+        if self.head == "pool6":
+            pool6_window(self.arch, self.base_size)
+        super().__post_init__()
+
+    def setup(self) -> None:
+        self.trunk = ConvTrunk(self.arch, self.width, self.depth, self.dtype)
+        self.pool = self._make_head()
+        self.classifier = MLPHead(self.num_classes, self.fc_dim, self.dropout_rate, self.dtype)
+        # The trunk's and the classifier's parameters live in this module's scope
+        # (conv1 ..., fc6 ...), as before the network was split into parts: parameter
+        # paths and checkpoints are unchanged.
+        nn.share_scope(self, self.trunk)
+        nn.share_scope(self, self.classifier)
+
+    def _make_head(self) -> SPPHead | Pool6Head:
+        if self.head == "spp":
+            return SPPHead(self.levels)
+        window, stride = pool6_window(self.arch, self.base_size)
+        return Pool6Head(window, stride)
+
+    @property
+    def specs(self) -> tuple[LayerSpec, ...]:
+        """The trunk's layer specs (:func:`layer_specs` with this width and depth)."""
+        return layer_specs(self.arch, width=self.width, depth=self.depth)
+
+    @property
+    def output_dim(self) -> int:
+        """Length of the vector fed to fc6 (:meth:`features`)."""
+        c5 = next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
+        if self.head == "pool6":
+            return POOL6_SIZE * POOL6_SIZE * c5
+        return c5 * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        valid_sizes: jax.Array | None = None,
+        return_features: bool = False,
+    ) -> jax.Array:
+        """Logits (or, with ``return_features``, the fc6 input).
+
+        Args:
+          x: ``(B, H, W, C_in)`` float images.
+          train: enables dropout (needs a ``"dropout"`` rng).
+          valid_sizes: optional ``(B, 2)`` ints, each example's true ``(h, w)`` in
+            input pixels (``head="spp"`` only; see the class docstring).
+          return_features: return the ``(B, output_dim)`` pooled vector before fc6.
+
+        Returns:
+          ``(B, num_classes)`` float32 logits, or ``(B, output_dim)`` features in
+          ``dtype``.
+        """
+        features = self.features(x, train=train, valid_sizes=valid_sizes)
+        if return_features:
+            return features
+        return self.classifier(features, train=train)
 
     def features(
         self,
@@ -672,6 +875,35 @@ class SPPNet(nn.Module):
         """The ``(B, output_dim)`` vector fed to fc6 (SPP or pool6 output).
 
         Call as ``net.apply(variables, x, method=SPPNet.features)``; the variables
-        may come from a full ``init`` (fc params are ignored).
+        may come from a full ``init`` (fc params are ignored). ``train`` is accepted
+        for symmetry with ``__call__``: nothing before fc6 depends on it.
         """
-        return self(x, train=train, valid_sizes=valid_sizes, return_features=True)
+        del train
+        self._check_head_input(x, valid_sizes)
+        fmap, sizes = self.trunk(x, valid_sizes)
+        return self.pool(fmap, sizes)
+
+    def _check_head_input(self, x: jax.Array, valid_sizes: jax.Array | None) -> None:
+        """The pool6 head's limits in terms of the INPUT, before any compute."""
+        if self.head != "pool6":
+            return
+        if valid_sizes is not None:
+            raise ValueError(
+                f'valid_sizes needs head="spp" (pool6 has a fixed input size), '
+                f"got head={self.head!r}"
+            )
+        _check_images(x)
+        _, h, w, _ = x.shape
+        h5, w5 = feature_map_size(self.arch, h, w)
+        win, stride = pool6_window(self.arch, self.base_size)
+        ph, pw = ((m - win) // stride + 1 if m >= win else 0 for m in (h5, w5))
+        if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
+            ok = _pool6_accepted(self.arch, self.base_size)
+            accepted = f"{ok[0]}..{ok[-1]}" if ok == list(range(ok[0], ok[-1] + 1)) else ok
+            raise ValueError(
+                f'head="pool6" needs a {POOL6_SIZE}x{POOL6_SIZE} pooled map (fc6 has a fixed '
+                f"input size), but input {h}x{w} gives conv5 {h5}x{w5} -> {ph}x{pw} with the "
+                f"window {win} stride {stride} sized for base_size={self.base_size}; accepted "
+                f"input sides: {accepted} (e.g. {self.base_size}x{self.base_size}). Use "
+                f'head="spp" for other sizes, or set base_size.'
+            )

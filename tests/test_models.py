@@ -11,9 +11,12 @@ from spp_jax import models
 from spp_jax.models import (
     ARCHS,
     HEADS,
-    PARAM_COUNTS,
     ConvSpec,
+    ConvTrunk,
+    MLPHead,
+    Pool6Head,
     PoolSpec,
+    SPPHead,
     SPPNet,
     feature_map_size,
     layer_specs,
@@ -193,14 +196,14 @@ def _docstring_counts() -> dict[str, int]:
 
 
 def test_param_count_table_matches_eval_shape():
-    assert _docstring_counts() == PARAM_COUNTS
-    assert set(PARAM_COUNTS) == {f"{a}/{h}" for a in ARCHS for h in HEADS} | {"small"}
+    assert _docstring_counts() == models._PARAM_COUNTS
+    assert set(models._PARAM_COUNTS) == {f"{a}/{h}" for a in ARCHS for h in HEADS} | {"small"}
     for arch in ARCHS:
         for head in HEADS:
             got = _n_params(SPPNet(arch=arch, head=head), 224)
-            assert got == PARAM_COUNTS[f"{arch}/{head}"], (arch, head)
+            assert got == models._PARAM_COUNTS[f"{arch}/{head}"], (arch, head)
     small = SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)
-    assert _n_params(small, 112) == PARAM_COUNTS["small"]
+    assert _n_params(small, 112) == models._PARAM_COUNTS["small"]
 
 
 def test_zf5_spp_param_count_by_hand():
@@ -210,9 +213,9 @@ def test_zf5_spp_param_count_by_hand():
     n += spp_dim * 4096 + 4096  # fc6
     n += 4096 * 4096 + 4096  # fc7
     n += 4096 * 1000 + 1000  # fc8
-    assert n == PARAM_COUNTS["zf5/spp"] == _n_params(SPPNet(), 224)
+    assert n == models._PARAM_COUNTS["zf5/spp"] == _n_params(SPPNet(), 224)
     # pool6: fc6 sees 256 * 6 * 6 instead.
-    assert PARAM_COUNTS["zf5/pool6"] == n - (spp_dim - 256 * 36) * 4096
+    assert models._PARAM_COUNTS["zf5/pool6"] == n - (spp_dim - 256 * 36) * 4096
 
 
 def test_params_are_float32_with_bfloat16_compute():
@@ -348,6 +351,74 @@ def test_dropout_only_in_train():
     np.testing.assert_array_equal(a, apply(variables, x))
     b = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     assert b.shape == a.shape and not np.allclose(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# The parts: trunk, heads, classifier.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_parameter_tree_is_flat_as_before_the_split(head):
+    """Checkpoints written before SPPNet was split into parts still restore."""
+    net = SPPNet(head=head, base_size=112, **TINY)
+    _, variables = _init_shapes(net, (1, 112, 112, 3))
+    flat = jax.tree_util.tree_leaves_with_path(variables["params"])
+    paths = sorted("/".join(p.key for p in path) for path, _ in flat)
+    n_conv = sum(isinstance(s, ConvSpec) for s in net.specs)
+    names = [f"conv{i}" for i in range(1, n_conv + 1)] + ["fc6", "fc7", "fc8"]
+    assert paths == sorted(f"{n}/{leaf}" for n in names for leaf in ("bias", "kernel"))
+
+
+def test_trunk_alone_gives_the_networks_conv_map_and_valid_sizes():
+    net = SPPNet(arch="zf5", **TINY)
+    trunk = ConvTrunk(arch="zf5", width=TINY["width"], depth=TINY["depth"])
+    rng = np.random.default_rng(3)
+    img = rng.uniform(0, 1, size=(75, 66, 3)).astype(np.float32)
+    batch = rng.uniform(-10, 10, size=(2, 90, 80, 3)).astype(np.float32)
+    batch[0, :75, :66] = img
+    sizes = jnp.array([[75, 66], [90, 80]], jnp.int32)
+    variables = _random_params(net, (1, 90, 80, 3))
+    conv_params = {k: v for k, v in variables["params"].items() if k.startswith("conv")}
+    _, state = net.apply(variables, batch, valid_sizes=sizes, mutable=["intermediates"])
+    fmap, fsizes = jax.jit(trunk.apply)({"params": conv_params}, batch, sizes)
+    np.testing.assert_allclose(fmap, state["intermediates"]["last_conv"][0], rtol=1e-5, atol=1e-6)
+    h5, w5 = feature_map_size("zf5", 75, 66)
+    np.testing.assert_array_equal(fsizes, [[h5, w5], [*feature_map_size("zf5", 90, 80)]])
+    # Example 0's map on its valid region is the map of the image alone; zero outside.
+    alone, none = trunk.apply({"params": conv_params}, img[None])
+    assert none is None and alone.shape[1:3] == (h5, w5)
+    np.testing.assert_allclose(fmap[0, :h5, :w5], alone[0], rtol=1e-5, atol=1e-6)
+    assert not np.any(fmap[0, h5:]) and not np.any(fmap[0, :, w5:])
+    assert trunk.out_channels == fmap.shape[-1] == 32
+
+
+def test_heads_and_classifier_alone():
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 13, 13, 8)), jnp.float32)
+    spp = SPPHead((3, 1))
+    assert spp.apply({}, x).shape == (2, spp.output_dim(8)) == (2, 80)
+    pool6 = Pool6Head(3, 2)
+    y = pool6.apply({}, x)
+    assert y.shape == (2, pool6.output_dim(8)) == (2, 288)
+    np.testing.assert_array_equal(y.reshape(2, 6, 6, 8), _np_max_pool(np.asarray(x), 3, 2, (6, 6)))
+    with pytest.raises(ValueError, match=r"Pool6Head\(window=3, stride=2\).*10x13 -> 4x6"):
+        pool6.apply({}, x[:, :10])
+    with pytest.raises(ValueError, match='valid_sizes needs head="spp"'):
+        pool6.apply({}, x, jnp.full((2, 2), 13))
+    mlp = MLPHead(num_classes=4, fc_dim=6, dropout_rate=0.0)
+    logits, variables = mlp.init_with_output(KEY, jnp.ones((3, 80)))
+    assert logits.shape == (3, 4) and sorted(variables["params"]) == ["fc6", "fc7", "fc8"]
+    for bad, match in (({"fc_dim": 0}, "fc_dim"), ({"dropout_rate": -0.1}, "dropout_rate")):
+        with pytest.raises(ValueError, match=match):
+            MLPHead(**bad)
+    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+        Pool6Head(0, 1)
+    with pytest.raises(ValueError, match="'vgg'"):
+        ConvTrunk(arch="vgg")
+
+
+def test_param_counts_are_not_public_api():
+    assert "PARAM_COUNTS" not in models.__all__ and not hasattr(models, "PARAM_COUNTS")
 
 
 # --------------------------------------------------------------------------------------
