@@ -21,8 +21,9 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
   data order, crops, size schedule and dropout keys are all functions of
   ``(seed, epoch, step)``, so a run killed and resumed from its last
   checkpoint ends with the same parameters as an uninterrupted run.
-* **Outputs** under ``workdir``: ``config.json``, ``metrics.jsonl`` (one line
-  per epoch, then the final evaluation), ``checkpoints/``, ``curves.png``.
+* **Outputs** under ``workdir``: ``config.json``, ``checkpoints/``, and
+  (:mod:`spp_jax.metrics`) ``metrics.jsonl`` (one line per epoch, then the final
+  evaluation), TensorBoard event files beside it, ``curves.png``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from flax import jax_utils
 from flax.training import train_state
 
 from spp_jax import data as data_lib
+from spp_jax import metrics as metrics_lib
 from spp_jax.models import SPPNet
 
 log = logging.getLogger("spp_jax.train")
@@ -170,7 +172,12 @@ def train_step(
         )
         return cross_entropy(logits, batch["label"], batch["mask"]), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Under shard_map, parameters replicated with P() are invariant over the axis, and
+    # the gradient with respect to an invariant value comes back already summed over it
+    # (pmean would then leave n_devices times pmap's mean). Differentiating with respect
+    # to a varying copy gives each device its own gradient, as under pmap.
+    params = _varying(state.params, AXIS)
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = jax.lax.pmean(grads, AXIS)
     state = state.apply_gradients(grads=grads)
     correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
@@ -180,6 +187,15 @@ def train_step(
         "lr": learning_rate_fn(state.step - 1),
     }
     return state, metrics
+
+
+def _varying(tree: Any, axis: str) -> Any:
+    """``tree`` typed as varying over the mapped ``axis`` (a no-op on older JAX)."""
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is not None:
+        return pcast(tree, axis, to="varying")
+    pvary = getattr(jax.lax, "pvary", None)
+    return pvary(tree, axis) if pvary is not None else tree
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable) -> dict:
@@ -239,38 +255,6 @@ def unreplicate_to_host(tree):
         return np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:])
 
     return jax.tree_util.tree_map(first, tree)
-
-
-class MetricsWriter:
-    """Appends JSON lines to ``workdir/metrics.jsonl`` (process 0 only)."""
-
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic | jax.Array):
-        return np.asarray(x).item()
-    return x
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def checkpoint_manager(workdir: str, keep: int = 3):
@@ -428,7 +412,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
 
     p_train_step = jax.pmap(counted_train_step, axis_name=AXIS, donate_argnums=(0,))
     p_state = replicate(state)
-    writer = MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir)
     seen_shapes: set[tuple[int, ...]] = set()
     step = start_step
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
@@ -483,6 +467,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 save_checkpoint(manager, unreplicate_to_host(p_state))
             if step == stop_after_step:
                 log.info("stopping after step %d as asked", step)
+                writer.close()
                 return {
                     "state": unreplicate_to_host(p_state),
                     "eval": None,
@@ -509,7 +494,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 config, builder, info, p_state.params, model, mode="center", size=config.crop_size
             )
             record.update({f"test_{k}": v for k, v in ev.items()})
-        writer.write(record)
+        writer.write(record, step)
         log.info(
             "epoch %d/%d size %d: loss %.4f, train acc %.3f%s, %.1f s",
             epoch + 1,
@@ -525,11 +510,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     final = None
     if config.final_eval:
         final = final_evaluation(config, builder, info, p_state.params, model)
-        writer.write({"final": final})
+        writer.write({"final": final}, step)
         log.info("final test accuracy (top-1):\n%s", format_final(final))
+    writer.close()  # the event file; metrics.jsonl is closed after each line
     if jax.process_index() == 0:
         try:
-            plot_metrics(workdir)
+            metrics_lib.plot_metrics(workdir)
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not plot metrics: %s", e)
     return {"state": host_state, "eval": final, "train_compiles": compiles}
@@ -598,72 +584,6 @@ def format_final(final: dict) -> str:
         full = f"{row['full']['top1']:10.4f}" if "full" in row else "       n/a"
         lines.append(f"  {size:>4}  {row['center']['top1']:11.4f}  {full}")
     return "\n".join(lines)
-
-
-def plot_metrics(workdir: str) -> str | None:
-    """Writes ``workdir/curves.png``: loss and accuracy per epoch, final accuracy by size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(workdir)
-    epochs = [r for r in records if "epoch" in r]
-    if not epochs:
-        return None
-    finals = [r["final"] for r in records if "final" in r]
-    fig, axes = plt.subplots(1, 3 if finals else 2, figsize=(15 if finals else 10, 4))
-    x = [r["epoch"] for r in epochs]
-    axes[0].plot(x, [r["train_loss"] for r in epochs], marker="o", label="train loss")
-    if any("test_loss" in r for r in epochs):
-        ex = [r for r in epochs if "test_loss" in r]
-        axes[0].plot(
-            [r["epoch"] for r in ex], [r["test_loss"] for r in ex], marker="s", label="test loss"
-        )
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    axes[1].plot(x, [r["train_accuracy"] for r in epochs], marker="o", label="train top-1")
-    if any("test_top1" in r for r in epochs):
-        ex = [r for r in epochs if "test_top1" in r]
-        axes[1].plot(
-            [r["epoch"] for r in ex],
-            [r["test_top1"] for r in ex],
-            marker="s",
-            label="test top-1 (centre crop)",
-        )
-    for r in epochs:
-        axes[1].annotate(
-            str(r["size"]),
-            (r["epoch"], r["train_accuracy"]),
-            fontsize=7,
-            textcoords="offset points",
-            xytext=(0, 4),
-            ha="center",
-        )
-    axes[1].set_xlabel("epoch (labels: training size)")
-    axes[1].set_title("accuracy")
-    axes[1].legend()
-    if finals:
-        final = finals[-1]
-        sizes = list(final)
-        pos = np.arange(len(sizes))
-        axes[2].bar(
-            pos - 0.2, [final[s]["center"]["top1"] for s in sizes], 0.4, label="centre crop"
-        )
-        if all("full" in final[s] for s in sizes):
-            axes[2].bar(
-                pos + 0.2, [final[s]["full"]["top1"] for s in sizes], 0.4, label="full image"
-            )
-        axes[2].set_xticks(pos, sizes)
-        axes[2].set_xlabel("test size")
-        axes[2].set_title("final test top-1")
-        axes[2].legend()
-    fig.tight_layout()
-    path = os.path.join(workdir, "curves.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:

@@ -23,6 +23,7 @@ pytest.importorskip("tensorflow_datasets")
 from flax import jax_utils
 
 from spp_jax import cli
+from spp_jax import metrics as metrics_lib
 from spp_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,8 +101,9 @@ def test_pmap_step_equals_single_device_on_same_global_batch():
     assert int(train_lib.unreplicate_to_host(four).step) == 2
 
 
-def test_train_step_runs_under_jit_with_a_mesh_axis():
-    """The same train_step, no pmap: shard_map over a 4-device mesh axis "batch"."""
+def test_train_step_under_shard_map_equals_the_pmap_step():
+    """The same train_step, no pmap: jit + shard_map over a 4-device mesh axis "batch"
+    gives the pmap step's parameters and metrics, step after step."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
@@ -117,14 +119,65 @@ def test_train_step_runs_under_jit_with_a_mesh_axis():
     mapped = jax.jit(
         shard_map(step, mesh=mesh, in_specs=(P(), P(train_lib.AXIS)), out_specs=(P(), P()))
     )
+    p_step = jax.pmap(step, axis_name=train_lib.AXIS, devices=jax.devices()[:4])
     rng = np.random.default_rng(1)
-    batch = {
-        "image": jnp.asarray(rng.standard_normal((8, 48, 48, 3)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
-        "mask": jnp.ones(8, jnp.float32),
-    }
-    new_state, metrics = mapped(state, batch)
-    assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+    sharded, replicated = state, jax_utils.replicate(state, jax.devices()[:4])
+    for _ in range(2):
+        batch = {
+            "image": rng.standard_normal((8, 48, 48, 3)).astype(np.float32),
+            "label": rng.integers(0, 10, 8).astype(np.int32),
+            "mask": np.ones(8, np.float32),
+        }
+        sharded, m_shard = mapped(sharded, jax.tree.map(jnp.asarray, batch))
+        replicated, m_pmap = p_step(replicated, train_lib.shard(batch))
+        host = train_lib.unreplicate_to_host(replicated)
+        assert int(sharded.step) == int(host.step)
+        for k in ("loss", "accuracy", "lr"):
+            np.testing.assert_allclose(m_shard[k], m_pmap[k][0], rtol=1e-6, err_msg=k)
+        assert_params_equal(
+            train_lib.flatten_params(sharded.params),
+            train_lib.flatten_params(host.params),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    # The steps did move the parameters (so equality above is not trivially 0 == 0).
+    moved = train_lib.flatten_params(sharded.params)["fc8/kernel"]
+    assert not np.allclose(moved, train_lib.flatten_params(state.params)["fc8/kernel"])
+
+
+def test_pmapped_train_step_traces_once_per_shape():
+    """A counter inside the traced function: new batch values, the donated state the
+    step returned and its metrics never retrace; only a new shape does."""
+    config = tiny_config(**{"model.dropout_rate": 0.3})
+    model = train_lib.create_model(config, num_classes=10)
+    schedule = train_lib.learning_rate_schedule(config, 5)
+    state = train_lib.create_train_state(
+        config, model, 48, train_lib.create_optimizer(config, schedule)
+    )
+    traces: list[tuple[int, ...]] = []
+
+    def counted(state, batch):
+        traces.append(batch["image"].shape)
+        return train_lib.train_step(state, batch, learning_rate_fn=schedule)
+
+    p_step = jax.pmap(counted, axis_name=train_lib.AXIS, donate_argnums=(0,))
+    p_state = train_lib.replicate(state)
+    rng = np.random.default_rng(2)
+
+    def batch(size):
+        return train_lib.shard(
+            {
+                "image": rng.standard_normal((8, size, size, 3)).astype(np.float32),
+                "label": rng.integers(0, 10, 8).astype(np.int32),
+                "mask": (rng.uniform(size=8) > 0.2).astype(np.float32),
+            }
+        )
+
+    for size in (48, 48, 48, 40, 40, 48, 40):
+        p_state, metrics = p_step(p_state, batch(size))
+        assert np.isfinite(float(train_lib.unreplicate_to_host(metrics)["loss"]))
+    assert traces == [(2, 48, 48, 3), (2, 40, 40, 3)]
+    assert int(train_lib.unreplicate_to_host(p_state).step) == 7
 
 
 # ------------------------------------------------------------- whole runs (tiny config)
@@ -145,11 +198,34 @@ def test_one_compile_per_bucket_paper_schedule(paper_run):
     # sizes 48, 40, 48: two buckets, two compiles, however many steps.
     assert sorted(set(result["train_compiles"])) == [(2, 40, 40, 3), (2, 48, 48, 3)]
     assert len(result["train_compiles"]) == 2
-    records = train_lib.read_metrics(workdir)
+    records = metrics_lib.read_metrics(workdir)
     assert [r["size"] for r in records] == [48, 40, 48]
     assert [r["train_compiles"] for r in records] == [1, 2, 2]
     assert all(np.isfinite(r["train_loss"]) for r in records)
     assert os.path.exists(os.path.join(workdir, "curves.png"))
+
+
+def _event_scalars(workdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard event files, read by TensorBoard's reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})
+    acc.Reload()
+    return {
+        tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+        for tag in acc.Tags()["tensors"]
+    }
+
+
+def test_run_writes_tensorboard_events_beside_metrics_jsonl(paper_run):
+    workdir, _, _ = paper_run
+    assert any(n.startswith("events.out.tfevents.") for n in os.listdir(workdir))
+    events = _event_scalars(workdir)
+    records = metrics_lib.read_metrics(workdir)
+    for key in ("train_loss", "train_accuracy", "lr", "size", "train_compiles"):
+        assert events[key] == pytest.approx({r["step"]: r[key] for r in records}, rel=1e-6), key
+    assert sorted(events["train_loss"]) == [5, 10, 15]
 
 
 def test_resume_after_interruption_gives_the_same_parameters(paper_run, tmp_path):
@@ -184,7 +260,7 @@ def test_random_schedule_compiles_once_per_drawn_size(data_dir, tmp_path):
         config.seed = 3
     result = train_lib.train_and_evaluate(config, str(tmp_path))
     sizes = [train_size_for_epoch((38, 42), "random", e, 3) for e in range(3)]
-    assert [r["size"] for r in train_lib.read_metrics(str(tmp_path))] == sizes
+    assert [r["size"] for r in metrics_lib.read_metrics(str(tmp_path))] == sizes
     assert sorted(s[1] for s in result["train_compiles"]) == sorted(set(sizes))
 
 
@@ -208,13 +284,51 @@ def test_each_schedule_on_mock_tfds_data(schedule, sizes, tmp_path):
     with tfds.testing.mock_data(num_examples=16):
         result = train_lib.train_and_evaluate(config, str(tmp_path))
     assert len(result["train_compiles"]) == 1
-    records = train_lib.read_metrics(str(tmp_path))
+    records = metrics_lib.read_metrics(str(tmp_path))
     assert records[0]["step"] == 2 and np.isfinite(records[0]["train_loss"])
     assert int(result["state"].step) == 2
     if final:
         assert records[0]["test_count"] == 16
         assert result["eval"]["48"]["center"]["count"] == 16
         assert result["eval"]["48"]["full"]["count"] == 16
+        events = _event_scalars(str(tmp_path))
+        assert events["test_top1"] == pytest.approx({2: records[0]["test_top1"]})
+        for mode in ("center", "full"):
+            top1 = result["eval"]["48"][mode]["top1"]
+            assert events[f"final/48/{mode}/top1"] == pytest.approx({2: top1}), mode
+
+
+def test_eval_step_traces_once_per_batch_shape(data_dir, monkeypatch):
+    """A counter inside the pmapped eval step: evaluating twice, including the last,
+    partly masked batch of the split, traces once per batch shape."""
+    traces: list[tuple[tuple[int, ...], bool]] = []
+    real = train_lib.eval_step
+
+    def counted(params, batch, *, apply_fn):
+        traces.append((tuple(batch["image"].shape), "valid_sizes" in batch))
+        return real(params, batch, apply_fn=apply_fn)
+
+    monkeypatch.setattr(train_lib, "eval_step", counted)
+    train_lib._p_eval_step.cache_clear()
+    try:
+        config = tiny_config(full_image_bucket_steps=2)
+        builder, info = train_lib.load_dataset(config)
+        model = train_lib.create_model(config, info.num_classes)
+        tx = train_lib.create_optimizer(config, train_lib.learning_rate_schedule(config, 5))
+        p_params = train_lib.replicate(train_lib.create_train_state(config, model, 48, tx).params)
+        for _ in range(2):
+            ev = train_lib.evaluate(config, builder, info, p_params, model, mode="center", size=48)
+            assert ev["count"] == 20
+        assert traces == [((2, 48, 48, 3), False)]  # per device: 8 examples on 4 devices
+        traces.clear()
+        for _ in range(2):
+            ev = train_lib.evaluate(config, builder, info, p_params, model, mode="full", size=40)
+            assert ev["count"] == 20
+        n_buckets = len(traces)
+        assert n_buckets >= 1 and all(with_sizes for _, with_sizes in traces)
+        assert len(set(traces)) == n_buckets, traces  # the second pass traced nothing
+    finally:
+        train_lib._p_eval_step.cache_clear()
 
 
 def test_bad_batch_size_is_a_clear_error(data_dir, tmp_path):
@@ -300,7 +414,7 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
     assert int(two.step) == int(one["state"].step) == 10
     assert_params_equal(train_lib.flatten_params(two.params), _params(one), rtol=1e-5, atol=1e-6)
     # Evaluation saw every test example once across the two processes.
-    final = next(r["final"] for r in train_lib.read_metrics(workdir) if "final" in r)
+    final = next(r["final"] for r in metrics_lib.read_metrics(workdir) if "final" in r)
     assert final["48"]["center"]["count"] == final["48"]["full"]["count"] == 20
     np.testing.assert_allclose(
         final["48"]["center"]["top1"], one["eval"]["48"]["center"]["top1"], atol=1e-6
