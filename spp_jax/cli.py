@@ -8,8 +8,12 @@ results and prints what happened. It needs no data and no network.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
 
 import jax
@@ -84,7 +88,6 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
         an override of a key the config does not have; the message names it.
     """
     import ast
-    import importlib.util
     from pathlib import Path
 
     from spp_jax import configs
@@ -156,7 +159,73 @@ def _init_distributed(args) -> None:
     )
 
 
+# Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:
+# errors only, so no oneDNN / cpu_feature_guard notices and no absl pre-init banner.
+_QUIET_NATIVE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+# Python loggers of libraries whose INFO and WARNING lines are start-up or progress
+# chatter for a user of this command (absl carries orbax's and tfds's).
+_QUIET_LOGGERS = ("absl", "tensorflow", "jax._src.xla_bridge")
+
+
+def _setup_logging() -> None:
+    """The command's output is spp_jax's own log lines (INFO and up) and other errors.
+
+    Sets :data:`_QUIET_NATIVE_ENV` (values already in the environment win) before
+    TensorFlow is imported, so it must run before any command imports spp_jax.data.
+    Other libraries log errors only.
+    """
+    for key, value in _QUIET_NATIVE_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("spp_jax").setLevel(logging.INFO)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+# Lines TensorFlow's C++ code writes to stderr while it loads. TensorFlow 2.21 prints the
+# oneDNN notice (and absl's banner before it) whatever TF_CPP_MIN_LOG_LEVEL says.
+_TF_LOAD_NOISE = re.compile(
+    r"oneDNN custom operations are on|All log messages before absl::InitializeLog\(\)"
+    r"|cpu_feature_guard|To enable the following instructions:.*rebuild TensorFlow"
+)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TensorFlow with its start-up notices filtered out of stderr.
+
+    The C++ loader writes to file descriptor 2, so that descriptor goes to a temporary
+    file during the import; afterwards every line of it that is not one of
+    :data:`_TF_LOAD_NOISE` is written to stderr (errors and warnings of the import
+    itself are kept). Does nothing if TensorFlow is already imported or not installed.
+    """
+    if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not _TF_LOAD_NOISE.search(line):
+                    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from spp_jax import configs
+
     parser = argparse.ArgumentParser(prog="spp-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     d = sub.add_parser("demo", help="pool inputs of several sizes into fixed-length vectors")
@@ -165,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train an SPP net (multi-size), checkpoint, evaluate")
     t.add_argument(
-        "--config", default="default", help="a shipped config NAME (spp_jax/configs) or a .py path"
+        "--config",
+        default="default",
+        help=f"a shipped config ({', '.join(configs.available())}) or the path of a .py file "
+        "with get_config()",
     )
     t.add_argument("--workdir", required=True)
     t.add_argument(
@@ -195,12 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--split", default="test", help="TFDS split (default: test)")
     x.add_argument("--batch-size", type=int, default=32)
     x.add_argument("--limit", type=int, help="at most this many images")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    x.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip files that cannot be read as images (each with a warning; listed in the "
+        "output's 'skipped') instead of stopping at the first with an error naming it",
     )
-    for handler in logging.getLogger().handlers:  # orbax/tfds INFO chatter off
-        handler.addFilter(lambda r: r.name != "absl" or r.levelno >= logging.WARNING)
+    args = parser.parse_args(argv)
+    _setup_logging()
+    if args.command in ("train", "eval", "extract"):  # they read data with tf.data
+        _import_tensorflow_quietly()
     if args.command == "train":
         import spp_jax
         from spp_jax import train
@@ -217,17 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         train.evaluate_workdir(args.workdir, sizes)
         return 0
     if args.command == "extract":
+        from spp_jax.data import BadImageError
         from spp_jax.extract import extract_features
 
-        extract_features(
-            args.workdir,
-            args.images,
-            args.out,
-            size=args.size,
-            batch_size=args.batch_size,
-            split=args.split,
-            limit=args.limit,
-        )
+        try:
+            extract_features(
+                args.workdir,
+                args.images,
+                args.out,
+                size=args.size,
+                batch_size=args.batch_size,
+                split=args.split,
+                limit=args.limit,
+                on_bad_image="skip" if args.skip_bad_images else "raise",
+            )
+        except BadImageError as e:  # one line naming the file, no traceback
+            log.error("%s (--skip-bad-images skips such files)", e)
+            return 1
         return 0
     if args.command in (None, "demo"):
         levels = tuple(int(v) for v in getattr(args, "levels", "6,3,2,1").split(","))

@@ -12,10 +12,16 @@ def test_main_exit_code():
 
 # ------------------------------------------------- train / eval / extract, end to end
 
+import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_load_config_overrides_and_errors():
@@ -27,7 +33,7 @@ def test_load_config_overrides_and_errors():
         cli.load_config("nope")
 
 
-def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch):
+def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch, caplog):
     pytest.importorskip("tensorflow_datasets")
     import tensorflow as tf
 
@@ -59,8 +65,18 @@ def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch):
         png = tf.io.encode_png(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).numpy()
         (folder / f"img{i}.png").write_bytes(png)
     out = str(tmp_path / "feats.npz")
-    assert cli.main(["extract", "--workdir", workdir, "--images", str(folder), "--out", out]) == 0
+    # A corrupt file stops the extraction with one error line naming it, or is skipped.
+    (folder / "img3.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    extract = ["extract", "--workdir", workdir, "--images", str(folder), "--out", out]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="spp_jax"):
+        assert cli.main(extract) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "img3.jpg" in errors[0] and "\n" not in errors[0], errors
+    assert "--skip-bad-images" in errors[0] and not os.path.exists(out)
+    assert cli.main([*extract, "--skip-bad-images"]) == 0
     feats = np.load(out)
+    assert [os.path.basename(n) for n in feats["skipped"]] == ["img3.jpg"]
     dim = 32 * (36 + 9 + 4 + 1)  # tiny ZF-5: conv5 has round(256 / 8) = 32 channels
     assert feats["features"].shape == (3, dim) and np.isfinite(feats["features"]).all()
     assert [os.path.basename(n) for n in feats["names"]] == ["img0.png", "img1.png", "img2.png"]
@@ -72,3 +88,55 @@ def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch):
     assert cli.main([*args, "--limit", "5", "--batch-size", "4"]) == 0
     tf_feats = np.load(out2)
     assert tf_feats["features"].shape == (5, dim) and tf_feats["labels"].shape == (5,)
+
+
+# ------------------------------------------------------ what a user sees on the terminal
+
+# Start-up and progress lines of TensorFlow, absl, JAX, orbax and tfds.
+NOISE = re.compile(
+    r"oneDNN|cpu_feature_guard|absl|InitializeLog|^[IWE]\d{4} |tensorflow|xla_bridge|"
+    r"Unable to initialize backend|WARNING"
+)
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d spp_jax[\w.]*: ")
+
+
+def _run_cli(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "spp_jax", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _assert_only_our_lines(run):
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = (run.stdout + run.stderr).splitlines()
+    assert lines, "no output at all"
+    noise = [line for line in lines if NOISE.search(line)]
+    assert not noise, noise
+    # Every line is one of ours, or the indented continuation of one (a results table).
+    foreign = [line for line in lines if not (OUR_LINE.match(line) or line.startswith("  "))]
+    assert not foreign, foreign
+
+
+def test_cli_output_is_the_projects_own_log_lines(tmp_path):
+    """``spp-jax train`` in a fresh process: TensorFlow, absl and JAX start-up lines
+    (oneDNN notices, cpu_feature_guard, absl warnings, backend probing) do not show."""
+    pytest.importorskip("tensorflow_datasets")
+    from spp_jax import data
+
+    data_dir = str(tmp_path / "tfds")
+    data.get_builder("spp_shapes/tiny", data_dir)  # built here: its build prints are tfds's
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, PYTHONPATH=REPO)
+    for key in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+        env.pop(key, None)
+    sets = ["num_epochs=1", "eval_every_epochs=0", "eval_sizes=(48,)", "size_schedule=single"]
+    sets.append("train_sizes=(48,)")
+    args = ["train", "--config", "tiny", "--workdir", str(tmp_path / "run")]
+    run = _run_cli([*args, *(a for s in sets for a in ("--set", s))], env)
+    _assert_only_our_lines(run)
+    assert "spp_jax.train: epoch 1/1 size 48" in run.stderr
+    _assert_only_our_lines(_run_cli(["demo", "--levels", "2,1", "--channels", "4"], env))
