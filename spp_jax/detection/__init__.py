@@ -1,0 +1,41 @@
+"""SPP-net object detection: boxes, NMS, VOC evaluation, proposals, data.
+
+Boxes are ``(x1, y1, x2, y2)`` floats in continuous pixel edges (no "+1";
+``docs/detection-reference.md`` section 1). ``import spp_jax.detection`` needs
+neither TensorFlow nor OpenCV: the modules that do (proposals, VOC input) import
+them on first use.
+
+Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
+:mod:`~spp_jax.detection.nms` (jit-able NMS), :mod:`~spp_jax.detection.evaluation`
+(the VOC devkit's AP and mAP), :mod:`~spp_jax.detection.proposals` (selective
+search, cached per dataset split), :mod:`~spp_jax.detection.voc` (VOC 2007 input).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "box_iou": "boxes",
+    "clip_boxes": "boxes",
+    "decode_boxes": "boxes",
+    "encode_boxes": "boxes",
+    "batched_nms": "nms",
+    "nms": "nms",
+    "evaluate_detections": "evaluation",
+    "voc_ap": "evaluation",
+    "selective_search": "proposals",
+}
+_SUBMODULES = ("boxes", "evaluation", "nms", "proposals", "voc")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    # Submodules load on first use, so OpenCV and TensorFlow stay out until needed.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"spp_jax.detection.{name}")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"spp_jax.detection.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'spp_jax.detection' has no attribute {name!r}")
