@@ -316,7 +316,9 @@ def test_prepare_voc2007_checks_the_official_checksums(fake_tarballs, tmp_path, 
     # Without the override TFDS finds the tarballs in manual_dir by name and rejects
     # them: they are not the official files.
     _no_network(monkeypatch)
-    with pytest.raises(tfds.download.NonMatchingChecksumError, match="wrong checksum"):
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    with pytest.raises(NonMatchingChecksumError, match="wrong checksum"):
         voc.prepare_voc2007(fake_tarballs, data_dir=str(tmp_path / "tfds"))
 
 
