@@ -1,6 +1,6 @@
 """Proposal quality of selective search on the built-in ``spp_scenes``: recall vs boxes.
 
-Run (about 3 minutes on 2 CPU cores, dataset build included; the proposals are
+Run (about 2 minutes on 2 CPU cores, dataset build included; the proposals are
 cached under ``--cache``, so a second run takes seconds):
 
     python experiments/proposal_recall.py --out results/proposal_recall
