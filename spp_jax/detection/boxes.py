@@ -23,7 +23,6 @@ box has a negative width that counts as an empty intersection in
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -88,8 +87,14 @@ def check_boxes(boxes: Any, name: str = "boxes", *, ndim: int | None = 2) -> jax
 
 
 def box_area(boxes: jax.Array) -> jax.Array:
-    """``(x2 - x1) * (y2 - y1)`` of ``(..., 4)`` boxes (no checks)."""
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    """``(x2 - x1) * (y2 - y1)`` of ``(..., 4)`` boxes (no checks).
+
+    Rounded to float32 as computed, also where a sum follows: XLA's CPU code
+    contracts a product followed by a sum into one fused multiply-add (one
+    rounding, not torchvision's two) unless a select stands between them.
+    """
+    dx = boxes[..., 2] - boxes[..., 0]
+    return jnp.where(dx == 0, 0.0, dx * (boxes[..., 3] - boxes[..., 1]))
 
 
 def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -121,15 +126,15 @@ def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @jax.jit
 def _iou_matrix(a: jax.Array, b: jax.Array) -> jax.Array:
-    area_a = box_area(a)
-    area_b = box_area(b)
+    # torchvision's roundings: products go through a select (see box_area).
+    area_a, area_b = box_area(a), box_area(b)
     w = jnp.maximum(
         jnp.minimum(a[:, None, 2], b[None, :, 2]) - jnp.maximum(a[:, None, 0], b[None, :, 0]), 0
     )
     h = jnp.maximum(
         jnp.minimum(a[:, None, 3], b[None, :, 3]) - jnp.maximum(a[:, None, 1], b[None, :, 1]), 0
     )
-    inter = w * h
+    inter = jnp.where(w > 0, w * h, 0.0)
     union = area_a[:, None] + area_b[None, :] - inter
     return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0.0)
 
@@ -236,14 +241,16 @@ def encode_boxes(
                     f"size ratio); row {int(bad[0])} is "
                     f"{np.asarray(arr).reshape(-1, 4)[bad[0]].tolist()}"
                 )
-    return _encode(proposals, targets, w)
+    return _encode(proposals, targets, jnp.asarray(w, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _encode(proposals: jax.Array, targets: jax.Array, w: tuple[float, ...]) -> jax.Array:
+@jax.jit
+def _encode(proposals: jax.Array, targets: jax.Array, w: jax.Array) -> jax.Array:
+    # The weights are arguments, not constants: XLA would turn a division by a
+    # constant into a product with its (inexact) reciprocal in some programs.
     px, py, pw, ph = _centres(proposals)
     gx, gy, gw, gh = _centres(targets)
-    wx, wy, ww, wh = (jnp.float32(v) for v in w)
+    wx, wy, ww, wh = w[0], w[1], w[2], w[3]
     dx = wx * (gx - px) / pw
     dy = wy * (gy - py) / ph
     dw = ww * jnp.log(gw / pw)
@@ -308,20 +315,26 @@ def decode_boxes(
         bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
         if bad.size:
             raise ValueError(f"deltas must be finite; row {int(bad[0])} is {flat[bad[0]].tolist()}")
-    return _decode(proposals, jnp.asarray(d, jnp.float32), w, max_log_scale)
+    return _decode(
+        proposals,
+        jnp.asarray(d, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        jnp.asarray(max_log_scale, jnp.float32),
+    )
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@jax.jit
 def _decode(
-    proposals: jax.Array, deltas: jax.Array, w: tuple[float, ...], max_log_scale: float
+    proposals: jax.Array, deltas: jax.Array, w: jax.Array, max_log_scale: jax.Array
 ) -> jax.Array:
+    # Weights as arguments: see _encode.
     px, py, pw, ph = (v[..., None] for v in _centres(proposals))
     k = deltas.shape[-1] // 4
     d = deltas.reshape(*deltas.shape[:-1], k, 4)
-    dx = d[..., 0] / jnp.float32(w[0])
-    dy = d[..., 1] / jnp.float32(w[1])
-    dw = jnp.minimum(d[..., 2] / jnp.float32(w[2]), jnp.float32(max_log_scale))
-    dh = jnp.minimum(d[..., 3] / jnp.float32(w[3]), jnp.float32(max_log_scale))
+    dx = d[..., 0] / w[0]
+    dy = d[..., 1] / w[1]
+    dw = jnp.minimum(d[..., 2] / w[2], max_log_scale)
+    dh = jnp.minimum(d[..., 3] / w[3], max_log_scale)
     cx = dx * pw + px
     cy = dy * ph + py
     half_w = 0.5 * (jnp.exp(dw) * pw)

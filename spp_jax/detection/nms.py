@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax.detection.boxes import _as_array, _is_concrete, check_boxes
+from spp_jax.detection.boxes import _as_array, _is_concrete, box_area, check_boxes
 
 __all__ = ["batched_nms", "nms"]
 
@@ -241,7 +241,7 @@ def _nms(
         group = _group_by_label(jnp.pad(labels, (0, npad - n))[order], valid_s)
         seq = order[group]
     f = feats[:, seq]
-    f = jnp.concatenate([f, ((f[2] - f[0]) * (f[3] - f[1]))[None]], axis=0)  # + area
+    f = jnp.concatenate([f, box_area(f.T)[None]], axis=0)  # + area
     # Materialised once: fused into the N^2 / 2 IoUs, the gather would run per pair.
     f = lax.optimization_barrier(f)
     invalid_seq = ~valid[seq]
@@ -274,7 +274,7 @@ def _nms(
 
 def _sortable(x: jax.Array) -> jax.Array:
     """float32 to int32 with the same order (``-0.0`` and ``0.0`` equal; no NaN)."""
-    i = lax.bitcast_convert_type(x + 0.0, jnp.int32)
+    i = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
     return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
@@ -341,14 +341,17 @@ def _below(limit: jax.Array, first_bit: jax.Array) -> jax.Array:
 
 def _pack_bits(hit: jax.Array) -> jax.Array:
     """Packs the last axis (32) of a bool array into uint32 words."""
-    return jnp.sum(jnp.where(hit, jnp.asarray(_BITS), jnp.uint32(0)), axis=-1, dtype=jnp.uint32)
+    bits = jnp.asarray(_BITS).reshape((1,) * (hit.ndim - 1) + (_WORD,))
+    return jnp.sum(jnp.where(hit, bits, jnp.uint32(0)), axis=-1, dtype=jnp.uint32)
 
 
 def _hits(r: jax.Array, c: jax.Array, thr: jax.Array) -> jax.Array:
     """IoU(r, c) > thr, broadcast, torchvision's float32 arithmetic (features x1..area)."""
     w = jnp.maximum(jnp.minimum(r[2], c[2]) - jnp.maximum(r[0], c[0]), 0.0)
     h = jnp.maximum(jnp.minimum(r[3], c[3]) - jnp.maximum(r[1], c[1]), 0.0)
-    inter = w * h
+    # The select keeps XLA's CPU code from fusing w * h into the subtraction (a
+    # multiply-add rounds once, torchvision twice).
+    inter = jnp.where(w > 0, w * h, 0.0)
     return inter / (r[4] + c[4] - inter) > thr
 
 
@@ -417,7 +420,9 @@ def _greedy_band(
     )  # (5, words, band, 32)
     c = lax.optimization_barrier(c)  # a copy: cheaper than re-slicing per pair
     hit = _hits(f.reshape(5, words, _WORD, 1, 1), c[:, :, None], thr)  # (words, 32, band, 32)
-    first_col = (lax.iota(jnp.int32, npad)[:, None] // _WORD + lax.iota(jnp.int32, band)) * _WORD
+    first_col = (
+        lax.iota(jnp.int32, npad)[:, None] // _WORD + lax.iota(jnp.int32, band)[None, :]
+    ) * _WORD
     bits = _pack_bits(hit).reshape(npad, band) & _below(ends[:, None], first_col)
     above = jnp.asarray(_ABOVE)
     first = lax.iota(jnp.int32, band) == 0
@@ -466,4 +471,4 @@ def _pack(flags: jax.Array) -> jax.Array:
 
 def _unpack(words: jax.Array) -> jax.Array:
     bit_ids = jnp.arange(_WORD, dtype=jnp.uint32)
-    return (((words[:, None] >> bit_ids) & 1) == 1).reshape(-1)
+    return (((words[:, None] >> bit_ids[None, :]) & 1) == 1).reshape(-1)

@@ -1,0 +1,276 @@
+"""spp_jax.detection.nms: against a slow greedy NumPy reference, hand cases, torchvision."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from spp_jax.detection.nms import _nms, batched_nms, nms
+
+
+def ref_iou32(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """torchvision's float32 IoU of two boxes (a: the kept, higher-scored one)."""
+    f = np.float32
+    w = max(f(0), min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(f(0), min(a[3], b[3]) - max(a[1], b[1]))
+    inter = f(w * h)
+    area_a = f((a[2] - a[0]) * (a[3] - a[1]))
+    area_b = f((b[2] - b[0]) * (b[3] - b[1]))
+    with np.errstate(invalid="ignore"):
+        return f(inter / f(f(area_a + area_b) - inter))
+
+
+def ref_nms(boxes, scores, thr, labels=None, max_output=None, score_threshold=None):
+    """Greedy NMS, one box at a time; the IoU compared with ``thr`` as a real number."""
+    boxes = np.asarray(boxes, np.float32)
+    scores = np.asarray(scores, np.float32)
+    n = len(scores)
+    take = [
+        i
+        for i in range(n)
+        if not math.isnan(scores[i]) and (score_threshold is None or scores[i] > score_threshold)
+    ]
+    take.sort(key=lambda i: (-float(scores[i]), i))
+    keep: list[int] = []
+    for i in take:
+        if all(
+            (labels is not None and labels[k] != labels[i])
+            or not float(ref_iou32(boxes[k], boxes[i])) > thr
+            for k in keep
+        ):
+            keep.append(i)
+    return keep[: n if max_output is None else max_output]
+
+
+def random_problem(rng, n, grid=False, tie_scores=False):
+    """Boxes in a 100 x 100 image; ``grid``: integer coordinates (exact IoU ties)."""
+    xy = rng.uniform(0, 100, (n, 2))
+    wh = rng.uniform(1, 40, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], 1)
+    if grid:
+        boxes = np.round(boxes / 4) * 4
+        boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 4)
+    scores = rng.random(n)
+    if tie_scores:
+        scores = np.round(scores * 4) / 4
+    return boxes.astype(np.float32), scores.astype(np.float32)
+
+
+def check(keep, count, expected, max_output):
+    keep, count = np.asarray(keep), int(count)
+    assert keep.dtype == np.int32 and keep.shape == (max_output,)
+    assert count == len(expected)
+    assert keep[:count].tolist() == list(expected)
+    assert (keep[count:] == -1).all()
+
+
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_nms_matches_reference(n):
+    rng = np.random.default_rng(n)
+    for trial in range(6):
+        boxes, scores = random_problem(rng, n, grid=trial % 2 == 1, tie_scores=trial % 3 == 2)
+        for thr in (0.0, 0.3, 0.5, 0.7, 1.0):
+            check(*nms(boxes, scores, thr), ref_nms(boxes, scores, thr), n)
+
+
+@pytest.mark.parametrize("num_labels", [1, 3, 20])
+def test_batched_nms_matches_reference(num_labels):
+    rng = np.random.default_rng(num_labels)
+    for trial in range(4):
+        boxes, scores = random_problem(rng, 40, grid=trial % 2 == 1, tie_scores=trial == 2)
+        labels = rng.integers(0, num_labels, 40) * 7 - 5  # any integers
+        for thr in (0.3, 0.5, 0.7):
+            got = batched_nms(boxes, scores, labels, thr)
+            check(*got, ref_nms(boxes, scores, thr, labels), 40)
+
+
+def test_large_label_groups_and_early_stop():
+    # 240 boxes: one label (a group too large for the band of bits: the full
+    # triangle) and 2 labels of ~120 (the band), all in one compiled program.
+    rng = np.random.default_rng(7)
+    boxes, scores = random_problem(rng, 240, tie_scores=True)
+    for labels in (np.zeros(240, int), rng.integers(0, 2, 240)):
+        expected = ref_nms(boxes, scores, 0.5, labels, max_output=30)
+        check(*batched_nms(boxes, scores, labels, 0.5, max_output=30), expected, 30)
+    # Plain NMS stops once max_output boxes are kept.
+    check(*nms(boxes, scores, 0.5, max_output=30), ref_nms(boxes, scores, 0.5, max_output=30), 30)
+
+
+def test_threshold_is_compared_as_a_real_number():
+    # IoU 1/2 exactly: kept at 0.5, suppressed just below.
+    boxes = np.array([[0, 0, 2, 1], [0, 0, 1, 1]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    check(*nms(boxes, scores, 0.5), [0, 1], 2)
+    check(*nms(boxes, scores, 0.4999), [0], 2)
+    # IoU 3/10 is float32(0.3) = 0.30000001 > 0.3: suppressed at 0.3 (torchvision
+    # compares its float IoU with a double threshold), kept at float32(0.3).
+    boxes = np.array([[0, 0, 10, 1], [0, 0, 3, 1]], np.float32)
+    check(*nms(boxes, scores, 0.3), [0], 2)
+    check(*nms(boxes, scores, float(np.float32(0.3))), [0, 1], 2)
+
+
+def test_ties_nan_scores_and_score_threshold():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], float)
+    # Equal scores: the lower index first and it suppresses its twin; -0.0 equals 0.0.
+    check(*nms(boxes, np.array([0.5, 0.5, 0.5, 0.5]), 0.5), [0, 2, 3], 4)
+    check(*nms(boxes, np.array([-0.0, 0.0, 0.0, -0.0]), 0.5), [0, 2, 3], 4)
+    check(*nms(boxes, np.array([0.1, 0.9, 0.9, 0.2]), 0.5), [1, 2, 3], 4)
+    # NaN scores never take part (nor suppress).
+    check(*nms(boxes, np.array([np.nan, 0.1, np.nan, 0.3]), 0.5), [3, 1], 4)
+    # score_threshold: strictly greater; as a real number.
+    scores = np.array([0.9, 0.8, 0.5, 0.3], np.float32)
+    check(*nms(boxes, scores, 0.5, score_threshold=0.5), [0], 4)
+    check(*nms(boxes, scores, 0.5, score_threshold=0.2999), [0, 2, 3], 4)
+    check(*nms(boxes, scores, 0.5, score_threshold=0.3), [0, 2, 3], 4)  # float32(0.3) < 0.3
+    check(*nms(boxes, -np.inf * np.ones(4), 0.5), [0, 2, 3], 4)
+
+
+def test_empty_and_degenerate_inputs():
+    keep, count = nms(np.zeros((0, 4)), np.zeros(0), 0.5)
+    assert keep.shape == (0,) and int(count) == 0
+    keep, count = nms(np.zeros((0, 4)), np.zeros(0), 0.5, max_output=3)
+    check(keep, count, [], 3)
+    check(*batched_nms(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), 0.5, max_output=2), [], 2)
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9], [5, 5, 5, 5], [5, 5, 5, 5]], np.float32)
+    scores = np.array([0.1, 0.9, 0.5, 0.4])
+    # Empty boxes (IoU 0 / 0) suppress nothing and are not suppressed.
+    check(*nms(boxes, scores, 0.5), [1, 2, 3], 4)
+    check(*nms(boxes, scores, 0.5, max_output=0), [], 0)
+    check(*nms(boxes, scores, 0.5, max_output=6), [1, 2, 3], 6)  # padded past N
+    check(*nms(boxes, np.full(4, np.nan), 0.5), [], 4)  # nothing takes part
+
+
+def test_bad_input_raises_clear_errors():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9]], np.float32)
+    scores = np.array([0.5, 0.4])
+    with pytest.raises(ValueError, match=r"boxes must have shape \(N, 4\)"):
+        nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(ValueError, match=r"scores must have shape \(N,\) = \(2,\)"):
+        nms(boxes, scores[:1], 0.5)
+    with pytest.raises(ValueError, match=r"row 1 is \[1.0, 1.0, 0.0, 9.0\]"):
+        nms(np.array([[0, 0, 1, 1], [1, 1, 0, 9]], float), scores, 0.5)
+    with pytest.raises(ValueError, match="must be finite; row 0"):
+        nms(np.array([[0, 0, np.inf, 1], [1, 1, 2, 9]], float), scores, 0.5)
+    with pytest.raises(ValueError, match=r"iou_threshold must be a number in \[0.0, 1.0\]"):
+        nms(boxes, scores, 1.5)
+    with pytest.raises(ValueError, match="iou_threshold must be a number"):
+        nms(boxes, scores, math.nan)
+    with pytest.raises(ValueError, match="max_output must be >= 0"):
+        nms(boxes, scores, 0.5, max_output=-1)
+    with pytest.raises(TypeError, match="max_output must be a static Python int"):
+        nms(boxes, scores, 0.5, max_output=2.0)
+    with pytest.raises(TypeError, match="labels must be an integer array"):
+        batched_nms(boxes, scores, np.array([0.0, 1.0]), 0.5)
+    with pytest.raises(ValueError, match=r"labels must have shape \(N,\)"):
+        batched_nms(boxes, scores, np.array([0, 1, 2]), 0.5)
+
+
+@pytest.fixture(scope="module")
+def jitted():
+    """One compiled function per mode, shared (the threshold is an argument)."""
+    plain = jax.jit(lambda b, s, t: nms(b, s, t, max_output=12))
+    grouped = jax.jit(lambda b, s, lab, t: batched_nms(b, s, lab, t, max_output=12))
+    return plain, grouped
+
+
+def test_jit_traced_thresholds_and_nan_boxes(jitted):
+    plain, grouped = jitted
+    rng = np.random.default_rng(3)
+    boxes, scores = random_problem(rng, 40)
+    labels = rng.integers(0, 3, 40)
+    for thr in (0.3, 0.5):  # a traced float32 threshold
+        t = float(np.float32(thr))
+        check(*plain(boxes, scores, thr), ref_nms(boxes, scores, t, max_output=12), 12)
+        expected = ref_nms(boxes, scores, t, labels, max_output=12)
+        check(*grouped(boxes, scores, labels, thr), expected, 12)
+    # Under jit values are not checked: a NaN box suppresses nothing and is kept.
+    bad = boxes.copy()
+    bad[0] = np.nan
+    scores = scores.copy()
+    scores[0] = 2.0
+    keep, count = plain(bad, scores, 0.5)
+    assert int(keep[0]) == 0
+    rest = ref_nms(boxes[1:], scores[1:], float(np.float32(0.5)), max_output=11)
+    assert np.asarray(keep)[1 : int(count)].tolist() == [i + 1 for i in rest]
+
+
+def test_thresholds_do_not_recompile():
+    rng = np.random.default_rng(5)
+    boxes, scores = random_problem(rng, 9)
+    nms(boxes, scores, 0.5)
+    before = _nms._cache_size()
+    for thr in (0.1, 0.2, 0.9):
+        nms(boxes, scores, thr, score_threshold=thr)
+    nms(boxes, scores, 0.3, score_threshold=0.5)
+    assert _nms._cache_size() - before <= 1  # the first score_threshold call only
+
+
+def test_vmap_over_a_padded_batch():
+    rng = np.random.default_rng(11)
+    sizes = (40, 17, 0, 33)
+    boxes = np.zeros((4, 40, 4), np.float32)
+    scores = np.full((4, 40), np.nan, np.float32)  # padding: NaN scores never take part
+    labels = np.zeros((4, 40), np.int32)
+    for i, n in enumerate(sizes):
+        boxes[i, :n], scores[i, :n] = random_problem(rng, n)
+        labels[i, :n] = rng.integers(0, 3, n)
+    keep, count = jax.vmap(lambda b, s: nms(b, s, 0.5, max_output=20))(boxes, scores)
+    keep_b, count_b = jax.vmap(lambda b, s, lab: batched_nms(b, s, lab, 0.5, max_output=20))(
+        boxes, scores, labels
+    )
+    for i, n in enumerate(sizes):
+        check(keep[i], count[i], ref_nms(boxes[i, :n], scores[i, :n], 0.5, max_output=20), 20)
+        expected = ref_nms(boxes[i, :n], scores[i, :n], 0.5, labels[i, :n], max_output=20)
+        check(keep_b[i], count_b[i], expected, 20)
+
+
+def test_wide_label_range_uses_the_general_grouping():
+    rng = np.random.default_rng(13)
+    boxes, scores = random_problem(rng, 40, grid=True)
+    dense = rng.integers(0, 3, 40)
+    wide = np.array([-(2**30), 5, 2**30])[dense]  # too wide for the packed int32 key
+    expected = ref_nms(boxes, scores, 0.5, dense)
+    check(*batched_nms(boxes, scores, wide, 0.5), expected, 40)
+    check(*batched_nms(boxes, scores, dense, 0.5), expected, 40)
+
+
+def _no_ties(scores):
+    return len(np.unique(scores)) == len(scores)
+
+
+def test_torchvision_parity():
+    torch = pytest.importorskip("torch")
+    tv = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(17)
+    # 1,040 boxes: torchvision's batched_nms runs nms per label above 1,000 boxes
+    # on CPU, and offsets the coordinates per label below (other float rounding).
+    n = 1040
+    xy = rng.uniform(0, 600, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 200, (n, 2))], 1).astype(np.float32)
+    scores = rng.random(n).astype(np.float32)
+    assert _no_ties(scores)  # torchvision's order of ties is unspecified
+    labels = rng.integers(0, 20, n)
+    tb, ts, tl = torch.tensor(boxes), torch.tensor(scores), torch.tensor(labels)
+    for thr in (0.3, 0.5, 0.7):
+        check(*nms(boxes, scores, thr), tv.ops.nms(tb, ts, thr).numpy().tolist(), n)
+        expected = tv.ops.batched_nms(tb, ts, tl, thr).numpy().tolist()
+        check(*batched_nms(boxes, scores, labels, thr), expected, n)
+
+
+def test_borderline_thresholds_match_the_reference():
+    # Thresholds equal to pairs' own float32 IoUs (and one float32 below): the
+    # decisions at the last bit, inside the blocked N^2 program (64 boxes).
+    rng = np.random.default_rng(19)
+    boxes, scores = random_problem(rng, 64)
+    ious = [float(ref_iou32(boxes[0], boxes[j])) for j in range(1, 64)]
+    ious = [t for t in ious if 0.05 < t < 0.95][:8]
+    assert len(ious) >= 4
+    thresholds = np.array(
+        [v for t in ious for v in (t, np.nextafter(np.float32(t), np.float32(0)))], np.float32
+    )
+    keep, count = jax.vmap(lambda t: nms(boxes, scores, t))(thresholds)
+    for t, k, c in zip(thresholds, keep, count, strict=True):
+        check(k, c, ref_nms(boxes, scores, float(t)), 64)
