@@ -2,28 +2,35 @@
 
 On CPU, max-mode :func:`spp_jax.spatial_pyramid_pool` and
 :func:`spp_jax.roi_pyramid_pool` run a small C++ kernel (``csrc/window_max.cc``)
-through the XLA FFI: it pools every bin of every window in one pass and, for the
-gradient, recomputes each bin's first maximum and adds the cotangent there.
-XLA's CPU code generation needs several passes and large intermediate arrays
-for the same work; ``experiments/benchmarks/`` measures the difference. Other
-platforms (GPU, TPU), average pooling and machines without a C++ compiler use
-the pure-JAX code, which gives the same results: both are tested against the
-same NumPy references.
+through the XLA FFI: it pools every bin of every window in one pass; for
+derivatives it recomputes each bin's first maximum and reads the tangent there
+(forward mode) or adds the cotangent there (reverse mode). XLA's CPU code
+generation needs several passes and large intermediate arrays for the same
+work; ``experiments/benchmarks/`` measures the difference. Other platforms (GPU,
+TPU), average pooling and machines without a C++ compiler use pure-JAX code,
+which gives the same results: both are tested against the same NumPy
+references.
 
-The kernel is compiled on first use with the system's C++ compiler (``$CXX``,
-else ``c++``; about 5 s), against the FFI headers shipped with jaxlib, and
-cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
-``~/.cache/spp_jax``). The file is written atomically, so concurrent processes
-are safe. ``SPP_JAX_CPU_KERNELS`` chooses:
+The three kernels are JAX primitives (``_prims.py``) whose CPU lowering emits the
+custom call and whose lowering elsewhere is pure JAX, so they compose with
+``jit``, ``vmap`` (the mapped axis is folded into the windows: one call),
+``jvp``, ``grad`` and their compositions like ``lax`` ops.
 
-* ``auto`` (default): use the kernel if it builds, else warn once and use JAX;
-* ``0`` / ``off``: never use it;
-* ``1`` / ``on``: require it (raise if it cannot be built).
+**Nothing is built until a computation is lowered for CPU.** Tracing builds
+nothing; a process that only runs on GPU or TPU never compiles the kernel and
+never warns. On the first CPU lowering the kernel is compiled with the system's
+C++ compiler (``$CXX``, else ``c++``; about 5 s) against the FFI headers shipped
+with jaxlib and cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
+``~/.cache/spp_jax``), keyed by the source, the command, the compiler's version,
+jax's version and the CPU's flags. Concurrent builders (several processes on one
+machine) take a file lock and write atomically, so each process loads a
+complete library. ``SPP_JAX_CPU_KERNELS`` chooses:
 
-The choice is made when a function is traced, per platform: under ``jit`` the
-CPU lowering calls the kernel and every other platform's lowering uses the
-pure-JAX code (``lax.platform_dependent``), so exported or multi-platform
-programs stay correct.
+* ``auto`` (default): use the kernel if it builds, else warn once and lower the
+  pure-JAX code;
+* ``0`` / ``off``: never use it (nothing is built; tracing takes the pure-JAX
+  path, so ``jax.export`` sees no custom call);
+* ``1`` / ``on``: require it (lowering for CPU raises if it cannot be built).
 """
 
 from __future__ import annotations
@@ -47,16 +54,26 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, mlir
+
+from spp_jax import _prims, _windows
+
+try:  # POSIX; elsewhere concurrent builders just race to an atomic rename
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("spp_jax")
 
 ENV = "SPP_JAX_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "window_max.cc"
-_TARGETS = ("SppJaxWindowMax", "SppJaxWindowMaxGrad")
+_TARGETS = ("SppJaxWindowMax", "SppJaxWindowMaxTangent", "SppJaxWindowMaxGrad")
 _FLAG_SETS = (("-march=native",), ())  # tuned for this CPU; else portable
 
 
 def _setting() -> str:
+    if _forced is not None:
+        return "on" if _forced else "off"
     raw = os.environ.get(ENV, "auto").strip().lower()
     if raw in ("", "auto"):
         return "auto"
@@ -87,39 +104,76 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build(cxx: str, flags: Sequence[str]) -> Path:
-    """Compiles the kernel (or finds it in the cache) and returns the library path."""
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    """``$CXX --version``'s first line: a compiler upgrade rebuilds the kernel."""
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unknown ({e})"
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def cache_key(cxx: str, flags: Sequence[str]) -> str:
+    """The cache key of a build: source, command, compiler version, jax version,
+    machine and (for ``-march=native``) the CPU's flags."""
+    command = _command(cxx, flags)
+    parts = (
+        SOURCE.read_text(),
+        " ".join(command),
+        _compiler_version(cxx),
+        jax.__version__,
+        platform.machine(),
+        sys.platform,
+        _cpu_signature() if flags else "",
+    )
+    return hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
+
+
+def _command(cxx: str, flags: Sequence[str]) -> list[str]:
     include = jax.ffi.include_dir()
-    command = [cxx, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-I", include]
-    key = hashlib.sha256(
-        b"\0".join(
-            s.encode()
-            for s in (
-                SOURCE.read_text(),
-                " ".join(command),
-                jax.__version__,
-                platform.machine(),
-                sys.platform,
-                _cpu_signature() if flags else "",
-            )
-        )
-    ).hexdigest()[:16]
-    target = cache_dir() / f"window_max-{key}.so"
+    return [cxx, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-I", include]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+
+
+def _build(cxx: str, flags: Sequence[str]) -> Path:
+    """Compiles the kernel (or finds it in the cache) and returns the library path.
+
+    One process at a time builds a given key (a lock file beside the library);
+    the library is written to a temporary file and renamed, so a reader never
+    sees a half-written one.
+    """
+    target = cache_dir() / f"window_max-{cache_key(cxx, flags)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [*command, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True
-        )
-        os.replace(tmp, target)  # atomic: another process may be doing the same
-        log.info("compiled spp_jax CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _file_lock(target.with_suffix(".lock")):
+        if target.exists():  # another process built it while we waited
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            t0 = time.perf_counter()
+            subprocess.run(
+                [*_command(cxx, flags), str(SOURCE), "-o", tmp],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            os.replace(tmp, target)  # atomic
+            log.info("compiled spp_jax CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return target
 
 
@@ -148,18 +202,25 @@ def _load() -> str | None:
             return None
         except subprocess.CalledProcessError as e:
             errors.append(f"{' '.join(e.cmd[:3])} ...: {e.stderr.strip()[-500:]}")
-        except OSError as e:
+        except (OSError, AttributeError) as e:
             errors.append(str(e))
     return "; ".join(errors)
 
 
-def available() -> bool:
-    """True if the CPU kernels are switched on and built (builds them if needed).
+def enabled() -> bool:
+    """True unless the kernels are switched off. Builds nothing (used while tracing)."""
+    return _setting() != "off"
+
+
+def usable() -> bool:
+    """True if the kernels are switched on and built: builds them on first call.
+
+    Called when a computation is lowered for CPU, never while tracing.
 
     Raises:
       RuntimeError: ``SPP_JAX_CPU_KERNELS=1`` and the kernels cannot be built.
     """
-    setting = _setting() if _forced is None else ("on" if _forced else "off")
+    setting = _setting()
     if setting == "off":
         return False
     problem = _load()
@@ -241,7 +302,108 @@ def pyramid(levels, plan_steps) -> Pyramid:
     return Pyramid(levels, base, cover)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _level_bins(rows: jax.Array, cols: jax.Array, levels, h: int, w: int):
+    """Per level, the :data:`spp_jax._windows.Bins` of the bounds, clipped into the map."""
+    r, out, r0, c0 = rows.shape[0], [], 0, 0
+    for nh, nw in levels:
+        rb, cb = jnp.clip(rows[:, r0 : r0 + nh], 0, h), jnp.clip(cols[:, c0 : c0 + nw], 0, w)
+        parts = (rb[:, :, None, 0], rb[:, :, None, 1], cb[:, None, :, 0], cb[:, None, :, 1])
+        out.append(tuple(jnp.broadcast_to(a, (r, nh, nw)) for a in parts))
+        r0, c0 = r0 + nh, c0 + nw
+    return out
+
+
+def _pure_keys(x, bidx, rows, cols, pyr):
+    """Every bin's first-maximum key, ``(R, NB, C)`` (-1 for empty bins), in JAX."""
+    bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
+    keys = [
+        _windows.window_winners(x, bidx, bins)[1].reshape(rows.shape[0], -1, x.shape[3])
+        for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2])
+    ]
+    return jnp.concatenate(keys, axis=1), bidx
+
+
+def _pure_values(x, bidx, rows, cols, *, pyr):
+    bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
+    outs = [
+        _windows.window_max(x, bidx, bins).reshape(rows.shape[0], -1, x.shape[3])
+        for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2])
+    ]
+    return jnp.concatenate(outs, axis=1)
+
+
+def _pure_tangent(t, x, bidx, rows, cols, *, pyr):
+    keys, bidx = _pure_keys(x, bidx, rows, cols, pyr)
+    return _windows._gather_impl(t, keys, bidx, image_shape=x.shape)
+
+
+def _pure_grad(g, x, bidx, rows, cols, *, pyr):
+    keys, bidx = _pure_keys(x, bidx, rows, cols, pyr)
+    return _windows._scatter_impl(g, keys, bidx, image_shape=x.shape)
+
+
+def _bins_shape(x, bidx, pyr) -> tuple[int, int, int]:
+    return (bidx.shape[0], sum(h * w for h, w in pyr[0]), x.shape[3])
+
+
+_I, _W, _X = _prims.IMAGE, _prims.WINDOW, _prims.INDEX
+_values = _prims.Op(
+    "spp_jax_window_max",
+    _pure_values,
+    lambda x, bidx, rows, cols, *, pyr: (_bins_shape(x, bidx, pyr), jnp.float32),
+    (_I, _X, _W, _W),
+    _W,
+)
+_tangent = _prims.Op(
+    "spp_jax_window_max_tangent",
+    _pure_tangent,
+    lambda t, x, bidx, rows, cols, *, pyr: (_bins_shape(x, bidx, pyr), jnp.float32),
+    (_I, _I, _X, _W, _W),
+    _W,
+)
+_grad = _prims.Op(
+    "spp_jax_window_max_grad",
+    _pure_grad,
+    lambda g, x, bidx, rows, cols, *, pyr: (x.shape, jnp.float32),
+    (_W, _I, _X, _W, _W),
+    _I,
+)
+_prims.linear_pair(_tangent, _grad)
+
+
+def _cpu_lowering(target: str, pure):
+    """The kernel's custom call where it is usable (built here, on first CPU
+    lowering), else the pure-JAX code; other platforms always lower the latter."""
+    kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(pure, multiple_results=False)
+
+    def rule(ctx, *args, pyr):
+        if usable():
+            return kernel(ctx, *args, **pyr.attrs())
+        return fallback(ctx, *args, pyr=pyr)
+
+    return rule
+
+
+for _op, _target, _pure in (
+    (_values, "SppJaxWindowMax", _pure_values),
+    (_tangent, "SppJaxWindowMaxTangent", _pure_tangent),
+    (_grad, "SppJaxWindowMaxGrad", _pure_grad),
+):
+    _op.lower_on("cpu", _cpu_lowering(_target, _pure))
+
+
+def _values_jvp(primals, tangents, *, pyr):
+    x, bidx, rows, cols = primals
+    t = tangents[0]
+    y = _values(x, bidx, rows, cols, pyr=pyr)
+    if type(t) is ad.Zero:
+        return y, _prims.zero_tangent(y)
+    return y, _tangent(t, x, bidx, rows, cols, pyr=pyr)
+
+
+_values.def_jvp(_values_jvp)
+
+
 def window_max(
     x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, pyr: Pyramid
 ) -> jax.Array:
@@ -255,48 +417,14 @@ def window_max(
       cols: ``(R, sum n_w, 2)`` the same for columns.
       pyr: static :class:`Pyramid`.
 
-    A bin that is empty after clipping gives 0 and no gradient. The gradient of
-    every other bin goes to its first maximum in row-major order (NaN largest).
+    A bin that is empty after clipping gives 0 and no derivative. Every other
+    bin's derivative is that of its first maximum in row-major order (NaN
+    largest): tangents are read there, cotangents added there (the kernels
+    recompute the winners from ``x`` rather than saving them), at every order.
+    Works under every transformation; ``vmap`` folds the mapped axis into the
+    windows (one call).
     """
-    nb = sum(h * w for h, w in pyr[0])
-    out = jax.ShapeDtypeStruct((bidx.shape[0], nb, x.shape[3]), jnp.float32)
-    y = jax.ffi.ffi_call("SppJaxWindowMax", out, vmap_method="sequential")(
-        x, bidx, rows, cols, **pyr.attrs()
-    )
-    return _varying_like(y, x, bidx, rows, cols)
-
-
-def _window_max_fwd(x, bidx, rows, cols, pyr):
-    # No argmax residuals: the backward kernel recomputes the winners from x.
-    return window_max(x, bidx, rows, cols, pyr), (x, bidx, rows, cols)
-
-
-def _window_max_bwd(pyr, res, g):
-    x, bidx, rows, cols = res
-    out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    gx = jax.ffi.ffi_call("SppJaxWindowMaxGrad", out, vmap_method="sequential")(
-        x, g.astype(jnp.float32), bidx, rows, cols, **pyr.attrs()
-    )
-    return _varying_like(gx, x, g, bidx, rows, cols), None, None, None
-
-
-window_max.defvjp(_window_max_fwd, _window_max_bwd)
-
-
-def _varying_like(y: jax.Array, *inputs: jax.Array) -> jax.Array:
-    """Marks an FFI result as varying over the manual mesh axes its inputs vary
-    over (inside ``shard_map``); the FFI call itself does not."""
-    axes: set = set()
-    for a in inputs:
-        axes |= _varying_axes(a)
-    axes -= _varying_axes(y)
-    return jax.lax.pcast(y, tuple(sorted(axes)), to="varying") if axes else y
-
-
-def _varying_axes(a: jax.Array) -> set:
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it vma
-    return set(mat.varying) if mat is not None else set(getattr(aval, "vma", ()))
+    return _values(x, bidx, rows, cols, pyr=pyr)
 
 
 def bounds(starts: Sequence[jax.Array], ends: Sequence[jax.Array]) -> jax.Array:

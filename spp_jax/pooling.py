@@ -21,26 +21,33 @@ How the pure-JAX code computes (each choice measured on CPU with
   count divides the fine count, as in (6, 3, 2, 1)) is reduced from the fine
   level's small output, so the input is read about once for all levels. Other
   levels, and every level of average pooling, are reduced from the input.
-* **Max gradients** (``custom_vjp`` on the whole pyramid). The forward pass
+* **Max derivatives** (``custom_jvp`` on the whole pyramid). The forward pass
   computes values only. Under differentiation every stage also finds, per bin,
   the winner's key (its row-major input cell index) and its position along the
   stage's axis: the largest value, then the smallest key, NaN counting as the
   largest. That order is total, so stages and levels can combine in any order and
   still pick the first maximum in row-major order (PyTorch's rule, ties
-  included). The backward pass sends each bin's cotangent to its winner with one
-  elementwise term per cell, no scatter. Winners are found by an XLA reduction
+  included). The tangent of each stage reads the input tangent at the winner
+  (``_pick``); reverse mode transposes that into ``_route``, which sends each
+  bin's cotangent to its winner with one elementwise term per cell, no scatter.
+  Both are primitives (``_prims.py``) registered as each other's transpose, and
+  the winners come from a primitive whose own derivative is the same rule, so
+  ``jvp``, ``grad``, ``jacfwd``, ``hessian``, gradients of gradients and ``vmap``
+  of all of them follow the first maximum at every order (second derivatives are
+  zero, as for ``lax.reduce_window``). Winners are found by an XLA reduction
   where bins are strided, and by two elementwise folds (the max, then the
   smallest key among cells equal to it) where they are not; reductions also
   keep XLA from recomputing a stage inside every term of the backward pass.
-* **Average pooling** accumulates in float32; its ``custom_vjp`` spreads each
-  bin's cotangent over the bin's cells (autodiff of the slices would not fuse).
+* **Average pooling** accumulates in float32. A stage sum is a linear primitive
+  whose transpose spreads each bin's cotangent over the bin's cells (autodiff
+  of the slices would not fuse), and vice versa.
 * **Padded batches** (``valid_sizes``). Each example's adaptive bins are
   computed in-graph from its size; a stage folds over a static window that holds
   a bin at every size, and cells outside the example's bin are masked. Changing
   the sizes never recompiles and padding (even inf or NaN) never leaks in.
 
-Forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) is not supported:
-the gradient rules are reverse-mode ``custom_vjp`` rules.
+Under ``vmap`` every primitive folds the mapped axis into the batch axis: one
+call, not one per mapped element.
 """
 
 from __future__ import annotations
@@ -55,8 +62,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.interpreters import ad
 
-from spp_jax import _native, geometry
+from spp_jax import _native, _prims, geometry
 from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
@@ -221,7 +229,9 @@ def _slice(a, lo: int, stop: int, step: int, axis: int) -> jax.Array:
     return lax.slice_in_dim(a, lo, stop, step, axis)
 
 
-def _fold(st: _Stage, arrays: tuple, extras: tuple, item, combine) -> jax.Array:
+def _fold(
+    st: _Stage, arrays: tuple, extras: tuple, item, combine, strided_extras: bool = False
+) -> jax.Array:
     """Reduces ``item(candidates, cell, extras)`` over every bin of ``st``.
 
     ``candidates`` are ``arrays`` sliced at one candidate cell of each bin,
@@ -230,9 +240,11 @@ def _fold(st: _Stage, arrays: tuple, extras: tuple, item, combine) -> jax.Array:
     Strided stages take one strided slice per offset and need no concatenate;
     others fold each bin's cells and concatenate. XLA fuses either into one loop
     (measured on CPU: several times faster than reducing stacked candidates).
+    ``strided_extras``: take the strided path with extras too (they are then
+    passed whole: each holds every bin along the axis).
     """
     ax = st.axis
-    if st.strided and not extras:
+    if st.strided and (strided_extras or not extras):
         shape = [1] * 4
         shape[ax] = len(st.ranges)
         return functools.reduce(
@@ -270,26 +282,48 @@ def _stage_reduce(v: jax.Array, st: _Stage, bounds: Bounds, combine, identity) -
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _stage_sum(v: jax.Array, bounds: Bounds, st: _Stage) -> jax.Array:
-    """Sum over every bin of ``st``; its VJP spreads each bin's cotangent over its cells."""
-    return _stage_reduce(v, st, bounds, jnp.add, 0)
+def _sum_impl(v: jax.Array, *bounds: jax.Array, st: _Stage) -> jax.Array:
+    return _stage_reduce(v, st, bounds or None, jnp.add, 0)  # type: ignore[arg-type]
 
 
-def _stage_sum_fwd(v, bounds, st):
-    return _stage_sum(v, bounds, st), bounds
-
-
-def _stage_sum_bwd(st, bounds, g):
+def _spread_impl(g: jax.Array, *bounds: jax.Array, st: _Stage) -> jax.Array:
+    # The transpose of a stage sum: each bin's cotangent goes to all of its cells.
     # Autodiff of the slices would add one padded copy per cell: far slower.
     def term(p, c):
         gp = lax.slice_in_dim(g, p, p + 1, 1, st.axis)
-        if bounds is None:
+        if not bounds:
             return gp
         start, end = (lax.slice_in_dim(b, p, p + 1, 1, st.axis) for b in bounds)
         return jnp.where(_inside(c, start, end), gp, jnp.zeros((), g.dtype))
 
-    return _gather_cells(g, st, term), None
+    return _gather_cells(g, st, term)
+
+
+def _with_axis(shape, axis: int, n: int) -> tuple[int, ...]:
+    return (*shape[:axis], n, *shape[axis + 1 :])
+
+
+_stage_sum_op = _prims.Op(
+    "spp_jax_stage_sum",
+    _sum_impl,
+    lambda v, *b, st: (_with_axis(v.shape, st.axis, len(st.ranges)), v.dtype),
+    _prims.IMAGE,
+    _prims.IMAGE,
+)
+_stage_spread_op = _prims.Op(
+    "spp_jax_stage_spread",
+    _spread_impl,
+    lambda g, *b, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
+    _prims.IMAGE,
+    _prims.IMAGE,
+)
+_prims.linear_pair(_stage_sum_op, _stage_spread_op)
+
+
+def _stage_sum(v: jax.Array, bounds: Bounds, st: _Stage) -> jax.Array:
+    """Sum over every bin of ``st`` (a linear primitive; its transpose spreads
+    each bin's cotangent over its cells)."""
+    return _stage_sum_op(v, *(bounds or ()), st=st)
 
 
 def _gather_cells(g: jax.Array, st: _Stage, term) -> jax.Array:
@@ -318,9 +352,6 @@ def _gather_cells(g: jax.Array, st: _Stage, term) -> jax.Array:
         parts.append(block)
         start = c
     return jnp.concatenate(parts, ax)
-
-
-_stage_sum.defvjp(_stage_sum_fwd, _stage_sum_bwd)
 
 
 def _first_max(a: Carry, b: Carry) -> Carry:
@@ -398,7 +429,20 @@ def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
     return out, keys, pos
 
 
-def _route(g: jax.Array, pos: jax.Array, st: _Stage) -> jax.Array:
+def _pick_impl(t: jax.Array, pos: jax.Array, *, st: _Stage) -> jax.Array:
+    """Tangent of a max stage: each bin reads ``t`` at its winning cell ``pos``."""
+    zero = jnp.zeros((), t.dtype)
+    return _fold(
+        st,
+        (t,),
+        (pos,),
+        lambda c, cell, ex: jnp.where(ex[0] == cell, c[0], zero),
+        jnp.add,
+        strided_extras=True,
+    )
+
+
+def _route_impl(g: jax.Array, pos: jax.Array, *, st: _Stage) -> jax.Array:
     """Transpose of a max stage: each bin's cotangent goes to its winning cell.
 
     One elementwise term per input cell (no scatter); XLA fuses them into a loop.
@@ -410,6 +454,23 @@ def _route(g: jax.Array, pos: jax.Array, st: _Stage) -> jax.Array:
         return jnp.where(won, lax.slice_in_dim(g, p, p + 1, 1, st.axis), zero)
 
     return _gather_cells(g, st, term)
+
+
+_pick = _prims.Op(
+    "spp_jax_stage_pick",
+    _pick_impl,
+    lambda t, pos, *, st: (pos.shape, t.dtype),
+    _prims.IMAGE,
+    _prims.IMAGE,
+)
+_route = _prims.Op(
+    "spp_jax_stage_route",
+    _route_impl,
+    lambda g, pos, *, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
+    _prims.IMAGE,
+    _prims.IMAGE,
+)
+_prims.linear_pair(_pick, _route)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,7 +517,7 @@ def _bounds(size: jax.Array, n: int, axis: int) -> tuple[jax.Array, jax.Array]:
     return start.reshape(shape), end.reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[jax.Array, ...]:
     """Max pyramid, values only; per-level ``(B, n_h, n_w, C)``.
 
@@ -478,7 +539,8 @@ def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
     return tuple(_eval_levels(plan, stages, from_input, from_base))
 
 
-def _max_pyramid_fwd(x, sizes, plan, levels):
+def _max_winners(x, sizes, plan, levels):
+    """Per level ``((B, n_h, n_w, C) values, (cols, rows) winner positions)``."""
     stages = _level_stages(plan, x.shape[1], x.shape[2], levels)
     key_bound = x.shape[1] * x.shape[2]
 
@@ -500,35 +562,93 @@ def _max_pyramid_fwd(x, sizes, plan, levels):
         return level(b[0], cols, rows)
 
     outs = _eval_levels(plan, stages, from_input, from_base)
-    # Residuals: the winners' positions after every stage. x rides along only for
-    # its shape and dtype (it is alive in the backward pass anyway).
-    return tuple(vk[0] for vk, _ in outs), (tuple(pos for _, pos in outs), x)
+    return tuple(vk[0] for vk, _ in outs), tuple(pos for _, pos in outs)
 
 
-def _max_pyramid_bwd(plan, levels, res, cts):
-    positions, x = res
-    shape, base = x.shape, plan[0]
+def _split_positions(plan, levels, shape, flat):
+    """Rebuilds per-level ``(cols, rows)`` positions (None for identity stages)."""
     stages = _level_stages(plan, shape[1], shape[2], levels)
+    it = iter(flat)
+    return tuple(
+        tuple(None if st is None else next(it) for st in (cols, rows)) for _, cols, rows in stages
+    )
 
-    def back(g, cols, rows, pos):
-        if rows is not None:
-            g = _route(g, pos[1], rows)
+
+def _winners_impl(x, *sizes, plan, levels):
+    outs, positions = _max_winners(x, sizes[0] if sizes else None, plan, levels)
+    return [*outs, *(p for pos in positions for p in pos if p is not None)]
+
+
+@functools.lru_cache(maxsize=256)
+def _winners_shapes(shape, dtype, sizes_shape, plan, levels):
+    args = [jax.ShapeDtypeStruct(shape, dtype)]
+    if sizes_shape is not None:
+        args.append(jax.ShapeDtypeStruct(sizes_shape, jnp.int32))
+    outs = jax.eval_shape(functools.partial(_winners_impl, plan=plan, levels=levels), *args)
+    return tuple((o.shape, o.dtype) for o in outs)
+
+
+_winners = _prims.Op(
+    "spp_jax_pyramid_winners",
+    _winners_impl,
+    lambda x, *sizes, plan, levels: _winners_shapes(
+        x.shape, x.dtype, sizes[0].shape if sizes else None, plan, levels
+    ),
+    _prims.IMAGE,
+    _prims.IMAGE,
+    multiple_results=True,
+)
+
+
+def _pick_levels(t, positions, plan, levels):
+    """The tangent of every level: ``t`` read at the winners, stage by stage
+    (``_pick``; reverse mode transposes it into ``_route``)."""
+    stages = _level_stages(plan, t.shape[1], t.shape[2], levels)
+
+    def pick(v, cols, rows, pos):
         if cols is not None:
-            g = _route(g, pos[0], cols)
-        return g
+            v = _pick(v, pos[0], st=cols)
+        if rows is not None:
+            v = _pick(v, pos[1], st=rows)
+        return v
 
-    g_base = None if base is None else cts[base]
-    g_x = jnp.zeros(shape, x.dtype)
+    base = plan[0]
+    t_base = None if base is None else pick(t, stages[base][1], stages[base][2], positions[base])
+    t_outs = []
     for i, (source, cols, rows) in enumerate(stages):
-        if source == "base":
-            g_base = g_base + back(cts[i], cols, rows, positions[i])
-    for i, (source, cols, rows) in enumerate(stages):
-        if source == "input":
-            g_x = g_x + back(g_base if i == base else cts[i], cols, rows, positions[i])
-    return g_x, None
+        if i == base:
+            t_outs.append(t_base)
+        else:
+            src = t_base if source == "base" else t
+            t_outs.append(pick(src, cols, rows, positions[i]))
+    return tuple(t_outs)
 
 
-_max_pyramid.defvjp(_max_pyramid_fwd, _max_pyramid_bwd)
+def _winners_jvp(primals, tangents, *, plan, levels):
+    x, t = primals[0], tangents[0]
+    outs = _winners(*primals, plan=plan, levels=levels)
+    n = len(levels)
+    positions = _split_positions(plan, levels, x.shape, outs[n:])
+    if type(t) is ad.Zero:
+        t_values = [_prims.zero_tangent(o) for o in outs[:n]]
+    else:
+        t_values = list(_pick_levels(t, positions, plan, levels))
+    return outs, [*t_values, *(_prims.zero_tangent(p) for p in outs[n:])]
+
+
+_winners.def_jvp(_winners_jvp)
+
+
+@_max_pyramid.defjvp
+def _max_pyramid_jvp(plan, levels, primals, tangents):
+    """Values and winners (``_winners``: its own derivative is the same rule, so
+    every order of differentiation follows the first maximum), then the tangent
+    read at the winners."""
+    x, sizes = primals
+    outs = _winners(x, *(() if sizes is None else (sizes,)), plan=plan, levels=levels)
+    n = len(levels)
+    positions = _split_positions(plan, levels, x.shape, outs[n:])
+    return tuple(outs[:n]), _pick_levels(tangents[0], positions, plan, levels)
 
 
 def _dynamic_bins(size: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -628,7 +748,10 @@ def spatial_pyramid_pool(
       ``(B, C * sum(n_h * n_w))``, the dtype of ``x``.
 
     Max pooling routes each bin's gradient to one cell, the first maximum in
-    row-major order (PyTorch's rule); average pooling spreads it over the bin.
+    row-major order (PyTorch's rule), and forward-mode tangents are read from
+    that same cell; average pooling spreads the gradient over the bin. Every
+    JAX transformation applies (``jit``, ``vmap``, ``grad``, ``jvp``,
+    ``jacfwd``, ``hessian``, gradients of gradients).
 
     Example:
       >>> import jax.numpy as jnp
@@ -664,7 +787,7 @@ def spatial_pyramid_pool(
     def pure_jax(x):
         return _flatten_levels(_max_pyramid(x, sizes, plan, lv), channel_major)
 
-    if not _native.available():
+    if not _native.enabled():
         return pure_jax(x)
 
     def cpu_kernel(x):

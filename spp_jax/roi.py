@@ -7,24 +7,20 @@ pyramid level, and every bin is max- (or average-) pooled.
 
 Max pooling on CPU runs a compiled kernel through the XLA FFI when one can be
 built (``spp_jax/_native.py``): per box it pools the finest level of each
-divisible chain from the feature map and the coarser levels from those bins, and
-its gradient recomputes each bin's winner and adds the cotangent there. GPU, TPU,
-average pooling and CPUs without a compiler run the pure-JAX code below; both
-are tested against the same NumPy reference.
+divisible chain from the feature map and the coarser levels from those bins; its
+derivatives recompute each bin's winner and read the tangent (or add the
+cotangent) there. GPU, TPU, average pooling and CPUs without a compiler run
+pure-JAX code: 2-D sparse tables of block maxima for max pooling
+(``spp_jax/_windows.py``: every bin is the max of 4 table entries, whatever the
+box size) and a float32 summed-area table for average pooling (4 gathers per
+bin). Both implementations are tested against the same NumPy reference.
 
-How the pure-JAX code computes. The bins move with the boxes, so they cannot be
-static slices. For max pooling a 2-D sparse table is built once per map:
-``T[kh, kw][b, h, w] = max(x[b, h : h + 2**kh, w : w + 2**kw])``; any bin is then
-the max of 4 overlapping table entries (its corners), one row gather of ``C``
-values each. Memory is ``(log2 H + 1) * (log2 W + 1)`` copies of the map (not a
-dense ``(R, bins, H, W, C)`` mask), and the time does not depend on box sizes.
-Average pooling uses a float32 summed-area table (4 gathers per bin).
-
-Gradients (max): under differentiation the table also keeps, per entry, the
-winner's key by "largest value, then smallest row-major cell index" (NaN counts
-as largest), so a bin's winner is its first maximum in row-major order,
-torchvision's rule. The backward pass scatter-adds each (bin, channel) cotangent
-to its winning cell.
+Derivatives (max): each bin's first maximum in row-major order (NaN counts as
+largest) is its winner, torchvision's gradient rule; tangents are read at the
+winners and cotangents added there, by primitives that are each other's
+transpose, so every JAX transformation composes (``jvp``, ``grad``,
+``hessian``, gradients of gradients, ``vmap`` of each: one call, the mapped axis
+folded into the boxes).
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax import _native
+from spp_jax import _native, _windows
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _kernel_pyramid
 
@@ -199,139 +195,8 @@ def _roi_pool_tables(n: int, cap: int):
 
 
 # --------------------------------------------------------------------------------------
-# Sparse tables.
-# --------------------------------------------------------------------------------------
-
-
-def _levels_of(n: int) -> int:
-    return max(n, 1).bit_length()  # floor(log2 n) + 1
-
-
-def _better(va, ka, vb, kb):
-    """True where (vb, kb) beats (va, ka): larger value, then smaller key; NaN largest."""
-    a_nan, b_nan = va != va, vb != vb
-    smaller = kb < ka
-    return (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
-
-
-def _shift(a: jax.Array, step: int, axis: int, fill) -> jax.Array:
-    """``a`` moved ``step`` cells towards index 0 along ``axis``, padded with ``fill``."""
-    n = a.shape[axis]
-    if step >= n:
-        return jnp.full_like(a, fill)
-    part = lax.slice_in_dim(a, step, n, 1, axis)
-    pad = jnp.full_like(lax.slice_in_dim(a, 0, step, 1, axis), fill)
-    return jnp.concatenate([part, pad], axis)
-
-
-def _doubling(first, n: int, step_fn):
-    """``[first, f(first, 1), f(f(first, 1), 2), ...]`` for block sizes up to ``n``,
-    stacked on a new leading axis (one table dimension)."""
-    out = [first]
-    for k in range(1, _levels_of(n)):
-        out.append(step_fn(out[-1], 1 << (k - 1)))
-    return jax.tree.map(lambda *a: jnp.stack(a), *out)
-
-
-def _table_values(x: jax.Array) -> jax.Array:
-    """``(KH, KW, B, H, W, C)`` block maxima (NaN-propagating)."""
-    _, h, w, _ = x.shape
-
-    def step(v, s):
-        # Axis 2 is W for the first pass (on x) and H for the second (on the
-        # stacked (KW, B, H, W, C) table).
-        return jnp.maximum(v, _shift(v, s, 2, -jnp.inf))
-
-    return _doubling(_doubling(x, w, step), h, step)
-
-
-def _table_winners(x: jax.Array):
-    """Block winners ``(values, keys)``, both ``(KH, KW, B, H, W, C)``: the largest
-    value of each block, then the smallest key (row-major cell index)."""
-    _, h, w, _ = x.shape
-    keys = lax.broadcasted_iota(jnp.int32, x.shape, 1) * w + lax.broadcasted_iota(
-        jnp.int32, x.shape, 2
-    )
-    big = jnp.int32(np.iinfo(np.int32).max)
-
-    def step(vk, s):
-        v, k = vk
-        sv, sk = _shift(v, s, 2, -jnp.inf), _shift(k, s, 2, big)
-        take = _better(v, k, sv, sk)
-        return jnp.where(take, sv, v), jnp.where(take, sk, k)
-
-    return _doubling(_doubling((x, keys), w, step), h, step)
-
-
-def _corner_rows(bins, box_b, shape):
-    """Flat row indices into a ``(KH*KW*B*H*W, C)`` table of the 4 corners of every
-    bin: ``(4, R, n_h, n_w)``, corner order (top-left, top-right, bottom-left,
-    bottom-right)."""
-    _kh_n, kw_n, b_n, h, w = shape
-    hs, he, ws, we = bins
-    log2 = np.array([0] + [i.bit_length() - 1 for i in range(1, max(h, w) + 1)], np.int32)
-    lh, lw = jnp.maximum(he - hs, 1), jnp.maximum(we - ws, 1)
-    kh, kw = jnp.asarray(log2)[lh], jnp.asarray(log2)[lw]
-    h0, w0 = hs, ws
-    h1, w1 = jnp.maximum(he - (1 << kh), hs), jnp.maximum(we - (1 << kw), ws)
-    b = box_b[:, None, None]
-    base = ((kh * kw_n + kw) * b_n + b) * h
-    rows = []
-    for hh, ww in ((h0, w0), (h0, w1), (h1, w0), (h1, w1)):
-        rows.append((base + jnp.clip(hh, 0, h - 1)) * w + jnp.clip(ww, 0, w - 1))
-    return jnp.stack(rows)
-
-
-# --------------------------------------------------------------------------------------
 # Pooling one feature map.
 # --------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _roi_max(x: jax.Array, bins, box_b, n: tuple[int, int]):
-    """Max over every (box, bin): ``(R, n_h, n_w, C)``; empty bins give -inf."""
-    table = _table_values(x)
-    kh_n, kw_n = table.shape[:2]
-    flat = table.reshape(-1, x.shape[3])
-    rows = _corner_rows(bins, box_b, (kh_n, kw_n, *x.shape[:3]))
-    out = jnp.take(flat, rows.reshape(-1), axis=0, mode="clip")
-    out = out.reshape(4, *rows.shape[1:], x.shape[3])
-    # Elementwise, not jnp.max(axis=0): XLA's CPU reduction over a short leading
-    # axis was measured 10x slower.
-    return jnp.maximum(jnp.maximum(out[0], out[1]), jnp.maximum(out[2], out[3]))
-
-
-def _roi_max_fwd(x, bins, box_b, n):
-    values, keys = _table_winners(x)
-    kh_n, kw_n = values.shape[:2]
-    c = x.shape[3]
-    rows = _corner_rows(bins, box_b, (kh_n, kw_n, *x.shape[:3]))
-    flat_rows = rows.reshape(-1)
-    cv = jnp.take(values.reshape(-1, c), flat_rows, axis=0, mode="clip").reshape(4, -1, c)
-    ck = jnp.take(keys.reshape(-1, c), flat_rows, axis=0, mode="clip").reshape(4, -1, c)
-    best_v, best_k = cv[0], ck[0]
-    for q in range(1, 4):
-        take = _better(best_v, best_k, cv[q], ck[q])
-        best_v = jnp.where(take, cv[q], best_v)
-        best_k = jnp.where(take, ck[q], best_k)
-    out = best_v.reshape(*rows.shape[1:], c)
-    b = jnp.broadcast_to(box_b[:, None, None], rows.shape[1:]).reshape(-1, 1)
-    return out, (best_k, b, x)
-
-
-def _roi_max_bwd(n, res, g):
-    # Each (bin, channel) cotangent goes to its winning cell: a scatter-add of
-    # scalars into the flat feature map (measured several times faster than
-    # pushing cotangents down the sparse-table levels, which XLA fuses into one
-    # loop that recomputes every level).
-    best_k, b, x = res
-    _, h, w, c = x.shape
-    cells = (b * (h * w) + best_k) * c + jnp.arange(c, dtype=jnp.int32)[None, :]
-    g_x = jnp.zeros((x.size,), x.dtype).at[cells.reshape(-1)].add(g.reshape(-1), mode="drop")
-    return g_x.reshape(x.shape), None, None
-
-
-_roi_max.defvjp(_roi_max_fwd, _roi_max_bwd)
 
 
 def _roi_avg(x: jax.Array, bins, box_b) -> jax.Array:
@@ -427,9 +292,10 @@ def roi_pyramid_pool(
       ``(R, C * sum(n_h * n_w))`` in the dtype of ``features``.
 
     R is static: pad the boxes to a bucket of R and pass ``valid``; box values
-    never recompile. Gradients flow to ``features`` (boxes are not
-    differentiated). Max routes each bin's gradient to its first maximum in
-    row-major order. A NaN box coordinate counts as 0.
+    never recompile. Derivatives flow to ``features`` (boxes are not
+    differentiated), under every JAX transformation. Max routes each bin's
+    gradient to its first maximum in row-major order and reads tangents there.
+    A NaN box coordinate counts as 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -469,14 +335,14 @@ def roi_pyramid_pool(
         outs = []
         for nh, nw in lv:
             bins, empty = _level_bins(proj, nh, nw, projection, h, w)
-            o = _roi_max(x, bins, box_b, (nh, nw)) if mode == "max" else _roi_avg(x, bins, box_b)
+            o = _windows.pool_max(x, box_b, bins) if mode == "max" else _roi_avg(x, bins, box_b)
             keep = ~empty
             if valid is not None:
                 keep = keep & valid[:, None, None]
             outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
         return _flatten_levels(outs, channel_major)
 
-    if mode != "max" or not _native.available():
+    if mode != "max" or not _native.enabled():
         return pure_jax(x)
 
     def cpu_kernel(x):

@@ -4,6 +4,10 @@ Their results are checked against the NumPy references by every test marked
 ``usefixtures("impl")`` in test_pooling.py and test_roi.py.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,22 +85,146 @@ def test_bad_setting_names_the_value(monkeypatch):
 
 def test_build_failure_falls_back_to_jax_with_a_warning(monkeypatch, tmp_path):
     x = np.random.default_rng(2).standard_normal((1, 5, 5, 2)).astype(np.float32)
-    want = np.asarray(spp_jax.spatial_pyramid_pool(x, (2, 1)))
+    pool = lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1))
+    grad = jax.grad(lambda x: jnp.sum(pool(x) ** 2))
+    want, want_g = np.asarray(pool(x)), np.asarray(grad(x))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SPP_JAX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(_native, "_forced", None)
     _native._load.cache_clear()
     _native._warn_once.cache_clear()
+    jax.clear_caches()
     try:
         monkeypatch.setenv(_native.ENV, "auto")
+        # The kernel path is traced, and its CPU lowering falls back to JAX.
         with pytest.warns(RuntimeWarning, match=r"pure-JAX.*no-such-compiler"):
-            assert not _native.available()
-        got = spp_jax.spatial_pyramid_pool(x, (2, 1))
-        np.testing.assert_array_equal(np.asarray(got), want)
+            hlo = _hlo(grad, x)
+        assert "SppJaxWindowMax" not in hlo
+        np.testing.assert_array_equal(np.asarray(jax.jit(pool)(x)), want)
+        np.testing.assert_allclose(np.asarray(jax.jit(grad)(x)), want_g, rtol=1e-6)
+        assert not _native.usable()
         monkeypatch.setenv(_native.ENV, "1")
         with pytest.raises(RuntimeError, match="cannot be built"):
-            _native.available()
+            _native.usable()
         monkeypatch.setenv(_native.ENV, "0")
-        assert not _native.available()
+        assert not _native.usable() and not _native.enabled()
     finally:
         _native._load.cache_clear()  # later tests build (or find) the real kernels
+        jax.clear_caches()
+
+
+@needs_kernels
+def test_vmap_folds_the_mapped_axis_into_one_kernel_call():
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.standard_normal((5, 2, 7, 6, 3)), jnp.float32)  # (N, B, H, W, C)
+    boxes = jnp.asarray(rng.uniform(0, 90, (5, 4, 4)), jnp.float32)  # (N, R, 4)
+    pool = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1))
+    roi = lambda x, b: spp_jax.roi_pyramid_pool(x, b, levels=(2, 1))
+    loss = lambda x: jnp.sum(pool(x) ** 2)
+    cases = [  # (function, arguments, kernel calls: values, tangent or gradient)
+        (jax.vmap(pool), (xs,), 1),
+        (jax.vmap(jax.grad(loss)), (xs,), 2),
+        (jax.vmap(lambda x, t: jax.jvp(pool, (x,), (t,))[1]), (xs, xs), 1),  # tangent only
+        (jax.vmap(roi), (xs[:, :1], boxes), 1),
+        (jax.vmap(roi, in_axes=(None, 0)), (xs[0, :1], boxes), 1),  # only boxes mapped
+        (jax.vmap(jax.grad(lambda x, b: jnp.sum(roi(x, b) ** 2))), (xs[:, :1], boxes), 2),
+    ]
+    with _native.forced(True):
+        for fn, args, calls in cases:
+            hlo = _hlo(fn, *args)
+            assert hlo.count('custom_call_target="SppJaxWindowMax') == calls, hlo
+            assert "while" not in hlo, "vmap ran a loop"
+            # Results equal a Python loop over the mapped axis.
+            got = jax.jit(fn)(*args)
+            in_axes = (None, 0) if args[0].ndim == 4 else (0,) * len(args)
+            want = [
+                fn(
+                    *(
+                        a if ax is None else a[i : i + 1]
+                        for a, ax in zip(args, in_axes, strict=True)
+                    )
+                )[0]
+                for i in range(5)
+            ]
+            np.testing.assert_allclose(np.asarray(got), np.stack(want), rtol=1e-6, atol=1e-7)
+
+
+def test_cache_key_names_the_compiler_version(monkeypatch):
+    keys = set()
+    for version in ("g++ (Debian 12.2.0-14) 12.2.0", "g++ (Debian 14.2.0-1) 14.2.0"):
+        monkeypatch.setattr(_native, "_compiler_version", lambda cxx, v=version: v)
+        keys.add(_native.cache_key("c++", ()))
+    assert len(keys) == 2
+
+
+_GPU_ONLY = """
+import warnings, jax, jax.numpy as jnp
+from jax import export
+warnings.simplefilter("error")
+import spp_jax
+from spp_jax import _native
+x = jax.ShapeDtypeStruct((2, 7, 6, 3), jnp.float32)
+boxes = jnp.array([[0.0, 0.0, 60.0, 50.0]])
+pool = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1))
+roi = lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1))
+for fn in (pool, roi):
+    for f in (fn, jax.grad(lambda x: jnp.sum(fn(x) ** 2)), jax.jacfwd(fn)):
+        for platform in ("cuda", "tpu"):
+            text = export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
+            assert "SppJax" not in text
+assert _native._load.cache_info().misses == 0, "the kernel was probed"
+print("OK")
+"""
+
+
+def test_a_gpu_or_tpu_process_builds_and_prints_nothing(tmp_path):
+    # With a compiler that does not exist, any probe would warn (an error here).
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "SPP_JAX_CACHE_DIR": str(tmp_path / "cache"),
+        "SPP_JAX_CPU_KERNELS": "auto",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", _GPU_ONLY], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
+    assert "spp_jax" not in out.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+_BUILD_AND_POOL = """
+import sys, numpy as np, jax, spp_jax
+from spp_jax import _native
+x = np.random.default_rng(0).standard_normal((2, 9, 8, 5)).astype(np.float32)
+y = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, (3, 2, 1)))(x)
+assert _native.usable()
+print(float(np.asarray(y, np.float64).sum()))
+"""
+
+
+@needs_kernels
+def test_concurrent_builds_are_safe(tmp_path):
+    # Three processes start at once with an empty cache: one compiles (the others
+    # wait on the lock), all load a complete library and compute the same result.
+    cache = tmp_path / "cache"
+    env = {**os.environ, "SPP_JAX_CACHE_DIR": str(cache), "SPP_JAX_CPU_KERNELS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _BUILD_AND_POOL],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
+    libraries = sorted(p.name for p in cache.iterdir() if p.suffix == ".so")
+    assert len(libraries) == 1, libraries  # one build, no temporary files left
+    x = np.random.default_rng(0).standard_normal((2, 9, 8, 5)).astype(np.float32)
+    want = float(np.asarray(spp_jax.spatial_pyramid_pool(x, (3, 2, 1)), np.float64).sum())
+    np.testing.assert_allclose(float(outs[0][0]), want, rtol=1e-6)

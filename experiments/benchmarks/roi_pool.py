@@ -52,7 +52,7 @@ def _time(fn, reps: int) -> float:
 
 def bench_jax(r: int, reps: int, kernels: bool = True) -> dict:
     """spp_jax times; ``kernels=False`` times the pure-JAX code (what GPU/TPU run)."""
-    with _native.forced(kernels and _native.available()):
+    with _native.forced(kernels and _native.usable()):
         return _bench_jax(r, reps)
 
 
@@ -147,7 +147,7 @@ def main() -> None:
             {
                 "shape": SHAPE,
                 "levels": LEVELS,
-                "cpu_kernels": _native.available(),
+                "cpu_kernels": _native.usable(),
                 "jax": res,
                 "pure_jax_r2000": pure,
                 "torchvision": tv,

@@ -52,7 +52,7 @@ def bench_jax(shape, reps, kernels=True):
 
     ``kernels=False`` times the pure-JAX code (what GPU and TPU run) on CPU.
     """
-    with _native.forced(kernels and _native.available()):
+    with _native.forced(kernels and _native.usable()):
         return _bench_jax(shape, reps)
 
 
@@ -194,7 +194,7 @@ def main():
             f"{j['fwd_bwd_avg'] * 1e3:7.3f} | fwd+bwd compile {j['compile_fwd_bwd_s']:.2f} s"
         )
     meta = {
-        "cpu_kernels": _native.available(),
+        "cpu_kernels": _native.usable(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "cpu": platform.processor() or platform.machine(),

@@ -1,5 +1,8 @@
 // CPU kernels for spp_jax: max pooling of the pyramid bins of rectangular
-// windows, and its gradient. Called from JAX through the XLA FFI;
+// windows, its tangent (forward mode) and its gradient (reverse mode), the
+// latter two linear maps that are each other's transpose. Called from JAX
+// through the XLA FFI (as primitives with JVP, transpose and batching rules,
+// spp_jax/_native.py);
 // spp_jax/_native.py compiles this file once per machine and falls back to the
 // pure-JAX code where it cannot.
 //
@@ -24,10 +27,10 @@
 // first NaN wins. Bounds are clipped into the map; a bin left empty gives 0 and
 // no gradient.
 //
-// The gradient kernel recomputes the winners from x instead of saving them in
-// the forward pass: that costs one more pass over the bins but saves R * NB * C
-// int32 residuals (100 MB for 2,000 boxes of 256 channels) and their memory
-// traffic, which measured slower than the recomputation.
+// The tangent and gradient kernels recompute the winners from x instead of
+// saving them in the forward pass: that costs one more pass over the bins but
+// saves R * NB * C int32 residuals (100 MB for 2,000 boxes of 256 channels) and
+// their memory traffic, which measured slower than the recomputation.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -542,7 +545,7 @@ void GradPart(const GradArgs& a, int64_t b0, int64_t b1, int64_t c0, int64_t c1)
 // spatial_pyramid_pool) or else the channels (roi_pyramid_pool on one image),
 // so no two write one value and the additions always run in the same order:
 // the result is deterministic.
-ffi::Error WindowMaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+ffi::Error WindowMaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::S32> bidx, ffi::Buffer<ffi::S32> rows,
                          ffi::Buffer<ffi::S32> cols, ffi::Span<const int64_t> levels_h,
                          ffi::Span<const int64_t> levels_w, ffi::Span<const int64_t> base,
@@ -574,6 +577,49 @@ ffi::Error WindowMaxGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
+// The tangent of WindowMax: out[r, k, c] = t[b, winner, c] for the first
+// maximum of channel c of bin k of window r (0 for an empty bin). Linear in t;
+// WindowMaxGrad is its transpose. Windows are split among threads.
+ffi::Error WindowMaxTangent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> t,
+                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> bidx,
+                            ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> cols,
+                            ffi::Span<const int64_t> levels_h, ffi::Span<const int64_t> levels_w,
+                            ffi::Span<const int64_t> base, ffi::Span<const int64_t> cover,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const Pyramid pyr{levels_h, levels_w, base, cover};
+  const int64_t nh_all = rows.dimensions()[1], nw_all = cols.dimensions()[1];
+  const Layout lay = MakeLayout(pyr);
+  if (ffi::Error err = CheckPyramid(pyr, lay, nh_all, nw_all); err.failure()) return err;
+  const auto xd = x.dimensions();
+  const int64_t b_len = xd[0], h_len = xd[1], w_len = xd[2], c_len = xd[3];
+  const int64_t nb = lay.off[pyr.size()].bin;
+  const float* xp = x.typed_data();
+  const float* tp = t.typed_data();
+  const int32_t* bp = bidx.typed_data();
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = cols.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, bidx.element_count(), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> values(nb * c_len);
+    std::vector<int32_t> keys(nb * c_len);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = Clamp(bp[r], 0, b_len - 1);
+      const int64_t image = b * h_len * w_len * c_len;
+      PoolWindow<true>(xp + image, h_len, w_len, c_len, c_len, rp + r * nh_all * 2,
+                       cp + r * nw_all * 2, pyr, lay, values.data(), keys.data());
+      const float* tb = tp + image;
+      float* o = op + r * nb * c_len;
+      for (int64_t k = 0; k < nb; ++k) {
+        const int32_t* kr = keys.data() + k * c_len;
+        for (int64_t c = 0; c < c_len; ++c) {
+          o[k * c_len + c] = kr[c] < 0 ? 0.0f : tb[kr[c] * c_len + c];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMax, WindowMax,
@@ -592,8 +638,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMax, WindowMax,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMaxGrad, WindowMaxGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, H, W, C)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // g (R, NB, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, H, W, C)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // bidx (R,)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows (R, NH, 2)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // cols (R, NW, 2)
@@ -602,3 +648,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMaxGrad, WindowMaxGrad,
                                   .Attr<ffi::Span<const int64_t>>("base")
                                   .Attr<ffi::Span<const int64_t>>("cover")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // (B, H, W, C)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxWindowMaxTangent, WindowMaxTangent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // t (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (B, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // bidx (R,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // rows (R, NH, 2)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // cols (R, NW, 2)
+                                  .Attr<ffi::Span<const int64_t>>("levels_h")
+                                  .Attr<ffi::Span<const int64_t>>("levels_w")
+                                  .Attr<ffi::Span<const int64_t>>("base")
+                                  .Attr<ffi::Span<const int64_t>>("cover")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // (R, NB, C)
