@@ -1,7 +1,7 @@
 """Bin geometry for spatial pyramid pooling: plain Python on static ints, cached.
 
 Everything here runs at trace time on static shapes, so XLA only ever sees
-constant slices. Three bin rules are supported (``../shared/docs/spp-reference.md``
+constant slices. Three bin rules are supported (``docs/spp-reference.md``
 section 2); for an axis of length ``a`` split into ``n`` bins, bin ``i`` is the
 half-open cell range ``[start, end)``:
 

@@ -1,5 +1,5 @@
 """Slow, obviously-correct NumPy references. Bins written out from the formulas in
-spp-reference.md section 2, independently of spp_jax.geometry."""
+docs/spp-reference.md section 2, independently of spp_jax.geometry."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Slow NumPy references for window pooling, written from the rules in
-spp-reference.md sections 7-8 (loops over boxes and bins)."""
+docs/spp-reference.md sections 7-8 (loops over boxes and bins)."""
 
 from __future__ import annotations
 

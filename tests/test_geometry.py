@@ -7,7 +7,7 @@ from tests.reference import ref_bins
 
 
 def test_reference_examples_exact():
-    # spp-reference.md section 2: a=7, n=4 and a=3, n=4.
+    # docs/spp-reference.md section 2: a=7, n=4 and a=3, n=4.
     assert spp_jax.axis_bins(7, 4) == ((0, 2), (1, 4), (3, 6), (5, 7))
     assert spp_jax.axis_bins(7, 4, "partition") == ((0, 2), (2, 4), (4, 6), (6, 7))
     assert spp_jax.axis_bins(3, 4) == ((0, 1), (0, 2), (1, 3), (2, 3))
@@ -15,7 +15,7 @@ def test_reference_examples_exact():
 
 
 def test_worked_average_check():
-    # arange(14) into 4 average bins (spp-reference.md section 2).
+    # arange(14) into 4 average bins (docs/spp-reference.md section 2).
     x = np.arange(14.0)
     means = {
         rule: [x[s:e].mean() for s, e in spp_jax.axis_bins(14, 4, rule)]
@@ -40,7 +40,7 @@ def test_bins_match_formulas_for_all_small_sizes(rule):
 
 
 def test_sliding_wrong_counts_raise():
-    # The counts listed in spp-reference.md section 2.
+    # The counts listed in docs/spp-reference.md section 2.
     for a in (6, 7, 11):
         with pytest.raises(ValueError, match="adaptive"):
             spp_jax.axis_bins(a, 4, "sliding")
