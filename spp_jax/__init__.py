@@ -4,8 +4,9 @@ The core (:func:`spatial_pyramid_pool`, :func:`pyramid_bins`, :func:`output_dim`
 imports no Flax. Imported on first use: the Flax wrappers :mod:`spp_jax.linen` and
 :mod:`spp_jax.nnx`, the paper's networks :mod:`spp_jax.models`, and (with the
 ``train`` extra) the input pipeline :mod:`spp_jax.data`, the training loop
-:mod:`spp_jax.train`, feature extraction :mod:`spp_jax.extract` and the built-in
-dataset :mod:`spp_jax.datasets`.
+:mod:`spp_jax.train` with its configs :mod:`spp_jax.configs` and metric files
+:mod:`spp_jax.metrics`, feature extraction :mod:`spp_jax.extract` and the
+built-in dataset :mod:`spp_jax.datasets`.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LevelBins",
     "axis_bins",
+    "configs",
     "data",
     "datasets",
     "extract",
     "linen",
+    "metrics",
     "models",
     "multiscale_roi_pyramid_pool",
     "nnx",
@@ -43,7 +46,17 @@ __all__ = [
     "train",
 ]
 
-_LAZY_SUBMODULES = ("data", "datasets", "extract", "linen", "models", "nnx", "train")
+_LAZY_SUBMODULES = (
+    "configs",
+    "data",
+    "datasets",
+    "extract",
+    "linen",
+    "metrics",
+    "models",
+    "nnx",
+    "train",
+)
 
 
 def __getattr__(name: str) -> Any:
