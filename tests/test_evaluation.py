@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spp_jax.detection.evaluation import evaluate_detections, voc_ap
+from spp_jax.detection.evaluation import _stable_descending, evaluate_detections, voc_ap
 
 ONE_BASED = np.array([1.0, 1.0, 0.0, 0.0])  # continuous edges back to VOC's 1-based pixels
 
@@ -308,3 +308,15 @@ def test_voc_ap():
         voc_ap([np.nan], [0.5])
     with pytest.raises(ValueError, match="unknown metric"):
         voc_ap([0.1], [0.5], metric="11point")
+
+
+def test_fast_stable_order_equals_numpy_stable_argsort():
+    rng = np.random.default_rng(5)
+    for scores in (
+        np.round(rng.random(5000), 2).astype(np.float32),  # many ties
+        np.array([0.0, -0.0, 0.0, -np.inf, np.inf, -0.0, 1e-45, -1e-45], np.float32),
+        rng.standard_normal(300).astype(np.float16),
+        np.round(rng.random(300), 1),  # float64: NumPy's stable sort itself
+    ):
+        expected = np.argsort(-scores, kind="stable")
+        np.testing.assert_array_equal(_stable_descending(scores), expected)

@@ -254,7 +254,9 @@ def evaluate_detections(
         )
     det = _flatten(detections, "detections", int(num_classes), ("scores",))
     gt = _flatten(ground_truths, "ground_truths", int(num_classes), ("difficult",))
-    scores = det["scores"].astype(np.float64)
+    scores = det["scores"]
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)  # float32 stays: the same order, a faster sort
     if np.isnan(scores).any():
         j = int(np.flatnonzero(np.isnan(scores))[0])
         raise ValueError(f"detections[{det['image'][j]}] has a NaN score")
@@ -263,9 +265,12 @@ def evaluate_detections(
     points = _ELEVEN_POINTS_PY_FASTER_RCNN if strict else _ELEVEN_POINTS
 
     num_images = len(ground_truths)
-    # Detections and ground truths grouped by class, then image (input order kept).
-    det_order = np.lexsort((det["image"], det["labels"]))  # stable
-    gt_order = np.lexsort((gt["image"], gt["labels"]))
+    # Detections and ground truths grouped by class, then image (input order kept:
+    # the image ids are already ascending, so a stable sort by label suffices;
+    # NumPy's stable sort of int16 is a radix sort).
+    small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
+    det_order = np.argsort(det["labels"].astype(small), kind="stable")
+    gt_order = np.argsort(gt["labels"].astype(small), kind="stable")
     det_bounds = np.searchsorted(det["labels"][det_order], np.arange(num_classes + 1))
     gt_bounds = np.searchsorted(gt["labels"][gt_order], np.arange(num_classes + 1))
 
@@ -313,6 +318,20 @@ def evaluate_detections(
     }
 
 
+def _stable_descending(scores: np.ndarray) -> np.ndarray:
+    """``np.argsort(-scores, kind="stable")``, faster for float32 scores.
+
+    float32 scores and their positions make unique int64 keys, which NumPy's
+    (SIMD) quicksort orders 2-3x faster than its stable sort orders the floats.
+    """
+    if scores.dtype.itemsize > 4 or scores.size >= 2**31:
+        return np.argsort(-scores, kind="stable")
+    bits = (-scores.astype(np.float32) + np.float32(0.0)).view(np.int32)  # -0.0 -> 0.0
+    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # int32 in float order
+    key = (ordered.astype(np.int64) << 32) | np.arange(scores.size, dtype=np.int64)
+    return np.argsort(key)
+
+
 def _match_class(
     det_boxes: np.ndarray,
     det_scores: np.ndarray,
@@ -325,7 +344,8 @@ def _match_class(
     strict: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """True and false positive flags (int64) of one class's detections, in score order."""
-    order = np.argsort(-det_scores) if strict else np.argsort(-det_scores, kind="stable")
+    # py-faster-rcnn: its call on float64 scores (ties in NumPy's quicksort order).
+    order = np.argsort(-det_scores.astype(np.float64)) if strict else _stable_descending(det_scores)
     boxes, image = det_boxes[order], det_image[order]
     n = order.size
     # Each detection against the ground truths of its image (gt sorted by image).
