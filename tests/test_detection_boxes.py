@@ -174,3 +174,10 @@ def test_torchvision_parity():
         deltas[0, 2] = 9.0  # beyond the clamp
         expected = coder.decode_single(torch.tensor(deltas), torch.tensor(a)).numpy()
         np.testing.assert_allclose(decode_boxes(a, deltas, weights), expected, rtol=1e-6, atol=1e-4)
+
+
+def test_box_iou_of_a_nan_box_under_jit_is_zero():
+    boxes = np.array([[0, 0, 10, 10], [np.nan, 0, 10, 10], [0, 0, 10, np.nan]], np.float32)
+    got = np.asarray(jax.jit(box_iou)(boxes, boxes))
+    assert got[0, 0] == 1.0
+    assert (got[1:, :] == 0).all() and (got[:, 1:] == 0).all()

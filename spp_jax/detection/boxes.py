@@ -10,9 +10,10 @@ Bad input: shapes that do not fit raise ``ValueError`` at once. Where the values
 are concrete (not traced by ``jit`` / ``vmap``), boxes with a non-finite
 coordinate or with ``x2 < x1`` or ``y2 < y1`` ("inverted") raise ``ValueError``
 naming the first bad row. Under ``jit`` values are not checked and each function
-applies its formula as it stands: a NaN coordinate gives NaN results, an inverted
-box has a negative width that counts as an empty intersection in
-:func:`box_iou`.
+applies its formula as it stands: in :func:`box_iou` a box with a NaN
+coordinate has IoU 0 with every box (its union is not > 0) and an inverted box
+intersects nothing; :func:`clip_boxes`, :func:`encode_boxes` and
+:func:`decode_boxes` give NaN where a coordinate is NaN.
 
 >>> import jax.numpy as jnp
 >>> a = jnp.array([[0.0, 0.0, 2.0, 2.0]])
@@ -102,8 +103,9 @@ def box_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 
     The same float32 arithmetic as ``torchvision.ops.box_iou``: areas
     ``(x2 - x1) * (y2 - y1)``, intersection sides clamped at 0,
-    ``iou = inter / (area_a + area_b - inter)``, except that a pair whose union is
-    0 (two empty boxes) gets IoU 0, not torchvision's NaN.
+    ``iou = inter / (area_a + area_b - inter)`` (bit-exact), except that a pair
+    whose union is not positive (two empty boxes; under ``jit`` also NaN boxes)
+    gets IoU 0, not torchvision's NaN.
 
     Args:
       a: ``(N, 4)`` boxes ``(x1, y1, x2, y2)``.

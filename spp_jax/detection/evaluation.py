@@ -16,7 +16,8 @@ The default protocol is the VOC2007 devkit's ``VOCevaldet.m``
   fall-back to another ground truth). Otherwise it is a false positive.
 * ``recall = cumTP / num_positives``, ``precision = cumTP / (cumTP + cumFP)``
   (0 where both counts are 0, e.g. after only ignored detections; the devkit's
-  NaN there is skipped by its ``max``, so the AP is the same).
+  NaN there is skipped by its ``max``, so the AP is the same, except for a class
+  whose every detection is ignored: the devkit's 11-point AP is then NaN, here 0).
 * ``metric="voc07"``: the 11-point AP, the mean over ``t = k / 10``
   (``k = 0..10``, exactly ``k / 10``: the usual Python ports'
   ``np.arange(0., 1.1, 0.1)`` holds 0.30000000000000004 and
