@@ -122,7 +122,8 @@ class PoolSpec:
             return (n - self.window) // self.stride + 1
         out = -((self.window - n) // self.stride) + 1  # ceil((n - k) / s) + 1
         # Caffe: the last window must start inside the input.
-        return out - ((out - 1) * self.stride >= n)
+        outside = (out - 1) * self.stride >= n
+        return out - (outside.astype(out.dtype) if hasattr(outside, "astype") else int(outside))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,7 +377,7 @@ def local_response_norm(
     >>> bool(jnp.allclose(y[0, 0], 2.0 ** -0.75, rtol=1e-4))
     True
     """
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    xf = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
     lo = (size - 1) // 2
     pads = [(0, 0)] * (x.ndim - 1) + [(lo, size - 1 - lo)]
     sq = lax.reduce_window(
@@ -433,7 +434,7 @@ def _clip_valid_sizes(valid_sizes: Any, shape: tuple[int, ...]) -> jax.Array | N
     sizes = jnp.asarray(valid_sizes)
     if sizes.shape != (b, 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
         raise ValueError(f"valid_sizes must be ({b}, 2) ints, got {sizes.dtype}{sizes.shape}")
-    return jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([h, w], jnp.int32))
+    return jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([[h, w]], jnp.int32))
 
 
 # --------------------------------------------------------------------------------------

@@ -93,9 +93,12 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
         main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
     else:
         raise ValueError(f"lr_schedule {config.lr_schedule!r} not accepted; use 'step' or 'cosine'")
-    if warmup == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+    if warmup > 0:
+        main = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+    # optax's schedules mix the int32 step with Python floats, which strict dtype
+    # promotion (jax_numpy_dtype_promotion="strict") rejects: hand them a float step
+    # (exact up to 2**24 steps).
+    return lambda step: main(jnp.asarray(step, jnp.float32))
 
 
 def _shifted(schedule: optax.Schedule, offset: int) -> optax.Schedule:
@@ -113,13 +116,29 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
         )
 
     if config.optimizer == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(config.weight_decay, mask=kernels),
-            optax.sgd(schedule, momentum=config.momentum, nesterov=False),
+        return _standard_promotion(
+            optax.chain(
+                optax.add_decayed_weights(config.weight_decay, mask=kernels),
+                optax.sgd(schedule, momentum=config.momentum, nesterov=False),
+            )
         )
     if config.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernels)
+        return _standard_promotion(
+            optax.adamw(schedule, weight_decay=config.weight_decay, mask=kernels)
+        )
     raise ValueError(f"optimizer {config.optimizer!r} not accepted; use 'sgd' or 'adamw'")
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` run under JAX's standard dtype promotion: optax mixes its int32 step
+    count with Python floats (AdamW's bias correction), which a user's
+    ``jax_numpy_dtype_promotion="strict"`` would reject."""
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def create_train_state(
@@ -180,7 +199,8 @@ def train_step(
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = jax.lax.pmean(grads, AXIS)
     state = state.apply_gradients(grads=grads)
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * batch["mask"])
+    hit = (jnp.argmax(logits, -1) == batch["label"]).astype(batch["mask"].dtype)
+    correct = jnp.sum(hit * batch["mask"])
     metrics = {
         "loss": jax.lax.pmean(loss, AXIS),
         "accuracy": jax.lax.psum(correct, AXIS) / jax.lax.psum(jnp.sum(batch["mask"]), AXIS),
@@ -214,8 +234,8 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, apply_fn: Callable) -
     in_top5 = jnp.any(topk == batch["label"][:, None], axis=-1)
     sums = {
         "loss": jnp.sum(losses * mask),
-        "top1": jnp.sum((topk[:, 0] == batch["label"]) * mask),
-        "top5": jnp.sum(in_top5 * mask),
+        "top1": jnp.sum((topk[:, 0] == batch["label"]).astype(mask.dtype) * mask),
+        "top5": jnp.sum(in_top5.astype(mask.dtype) * mask),
         "count": jnp.sum(mask),
     }
     return jax.lax.psum(sums, AXIS)

@@ -3,6 +3,11 @@ import os
 # Several CPU devices for the tests that map over devices; must be set before JAX starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
+# Strict promotion, as equinox's tests do: implicit rank broadcasting and mixed-dtype
+# promotion raise, so silent broadcasting bugs fail here. Also handed to subprocesses.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+os.environ.setdefault("JAX_NUMPY_DTYPE_PROMOTION", "strict")
+
 # Many tests build the same small networks in separate runs (resume, schedules, CLI):
 # a persistent compilation cache for this session compiles each program once. It is
 # also handed to subprocesses through the environment.
