@@ -1,4 +1,4 @@
-"""spp_jax.detection.nms: against a slow greedy NumPy reference, hand cases, torchvision."""
+"""spp_jax.detection.suppression: against a slow greedy NumPy reference, hand cases, torchvision."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from spp_jax.detection.nms import _nms, batched_nms, nms
+from spp_jax.detection.suppression import _nms, batched_nms, nms
 
 
 def ref_iou32(a: np.ndarray, b: np.ndarray) -> np.float32:

@@ -7,7 +7,7 @@ Run (about a minute on 2 CPU cores):
 2,000 boxes like selective-search windows on a 600 x 800 image (corners
 uniform, sides log-uniform in 16-400 px), distinct uniform scores, 20 labels
 (uniform) for the batched rows. For each threshold (0.3 and 0.7) it times, in
-one run: ``spp_jax.detection.nms`` and ``batched_nms`` jitted (``max_output``
+one run: ``spp_jax.detection.suppression`` and ``batched_nms`` jitted (``max_output``
 None: every kept box), as a user calls them with fresh arrays, and
 ``torchvision.ops.nms`` / ``batched_nms`` (if torchvision is installed: the
 ``bench`` extra plus torchvision). Each time is the 25th percentile of
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.detection.evaluation import evaluate_detections
-from spp_jax.detection.nms import batched_nms, nms
+from spp_jax.detection.suppression import batched_nms, nms
 
 N = 2000
 NUM_LABELS = 20

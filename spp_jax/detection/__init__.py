@@ -6,9 +6,10 @@ neither TensorFlow nor OpenCV: the modules that do (proposals, VOC input) import
 them on first use.
 
 Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
-:mod:`~spp_jax.detection.nms` (jit-able NMS), :mod:`~spp_jax.detection.evaluation`
-(the VOC devkit's AP and mAP), :mod:`~spp_jax.detection.proposals` (selective
-search, cached per dataset split), :mod:`~spp_jax.detection.voc` (VOC 2007 input).
+:mod:`~spp_jax.detection.suppression` (jit-able ``nms`` and ``batched_nms``),
+:mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
+:mod:`~spp_jax.detection.proposals` (selective search, cached per dataset split),
+:mod:`~spp_jax.detection.voc` (VOC 2007 input).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ _EXPORTS = {
     "clip_boxes": "boxes",
     "decode_boxes": "boxes",
     "encode_boxes": "boxes",
-    "batched_nms": "nms",
-    "nms": "nms",
+    "batched_nms": "suppression",
+    "nms": "suppression",
     "evaluate_detections": "evaluation",
     "voc_ap": "evaluation",
     "selective_search": "proposals",
 }
-_SUBMODULES = ("boxes", "evaluation", "nms", "proposals", "voc")
+_SUBMODULES = ("boxes", "evaluation", "proposals", "suppression", "voc")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
