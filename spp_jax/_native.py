@@ -313,33 +313,39 @@ def _level_bins(rows: jax.Array, cols: jax.Array, levels, h: int, w: int):
     return out
 
 
-def _pure_keys(x, bidx, rows, cols, pyr):
-    """Every bin's first-maximum key, ``(R, NB, C)`` (-1 for empty bins), in JAX."""
+def _pure_winners(x, bidx, rows, cols, pyr):
+    """Every bin's first-maximum ``(values, keys)``, ``(R, NB, C)`` each, and the
+    ``(R, NB, 1)`` mask of empty bins, in JAX."""
     bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
-    keys = [
-        _windows.window_winners(x, bidx, bins)[1].reshape(rows.shape[0], -1, x.shape[3])
-        for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2])
-    ]
-    return jnp.concatenate(keys, axis=1), bidx
+    r, c = rows.shape[0], x.shape[3]
+    values, keys, empty = [], [], []
+    for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2]):
+        v, k = _windows.window_winners(x, bidx, bins)
+        values.append(v.reshape(r, -1, c))
+        keys.append(k.reshape(r, -1, c))
+        empty.append(_windows.empty_bins(bins).reshape(r, -1, 1))
+    cat = functools.partial(jnp.concatenate, axis=1)
+    return cat(values), cat(keys), cat(empty), bidx
 
 
 def _pure_values(x, bidx, rows, cols, *, pyr):
     bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
-    outs = [
-        _windows.window_max(x, bidx, bins).reshape(rows.shape[0], -1, x.shape[3])
-        for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2])
-    ]
+    r, c = rows.shape[0], x.shape[3]
+    outs = []
+    for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2]):
+        v = _windows.window_max(x, bidx, bins)
+        outs.append(jnp.where(_windows.empty_bins(bins)[..., None], 0.0, v).reshape(r, -1, c))
     return jnp.concatenate(outs, axis=1)
 
 
 def _pure_tangent(t, x, bidx, rows, cols, *, pyr):
-    keys, bidx = _pure_keys(x, bidx, rows, cols, pyr)
-    return _windows._gather_impl(t, keys, bidx, image_shape=x.shape)
+    _, keys, empty, bidx = _pure_winners(x, bidx, rows, cols, pyr)
+    return jnp.where(empty, 0.0, _windows._gather_impl(t, keys, bidx, image_shape=x.shape))
 
 
 def _pure_grad(g, x, bidx, rows, cols, *, pyr):
-    keys, bidx = _pure_keys(x, bidx, rows, cols, pyr)
-    return _windows._scatter_impl(g, keys, bidx, image_shape=x.shape)
+    _, keys, empty, bidx = _pure_winners(x, bidx, rows, cols, pyr)
+    return _windows._scatter_impl(jnp.where(empty, 0.0, g), keys, bidx, image_shape=x.shape)
 
 
 def _bins_shape(x, bidx, pyr) -> tuple[int, int, int]:

@@ -13,8 +13,8 @@ Winners: under differentiation the table also keeps, per entry, the winner's key
 (NaN counts as largest), so a bin's winner is its first maximum in row-major
 order, PyTorch's and torchvision's rule. The derivative is then a pair of linear
 primitives (``_prims.py``): :data:`gather_winners` reads a tangent at the winners,
-:data:`scatter_winners` adds cotangents there. Key -1 marks an empty bin: no
-value, no derivative.
+:data:`scatter_winners` adds cotangents there. Empty bins have meaningless
+values and winners: callers mask them.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def empty_bins(bins: Bins) -> jax.Array:
 
 
 def window_max(x: jax.Array, bidx: jax.Array, bins: Bins) -> jax.Array:
-    """Max over every bin of every window: ``(R, n_h, n_w, C)``; empty bins give 0.
+    """Max over every bin of every window: ``(R, n_h, n_w, C)``.
+
+    Empty bins (:func:`empty_bins`) give meaningless values: callers mask them
+    (masking here too would cost a pass over the output).
 
     Args:
       x: ``(B, H, W, C)``.
@@ -132,13 +135,14 @@ def window_max(x: jax.Array, bidx: jax.Array, bins: Bins) -> jax.Array:
     out = out.reshape(4, *rows.shape[1:], x.shape[3])
     # Elementwise, not jnp.max(axis=0): XLA's CPU reduction over a short leading
     # axis was measured 10x slower.
-    out = jnp.maximum(jnp.maximum(out[0], out[1]), jnp.maximum(out[2], out[3]))
-    return jnp.where(empty_bins(bins)[..., None], jnp.zeros((), x.dtype), out)
+    return jnp.maximum(jnp.maximum(out[0], out[1]), jnp.maximum(out[2], out[3]))
 
 
 def window_winners(x: jax.Array, bidx: jax.Array, bins: Bins):
-    """``(values, keys)`` of every bin's first maximum, both ``(R, n_h, n_w, C)``;
-    an empty bin gives value 0 and key -1."""
+    """``(values, keys)`` of every bin's first maximum, both ``(R, n_h, n_w, C)``.
+
+    Keys always name a cell of the map; for empty bins they are meaningless, like
+    the values: callers mask both (values, and the tangents or cotangents)."""
     values, keys = _table_winners(x)
     kh_n, kw_n = values.shape[:2]
     c = x.shape[3]
@@ -152,35 +156,28 @@ def window_winners(x: jax.Array, bidx: jax.Array, bins: Bins):
         best_v = jnp.where(take, cv[q], best_v)
         best_k = jnp.where(take, ck[q], best_k)
     shape = (*rows.shape[1:], c)
-    empty = empty_bins(bins)[..., None]
-    return (
-        jnp.where(empty, jnp.zeros((), x.dtype), best_v.reshape(shape)),
-        jnp.where(empty, -1, best_k.reshape(shape)),
-    )
+    return best_v.reshape(shape), best_k.reshape(shape)
 
 
 def _flat_cells(keys: jax.Array, bidx: jax.Array, image_shape) -> jax.Array:
-    """Flat indices into the ``image_shape`` array of each (window, bin, channel)
-    winner; -1 (out of range) for empty bins."""
+    """Flat indices into the ``image_shape`` array of each (window, bin, channel) winner."""
     _, h, w, c = image_shape
     b = bidx.reshape(-1, *[1] * (keys.ndim - 1))
     ch = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
-    return jnp.where(keys < 0, -1, (b * (h * w) + keys) * c + ch)
+    return (b * (h * w) + keys) * c + ch
 
 
 def _gather_impl(t, keys, bidx, *, image_shape):
     cells = _flat_cells(keys, bidx, image_shape)
-    vals = jnp.take(t.reshape(-1), jnp.maximum(cells, 0), mode="clip")
-    return jnp.where(cells < 0, jnp.zeros((), t.dtype), vals)
+    return jnp.take(t.reshape(-1), cells, mode="clip")
 
 
 def _scatter_impl(g, keys, bidx, *, image_shape):
     # A scatter-add of scalars into the flat map (measured several times faster
     # than pushing cotangents down the table levels, which XLA fuses into one
-    # loop that recomputes every level). Empty bins (-1) are dropped.
+    # loop that recomputes every level).
     cells = _flat_cells(keys, bidx, image_shape)
     size = int(np.prod(image_shape))
-    cells = jnp.where(cells < 0, size, cells)
     flat = jnp.zeros((size,), g.dtype).at[cells.reshape(-1)].add(g.reshape(-1), mode="drop")
     return flat.reshape(image_shape)
 
@@ -208,7 +205,10 @@ _prims.linear_pair(gather_winners, scatter_winners)
 
 @jax.custom_jvp
 def pool_max(x: jax.Array, bidx: jax.Array, bins: Bins) -> jax.Array:
-    """:func:`window_max` with the first-maximum derivative (every transformation)."""
+    """:func:`window_max` with the first-maximum derivative (every transformation).
+
+    Empty bins give meaningless values and derivatives: mask them after (a
+    ``jnp.where`` masks the derivatives too)."""
     return window_max(x, bidx, bins)
 
 
