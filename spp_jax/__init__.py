@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from spp_jax.geometry import LevelBins, axis_bins, output_dim, pyramid_bins
-from spp_jax.pooling import spatial_pyramid_pool
+from spp_jax.pooling import max_pool2d, pool_output_size, spatial_pyramid_pool
 from spp_jax.roi import (
     multiscale_roi_pyramid_pool,
     project_boxes,
@@ -31,13 +31,16 @@ __all__ = [
     "configs",
     "data",
     "datasets",
+    "detection",
     "extract",
     "linen",
+    "max_pool2d",
     "metrics",
     "models",
     "multiscale_roi_pyramid_pool",
     "nnx",
     "output_dim",
+    "pool_output_size",
     "project_boxes",
     "pyramid_bins",
     "roi_pyramid_pool",
@@ -50,6 +53,7 @@ _LAZY_SUBMODULES = (
     "configs",
     "data",
     "datasets",
+    "detection",
     "extract",
     "linen",
     "metrics",

@@ -1,5 +1,6 @@
 """Tests for spp_jax.models: map sizes, parameter counts, heads, padded-batch exactness, LRN."""
 
+import functools
 import re
 
 import jax
@@ -484,3 +485,71 @@ def test_lrn_bfloat16():
     np.testing.assert_allclose(
         np.asarray(got, np.float32), _np_lrn(x, 5, 1e-4, 0.75, 2.0), rtol=2e-2, atol=1e-2
     )
+
+
+# ---------------------------------------------------------------- fast layers vs plain layers
+
+
+def _plain_trunk(params, x, arch, width):
+    """The trunk written with nn.Conv's op and reduce_window pools (the layers the fast
+    ones replace): lax.conv_general_dilated on the 3-channel input, -inf padded pools."""
+    from spp_jax.models import ConvSpec, LRNSpec, PoolSpec, layer_specs, local_response_norm
+
+    n = 0
+    for spec in layer_specs(arch, width=width):
+        if isinstance(spec, ConvSpec):
+            n += 1
+            p = params[f"conv{n}"]
+            x = jax.lax.conv_general_dilated(
+                x,
+                p["kernel"],
+                (spec.stride,) * 2,
+                ((spec.pad, spec.pad),) * 2,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            x = jax.nn.relu(x + p["bias"].reshape(1, 1, 1, -1))
+        elif isinstance(spec, PoolSpec):
+            pads = [
+                (0, max(0, (spec.out_size(m) - 1) * spec.stride + spec.window - m))
+                for m in x.shape[1:3]
+            ]
+            x = jax.lax.reduce_window(
+                x,
+                -jnp.inf,
+                jax.lax.max,
+                (1, spec.window, spec.window, 1),
+                (1, spec.stride, spec.stride, 1),
+                ((0, 0), *pads, (0, 0)),
+            )
+        else:
+            assert isinstance(spec, LRNSpec)
+            x = local_response_norm(x, spec.size, spec.alpha, spec.beta, spec.k)
+    return x
+
+
+@pytest.mark.parametrize("arch", ["zf5", "convnet5", "overfeat5"])
+@pytest.mark.usefixtures("impl")
+def test_fast_trunk_layers_equal_the_plain_layers(arch):
+    # ReLU maps tie at 0 a lot: the pools' gradients must pick the same cell as
+    # select_and_scatter's. Values agree to float rounding (the first conv's forward
+    # pads the channels to 4); the training gradients are the plain layers' exactly.
+    trunk = ConvTrunk(arch, width=0.125)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 71, 64, 3)), jnp.float32)
+    params = trunk.init(jax.random.key(0), x)["params"]
+    fmap, _ = jax.jit(trunk.apply)({"params": params}, x)
+    want = jax.jit(functools.partial(_plain_trunk, arch=arch, width=0.125))(params, x)
+    np.testing.assert_allclose(np.asarray(fmap), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(want.shape), jnp.float32)
+    loss_fast = lambda p: jnp.sum(trunk.apply({"params": p}, x)[0] * cot)
+    loss_plain = lambda p: jnp.sum(_plain_trunk(p, x, arch, 0.125) * cot)
+    g_fast, g_plain = jax.jit(jax.grad(loss_fast))(params), jax.jit(jax.grad(loss_plain))(params)
+    for name in g_plain:
+        for k in ("kernel", "bias"):
+            np.testing.assert_allclose(
+                np.asarray(g_fast[name][k]),
+                np.asarray(g_plain[name][k]),
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name}/{k}",
+            )

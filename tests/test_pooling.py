@@ -333,3 +333,56 @@ def test_unpacked_argmax_path_equals_packed(monkeypatch):
     np.testing.assert_array_equal(packed[0], unpacked[0])
     np.testing.assert_array_equal(packed[1], unpacked[1])
     np.testing.assert_allclose(packed[1], ref_max_grad(x, (6, 3, 1), cot), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- max_pool2d
+
+
+@pytest.mark.parametrize(
+    ("shape", "window", "stride", "ceil"),
+    [
+        ((2, 55, 55, 5), 3, 2, True),
+        ((2, 12, 11, 3), 3, 2, True),
+        ((1, 13, 9, 17), 3, 2, False),
+        ((2, 9, 9, 2), 2, 2, False),
+        ((1, 10, 10, 2), 3, 3, False),
+    ],
+)
+@pytest.mark.usefixtures("impl")
+def test_max_pool2d_equals_reduce_window(shape, window, stride, ceil):
+    # ReLU-like input (ties at 0): values and gradients equal reduce_window's with
+    # -inf padding, whose gradient (select_and_scatter) also takes the first maximum.
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(np.maximum(rng.integers(-2, 3, shape), 0), jnp.float32)
+    oh, ow = (spp_jax.pool_output_size(n, window, stride, ceil) for n in shape[1:3])
+    pads = [(0, max(0, (o - 1) * stride + window - n)) for o, n in ((oh, shape[1]), (ow, shape[2]))]
+
+    def ref(x):
+        return jax.lax.reduce_window(
+            x,
+            -jnp.inf,
+            jax.lax.max,
+            (1, window, window, 1),
+            (1, stride, stride, 1),
+            ((0, 0), *pads, (0, 0)),
+        )
+
+    f = lambda x: spp_jax.max_pool2d(x, window, stride, ceil=ceil)
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), np.asarray(ref(x)))
+    g = jnp.asarray(rng.standard_normal((shape[0], oh, ow, shape[3])), jnp.float32)
+    grad = lambda fn: jax.jit(lambda x: jax.vjp(fn, x)[1](g)[0])(x)
+    np.testing.assert_array_equal(np.asarray(grad(f)), np.asarray(grad(ref)))
+    t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jvp(f, (x,), (t,))[1]), np.asarray(jax.jvp(ref, (x,), (t,))[1])
+    )
+
+
+def test_max_pool2d_errors():
+    x = jnp.zeros((1, 4, 4, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        spp_jax.max_pool2d(x, 5, 1)
+    with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+        spp_jax.max_pool2d(x, 0, 1)
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+        spp_jax.max_pool2d(jnp.zeros((4, 4, 1)), 2, 2)
