@@ -459,8 +459,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             min_crop_area=config.min_crop_area,
         )
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        n = 0
+        # Metrics stay on the device until the epoch's log line: reading them back
+        # after every step would stop an accelerator from queuing the next step.
+        step_metrics = []
         desc = f"epoch {epoch + 1}/{config.num_epochs} size {size}"
         for batch in _progress(batches, steps_per_epoch - skip, desc):
             batch = shard(batch)
@@ -477,10 +478,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     time.perf_counter() - tc,
                     len(compiles),
                 )
-            m = unreplicate_to_host(metrics)
-            sums["loss"] += float(m["loss"])
-            sums["accuracy"] += float(m["accuracy"])
-            n += 1
+            step_metrics.append(metrics)
             step += 1
             every = config.checkpoint_every_steps
             if (every and step % every == 0) or step == stop_after_step:
@@ -493,8 +491,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                     "eval": None,
                     "train_compiles": compiles,
                 }
-        if n == 0:
+        if not step_metrics:
             continue
+        per_step = [unreplicate_to_host(m) for m in step_metrics]
+        n = len(per_step)
+        sums = {k: sum(float(m[k]) for m in per_step) for k in ("loss", "accuracy")}
+        m = per_step[-1]
         if step % steps_per_epoch == 0 and not (
             config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
         ):
