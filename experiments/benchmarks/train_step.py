@@ -1,6 +1,6 @@
 """Training and inference speed of spp_jax's networks against the same networks in PyTorch.
 
-Run (about 11 minutes on 2 CPU cores; ``--quick``: about a minute)::
+Run (8 minutes on 2 CPU cores, 49 rows; ``--quick``: about a minute)::
 
     pip install -e ".[bench]"
     python experiments/benchmarks/train_step.py --out results/train_step.json
@@ -40,12 +40,13 @@ times alternately (spp_jax, PyTorch, PyTorch, spp_jax, ...); each measurement is
 is kept for each contender alike (this machine's timings drift). The ratio is spp_jax
 img/s / PyTorch img/s (above 1: spp_jax is faster). spp_jax's compile time is recorded
 too. ``--compile`` also times ``torch.compile`` of the twin (skipped, with the error,
-if it fails). PyTorch runs on ``--threads`` threads (2); XLA uses every core (2 here). Another
-process on the cores hurts PyTorch's OpenMP threads far more than XLA's pool: the
+if it fails).
+
+PyTorch runs on ``--threads`` threads (2); XLA uses every core (2 here). Another
+process on the cores slows PyTorch's OpenMP threads far more than XLA's pool: the
 load averages at the start and end are printed and saved; compare runs on an idle
-machine. Without
-torch installed the script prints why and exits. Prints a table and writes JSON
-with the versions, threads, CPU and load.
+machine. Without torch installed the script prints why and exits. Prints a table and
+writes JSON with the versions, threads, CPU and load.
 """
 
 from __future__ import annotations
