@@ -313,19 +313,16 @@ def _level_bins(rows: jax.Array, cols: jax.Array, levels, h: int, w: int):
     return out
 
 
-def _pure_winners(x, bidx, rows, cols, pyr):
-    """Every bin's first-maximum ``(values, keys)``, ``(R, NB, C)`` each, and the
-    ``(R, NB, 1)`` mask of empty bins, in JAX."""
+def _pure_keys(x, bidx, rows, cols, pyr):
+    """Every bin's first-maximum key, ``(R, NB, C)``, the ``(R, NB, 1)`` mask of
+    empty bins and the clipped ``bidx``, in JAX."""
     bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
     r, c = rows.shape[0], x.shape[3]
-    values, keys, empty = [], [], []
+    keys, empty = [], []
     for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2]):
-        v, k = _windows.window_winners(x, bidx, bins)
-        values.append(v.reshape(r, -1, c))
-        keys.append(k.reshape(r, -1, c))
+        keys.append(_windows.window_winners(x, bidx, bins)[1].reshape(r, -1, c))
         empty.append(_windows.empty_bins(bins).reshape(r, -1, 1))
-    cat = functools.partial(jnp.concatenate, axis=1)
-    return cat(values), cat(keys), cat(empty), bidx
+    return jnp.concatenate(keys, axis=1), jnp.concatenate(empty, axis=1), bidx
 
 
 def _pure_values(x, bidx, rows, cols, *, pyr):
@@ -339,12 +336,12 @@ def _pure_values(x, bidx, rows, cols, *, pyr):
 
 
 def _pure_tangent(t, x, bidx, rows, cols, *, pyr):
-    _, keys, empty, bidx = _pure_winners(x, bidx, rows, cols, pyr)
+    keys, empty, bidx = _pure_keys(x, bidx, rows, cols, pyr)
     return jnp.where(empty, 0.0, _windows._gather_impl(t, keys, bidx, image_shape=x.shape))
 
 
 def _pure_grad(g, x, bidx, rows, cols, *, pyr):
-    _, keys, empty, bidx = _pure_winners(x, bidx, rows, cols, pyr)
+    keys, empty, bidx = _pure_keys(x, bidx, rows, cols, pyr)
     return _windows._scatter_impl(jnp.where(empty, 0.0, g), keys, bidx, image_shape=x.shape)
 
 

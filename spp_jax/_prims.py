@@ -194,10 +194,18 @@ def _linear_jvp(op: Op, primals, tangents, **params):
 
 
 def _linear_transpose(op: Op, other: Op, ct, *args, **params):
-    del op
     v, *res = args
+    # The map does not depend on its residuals (winners, bins, the input they were
+    # found in) to first order: their cotangents are zero.
+    res_ct = [ad.Zero(r.aval) if ad.is_undefined_primal(r) else None for r in res]
+    if not ad.is_undefined_primal(v):
+        return [None, *res_ct]
     if any(ad.is_undefined_primal(r) for r in res):
-        raise NotImplementedError("spp_jax: winners and bins are not differentiable inputs")
+        # Linear in v for fixed residuals only; JAX's own rules never build this.
+        raise TypeError(
+            f"{op.prim.name} is linear in its first operand for fixed residuals; it was "
+            "asked to transpose with respect to a residual too"
+        )
     if type(ct) is ad.Zero:
-        return [ad.Zero(v.aval), *[None] * len(res)]
-    return [other(ct, *res, **params), *[None] * len(res)]
+        return [ad.Zero(v.aval), *res_ct]
+    return [other(ct, *res, **params), *res_ct]
