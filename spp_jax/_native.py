@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -114,12 +115,33 @@ def _compiler_version(cxx: str) -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
-def cache_key(cxx: str, flags: Sequence[str]) -> str:
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """One C++ source compiled into a shared library of XLA FFI targets.
+
+    ``cflags`` come before the source on the command line, ``ldflags`` (``-l``,
+    ``-L``, rpath) after it.
+    """
+
+    source: Path
+    targets: tuple[str, ...]
+    cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.source.stem
+
+
+WINDOW_MAX = Library(SOURCE, _TARGETS)
+
+
+def cache_key(cxx: str, flags: Sequence[str], library: Library = WINDOW_MAX) -> str:
     """The cache key of a build: source, command, compiler version, jax version,
     machine and (for ``-march=native``) the CPU's flags."""
-    command = _command(cxx, flags)
+    command = _command(cxx, flags, library)
     parts = (
-        SOURCE.read_text(),
+        library.source.read_text(),
         " ".join(command),
         _compiler_version(cxx),
         jax.__version__,
@@ -130,9 +152,12 @@ def cache_key(cxx: str, flags: Sequence[str]) -> str:
     return hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
 
 
-def _command(cxx: str, flags: Sequence[str]) -> list[str]:
+def _command(cxx: str, flags: Sequence[str], library: Library = WINDOW_MAX) -> list[str]:
     include = jax.ffi.include_dir()
-    return [cxx, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-I", include]
+    return [
+        cxx, "-O3", *flags, "-std=c++17", "-shared", "-fPIC", "-I", include, *library.cflags,
+        str(library.source), *library.ldflags,
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -145,14 +170,14 @@ def _file_lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _build(cxx: str, flags: Sequence[str]) -> Path:
+def _build(cxx: str, flags: Sequence[str], library: Library = WINDOW_MAX) -> Path:
     """Compiles the kernel (or finds it in the cache) and returns the library path.
 
     One process at a time builds a given key (a lock file beside the library);
     the library is written to a temporary file and renamed, so a reader never
     sees a half-written one.
     """
-    target = cache_dir() / f"window_max-{cache_key(cxx, flags)}.so"
+    target = cache_dir() / f"{library.name}-{cache_key(cxx, flags, library)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +189,7 @@ def _build(cxx: str, flags: Sequence[str]) -> Path:
         try:
             t0 = time.perf_counter()
             subprocess.run(
-                [*_command(cxx, flags), str(SOURCE), "-o", tmp],
+                [*_command(cxx, flags, library), "-o", tmp],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -183,7 +208,13 @@ _forced: bool | None = None
 
 @functools.cache
 def _load() -> str | None:
-    """Builds, loads and registers the kernels once; returns None or why not."""
+    """Builds, loads and registers the window-max kernels once; returns None or why not."""
+    return load(WINDOW_MAX)
+
+
+def load(library: Library) -> str | None:
+    """Builds (or finds in the cache), loads and registers ``library``'s FFI targets
+    for CPU; returns None, or why they are unavailable. Callers cache the answer."""
     if not hasattr(jax, "ffi") or not hasattr(jax.ffi, "include_dir"):
         return f"jax {jax.__version__} has no jax.ffi (needs jax >= 0.5)"
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -192,8 +223,8 @@ def _load() -> str | None:
     errors = []
     for flags in _FLAG_SETS:
         try:
-            lib = ctypes.cdll.LoadLibrary(str(_build(cxx, flags)))
-            for name in _TARGETS:
+            lib = ctypes.cdll.LoadLibrary(str(_build(cxx, flags, library)))
+            for name in library.targets:
                 if name not in _registered:  # XLA keeps the first registration
                     jax.ffi.register_ffi_target(
                         name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"

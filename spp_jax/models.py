@@ -54,7 +54,6 @@ alone, unpadded (see :class:`SPPNet`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -65,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from spp_jax._conv import conv2d
 from spp_jax.geometry import normalize_levels
 from spp_jax.linen import SpatialPyramidPooling
 from spp_jax.pooling import max_pool2d
@@ -409,51 +409,10 @@ def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
     return max_pool2d(x, spec.window, spec.stride, ceil=spec.ceil)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        (stride, stride),
-        ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _conv_few_channels(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-    """A conv of an input with few channels (RGB images): the forward pass zero-pads
-    the channels to a multiple of 4 (XLA's CPU conv of a 3-channel input measured
-    15x slower than of the same input with a fourth, zero channel; TPU pads
-    anyway); derivatives are those of the plain conv (an unpadded one computed
-    as the crop of a conv padded by one stride), whose training step XLA runs
-    faster than the channel-padded one's. Same values up to float rounding order."""
-    extra = -x.shape[-1] % 4
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
-    kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    # Unpadded (Overfeat's conv1): XLA's CPU conv measured ~5x slower than the same
-    # conv padded by one stride, whose outputs 1..n are exactly the unpadded ones.
-    return _conv(x, kernel, stride, pad) if pad > 0 else _conv_cropped(x, kernel, stride)
-
-
-def _conv_cropped(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """The unpadded conv as outputs 1..n of the conv padded by one stride (the same
-    values; XLA's CPU conv runs the padded one, and its gradients, several times
-    faster)."""
-    oh, ow = ((n - kernel.shape[0]) // stride + 1 for n in x.shape[1:3])
-    return _conv(x, kernel, stride, stride)[:, 1 : 1 + oh, 1 : 1 + ow]
-
-
-@_conv_few_channels.defjvp
-def _conv_few_channels_jvp(stride, pad, primals, tangents):
-    if pad == 0:
-        return jax.jvp(lambda x, k: _conv_cropped(x, k, stride), primals, tangents)
-    return jax.jvp(lambda x, k: _conv(x, k, stride, pad), primals, tangents)
-
-
 class _Conv(nn.Module):
     """``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``) and result, square kernel,
-    symmetric padding; inputs with fewer than 4 channels take
-    :func:`_conv_few_channels`."""
+    symmetric padding, computed by :func:`spp_jax._conv.conv2d` (oneDNN on CPU where
+    installed, else XLA's convolution in the formulation it runs fastest)."""
 
     spec: ConvSpec
     dtype: Any = jnp.float32
@@ -466,8 +425,7 @@ class _Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (s.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        conv = _conv_few_channels if x.shape[-1] < 4 else _conv
-        return conv(x, kernel, s.stride, s.pad) + bias.reshape(1, 1, 1, -1)
+        return conv2d(x, kernel, s.stride, s.pad) + bias.reshape(1, 1, 1, -1)
 
 
 def _mask(x: jax.Array, sizes: jax.Array | None) -> jax.Array:

@@ -531,8 +531,9 @@ def _plain_trunk(params, x, arch, width):
 @pytest.mark.usefixtures("impl")
 def test_fast_trunk_layers_equal_the_plain_layers(arch):
     # ReLU maps tie at 0 a lot: the pools' gradients must pick the same cell as
-    # select_and_scatter's. Values agree to float rounding (the first conv's forward
-    # pads the channels to 4); the training gradients are the plain layers' exactly.
+    # select_and_scatter's. Values and gradients agree to float rounding (the first
+    # conv's XLA forward pads the channels to 4; oneDNN sums in another order: measured
+    # at most 7.4e-7 of each gradient's largest entry).
     trunk = ConvTrunk(arch, width=0.125)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 71, 64, 3)), jnp.float32)
     params = trunk.init(jax.random.key(0), x)["params"]
@@ -546,10 +547,11 @@ def test_fast_trunk_layers_equal_the_plain_layers(arch):
     g_fast, g_plain = jax.jit(jax.grad(loss_fast))(params), jax.jit(jax.grad(loss_plain))(params)
     for name in g_plain:
         for k in ("kernel", "bias"):
+            want_g = np.asarray(g_plain[name][k])
             np.testing.assert_allclose(
                 np.asarray(g_fast[name][k]),
-                np.asarray(g_plain[name][k]),
+                want_g,
                 rtol=1e-5,
-                atol=1e-5,
+                atol=3e-6 * np.abs(want_g).max(),
                 err_msg=f"{name}/{k}",
             )
