@@ -162,17 +162,19 @@ import warnings, jax, jax.numpy as jnp
 from jax import export
 warnings.simplefilter("error")
 import spp_jax
-from spp_jax import _native
+from spp_jax import _conv, _native
 x = jax.ShapeDtypeStruct((2, 7, 6, 3), jnp.float32)
 boxes = jnp.array([[0.0, 0.0, 60.0, 50.0]])
 pool = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1))
 roi = lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1))
-for fn in (pool, roi):
+conv = lambda x: _conv.conv2d(x, jnp.ones((3, 3, 3, 4)), 2, 1)
+for fn in (pool, roi, conv):
     for f in (fn, jax.grad(lambda x: jnp.sum(fn(x) ** 2)), jax.jacfwd(fn)):
         for platform in ("cuda", "tpu"):
             text = export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
             assert "SppJax" not in text
 assert _native._load.cache_info().misses == 0, "the kernel was probed"
+assert _conv._load.cache_info().misses == 0, "oneDNN was probed"
 print("OK")
 """
 
