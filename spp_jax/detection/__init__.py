@@ -9,7 +9,10 @@ Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
 :mod:`~spp_jax.detection.suppression` (jit-able ``nms`` and ``batched_nms``),
 :mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
 :mod:`~spp_jax.detection.proposals` (selective search, cached per dataset split),
-:mod:`~spp_jax.detection.voc` (VOC 2007 input).
+:mod:`~spp_jax.detection.voc` (VOC 2007 input), :mod:`~spp_jax.detection.features` (conv5 once
+per image and scale, windows pooled from it), :mod:`~spp_jax.detection.svm` (linear SVMs with
+hard-negative mining, liblinear), :mod:`~spp_jax.detection.bbox_regression` (per-class ridge
+box regression).
 """
 
 from __future__ import annotations
@@ -27,8 +30,31 @@ _EXPORTS = {
     "evaluate_detections": "evaluation",
     "voc_ap": "evaluation",
     "selective_search": "proposals",
+    "ClassStats": "svm",
+    "HardNegativeMiner": "svm",
+    "SVMs": "svm",
+    "feature_scale": "svm",
+    "fit_linear_svm": "svm",
+    "svm_objective": "svm",
+    "train_svms": "svm",
+    "BoxRegressors": "bbox_regression",
+    "RidgeAccumulator": "bbox_regression",
+    "fit_box_regressors": "bbox_regression",
+    "match_proposals": "bbox_regression",
+    "Conv5Extractor": "features",
+    "WindowPooler": "features",
+    "assign_scales": "features",
 }
-_SUBMODULES = ("boxes", "evaluation", "proposals", "suppression", "voc")
+_SUBMODULES = (
+    "bbox_regression",
+    "boxes",
+    "evaluation",
+    "features",
+    "proposals",
+    "suppression",
+    "svm",
+    "voc",
+)
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

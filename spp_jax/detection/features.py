@@ -1,0 +1,246 @@
+"""Detection features: conv5 once per image and scale, every window pooled from it.
+
+SPP-net's detection (paper section 4) runs the conv layers once per image (per
+scale) and pools each window's fixed-length pyramid vector from that map with
+:func:`spp_jax.roi_pyramid_pool` (``projection="sppnet"``, the paper's Appendix).
+
+* :func:`resized_size`: an image's size at scale ``s`` (shorter side ``s``), capped
+  at ``max_side`` pixels on the longer side, so that a huge image cannot exhaust
+  memory (the cap shrinks the scale, and says so in the returned factor).
+* :func:`assign_scales`: each window's scale, by the paper's rule (the scale where
+  the window's area is closest to ``target**2``) or the official code's.
+* :class:`Conv5Extractor`: resizes an image (TensorFlow's antialiased bilinear
+  resize and the training normalisation, as :mod:`spp_jax.data` does for the
+  classifier) and runs the :class:`~spp_jax.models.ConvTrunk`, jitted once per
+  padded size bucket (``bucket`` pixels): a padded image's map equals the
+  unpadded one's on its valid region (``valid_sizes``).
+* :class:`WindowPooler`: pools windows, given in original-image pixels, from
+  the maps of one image (each window at its own scale), jitted once per
+  (map bucket, window-count bucket).
+
+Nothing here holds more than one image's windows: fine-tuning, the SVMs and box
+regression pool what they need from the cached maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spp_jax.geometry import LevelsLike, normalize_levels
+from spp_jax.models import ConvSpec, ConvTrunk, PoolSpec
+from spp_jax.roi import project_boxes, roi_pyramid_pool
+
+WINDOW_RULES = ("paper", "code")
+
+
+def total_stride(trunk: ConvTrunk) -> int:
+    """The trunk's total stride (16 for ZF-5 and Convnet*-5, 12 for Overfeat)."""
+    return math.prod(s.stride for s in trunk.specs if isinstance(s, ConvSpec | PoolSpec))
+
+
+def resized_size(
+    image_size: tuple[int, int], scale: int, max_side: int | None = None
+) -> tuple[int, int]:
+    """``(h, w)`` of an image resized so its shorter side is ``scale`` (rounded), the
+    longer side at most ``max_side`` (then the shorter side is below ``scale``).
+
+    >>> resized_size((375, 500), 688), resized_size((375, 500), 1200, max_side=1000)
+    ((688, 917), (750, 1000))
+    """
+    h, w = image_size
+    if min(h, w) < 1:
+        raise ValueError(f"image size must be positive, got {image_size!r}")
+    if not isinstance(scale, int | np.integer) or scale < 1:
+        raise ValueError(f"scale must be a positive int (the shorter side), got {scale!r}")
+    f = scale / min(h, w)
+    if max_side is not None and max(h, w) * f > max_side:
+        f = max_side / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def assign_scales(
+    boxes: np.ndarray,
+    image_size: tuple[int, int],
+    scales: Sequence[int],
+    *,
+    target: int = 224,
+    rule: str = "paper",
+) -> np.ndarray:
+    """The scale index of each window.
+
+    Args:
+      boxes: ``(R, 4)`` ``(x1, y1, x2, y2)`` in original-image pixels.
+      image_size: ``(H, W)`` of the original image.
+      scales: the shorter side of each scale.
+      target: the window side the network was trained on (224 in the paper).
+      rule: ``"paper"``: the scale where the window's area is closest to
+        ``target**2`` (section 4, default); ``"code"``: the official code's
+        ``round(target * 13/14 * min(H, W) / sqrt(area))`` (208 for 224), nearest
+        scale, ties to the smaller.
+
+    Returns:
+      int32 ``(R,)``.
+    """
+    if rule not in WINDOW_RULES:
+        raise ValueError(f"unknown window scale rule {rule!r}; accepted: {WINDOW_RULES}")
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    short = float(min(image_size))
+    area = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6) * np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    s = np.asarray(scales, np.float64)
+    if rule == "paper":
+        diff = np.abs(area[:, None] * (s[None, :] / short) ** 2 - float(target) ** 2)
+    else:
+        expected = np.round(target * 13 / 14 * short / np.sqrt(area))
+        diff = np.abs(expected[:, None] - s[None, :])
+    return np.argmin(diff, axis=1).astype(np.int32)  # argmin takes the first: the smaller
+
+
+def _bucket(n: int, bucket: int) -> int:
+    return -(-n // bucket) * bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledMap:
+    """The conv5 map of one image at one scale.
+
+    Attributes:
+      fmap: float32 ``(h5, w5, C)``, the valid region only.
+      factor: ``(fy, fx)``: resized pixels per original pixel (a window's
+        coordinates at this scale are ``y * fy``, ``x * fx``).
+      size: ``(h, w)`` of the resized image.
+    """
+
+    fmap: np.ndarray
+    factor: tuple[float, float]
+    size: tuple[int, int]
+
+
+class Conv5Extractor:
+    """conv5 of an image at a scale: resize, normalise, run the trunk (jitted per
+    ``bucket``-rounded size).
+
+    Args:
+      trunk: the backbone's :class:`~spp_jax.models.ConvTrunk`.
+      params: its parameters (``conv1`` ... ``convN``).
+      bucket: padded sizes are multiples of this (one compile per padded size).
+      max_side: the cap on the resized image's longer side (documented memory cap).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from spp_jax.models import ConvTrunk
+      >>> trunk = ConvTrunk(width=0.125)
+      >>> params = trunk.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))["params"]
+      >>> m = Conv5Extractor(trunk, params, bucket=32)(np.zeros((50, 70, 3), np.uint8), 96)
+      >>> m.size, m.fmap.shape
+      ((96, 134), (6, 8, 32))
+    """
+
+    def __init__(self, trunk: ConvTrunk, params: Any, *, bucket: int = 64, max_side: int = 2000):
+        self.trunk, self.params, self.bucket, self.max_side = trunk, params, bucket, max_side
+
+        @jax.jit
+        def run(params, x, sizes):
+            return trunk.apply({"params": params}, x, sizes)
+
+        self._run = run
+
+    def __call__(self, image: np.ndarray, scale: int, *, flip: bool = False) -> ScaledMap:
+        """``image``: uint8 ``(H, W, 3)``; ``flip``: mirror it left-right first."""
+        from spp_jax import data
+
+        tf = data._tf()
+        h0, w0 = image.shape[:2]
+        h, w = resized_size((h0, w0), scale, self.max_side)
+        x = tf.convert_to_tensor(image[:, ::-1] if flip else image)
+        x = tf.image.resize(tf.cast(x, tf.float32), (h, w), antialias=True)
+        x = np.asarray(data._normalize(tf, x), np.float32)
+        hb, wb = _bucket(h, self.bucket), _bucket(w, self.bucket)
+        padded = np.zeros((1, hb, wb, 3), np.float32)
+        padded[0, :h, :w] = x
+        fmap, sizes = self._run(self.params, padded, np.asarray([[h, w]], np.int32))
+        h5, w5 = (int(v) for v in np.asarray(sizes)[0])
+        return ScaledMap(np.asarray(fmap)[0, :h5, :w5], (h / h0, w / w0), (h, w))
+
+
+class WindowPooler:
+    """Pools windows from one image's maps: ``(R, C * sum(n_h * n_w))`` float32.
+
+    Args:
+      levels: the pyramid, e.g. ``(6, 3, 2, 1)``.
+      stride: the trunk's total stride (:func:`total_stride`).
+      map_bucket: maps are zero-padded to multiples of this (cells).
+      window_bucket: window counts are padded to multiples of this.
+    """
+
+    def __init__(
+        self,
+        levels: LevelsLike = (6, 3, 2, 1),
+        stride: int = 16,
+        *,
+        map_bucket: int = 8,
+        window_bucket: int = 256,
+    ):
+        self.levels = normalize_levels(levels)
+        self.stride, self.map_bucket, self.window_bucket = stride, map_bucket, window_bucket
+
+        @jax.jit
+        def pool(fmap, boxes, valid, hw):
+            # The map is zero-padded to a bucket: project the windows onto the valid
+            # region (hw, traced: no recompile per size), then hand the pooling op
+            # pixel boxes that project exactly onto those cells.
+            s = float(stride)
+            cells = project_boxes(boxes, 1 / s, "sppnet", feature_size=(hw[0], hw[1]))
+            snapped = (cells + jnp.asarray([-1, -1, 1, 1], jnp.int32)).astype(jnp.float32) * s
+            return roi_pyramid_pool(
+                fmap[None],
+                snapped,
+                levels=self.levels,
+                spatial_scale=1 / s,
+                projection="sppnet",
+                valid=valid,
+            )
+
+        self._pool = pool
+
+    def output_dim(self, channels: int) -> int:
+        return channels * sum(h * w for h, w in self.levels)
+
+    def pool(self, scaled: ScaledMap, boxes: np.ndarray) -> np.ndarray:
+        """Pools ``boxes`` (original-image pixels) from one scale's map."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        r = len(boxes)
+        h5, w5, c = scaled.fmap.shape
+        if r == 0:
+            return np.zeros((0, self.output_dim(c)), np.float32)
+        fy, fx = scaled.factor
+        at_scale = boxes * np.asarray([fx, fy, fx, fy], np.float32)
+        rb = _bucket(r, self.window_bucket)
+        padded_boxes = np.zeros((rb, 4), np.float32)
+        padded_boxes[:r] = at_scale
+        valid = np.arange(rb) < r
+        hb, wb = _bucket(h5, self.map_bucket), _bucket(w5, self.map_bucket)
+        fmap = np.zeros((hb, wb, c), np.float32)
+        fmap[:h5, :w5] = scaled.fmap
+        out = self._pool(fmap, padded_boxes, valid, np.asarray([h5, w5], np.int32))
+        return np.asarray(out)[:r]
+
+    def pool_multiscale(
+        self, maps: Sequence[ScaledMap], boxes: np.ndarray, scale_index: np.ndarray
+    ) -> np.ndarray:
+        """Pools each window from the map of its own scale (``scale_index``)."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        scale_index = np.asarray(scale_index).reshape(-1)
+        c = maps[0].fmap.shape[-1]
+        out = np.zeros((len(boxes), self.output_dim(c)), np.float32)
+        for k, scaled in enumerate(maps):
+            here = np.flatnonzero(scale_index == k)
+            if len(here):
+                out[here] = self.pool(scaled, boxes[here])
+        return out
