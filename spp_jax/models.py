@@ -669,8 +669,12 @@ class MLPHead(nn.Module):
         super().__post_init__()
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """``(B, D)`` features -> ``(B, num_classes)`` float32 logits."""
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, hidden: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """``(B, D)`` features -> ``(B, num_classes)`` float32 logits; with ``hidden``
+        also fc7's activations ``(B, fc_dim)`` (after ReLU and dropout), for detection's
+        SVMs: ``(logits, fc7)``."""
         for name in ("fc6", "fc7"):
             x = nn.Dense(
                 self.fc_dim,
@@ -681,14 +685,16 @@ class MLPHead(nn.Module):
             )(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(
+        logits = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.initializers.normal(0.01),
             name="fc8",
         )(x)
-        return x.astype(jnp.float32)
+        if hidden:
+            return logits.astype(jnp.float32), x.astype(jnp.float32)
+        return logits.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------------------

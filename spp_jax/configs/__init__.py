@@ -1,4 +1,4 @@
-"""Training configs, installed with the package.
+"""Training and detection configs, installed with the package.
 
 Each module has ``get_config()`` returning an ``ml_collections.ConfigDict``. ``default``
 holds every key that :func:`spp_jax.train.train_and_evaluate` reads, with its meaning;
@@ -27,24 +27,37 @@ from typing import Any
 __all__ = ["available", "get_config"]
 
 
-def available() -> tuple[str, ...]:
-    """Names of the shipped configs, sorted.
+KINDS = ("classification", "detection")
+
+
+def available(kind: str = "classification") -> tuple[str, ...]:
+    """Names of the shipped configs of one kind, sorted: ``"classification"``
+    (``spp-jax train``) or ``"detection"`` (``spp-jax detect-train``; a module says
+    so with ``KIND = "detection"``).
 
     >>> available()
     ('default', 'nospp', 'single', 'tiny', 'zf5_imagenet')
+    >>> available("detection")
+    ('detection', 'detection_tiny', 'detection_voc07')
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; accepted: {KINDS}")
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
     return tuple(
-        sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+        n
+        for n in names
+        if getattr(importlib.import_module(f"{__name__}.{n}"), "KIND", "classification") == kind
     )
 
 
-def get_config(name: str) -> Any:
-    """``get_config()`` of the shipped config ``name`` (an ``ml_collections.ConfigDict``).
+def get_config(name: str, kind: str = "classification") -> Any:
+    """``get_config()`` of the shipped config ``name`` of ``kind`` (an
+    ``ml_collections.ConfigDict``).
 
     Raises:
-      ValueError: ``name`` is not one of :func:`available`.
+      ValueError: ``name`` is not one of :func:`available` ``(kind)``.
     """
-    names = available()
+    names = available(kind)
     if name not in names:
         raise ValueError(f"unknown config {name!r}; accepted: {', '.join(map(repr, names))}")
     return importlib.import_module(f"{__name__}.{name}").get_config()

@@ -1,0 +1,108 @@
+"""Detection: SPP-net's object detector on the built-in ``spp_scenes`` data, end to end.
+
+Command (from any directory)::
+
+    spp-jax detect-train --config detection --workdir /tmp/spp_det
+
+Runs every stage of :func:`spp_jax.detection.pipeline.detect_train`, each resumable:
+the backbone (the ``default`` classification config on ``spp_shapes``, the same ten
+classes, unless ``backbone_workdir`` names a trained one), selective search on the
+700 images (cached), conv5 of every image at the scales below, fine-tuning of fc6,
+fc7 and a new 11-way fc8 (conv frozen), the SVMs with hard-negative mining, box
+regression, and the test evaluation at one and five scales. Budget: at most 20
+minutes on 2 CPU cores, the backbone included (see the README for the measured
+times per stage).
+
+Scales: the paper's {480, 576, 688, 864, 1200} (1 scale: 688) are for VOC's 500 x 375
+images and a network trained on 224-pixel crops; here the images are 160-320 pixels
+and the backbone was trained on 112-pixel crops, so the scales are the paper's times
+480 / 688 (the median image's short side 240 scaled like VOC's 375 -> 688, halved
+objects), and a window's scale is the one where its area is closest to 112**2.
+
+Every key of a detection config is here; ``detection_voc07`` overrides some.
+"""
+
+import ml_collections
+
+KIND = "detection"  # spp-jax detect-train; spp_jax.configs.available("detection")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Data: a TFDS detection dataset in the VOC format (spp_jax.detection.voc).
+    c.dataset = "spp_scenes"
+    c.data_dir = None
+    c.train_split = "train"
+    c.val_split = "validation"  # model selection (never the test split)
+    c.test_split = "test"
+
+    # Backbone: a classifier trained with `spp-jax train`; None: train one first with
+    # the classification config `backbone_config` (in WORKDIR/backbone).
+    c.backbone_workdir = None
+    c.backbone_config = "default"
+    c.backbone_overrides = ml_collections.ConfigDict()  # e.g. {"num_epochs": 8}
+
+    # Proposals (spp_jax.detection.proposals): OpenCV selective search, fast mode.
+    c.proposals = ml_collections.ConfigDict()
+    c.proposals.mode = "fast"
+    c.proposals.max_boxes = 2000
+    c.proposals.min_size = 10.0  # boxes narrower or shorter are dropped
+    c.proposals.num_workers = None  # None: every core
+    c.proposals.cache_dir = None  # None: WORKDIR/proposals
+
+    # Features (spp_jax.detection.features).
+    c.scales = (336, 400, 480, 600, 840)  # the paper's 5 scales times 480 / 688
+    c.single_scale = 480  # the 1-scale setting (the paper's 688)
+    c.window_target = 112  # a window's scale: its area closest to window_target**2
+    c.window_rule = "paper"  # paper | code
+    c.levels = (6, 3, 2, 1)
+    c.max_side = 2000  # cap on the resized image's longer side (memory)
+    c.image_bucket = 64  # padded image sizes (one conv compile each)
+
+    # Fine-tuning fc6, fc7 and a new (K+1)-way fc8, conv frozen.
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.enabled = True
+    c.finetune.steps = 1500
+    c.finetune.batch_size = 128
+    c.finetune.fg_fraction = 0.25
+    c.finetune.fg_iou = 0.5
+    c.finetune.bg_iou = (0.1, 0.5)
+    c.finetune.scales = "all"  # all: the 5 scales (random_scale picks one per window) | single
+    c.finetune.random_scale = True  # else each window at its test-time scale
+    c.finetune.flip = True  # mirrored images' maps too
+    c.finetune.optimizer = "sgd"
+    c.finetune.learning_rate = 0.01
+    c.finetune.momentum = 0.9
+    c.finetune.weight_decay = 5e-4
+    c.finetune.lr_boundaries = (0.6, 0.85)  # /10 at these fractions (the code: 1e-3 -> 1e-5)
+    c.finetune.dropout_rate = 0.5
+    c.finetune.eval_every = 500  # validation mAP (softmax scores, 1 scale): keep the best
+
+    # SVMs (liblinear, spp_jax.detection.svm) on fc7.
+    c.svm = ml_collections.ConfigDict()
+    c.svm.C = 0.001
+    c.svm.pos_weight = 2.0
+    c.svm.bias_feature = 10.0
+    c.svm.neg_iou = 0.3
+    c.svm.hard_thresh = -1.0001
+    c.svm.evict_thresh = -1.2
+    c.svm.retrain_every = 2000
+    c.svm.feature_norm = 20.0
+
+    # Box regression (spp_jax.detection.bbox_regression) on pooled conv5 features.
+    c.bbox = ml_collections.ConfigDict()
+    c.bbox.enabled = True
+    c.bbox.lam = 4000.0  # the SPP-net code's (R-CNN: 1000)
+    c.bbox.min_iou = 0.5  # the code's (R-CNN: 0.6)
+
+    # Test.
+    c.test = ml_collections.ConfigDict()
+    c.test.scales = (1, 5)  # evaluate at 1 scale and at 5 scales
+    c.test.scorer = "svm"  # svm | softmax
+    c.test.score_thresh = -1.5  # SVM scores below are dropped (the code)
+    c.test.nms_iou = 0.3
+    c.test.max_per_image = 100
+    c.test.draw_images = 6  # test images drawn with their detections in WORKDIR/eval/
+    return c
