@@ -80,24 +80,24 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Conv& c, dnnl::prop_
 struct Plan {
   dnnl::primitive conv;
   memory::desc weights;  // the layout `conv` reads or writes the kernel in
-  dnnl::reorder reorder;  // HWIO -> weights (input gradient), weights -> HWIO (kernel gradient)
+  dnnl::reorder reorder;  // HWIO -> weights (forward, input gradient), weights -> HWIO (kernel gradient)
   bool reordered = false;
 };
 
 Plan Create(const Key& k) {
   Conv c = Describe(k);
   Plan plan;
-  if (k[0] == kForward) {
-    plan.conv = dnnl::convolution_forward(ForwardDesc(c, dnnl::prop_kind::forward_inference));
-    plan.weights = c.weights;
-    return plan;
-  }
   const memory::desc hwio = c.weights;
-  // The gradients' direct (JIT) kernels take the kernel only in a blocked layout; with
-  // HWIO oneDNN falls back to GEMM-based ones, measured 3-4x slower here.
+  // oneDNN's fastest kernels take the kernel in a blocked layout of their choosing
+  // (with HWIO the gradients fall back to GEMM-based kernels, measured 3-4x slower
+  // here, and the forward to slower ones): reorder it on every call (cheap).
   c.weights = memory::desc(hwio.get_dims(), memory::data_type::f32, memory::format_tag::any);
   const auto hint = ForwardDesc(c, dnnl::prop_kind::forward_training);
-  if (k[0] == kInput) {
+  if (k[0] == kForward) {
+    const auto pd = ForwardDesc(c, dnnl::prop_kind::forward_inference);
+    plan.conv = dnnl::convolution_forward(pd);
+    plan.weights = pd.weights_desc();
+  } else if (k[0] == kInput) {
     const dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, c.src, c.weights, c.dst, c.strides,
         c.pad_l, c.pad_r, hint);
@@ -112,7 +112,7 @@ Plan Create(const Key& k) {
   }
   plan.reordered = plan.weights != hwio;
   if (plan.reordered) {
-    plan.reorder = k[0] == kInput
+    plan.reorder = k[0] != kKernel
                        ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio, Engine(),
                                                                      plan.weights))
                        : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), plan.weights,
@@ -153,6 +153,7 @@ ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
     thread_local dnnl::stream stream(Engine());
     switch (kind) {
       case kForward:
+        if (plan.reordered) plan.reorder.execute(stream, hwio, weights);
         plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
                                    {DNNL_ARG_DST, dst}});
         break;
