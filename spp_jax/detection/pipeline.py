@@ -721,3 +721,49 @@ def stage_eval(config, workdir, det: Detector, heads, svms, test: Split, props) 
 def write_metrics(workdir: str, metrics: dict) -> None:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics, default=float) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# A finished workdir.
+# --------------------------------------------------------------------------------------
+
+
+def load_run_config(workdir: str) -> Any:
+    """The detection config a run saved (``WORKDIR/config.json``), defaults filled in."""
+    from spp_jax.configs import detection
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a detect-train workdir?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = detection.get_config()
+    config.update(saved)
+    return config
+
+
+def load_detector(workdir: str, *, scorer: str | None = None) -> Detector:
+    """The trained detector of a ``detect-train`` workdir: backbone trunk, fine-tuned
+    head (if fine-tuning ran), SVMs and box regressors (those that exist).
+
+    Raises:
+      FileNotFoundError: the workdir lacks a stage the detector needs.
+    """
+    import flax.serialization
+
+    config = load_run_config(workdir)
+    if scorer is not None:
+        config.test.scorer = scorer
+    det, _ = build_detector(config, workdir)
+    best = os.path.join(workdir, "finetune", "best.msgpack")
+    if os.path.exists(best):
+        with open(best, "rb") as f:
+            det.head_params = flax.serialization.from_bytes(det.head_params, f.read())
+    name = "svm" if os.path.exists(best) else "svm_pretrained"
+    if os.path.exists(os.path.join(workdir, f"{name}.npz")):
+        det.svms = svm.SVMs.load(os.path.join(workdir, f"{name}.npz"))
+    elif config.test.scorer == "svm":
+        raise FileNotFoundError(f"{workdir}/{name}.npz not found: run detect-train to the end")
+    if os.path.exists(os.path.join(workdir, "bbox.npz")):
+        det.regressors = bbox_regression.BoxRegressors.load(os.path.join(workdir, "bbox.npz"))
+    return det
