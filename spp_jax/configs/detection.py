@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone_workdir = None
     c.backbone_config = "default"
     c.backbone_overrides = ml_collections.ConfigDict()  # e.g. {"num_epochs": 8}
+    c.train_backbone = True  # False: backbone_workdir is required
 
     # Proposals (spp_jax.detection.proposals): OpenCV selective search, fast mode.
     c.proposals = ml_collections.ConfigDict()

@@ -326,6 +326,11 @@ def stage_backbone(config, workdir: str) -> str:
     """The backbone's workdir, trained here first if the config names none."""
     if config.backbone_workdir:
         return config.backbone_workdir
+    if not config.train_backbone:
+        raise ValueError(
+            "this config trains no backbone (train_backbone=False): pass "
+            "--set backbone_workdir=DIR, the workdir of a `spp-jax train` run"
+        )
     path = os.path.join(workdir, "backbone")
     if stage_done(workdir, "backbone") is None:
         from spp_jax import train
