@@ -105,5 +105,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.test.score_thresh = -1.5  # SVM scores below are dropped (the code)
     c.test.nms_iou = 0.3
     c.test.max_per_image = 100
-    c.test.draw_images = 6  # test images drawn with their detections in WORKDIR/eval/
+    c.test.draw_images = 6
+    c.test.svd_rank = 128  # also evaluate fc6/fc7 as rank-128 truncated SVDs (0: don't)  # test images drawn with their detections in WORKDIR/eval/
     return c

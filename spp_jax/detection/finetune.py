@@ -268,3 +268,35 @@ def make_step(
 def head_outputs(head: MLPHead, params: Any, feats: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(logits (R, K+1), fc7 (R, fc_dim))`` of pooled windows (eval mode)."""
     return head.apply({"params": params}, feats, hidden=True)
+
+
+def truncated_svd(params: Any, rank: int) -> dict[str, Any]:
+    """Rank-``rank`` factors of fc6's and fc7's kernels (Fast R-CNN's test-time
+    trick, beyond the paper): ``W (D, F) ~ (U_k * s_k) @ V_k^T``, so ``x @ W`` costs
+    ``k * (D + F)`` instead of ``D * F`` multiply-adds per window. fc8 is kept whole.
+
+    Returns:
+      ``{"fc6": (A (D, k), B (k, F), b), "fc7": (...), "fc8": (W, b)}`` float32.
+    """
+    out: dict[str, Any] = {}
+    for name in ("fc6", "fc7"):
+        w = np.asarray(params[name]["kernel"], np.float64)
+        if not 1 <= rank <= min(w.shape):
+            raise ValueError(f"svd rank must be in [1, {min(w.shape)}] for {name}, got {rank!r}")
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        a = (u[:, :rank] * s[:rank]).astype(np.float32)
+        out[name] = (jnp.asarray(a), jnp.asarray(vt[:rank].astype(np.float32)),
+                     jnp.asarray(params[name]["bias"]))  # fmt: skip
+    out["fc8"] = (jnp.asarray(params["fc8"]["kernel"]), jnp.asarray(params["fc8"]["bias"]))
+    return out
+
+
+@jax.jit
+def svd_head_outputs(factors: dict[str, Any], feats: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`head_outputs` with fc6/fc7 as :func:`truncated_svd` factors (eval mode)."""
+    x = feats
+    for name in ("fc6", "fc7"):
+        a, b, bias = factors[name]
+        x = jax.nn.relu((x @ a) @ b + bias)
+    w, bias = factors["fc8"]
+    return x @ w + bias, x

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -147,6 +148,7 @@ class Detector:
     config: Any
     svms: svm.SVMs | None = None
     regressors: bbox_regression.BoxRegressors | None = None
+    svd: Any = None  # truncated-SVD factors of fc6/fc7 (see `compress`), or None
 
     def __post_init__(self) -> None:
         c = self.config
@@ -186,10 +188,18 @@ class Detector:
         rb = max(WINDOW_BUCKET, -(-r // WINDOW_BUCKET) * WINDOW_BUCKET)
         padded = np.zeros((rb, pooled.shape[1]), np.float32)
         padded[:r] = pooled
-        logits, fc7 = finetune.head_outputs(
-            self.head, self.head_params if params is None else params, jnp.asarray(padded)
-        )
+        params = self.head_params if params is None else params
+        if self.svd is not None and params is self.head_params:
+            logits, fc7 = finetune.svd_head_outputs(self.svd, jnp.asarray(padded))
+        else:
+            logits, fc7 = finetune.head_outputs(self.head, params, jnp.asarray(padded))
         return np.asarray(logits)[:r], np.asarray(fc7)[:r]
+
+    def compress(self, rank: int | None) -> None:
+        """Replaces fc6 and fc7 by their rank-``rank`` truncated SVDs at test time
+        (two thin matmuls each; None: back to the full layers). See
+        :func:`spp_jax.detection.finetune.truncated_svd`."""
+        self.svd = None if rank is None else finetune.truncated_svd(self.head_params, rank)
 
     def detect(
         self,
@@ -661,23 +671,36 @@ def detect_train(config, workdir: str) -> dict:
     del train_maps, train_unflipped, train
     metrics = stage_eval(config, workdir, det, heads, svms, data["test"], props["test"])
     metrics["seconds_total"] = time.perf_counter() - t0
+    metrics["proposals_seconds_per_image"] = (stage_done(workdir, "proposals") or {}).get(
+        "seconds_per_image"
+    )
+    # Peak resident memory of this process (Linux reports KiB).
+    metrics["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    log.info("peak memory %.2f GiB", metrics["peak_memory_gib"])
     write_metrics(workdir, metrics)
     return metrics
 
 
 def stage_eval(config, workdir, det: Detector, heads, svms, test: Split, props) -> dict:
     """Every variant at 1 and 5 scales on the test split; per-stage seconds per image."""
-    table, timings, main = {}, {}, None
+    table, main = {}, None
     main_name = MAIN_VARIANT if det.regressors is not None else "ft fc7 + SVM"
     for n in config.test.scales:
         with _timed(f"conv5 of the test split at {n} scale(s)") as t:
             maps = _split_maps(det, test, det.scales(n))
         conv_s = t["seconds"] / len(test)
-        for name, (head_kind, scorer, regress) in VARIANTS.items():
+        variants = [(name, *v, None) for name, v in VARIANTS.items()]
+        if config.test.svd_rank:
+            rank = config.test.svd_rank
+            variants.append(
+                (f"{main_name}, fc6/fc7 SVD rank {rank}", "finetuned", "svm", True, rank)
+            )
+        for name, head_kind, scorer, regress, rank in variants:
             if regress and det.regressors is None:
                 continue
             det_v = dataclasses.replace(det, head_params=heads[head_kind], svms=svms.get(head_kind))
             det_v.extractor, det_v.pooler, det_v.stride = det.extractor, det.pooler, det.stride
+            det_v.compress(rank)
             clock: dict[str, float] = {}
             dets = [
                 det_v.detect(
@@ -698,16 +721,10 @@ def stage_eval(config, workdir, det: Detector, heads, svms, test: Split, props) 
                 },
             }
             table[f"{name}, {n} scale{'s' if n > 1 else ''}"] = row
-            log.info(
-                "test %s at %d scale(s): mAP %.4f (VOC07), %.4f (area)",
-                name,
-                n,
-                row["map_voc07"],
-                row["map_area"],
-            )
+            log.info("test %s, %d scale(s): mAP %.4f (VOC07), %.4f (area)",
+                     name, n, row["map_voc07"], row["map_area"])  # fmt: skip
             if n == config.test.scales[0] and name == main_name:
                 main = (name, n, res07, res_area, dets)
-            timings[n] = row["seconds_per_image"]
     assert main is not None
     name, n, res07, res_area, dets = main
     from spp_jax.detection import report
