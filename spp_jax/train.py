@@ -23,7 +23,8 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
   checkpoint ends with the same parameters as an uninterrupted run.
 * **Outputs** under ``workdir``: ``config.json``, ``checkpoints/``, and
   (:mod:`spp_jax.metrics`) ``metrics.jsonl`` (one line per epoch, then the final
-  evaluation), TensorBoard event files beside it, ``curves.png``.
+  evaluation: ``"final"`` and its top-1 flattened, :func:`flat_metrics`), TensorBoard
+  event files beside it, ``curves.png``.
 """
 
 from __future__ import annotations
@@ -532,7 +533,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     final = None
     if config.final_eval:
         final = final_evaluation(config, builder, info, p_state.params, model)
-        writer.write({"final": final}, step)
+        writer.write({"final": final, "metrics": flat_metrics(final)}, step)
         log.info("final test accuracy (top-1):\n%s", format_final(final))
     writer.close()  # the event file; metrics.jsonl is closed after each line
     if jax.process_index() == 0:
@@ -598,6 +599,23 @@ def final_evaluation(config, builder, info, p_params, model) -> dict:
             row["full"] = evaluate(config, builder, info, p_params, model, mode="full", size=size)
         out[str(size)] = row
     return out
+
+
+def flat_metrics(final: dict) -> dict[str, float]:
+    """Top-1 of a :func:`final_evaluation` result as ``{"{mode}_{size}": top1}``.
+
+    The last line of ``metrics.jsonl`` holds it as ``"metrics"`` beside ``"final"``, and
+    ``experiments/sweep.py`` records the same keys, so a sweep record can be checked
+    against a re-run of its config, seed and overrides.
+
+    >>> flat_metrics({"112": {"center": {"top1": 0.5}, "full": {"top1": 0.75}}})
+    {'center_112': 0.5, 'full_112': 0.75}
+    """
+    return {
+        f"{mode}_{size}": float(ev["top1"])
+        for size, row in final.items()
+        for mode, ev in row.items()
+    }
 
 
 def format_final(final: dict) -> str:
