@@ -9,11 +9,11 @@ scale) and pools each window's fixed-length pyramid vector from that map with
   memory (the cap shrinks the scale, and says so in the returned factor).
 * :func:`assign_scales`: each window's scale, by the paper's rule (the scale where
   the window's area is closest to ``target**2``) or the official code's.
-* :class:`Conv5Extractor`: resizes an image (TensorFlow's antialiased bilinear
-  resize and the training normalisation, as :mod:`spp_jax.data` does for the
-  classifier) and runs the :class:`~spp_jax.models.ConvTrunk`, jitted once per
-  padded size bucket (``bucket`` pixels): a padded image's map equals the
-  unpadded one's on its valid region (``valid_sizes``).
+* :class:`Conv5Extractor`: resizes an image (:func:`resize`: OpenCV, bilinear or
+  area, and the classifier's normalisation) and runs the
+  :class:`~spp_jax.models.ConvTrunk`, jitted once per padded size bucket
+  (``bucket`` pixels): a padded image's map equals the unpadded one's on its
+  valid region (``valid_sizes``).
 * :class:`WindowPooler`: pools windows, given in original-image pixels, from
   the maps of one image (each window at its own scale), jitted once per
   (map bucket, window-count bucket).
@@ -102,6 +102,28 @@ def assign_scales(
     return np.argmin(diff, axis=1).astype(np.int32)  # argmin takes the first: the smaller
 
 
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` -> float32 ``(h, w, 3)``, normalised as the classifier's input
+    (:data:`spp_jax.data.MEAN_RGB`, :data:`~spp_jax.data.STDDEV_RGB`).
+
+    OpenCV: bilinear (half-pixel centres, as ``tf.image.resize``) when enlarging, pixel
+    area averaging when shrinking (the antialiasing of the training pipeline's TF
+    resize); ~50x faster per image than TensorFlow eager here.
+    """
+    import cv2
+
+    from spp_jax.data import MEAN_RGB, STDDEV_RGB
+
+    h, w = size
+    shrink = h < image.shape[0] or w < image.shape[1]
+    x = cv2.resize(
+        np.ascontiguousarray(image),
+        (w, h),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+    ).astype(np.float32)
+    return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
+
+
 def _bucket(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
@@ -153,14 +175,9 @@ class Conv5Extractor:
 
     def __call__(self, image: np.ndarray, scale: int, *, flip: bool = False) -> ScaledMap:
         """``image``: uint8 ``(H, W, 3)``; ``flip``: mirror it left-right first."""
-        from spp_jax import data
-
-        tf = data._tf()
         h0, w0 = image.shape[:2]
         h, w = resized_size((h0, w0), scale, self.max_side)
-        x = tf.convert_to_tensor(image[:, ::-1] if flip else image)
-        x = tf.image.resize(tf.cast(x, tf.float32), (h, w), antialias=True)
-        x = np.asarray(data._normalize(tf, x), np.float32)
+        x = resize(image[:, ::-1] if flip else image, (h, w))
         hb, wb = _bucket(h, self.bucket), _bucket(w, self.bucket)
         padded = np.zeros((1, hb, wb, 3), np.float32)
         padded[0, :h, :w] = x
