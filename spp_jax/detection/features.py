@@ -214,7 +214,7 @@ class WindowPooler:
             # pixel boxes that project exactly onto those cells.
             s = float(stride)
             cells = project_boxes(boxes, 1 / s, "sppnet", feature_size=(hw[0], hw[1]))
-            snapped = (cells + jnp.asarray([-1, -1, 1, 1], jnp.int32)).astype(jnp.float32) * s
+            snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
             return roi_pyramid_pool(
                 fmap[None],
                 snapped,

@@ -102,7 +102,7 @@ def pool_stacks(
         scaled = boxes * jnp.stack([fx, fy, fx, fy], axis=1)
         size = st.sizes[image_index]
         cells = project_boxes(scaled, 1 / s, "sppnet", feature_size=(size[:, 0], size[:, 1]))
-        snapped = (cells + jnp.asarray([-1, -1, 1, 1], jnp.int32)).astype(jnp.float32) * s
+        snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
         here = scale_index == k
         if valid is not None:
             here = here & valid
