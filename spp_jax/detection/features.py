@@ -124,6 +124,23 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (x - np.asarray(MEAN_RGB, np.float32)) / np.asarray(STDDEV_RGB, np.float32)
 
 
+def with_context(boxes: np.ndarray, factor: float) -> np.ndarray:
+    """Each window enlarged ``factor`` times about its centre (1: unchanged). Parts
+    outside the image are clamped away when the window is projected onto the map.
+
+    >>> with_context(np.array([[10.0, 20.0, 30.0, 60.0]]), 2.0).tolist()
+    [[0.0, 0.0, 40.0, 80.0]]
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if factor == 1:
+        return boxes
+    if not factor > 0:
+        raise ValueError(f"window context factor must be positive, got {factor!r}")
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
+
+
 def _bucket(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 

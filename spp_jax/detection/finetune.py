@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from spp_jax.detection.boxes import box_iou
-from spp_jax.detection.features import ScaledMap
+from spp_jax.detection.features import ScaledMap, with_context
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.models import MLPHead
 from spp_jax.roi import project_boxes, roi_pyramid_pool
@@ -188,6 +188,7 @@ class WindowSampler:
         scale_of: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
         random_scale: bool = False,
         flip: bool = False,
+        context: float = 1.0,
     ) -> dict[str, np.ndarray]:
         """A batch: ``boxes (B, 4)``, ``image (B,)``, ``scale (B,)``, ``label (B,)``.
 
@@ -201,7 +202,7 @@ class WindowSampler:
         bg = self.background[rng.integers(0, len(self.background), batch_size - n_fg)]
         rows = np.concatenate([fg, bg])
         image = rows[:, 0].astype(np.int32)
-        boxes = rows[:, 1:5].copy()
+        boxes = with_context(rows[:, 1:5], context)
         if random_scale:
             scale = rng.integers(0, num_scales, len(rows)).astype(np.int32)
         elif scale_of is not None:

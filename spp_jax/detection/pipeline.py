@@ -157,13 +157,42 @@ class Detector:
         )
         self.stride = features.total_stride(self.trunk)
         self.pooler = features.WindowPooler(c.levels, self.stride)
+        self.min_input = min_input_size(self.trunk)
 
     def scales(self, n: int) -> tuple[int, ...]:
         """The 1-scale or 5-scale setting."""
         return (self.config.single_scale,) if n == 1 else tuple(self.config.scales)
 
+    def check_size(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
+        """Raises ValueError if an image of ``image_size`` resized to one of ``scales``
+        (shorter side ``s``, longer side capped at ``max_side``) is smaller than the
+        trunk's minimum input (:func:`min_input_size`): an image with an extreme aspect
+        ratio. An image smaller than a conv5 cell is no problem: it is upscaled."""
+        for s in scales:
+            h, w = features.resized_size(tuple(image_size), s, self.config.max_side)
+            if min(h, w) < self.min_input:
+                raise ValueError(
+                    f"image {image_size[0]}x{image_size[1]} resized to {h}x{w} at scale {s} "
+                    f"(longer side capped at max_side={self.config.max_side}) is smaller than "
+                    f"the trunk's minimum input {self.min_input}x{self.min_input}: its aspect "
+                    "ratio is too extreme (raise max_side, or crop it)"
+                )
+
+    def conv5(self, image: np.ndarray, scale: int, *, flip: bool = False) -> features.ScaledMap:
+        """The conv5 map of ``image`` at ``scale``: uint8 ``(H, W, 3)``; grayscale and
+        RGBA are converted (:func:`~spp_jax.detection.proposals.to_rgb8`).
+
+        Raises:
+          ValueError: the resized image is smaller than the trunk's minimum input
+            (:meth:`check_size`).
+        """
+        from spp_jax.detection.proposals import to_rgb8
+
+        self.check_size(image.shape[:2], (scale,))
+        return self.extractor(to_rgb8(image), scale, flip=flip)
+
     def maps(self, image: np.ndarray, scales: Sequence[int]) -> list[features.ScaledMap]:
-        return [self.extractor(image, s) for s in scales]
+        return [self.conv5(image, s) for s in scales]
 
     def pool(
         self,
@@ -172,7 +201,9 @@ class Detector:
         boxes: np.ndarray,
         image_size: tuple[int, int],
     ) -> np.ndarray:
-        """Pooled conv5 features ``(R, D)``, each window at its own scale."""
+        """Pooled conv5 features ``(R, D)``, each window (with ``window_context``) at
+        its own scale."""
+        boxes = features.with_context(boxes, self.config.window_context)
         idx = features.assign_scales(
             boxes,
             image_size,
@@ -258,6 +289,20 @@ class Detector:
                 )
         out.pop("index")
         return out
+
+
+def min_input_size(trunk: ConvTrunk) -> int:
+    """The smallest input side from which ``trunk`` gives a non-empty conv5 map (23
+    pixels for ZF-5): a resized image must be at least this on both sides."""
+    from spp_jax.models import feature_map_size
+
+    for n in range(1, 4097):
+        try:
+            feature_map_size(trunk.arch, n, n, depth=trunk.depth)
+        except ValueError:
+            continue
+        return n
+    raise ValueError(f"no input up to 4096 pixels gives {trunk.arch!r} a conv5 map")
 
 
 class _Clock:
@@ -401,11 +446,9 @@ def _split_maps(
 
     out = []
     for s in scales:
-        maps = [
-            det.extractor(im, s) for im in tqdm(split.images, desc=f"conv5 at {s}", leave=False)
-        ]
+        maps = [det.conv5(im, s) for im in tqdm(split.images, desc=f"conv5 at {s}", leave=False)]
         if flip:
-            maps += [det.extractor(im, s, flip=True) for im in split.images]
+            maps += [det.conv5(im, s, flip=True) for im in split.images]
         out.append(maps)
     return out
 
@@ -453,12 +496,17 @@ def stage_finetune(config, workdir: str, det: Detector, data, props, val_maps) -
     bounds = {int(f * ft.steps): 0.1 for f in ft.lr_boundaries}
     schedule = optax.piecewise_constant_schedule(ft.learning_rate, bounds)
     kernels = lambda p: jax.tree_util.tree_map_with_path(lambda q, _: q[-1].key == "kernel", p)
-    tx = _standard_promotion(
-        optax.chain(
+    lr = lambda s: schedule(jnp.asarray(s, jnp.float32))
+    if ft.optimizer == "sgd":
+        tx = optax.chain(
             optax.add_decayed_weights(ft.weight_decay, mask=kernels),
-            optax.sgd(lambda s: schedule(jnp.asarray(s, jnp.float32)), momentum=ft.momentum),
+            optax.sgd(lr, momentum=ft.momentum),
         )
-    )
+    elif ft.optimizer == "adamw":
+        tx = optax.adamw(lr, weight_decay=ft.weight_decay, mask=kernels)
+    else:
+        raise ValueError(f"finetune.optimizer {ft.optimizer!r} not accepted; use 'sgd' or 'adamw'")
+    tx = _standard_promotion(tx)
     step_fn = finetune.make_step(det.head, tx, levels=config.levels, stride=det.stride)
     ckpt = os.path.join(path, "state.msgpack")
     state = finetune.HeadState(
@@ -474,7 +522,7 @@ def stage_finetune(config, workdir: str, det: Detector, data, props, val_maps) -
         log.info("fine-tuning resumes at step %d", int(state.step))
     state = state._replace(key=jax.random.wrap_key_data(jnp.asarray(state.key)))
 
-    def scale_of(image, boxes):
+    def scale_of(image, boxes):  # boxes: with context
         out = np.zeros(len(boxes), np.int32)
         for i in np.unique(image):
             here = image == i
@@ -505,6 +553,7 @@ def stage_finetune(config, workdir: str, det: Detector, data, props, val_maps) -
         batch = sampler.sample(
             rng, ft.batch_size, ft.fg_fraction, num_scales=len(scales), scale_of=scale_of,
             random_scale=ft.random_scale and len(scales) > 1, flip=ft.flip,
+            context=config.window_context,
         )  # fmt: skip
         state, m = step_fn(state, stacks, {k: jnp.asarray(v) for k, v in batch.items()})
         done = step + 1
@@ -557,6 +606,11 @@ def stage_svm(config, workdir: str, det: Detector, name: str, head_params, train
         if keep.any():
             pos_feats.append(fc7(i, train.boxes[i][keep]))
             pos_labels.append(train.labels[i][keep] + 1)
+    if not pos_feats:
+        raise ValueError(
+            f"stage {name}: the training split has no ground-truth boxes (other than "
+            "difficult ones): nothing to train the SVMs on"
+        )
     positives = (np.concatenate(pos_feats), np.concatenate(pos_labels))
 
     def negatives():
@@ -789,3 +843,110 @@ def load_detector(workdir: str, *, scorer: str | None = None) -> Detector:
     if os.path.exists(os.path.join(workdir, "bbox.npz")):
         det.regressors = bbox_regression.BoxRegressors.load(os.path.join(workdir, "bbox.npz"))
     return det
+
+
+SPLIT_ROLES = ("train", "validation", "test")
+
+
+def workdir_proposals(config, workdir: str, split: Split) -> list[np.ndarray]:
+    """The proposals of ``split``'s images from the run's cache (``WORKDIR/proposals``
+    or ``config.proposals.cache_dir``), computed (and cached) for those missing."""
+    from spp_jax.detection.proposals import ProposalCache
+
+    p = config.proposals
+    cache_dir = p.cache_dir or os.path.join(workdir, "proposals")
+    if os.path.exists(os.path.join(cache_dir, "params.json")):
+        cache = ProposalCache.open(cache_dir)
+    else:
+        cache = ProposalCache(
+            cache_dir, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, seed=config.seed
+        )
+    missing = [(i, im) for i, im in zip(split.ids, split.images, strict=True) if i not in cache]
+    if missing:
+        log.info("selective search of %d images not in %s", len(missing), cache_dir)
+        cache.compute(missing, num_workers=p.num_workers, progress=False)
+    return [cache.get(i) for i in split.ids]
+
+
+def evaluate_workdir(
+    workdir: str,
+    *,
+    scales: int = 1,
+    split: str = "test",
+    scorer: str | None = None,
+    regress: bool = True,
+) -> dict:
+    """``spp-jax detect-eval``: the detector of a ``detect-train`` workdir
+    (:func:`load_detector`) on one split, VOC07 and area AP.
+
+    Args:
+      workdir: a finished (at least through the SVMs) ``detect-train`` workdir.
+      scales: 1: the single scale; another number: every scale of the config.
+      split: ``"test"``, ``"validation"`` or ``"train"``: the run's split of that
+        role (``config.test_split`` ...); another name is a TFDS split of the
+        run's dataset.
+      scorer: ``"svm"`` or ``"softmax"`` (default: the config's ``test.scorer``).
+      regress: apply box regression (if the run trained it).
+
+    Returns:
+      ``map_voc07``, ``map_area``, ``ap_voc07``, ``ap_area`` (per class; NaN for a
+      class without ground truth in the split), ``name`` (the variant), ``table``
+      (``{name: row}`` as in :func:`stage_eval`, for :func:`report.ap_table`),
+      ``split`` (the TFDS split), ``num_images``, ``scales`` (pixels) and
+      ``report``: the markdown written, ``WORKDIR/eval/<split>_<n>scale(s).md``.
+
+    Raises:
+      FileNotFoundError: not a ``detect-train`` workdir, or it lacks a stage.
+      ValueError: a bad ``scales`` or ``scorer``; an empty split.
+    """
+    from spp_jax.detection import report
+
+    if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
+        raise ValueError(f"scales={scales!r}; expected 1 (single scale) or 5 (every scale)")
+    config = load_run_config(workdir)
+    det = load_detector(workdir, scorer=scorer)
+    scorer = scorer or config.test.scorer
+    roles = {"train": config.train_split, "validation": config.val_split}
+    name = {**roles, "val": config.val_split, "test": config.test_split}.get(split, split)
+    data = load_split(config.dataset, name, config.data_dir)
+    if not len(data):
+        raise ValueError(f"split {name!r} of {config.dataset!r} has no images")
+    props = workdir_proposals(config, workdir, data)
+    pixels = det.scales(scales)
+    clock: dict[str, float] = {}
+    dets = [
+        det.detect(im, p, num_scales=scales, scorer=scorer, regress=regress, timings=clock)
+        for im, p in zip(data.images, props, strict=True)
+    ]
+    res07 = evaluate(dets, data, det.num_classes, "voc07")
+    res_area = evaluate(dets, data, det.num_classes, "area")
+    finetuned = os.path.exists(os.path.join(workdir, "finetune", "best.msgpack"))
+    variant = ("ft " if finetuned else "") + ("fc7 + SVM" if scorer == "svm" else "softmax")
+    if regress and det.regressors is not None:
+        variant += " + bbox"
+    n = len(pixels)
+    variant += f", {n} scale{'s' if n > 1 else ''}"
+    row = {
+        "map_voc07": float(res07["map"]),
+        "map_area": float(res_area["map"]),
+        "ap_voc07": [float(a) for a in res07["ap"]],
+        "seconds_per_image": {k: v / len(data) for k, v in clock.items()},
+    }
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}_{n}scale{'s' if n > 1 else ''}.md")
+    with open(path, "w") as f:
+        f.write(f"Average precision (%) on {config.dataset} {name} ({len(data)} images)\n\n")
+        f.write(report.ap_table({variant: row}, det.num_classes))
+        f.write("\nSeconds per image\n\n")
+        f.write(report.timing_table({variant: row}))
+    return {
+        **{k: row[k] for k in ("map_voc07", "map_area", "ap_voc07")},
+        "ap_area": [float(a) for a in res_area["ap"]],
+        "name": variant,
+        "table": {variant: row},
+        "split": name,
+        "num_images": len(data),
+        "scales": pixels,
+        "report": path,
+    }
