@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.svm.evict_thresh = -1.2
     c.svm.retrain_every = 2000
     c.svm.feature_norm = 20.0
+    # liblinear's stopping tolerance: 1e-4 measured 10x faster than 1e-5 on 10,000 hard
+    # negatives x 512-d here, the objective within 4e-6 relative.
+    c.svm.tol = 1e-4
 
     # Box regression (spp_jax.detection.bbox_regression) on pooled conv5 features.
     c.bbox = ml_collections.ConfigDict()

@@ -623,7 +623,7 @@ def stage_svm(config, workdir: str, det: Detector, name: str, head_params, train
     svms = svm.train_svms(
         positives, negatives(), k, C=s.C, pos_weight=s.pos_weight, bias_feature=s.bias_feature,
         neg_iou=s.neg_iou, hard_thresh=s.hard_thresh, evict_thresh=s.evict_thresh,
-        retrain_every=s.retrain_every, feature_scale=scale,
+        retrain_every=s.retrain_every, feature_scale=scale, tol=s.tol,
     )  # fmt: skip
     svms.save(path)
     _finish(workdir, name, time.perf_counter() - t0)
