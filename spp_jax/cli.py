@@ -69,7 +69,9 @@ def demo(levels=(6, 3, 2, 1), channels: int = 256, batch: int = 4) -> dict:
     return {"dim": dim, "sizes": sizes, "padded_max_abs_diff": worst}
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None):
+def load_config(
+    name_or_path: str, overrides: list[str] | None = None, kind: str = "classification"
+):
     """Loads a config and applies ``--set`` overrides.
 
     Args:
@@ -79,6 +81,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
         ``spp_jax.configs.default.get_config()``).
       overrides: ``key=value`` items with dotted keys (``model.width=0.5``); a value is
         parsed as a Python literal when it is one (``0.5``, ``(112, 90)``, ``None``).
+        The groups in :data:`_OPEN_GROUPS` (a detection config's
+        ``backbone_overrides``) take new keys (``backbone_overrides.num_epochs=1``).
+      kind: ``"classification"`` (``spp-jax train``) or ``"detection"``
+        (``spp-jax detect-train``): which shipped names are accepted.
 
     Returns:
       The ``ml_collections.ConfigDict``.
@@ -92,10 +98,10 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
 
     from spp_jax import configs
 
-    names = configs.available()
+    names = configs.available(kind)
     path = Path(name_or_path)
     if name_or_path in names:
-        config = configs.get_config(name_or_path)
+        config = configs.get_config(name_or_path, kind)
     elif path.suffix == ".py" and path.is_file():
         spec = importlib.util.spec_from_file_location(f"spp_config_{path.stem}", path)
         if spec is None or spec.loader is None:
@@ -119,24 +125,33 @@ def load_config(name_or_path: str, overrides: list[str] | None = None):
         except (ValueError, SyntaxError):
             value = text
         *parents, leaf = key.split(".")
-        node = config
+        node, is_open = config, False
         for part in parents:
+            if is_open and part not in node:
+                with config.unlocked():
+                    node[part] = {}
             if part not in node or not hasattr(node[part], "keys"):
                 raise SystemExit(
                     f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
                 )
+            is_open = is_open or (node is config and part in _OPEN_GROUPS)
             node = node[part]
-        if leaf not in node:
+        if leaf not in node and not is_open:
             raise SystemExit(
                 f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
             )
         if isinstance(value, list):
             value = tuple(value)
-        if isinstance(node[leaf], float) and isinstance(value, int):
+        if leaf in node and isinstance(node[leaf], float) and isinstance(value, int):
             value = float(value)
         with config.unlocked():
             node[leaf] = value
     return config
+
+
+#: Config groups that ``--set`` may add keys to: a detection config's overrides of its
+#: backbone's classification config (``--set backbone_overrides.num_epochs=1``).
+_OPEN_GROUPS = ("backbone_overrides",)
 
 
 def _init_distributed(args) -> None:
@@ -157,6 +172,198 @@ def _init_distributed(args) -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+# ------------------------------------------------------------------------- detection
+
+
+def _indented(text: str) -> str:
+    """``text`` with every line indented two spaces (continuation lines of a log line)."""
+    return "\n".join("  " + line for line in text.rstrip("\n").splitlines())
+
+
+def detect_train(config, workdir: str) -> dict:
+    """``spp-jax detect-train``: runs (or resumes) every stage of
+    :func:`spp_jax.detection.pipeline.detect_train`, then logs the AP table and the
+    main mAP. Returns the metrics."""
+    from spp_jax.detection import pipeline, report
+
+    metrics = pipeline.detect_train(config, workdir)
+    k = len(metrics["ap_voc07"])
+    log.info(
+        "average precision (%%) on the test split:\n%s",
+        _indented(report.ap_table(metrics["table"], k)),
+    )
+    log.info(
+        "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
+        metrics["map_voc07"],
+        metrics["map_area"],
+        metrics["main"],
+        os.path.join(workdir, "eval", "ap_table.md"),
+    )
+    return metrics
+
+
+def detect_eval(
+    workdir: str,
+    *,
+    scales: int = 1,
+    split: str = "test",
+    scorer: str | None = None,
+    regress: bool = True,
+) -> dict:
+    """``spp-jax detect-eval``: :func:`spp_jax.detection.pipeline.evaluate_workdir`,
+    then logs the per-class AP table and the mAP. Returns its result."""
+    from spp_jax.detection import pipeline, report
+
+    res = pipeline.evaluate_workdir(
+        workdir, scales=scales, split=split, scorer=scorer, regress=regress
+    )
+    k = len(res["ap_voc07"])
+    log.info(
+        "average precision (%%) on the %s split (%d images):\n%s",
+        res["split"],
+        res["num_images"],
+        _indented(report.ap_table(res["table"], k)),
+    )
+    log.info(
+        "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
+        res["map_voc07"],
+        res["map_area"],
+        res["name"],
+        res["report"],
+    )
+    return res
+
+
+def _image_paths(inputs: list[str]) -> list[str]:
+    """Image files of ``inputs`` (files, or folders searched for
+    :data:`spp_jax.data.IMAGE_EXTENSIONS`), in order, without repeats."""
+    from spp_jax import data
+
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            paths += data.list_images(item)
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return list(dict.fromkeys(paths))
+
+
+def detect_images(
+    workdir: str,
+    inputs: list[str],
+    out: str,
+    *,
+    scales: int = 1,
+    min_score: float | None = None,
+    on_bad_image: str = "raise",
+) -> dict:
+    """``spp-jax detect``: the detections of a ``detect-train`` workdir's detector on
+    image files.
+
+    Each image (decoded by :func:`spp_jax.data.read_image`: grayscale repeated to RGB,
+    alpha dropped) gets selective-search proposals with the run's settings
+    (``config.proposals``), :meth:`~spp_jax.detection.pipeline.Detector.detect` at
+    ``scales`` (1: the single scale; 5: every scale of the config) with the run's
+    scorer, and a PNG with its labelled boxes, ``OUT/<name>_detections.png``.
+    ``OUT/detections.json`` holds, per image, its path, size, proposal count and
+    detections (``boxes`` ``[x1, y1, x2, y2]`` in the image's pixels, ``scores``,
+    ``labels`` 0..K-1, ``class_names``), best first, those below ``min_score``
+    dropped; and ``skipped``, the unreadable files.
+
+    Args:
+      on_bad_image: ``"raise"``: a file that cannot be read or decoded, or an image
+        the detector cannot take (:meth:`~spp_jax.detection.pipeline.Detector.conv5`),
+        raises :class:`spp_jax.data.BadImageError` naming it; ``"skip"``: it is
+        skipped with a warning.
+
+    Returns:
+      What ``detections.json`` holds.
+
+    Raises:
+      spp_jax.data.BadImageError: see ``on_bad_image``.
+      FileNotFoundError: an input that does not exist, a folder without images, a
+        workdir that is not a finished ``detect-train`` run.
+    """
+    import json
+
+    from spp_jax import data
+    from spp_jax.detection import pipeline, proposals, report
+
+    if on_bad_image not in ("raise", "skip"):
+        raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
+    paths = _image_paths(inputs)
+    det = pipeline.load_detector(workdir)
+    config = det.config
+    names = report.class_names(det.num_classes)
+    p = config.proposals
+    os.makedirs(out, exist_ok=True)
+    result: dict = {
+        "workdir": os.path.abspath(workdir),
+        "scorer": config.test.scorer,
+        "scales": list(det.scales(scales)),
+        "min_score": min_score,
+        "class_names": names,
+        "images": [],
+        "skipped": [],
+    }
+    taken: set[str] = set()
+    for path in paths:
+        try:
+            image = data.read_image(path)
+            det.check_size(image.shape[:2], det.scales(scales))
+        except ValueError as e:  # BadImageError, or too small for the trunk at a scale
+            err = e if isinstance(e, data.BadImageError) else data.BadImageError(path, str(e))
+            if on_bad_image == "raise":
+                raise err from None
+            log.warning("%s; skipped", err)
+            result["skipped"].append(path)
+            continue
+        boxes = proposals.selective_search(
+            image, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, seed=config.seed
+        )
+        found = det.detect(image, boxes, num_scales=scales)
+        keep = np.ones(len(found["scores"]), bool)
+        if min_score is not None:
+            keep = found["scores"] >= min_score
+        found = {k: np.asarray(v)[keep] for k, v in found.items()}
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, i = f"{stem}_detections.png", 1
+        while name in taken:
+            name, i = f"{stem}_{i}_detections.png", i + 1
+        taken.add(name)
+        png = os.path.join(out, name)
+        report.draw_detections(image, found, names, png)
+        labels = [int(c) for c in found["labels"]]
+        result["images"].append(
+            {
+                "path": path,
+                "output": png,
+                "size": [int(v) for v in image.shape[:2]],
+                "num_proposals": len(boxes),
+                "boxes": np.round(found["boxes"].astype(np.float64), 2).tolist(),
+                "scores": [float(v) for v in found["scores"]],
+                "labels": labels,
+                "class_names": [names[c] for c in labels],
+            }
+        )
+        best = f"best {names[labels[0]]} {found['scores'][0]:.3f}" if labels else "none"
+        log.info("%s: %d detections (%s) -> %s", path, len(labels), best, png)
+    if not result["images"] and paths:
+        log.warning("no image could be read")
+    tmp = os.path.join(out, "detections.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out, "detections.json"))
+    if result["skipped"]:
+        log.warning("skipped %d unreadable image(s): %s", len(result["skipped"]), result["skipped"])
+    log.info(
+        "%d image(s), detections in %s", len(result["images"]), os.path.join(out, "detections.json")
+    )
+    return result
 
 
 # Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:
@@ -273,10 +480,74 @@ def main(argv: list[str] | None = None) -> int:
         help="skip files that cannot be read as images (each with a warning; listed in the "
         "output's 'skipped') instead of stopping at the first with an error naming it",
     )
+
+    dt = sub.add_parser(
+        "detect-train",
+        help="train an SPP-net object detector (every stage, resumable) and evaluate it",
+    )
+    dt.add_argument(
+        "--config",
+        default="detection",
+        help=f"a shipped detection config ({', '.join(configs.available('detection'))}) or "
+        "the path of a .py file with get_config()",
+    )
+    dt.add_argument("--workdir", required=True)
+    dt.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set finetune.steps=500 or "
+        "--set backbone_overrides.num_epochs=4 (repeatable)",
+    )
+    de = sub.add_parser(
+        "detect-eval", help="evaluate a detect-train workdir's detector on a split (AP table)"
+    )
+    de.add_argument("--workdir", required=True)
+    de.add_argument(
+        "--scales",
+        type=int,
+        choices=(1, 5),
+        default=1,
+        help="1: the single scale; 5: every scale of the config (default: 1)",
+    )
+    de.add_argument(
+        "--split",
+        default="test",
+        help="test, validation or train: the run's split of that role (or a TFDS split name)",
+    )
+    de.add_argument(
+        "--scorer", choices=("svm", "softmax"), help="window scores (default: the config's)"
+    )
+    de.add_argument("--no-bbox", action="store_true", help="without box regression")
+    dd = sub.add_parser(
+        "detect", help="detect objects in image files with a detect-train workdir's detector"
+    )
+    dd.add_argument("--workdir", required=True)
+    dd.add_argument(
+        "--images", required=True, nargs="+", metavar="PATH", help="image files or folders"
+    )
+    dd.add_argument("--out", required=True, help="output folder (PNGs and detections.json)")
+    dd.add_argument(
+        "--scales",
+        type=int,
+        choices=(1, 5),
+        default=1,
+        help="1: the single scale; 5: every scale of the config (default: 1)",
+    )
+    dd.add_argument(
+        "--min-score", type=float, help="drop detections scoring below (default: keep all)"
+    )
+    dd.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip files that cannot be read as images (each with a warning; listed in "
+        "detections.json's 'skipped') instead of stopping at the first with an error naming it",
+    )
     args = parser.parse_args(argv)
     _setup_logging()
-    if args.command in ("train", "eval", "extract"):  # they read data with tf.data
-        _import_tensorflow_quietly()
+    if args.command in ("train", "eval", "extract", "detect-train", "detect-eval", "detect"):
+        _import_tensorflow_quietly()  # they read data or decode images with TensorFlow
     if args.command == "train":
         import spp_jax
         from spp_jax import train
@@ -310,6 +581,43 @@ def main(argv: list[str] | None = None) -> int:
         except BadImageError as e:  # one line naming the file, no traceback
             log.error("%s (--skip-bad-images skips such files)", e)
             return 1
+        return 0
+    if args.command == "detect-train":
+        config = load_config(args.config, args.set, kind="detection")
+        try:
+            detect_train(config, args.workdir)
+        except FileNotFoundError as e:  # no data, no backbone workdir
+            raise SystemExit(f"detect-train: {e}") from None
+        return 0
+    if args.command == "detect-eval":
+        try:
+            detect_eval(
+                args.workdir,
+                scales=args.scales,
+                split=args.split,
+                scorer=args.scorer,
+                regress=not args.no_bbox,
+            )
+        except (FileNotFoundError, ValueError) as e:  # not a finished workdir, no split
+            raise SystemExit(f"detect-eval: {e}") from None
+        return 0
+    if args.command == "detect":
+        from spp_jax.data import BadImageError
+
+        try:
+            detect_images(
+                args.workdir,
+                args.images,
+                args.out,
+                scales=args.scales,
+                min_score=args.min_score,
+                on_bad_image="skip" if args.skip_bad_images else "raise",
+            )
+        except BadImageError as e:  # one line naming the file, no traceback
+            log.error("%s (--skip-bad-images skips such files)", e)
+            return 1
+        except FileNotFoundError as e:  # an input or the workdir
+            raise SystemExit(f"detect: {e}") from None
         return 0
     if args.command in (None, "demo"):
         levels = tuple(int(v) for v in getattr(args, "levels", "6,3,2,1").split(","))
