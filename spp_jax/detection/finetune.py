@@ -298,6 +298,6 @@ def svd_head_outputs(factors: dict[str, Any], feats: jax.Array) -> tuple[jax.Arr
     x = feats
     for name in ("fc6", "fc7"):
         a, b, bias = factors[name]
-        x = jax.nn.relu((x @ a) @ b + bias)
+        x = jax.nn.relu((x @ a) @ b + bias[None, :])
     w, bias = factors["fc8"]
-    return x @ w + bias, x
+    return x @ w + bias[None, :], x

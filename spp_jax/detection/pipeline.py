@@ -695,6 +695,10 @@ def detect_train(config, workdir: str) -> dict:
     """Runs (or resumes) every stage and the test evaluation; returns the metrics
     (also the last line of ``WORKDIR/metrics.jsonl``)."""
     os.makedirs(workdir, exist_ok=True)
+    done = stage_done(workdir, "eval")
+    if done is not None:  # a finished run: the metrics it wrote, nothing recomputed
+        log.info("%s is a finished run (stages/eval.json); nothing to do", workdir)
+        return done["metrics"]
     _atomic_json(os.path.join(workdir, "config.json"), config.to_dict())
     t0 = time.perf_counter()
     det, pretrained = build_detector(config, workdir)
@@ -732,6 +736,7 @@ def detect_train(config, workdir: str) -> dict:
     metrics["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("peak memory %.2f GiB", metrics["peak_memory_gib"])
     write_metrics(workdir, metrics)
+    _finish(workdir, "eval", metrics["seconds_total"], metrics=metrics)
     return metrics
 
 
