@@ -637,7 +637,7 @@ class Pool6Head(nn.Module):
                 f"Pool6Head(window={self.window}, stride={self.stride}) needs a map that pools "
                 f"to {POOL6_SIZE}x{POOL6_SIZE}, got {h5}x{w5} -> {ph}x{pw}"
             )
-        x = nn.max_pool(x, (self.window,) * 2, (self.stride,) * 2)
+        x = max_pool2d(x, self.window, self.stride)  # nn.max_pool's values and gradient
         return x.reshape(x.shape[0], -1)
 
 
