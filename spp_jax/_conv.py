@@ -34,12 +34,10 @@ Without oneDNN installed the default (``auto``) logs one line and uses XLA.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -227,35 +225,18 @@ for _name, _op in _OPS.items():
 
 
 def _setting() -> str:
-    if _forced is not None:
-        return "on" if _forced else "off"
-    if not _native.enabled():
+    if _forced is None and not _native.enabled():
         return "off"
-    raw = os.environ.get(ENV, "auto").strip().lower()
-    if raw in ("", "auto"):
-        return "auto"
-    if raw in ("0", "off", "false", "no"):
-        return "off"
-    if raw in ("1", "on", "true", "yes"):
-        return "on"
-    raise ValueError(f"{ENV}={raw!r} is not understood; use auto, 0/off or 1/on")
+    return _native.env_setting(ENV, _forced)
 
 
 _forced: bool | None = None
 
 
-@contextlib.contextmanager
-def forced(enabled: bool) -> Iterator[None]:
+def forced(enabled: bool):
     """Uses (True) or bypasses (False) oneDNN in code traced inside (tests,
     benchmarks); overrides the environment. Clears JAX's caches on entry and exit."""
-    global _forced
-    old, _forced = _forced, enabled
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        _forced = old
-        jax.clear_caches()
+    return _native.override(sys.modules[__name__], enabled)
 
 
 def find_onednn() -> tuple[Path, Path] | None:
@@ -298,16 +279,8 @@ def usable() -> bool:
     Raises:
       RuntimeError: ``SPP_JAX_ONEDNN=1`` and oneDNN is unavailable.
     """
-    setting = _setting()
-    if setting == "off":
-        return False
-    problem = _load()
-    if problem is None:
-        return True
-    if setting == "on":
-        raise RuntimeError(f"{ENV}=1 but spp_jax's oneDNN convolutions are unavailable: {problem}")
-    _log_once(problem)
-    return False
+    fail = f"{ENV}=1 but spp_jax's oneDNN convolutions are unavailable"
+    return _native.decide(_setting(), _load, fail, _log_once)
 
 
 @functools.cache

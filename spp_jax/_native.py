@@ -49,8 +49,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,17 +73,50 @@ _TARGETS = ("SppJaxWindowMax", "SppJaxWindowMaxTangent", "SppJaxWindowMaxGrad")
 _FLAG_SETS = (("-march=native",), ())  # tuned for this CPU; else portable
 
 
-def _setting() -> str:
-    if _forced is not None:
-        return "on" if _forced else "off"
-    raw = os.environ.get(ENV, "auto").strip().lower()
+def env_setting(env: str, forced: bool | None = None) -> str:
+    """``"auto"``, ``"off"`` or ``"on"``: ``forced`` if not None, else the variable ``env``."""
+    if forced is not None:
+        return "on" if forced else "off"
+    raw = os.environ.get(env, "auto").strip().lower()
     if raw in ("", "auto"):
         return "auto"
     if raw in ("0", "off", "false", "no"):
         return "off"
     if raw in ("1", "on", "true", "yes"):
         return "on"
-    raise ValueError(f"{ENV}={raw!r} is not understood; use auto, 0/off or 1/on")
+    raise ValueError(f"{env}={raw!r} is not understood; use auto, 0/off or 1/on")
+
+
+def _setting() -> str:
+    return env_setting(ENV, _forced)
+
+
+def decide(setting: str, load_fn: Callable[[], str | None], fail: str, report) -> bool:
+    """Whether a compiled library is used: never when ``setting`` is off; else it is
+    built (``load_fn`` returns None or why not); a failure raises ``RuntimeError(fail:
+    why)`` when on, and is passed to ``report`` (once per reason) in auto mode."""
+    if setting == "off":
+        return False
+    problem = load_fn()
+    if problem is None:
+        return True
+    if setting == "on":
+        raise RuntimeError(f"{fail}: {problem}")
+    report(problem)
+    return False
+
+
+@contextlib.contextmanager
+def override(module: Any, enabled: bool) -> Iterator[None]:
+    """Sets ``module._forced`` to ``enabled`` inside; clears JAX's caches on entry and
+    exit (a cached trace keeps the choice it was traced with)."""
+    old, module._forced = module._forced, enabled
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        module._forced = old
+        jax.clear_caches()
 
 
 def cache_dir() -> Path:
@@ -251,34 +285,19 @@ def usable() -> bool:
     Raises:
       RuntimeError: ``SPP_JAX_CPU_KERNELS=1`` and the kernels cannot be built.
     """
-    setting = _setting()
-    if setting == "off":
-        return False
-    problem = _load()
-    if problem is None:
-        return True
-    if setting == "on":
-        raise RuntimeError(f"{ENV}=1 but the spp_jax CPU kernels cannot be built: {problem}")
-    _warn_once(problem)
-    return False
+    return decide(
+        _setting(), _load, f"{ENV}=1 but the spp_jax CPU kernels cannot be built", _warn_once
+    )
 
 
-@contextlib.contextmanager
-def forced(enabled: bool) -> Iterator[None]:
+def forced(enabled: bool):
     """Uses (True) or bypasses (False) the CPU kernels in code traced inside.
 
     For tests and benchmarks that compare the two implementations; it overrides
     ``SPP_JAX_CPU_KERNELS``. JAX's caches are cleared on entry and exit, since a
     cached trace keeps the choice it was traced with.
     """
-    global _forced
-    old, _forced = _forced, enabled
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        _forced = old
-        jax.clear_caches()
+    return override(sys.modules[__name__], enabled)
 
 
 @functools.cache
