@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -270,10 +271,10 @@ class Detector:
             logits, fc7 = self.head_outputs(pooled)
         with clock("score"):
             if scorer == "svm":
-                scores = np.asarray(self.svms.scores(jnp.asarray(fc7)))
+                scores = _padded(functools.partial(_svm_scores, self.svms), fc7)
                 thresh = c.test.score_thresh
             else:
-                scores = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))[:, 1:]
+                scores = _padded(_softmax_classes, logits)
                 thresh = 0.0
         with clock("nms"):
             out = per_class_nms(proposals, scores, thresh, c.test.nms_iou, c.test.max_per_image)
@@ -303,6 +304,26 @@ def min_input_size(trunk: ConvTrunk) -> int:
             continue
         return n
     raise ValueError(f"no input up to 4096 pixels gives {trunk.arch!r} a conv5 map")
+
+
+@jax.jit
+def _svm_scores(svms: svm.SVMs, fc7: jax.Array) -> jax.Array:
+    return svms.scores(fc7)
+
+
+@jax.jit
+def _softmax_classes(logits: jax.Array) -> jax.Array:
+    return jax.nn.softmax(logits, axis=-1)[:, 1:]
+
+
+def _padded(fn, x: np.ndarray) -> np.ndarray:
+    """``fn(x)`` with the rows padded to a multiple of :data:`WINDOW_BUCKET` (one
+    compile per bucket, not per window count)."""
+    r = len(x)
+    rb = max(WINDOW_BUCKET, -(-r // WINDOW_BUCKET) * WINDOW_BUCKET)
+    padded = np.zeros((rb, *x.shape[1:]), np.float32)
+    padded[:r] = x
+    return np.asarray(fn(jnp.asarray(padded)))[:r]
 
 
 class _Clock:
@@ -458,7 +479,7 @@ def _validation_map(det: Detector, params: Any, split: Split, props, maps) -> fl
     for i in range(len(split)):
         pooled = det.pool([maps[0][i]], det.scales(1), props[i], split.sizes[i])
         logits, _ = det.head_outputs(pooled, params)
-        scores = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))[:, 1:]
+        scores = _padded(_softmax_classes, logits)
         out = per_class_nms(
             props[i], scores, 0.0, det.config.test.nms_iou, det.config.test.max_per_image
         )
