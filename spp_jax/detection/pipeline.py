@@ -488,8 +488,13 @@ def _validation_map(det: Detector, params: Any, split: Split, props, maps) -> fl
     return float(evaluate(dets, split, det.num_classes)["map"])
 
 
-def stage_finetune(config, workdir: str, det: Detector, data, props, val_maps) -> Any:
-    """Fine-tunes fc6, fc7 and fc8; returns the best head params (validation mAP)."""
+def stage_finetune(
+    config, workdir: str, det: Detector, data, props, val_maps, train_maps=None
+) -> Any:
+    """Fine-tunes fc6, fc7 and fc8; returns the best head params (validation mAP).
+
+    ``train_maps``: the training split's maps at the fine-tuning scales (mirrored
+    images appended if ``finetune.flip``), if already computed."""
     import flax.serialization
     import optax
     from tqdm import tqdm
@@ -506,7 +511,9 @@ def stage_finetune(config, workdir: str, det: Detector, data, props, val_maps) -
     train = data["train"]
     t0 = time.perf_counter()
     scales = det.scales(5 if ft.scales == "all" else 1)
-    stacks = [finetune.stack_maps(m) for m in _split_maps(det, train, scales, flip=ft.flip)]
+    if train_maps is None or len(train_maps) != len(scales):
+        train_maps = _split_maps(det, train, scales, flip=ft.flip)
+    stacks = [finetune.stack_maps(m) for m in train_maps]
     sampler = finetune.WindowSampler(
         props["train"], train.boxes, train.labels, train.sizes, ft.fg_iou, *ft.bg_iou
     )
@@ -736,7 +743,8 @@ def detect_train(config, workdir: str) -> dict:
     n = len(data["train"])
     train_unflipped = [m[:n] for m in train_maps]
     if config.finetune.enabled:
-        det.head_params = stage_finetune(config, workdir, det, data, props, val_maps)
+        ft_maps = train_maps if config.finetune.scales == "all" else None
+        det.head_params = stage_finetune(config, workdir, det, data, props, val_maps, ft_maps)
     heads = {"pretrained": pretrained, "finetuned": det.head_params}
     train = (data["train"], props["train"], train_unflipped)
     svms = {
