@@ -266,8 +266,8 @@ def _load() -> str | None:
     library = _native.Library(
         SOURCE,
         ("SppJaxConv", "SppJaxConvInput", "SppJaxConvKernel"),
-        cflags=("-I", str(include)),
-        ldflags=(f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"),
+        cflags=("-fopenmp", "-I", str(include)),
+        ldflags=(f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-fopenmp"),
     )
     return _native.load(library)
 
@@ -288,12 +288,21 @@ def _log_once(problem: str) -> None:
     log.info("spp_jax: convolutions use XLA's CPU code: %s", problem)
 
 
+def _threads() -> int:
+    """oneDNN's threads per call: the cores (``$OMP_NUM_THREADS`` if set) shared by this
+    process's CPU devices, which run at once under ``pmap``/``shard_map`` (all-core
+    OpenMP teams per device measured to oversubscribe the cores and stall XLA's
+    collectives past their timeout)."""
+    cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return max(1, cores // max(1, jax.local_device_count("cpu")))
+
+
 def _cpu_lowering(target: str, xla):
     kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(xla, multiple_results=False)
 
     def rule(ctx, a, b, *, geo):
         if ctx.avals_in[0].dtype == jnp.float32 and usable():
-            return kernel(ctx, a, b, **geo.attrs())
+            return kernel(ctx, a, b, **geo.attrs(), threads=np.int64(_threads()))
         return fallback(ctx, a, b, geo=geo)
 
     return rule

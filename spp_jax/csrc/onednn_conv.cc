@@ -16,8 +16,8 @@
 //
 // oneDNN primitives are built once per shape and kept (a primitive descriptor
 // costs far more to create than the small convolutions take to run); they are
-// immutable and may run on several threads at once. oneDNN runs on its own
-// OpenMP threads.
+// immutable and may run on several threads at once. oneDNN runs on OpenMP
+// threads, as many per call as the caller's `threads` attribute says.
 #include <array>
 #include <cstdint>
 #include <map>
@@ -26,6 +26,8 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -135,7 +137,12 @@ const Plan& GetPlan(const Key& k) {
 // the kernel writes one of them (y, x or w) and reads the other two.
 ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
                const ffi::Span<const int64_t> w_dims, const ffi::Span<const int64_t> y_dims,
-               float* x, float* w, float* y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+               float* x, float* w, float* y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+               int64_t threads) {
+  // oneDNN's OpenMP team for this call (a per-thread setting): with several XLA CPU
+  // devices running at once, all-core teams each would oversubscribe the cores (and
+  // starve XLA's collectives), so the caller passes cores / devices.
+  omp_set_num_threads(static_cast<int>(threads < 1 ? 1 : threads));
   if (x_dims.size() != 4 || w_dims.size() != 4 || y_dims.size() != 4) {
     return ffi::Error::InvalidArgument("spp_jax conv: operands must have rank 4");
   }
@@ -177,30 +184,30 @@ ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pl) {
+                   int64_t pl, int64_t threads) {
   return Run(kForward, x.dimensions(), w.dimensions(), y->dimensions(), x.typed_data(),
-             w.typed_data(), y->typed_data(), sh, sw, pt, pl);
+             w.typed_data(), y->typed_data(), sh, sw, pt, pl, threads);
 }
 
 ffi::Error Input(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                  ffi::Result<ffi::Buffer<ffi::F32>> dx, int64_t sh, int64_t sw, int64_t pt,
-                 int64_t pl) {
+                 int64_t pl, int64_t threads) {
   return Run(kInput, dx->dimensions(), w.dimensions(), dy.dimensions(), dx->typed_data(),
-             w.typed_data(), dy.typed_data(), sh, sw, pt, pl);
+             w.typed_data(), dy.typed_data(), sh, sw, pt, pl, threads);
 }
 
 ffi::Error Kernel(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                   ffi::Result<ffi::Buffer<ffi::F32>> dw, int64_t sh, int64_t sw, int64_t pt,
-                  int64_t pl) {
+                  int64_t pl, int64_t threads) {
   return Run(kKernel, x.dimensions(), dw->dimensions(), dy.dimensions(), x.typed_data(),
-             dw->typed_data(), dy.typed_data(), sh, sw, pt, pl);
+             dw->typed_data(), dy.typed_data(), sh, sw, pt, pl, threads);
 }
 
 }  // namespace
 
 #define SPP_JAX_CONV_ATTRS                                                              \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr< \
-      int64_t>("pad_left")
+      int64_t>("pad_left").Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SppJaxConv, Forward,
                               ffi::Ffi::Bind()
