@@ -71,10 +71,19 @@ Conv Describe(const Key& k) {
   return c;
 }
 
+// Scratch memory is passed in on every call (not the library's, which primitives
+// created on one thread share): XLA runs the devices of a multi-device CPU client on
+// several threads at once, each executing the same cached primitives.
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Conv& c, dnnl::prop_kind prop) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), prop, dnnl::algorithm::convolution_direct, c.src, c.weights, c.dst, c.strides,
-      c.pad_l, c.pad_r);
+      c.pad_l, c.pad_r, UserScratchpad());
 }
 
 // A primitive and, where oneDNN wants the kernel in another layout than HWIO
@@ -84,6 +93,7 @@ struct Plan {
   memory::desc weights;  // the layout `conv` reads or writes the kernel in
   dnnl::reorder reorder;  // HWIO -> weights (forward, input gradient), weights -> HWIO (kernel gradient)
   bool reordered = false;
+  memory::desc scratchpad, reorder_scratchpad;
 };
 
 Plan Create(const Key& k) {
@@ -99,26 +109,31 @@ Plan Create(const Key& k) {
     const auto pd = ForwardDesc(c, dnnl::prop_kind::forward_inference);
     plan.conv = dnnl::convolution_forward(pd);
     plan.weights = pd.weights_desc();
+    plan.scratchpad = pd.scratchpad_desc();
   } else if (k[0] == kInput) {
     const dnnl::convolution_backward_data::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, c.src, c.weights, c.dst, c.strides,
-        c.pad_l, c.pad_r, hint);
+        c.pad_l, c.pad_r, hint, UserScratchpad());
     plan.conv = dnnl::convolution_backward_data(pd);
     plan.weights = pd.weights_desc();
+    plan.scratchpad = pd.scratchpad_desc();
   } else {
     const dnnl::convolution_backward_weights::primitive_desc pd(
         Engine(), dnnl::algorithm::convolution_direct, c.src, c.weights, c.dst, c.strides,
-        c.pad_l, c.pad_r, hint);
+        c.pad_l, c.pad_r, hint, UserScratchpad());
     plan.conv = dnnl::convolution_backward_weights(pd);
     plan.weights = pd.diff_weights_desc();
+    plan.scratchpad = pd.scratchpad_desc();
   }
   plan.reordered = plan.weights != hwio;
   if (plan.reordered) {
-    plan.reorder = k[0] != kKernel
-                       ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio, Engine(),
-                                                                     plan.weights))
-                       : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), plan.weights,
-                                                                     Engine(), hwio));
+    const auto pd = k[0] != kKernel
+                        ? dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), plan.weights,
+                                                        UserScratchpad())
+                        : dnnl::reorder::primitive_desc(Engine(), plan.weights, Engine(), hwio,
+                                                        UserScratchpad());
+    plan.reorder = dnnl::reorder(pd);
+    plan.reorder_scratchpad = pd.scratchpad_desc();
   }
   return plan;
 }
@@ -157,22 +172,29 @@ ffi::Error Run(Kind kind, const ffi::Span<const int64_t> x_dims,
     const Conv c = Describe(k);
     memory src(c.src, Engine(), x), hwio(c.weights, Engine(), w), dst(c.dst, Engine(), y);
     memory weights = plan.reordered ? memory(plan.weights, Engine()) : hwio;
+    // This call's own scratch memory (allocated by oneDNN, freed on return).
+    memory scratch(plan.scratchpad, Engine());
     thread_local dnnl::stream stream(Engine());
+    auto reorder = [&](memory& from, memory& to) {
+      memory reorder_scratch(plan.reorder_scratchpad, Engine());
+      plan.reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to},
+                                    {DNNL_ARG_SCRATCHPAD, reorder_scratch}});
+    };
     switch (kind) {
       case kForward:
-        if (plan.reordered) plan.reorder.execute(stream, hwio, weights);
+        if (plan.reordered) reorder(hwio, weights);
         plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
-                                   {DNNL_ARG_DST, dst}});
+                                   {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
         break;
       case kInput:
-        if (plan.reordered) plan.reorder.execute(stream, hwio, weights);
+        if (plan.reordered) reorder(hwio, weights);
         plan.conv.execute(stream, {{DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
-                                   {DNNL_ARG_DIFF_DST, dst}});
+                                   {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
         break;
       case kKernel:
         plan.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, weights},
-                                   {DNNL_ARG_DIFF_DST, dst}});
-        if (plan.reordered) plan.reorder.execute(stream, weights, hwio);
+                                   {DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+        if (plan.reordered) reorder(weights, hwio);
         break;
     }
     stream.wait();

@@ -178,7 +178,7 @@ class Conv5Extractor:
       >>> params = trunk.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))["params"]
       >>> m = Conv5Extractor(trunk, params, bucket=32)(np.zeros((50, 70, 3), np.uint8), 96)
       >>> m.size, m.fmap.shape
-      ((96, 134), (6, 8, 32))
+      ((96, 134), (5, 7, 32))
     """
 
     def __init__(self, trunk: ConvTrunk, params: Any, *, bucket: int = 64, max_side: int = 2000):

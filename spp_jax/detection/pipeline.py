@@ -719,12 +719,24 @@ def build_detector(config, workdir: str) -> tuple[Detector, Any]:
     return Detector(trunk, trunk_params, head, params, k, config), params
 
 
+def _stages_before_eval(config) -> list[str]:
+    names = ["proposals", "svm_pretrained", "svm"]
+    if not config.backbone_workdir:
+        names.append("backbone")
+    if config.finetune.enabled:
+        names.append("finetune")
+    if config.bbox.enabled:
+        names.append("bbox")
+    return names
+
+
 def detect_train(config, workdir: str) -> dict:
     """Runs (or resumes) every stage and the test evaluation; returns the metrics
     (also the last line of ``WORKDIR/metrics.jsonl``)."""
     os.makedirs(workdir, exist_ok=True)
     done = stage_done(workdir, "eval")
-    if done is not None:  # a finished run: the metrics it wrote, nothing recomputed
+    if done is not None and all(stage_done(workdir, n) for n in _stages_before_eval(config)):
+        # A finished run: the metrics it wrote, nothing recomputed.
         log.info("%s is a finished run (stages/eval.json); nothing to do", workdir)
         return done["metrics"]
     _atomic_json(os.path.join(workdir, "config.json"), config.to_dict())
