@@ -4,7 +4,7 @@ Command (from any directory)::
 
     spp-jax train --config default --workdir /tmp/spp_default
 
-Takes about 8 minutes on 2 CPU cores (the first run also builds the dataset
+Takes about 4 minutes on 2 CPU cores with the `cpu` extra (the first run also builds the dataset
 locally, ~20 s). Trains ZF-5 (width 0.25, fc 512, 2.1 M parameters) for 16 epochs
 with the paper's multi-size schedule: 112 crops and the same crops resized to 90,
 alternating every epoch (224/180 in the paper, halved for a CPU). AdamW rather
