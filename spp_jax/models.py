@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -883,7 +883,7 @@ class SPPNet(nn.Module):
         features = self.features(x, train=train, valid_sizes=valid_sizes)
         if return_features:
             return features
-        return self.classifier(features, train=train)
+        return cast(jax.Array, self.classifier(features, train=train))  # hidden=False
 
     def features(
         self,

@@ -230,7 +230,8 @@ class WindowPooler:
             # region (hw, traced: no recompile per size), then hand the pooling op
             # pixel boxes that project exactly onto those cells.
             s = float(stride)
-            cells = project_boxes(boxes, 1 / s, "sppnet", feature_size=(hw[0], hw[1]))
+            valid_hw: Any = (hw[0], hw[1])  # traced: project_boxes clamps with them
+            cells = project_boxes(boxes, 1 / s, "sppnet", feature_size=valid_hw)
             snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
             return roi_pyramid_pool(
                 fmap[None],

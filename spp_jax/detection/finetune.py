@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,9 @@ def pool_stacks(
         fy, fx = st.factors[image_index, 0], st.factors[image_index, 1]
         scaled = boxes * jnp.stack([fx, fy, fx, fy], axis=1)
         size = st.sizes[image_index]
-        cells = project_boxes(scaled, 1 / s, "sppnet", feature_size=(size[:, 0], size[:, 1]))
+        # Per-window valid map sizes (traced): project_boxes clamps elementwise.
+        valid_hw: Any = (size[:, 0], size[:, 1])
+        cells = project_boxes(scaled, 1 / s, "sppnet", feature_size=valid_hw)
         snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
         here = scale_index == k
         if valid is not None:
@@ -149,7 +151,8 @@ class WindowSampler:
             raise ValueError(
                 "proposals, gt_boxes, gt_labels and image_sizes need one entry per image"
             )
-        fg, bg = [], []
+        fg: list[np.ndarray] = []
+        bg: list[np.ndarray] = []
         for i in range(n):
             gt = np.asarray(self.gt_boxes[i], np.float32).reshape(-1, 4)
             labels = np.asarray(self.gt_labels[i], np.int32).reshape(-1)
@@ -268,7 +271,8 @@ def make_step(
 @functools.partial(jax.jit, static_argnames=("head",))
 def head_outputs(head: MLPHead, params: Any, feats: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(logits (R, K+1), fc7 (R, fc_dim))`` of pooled windows (eval mode)."""
-    return head.apply({"params": params}, feats, hidden=True)
+    out = head.apply({"params": params}, feats, hidden=True)
+    return cast(tuple[jax.Array, jax.Array], out)
 
 
 def truncated_svd(params: Any, rank: int) -> dict[str, Any]:

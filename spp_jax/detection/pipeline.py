@@ -170,7 +170,7 @@ class Detector:
         trunk's minimum input (:func:`min_input_size`): an image with an extreme aspect
         ratio. An image smaller than a conv5 cell is no problem: it is upscaled."""
         for s in scales:
-            h, w = features.resized_size(tuple(image_size), s, self.config.max_side)
+            h, w = features.resized_size((image_size[0], image_size[1]), s, self.config.max_side)
             if min(h, w) < self.min_input:
                 raise ValueError(
                     f"image {image_size[0]}x{image_size[1]} resized to {h}x{w} at scale {s} "
@@ -365,9 +365,9 @@ def per_class_nms(
         if not np.isfinite(s).any():
             continue
         keep, count = nms(jnp.asarray(padded), jnp.asarray(s), iou, max_output=max_per_image)
-        keep = np.asarray(keep)[: int(count)]
-        kept_idx.append(keep)
-        kept_label.append(np.full(len(keep), c, np.int32))
+        kept = np.asarray(keep)[: int(count)]
+        kept_idx.append(kept)
+        kept_label.append(np.full(len(kept), c, np.int32))
     if not kept_idx:
         out = _no_detections()
         out["index"] = np.zeros((0,), np.int64)
@@ -595,8 +595,8 @@ def stage_finetune(
             if val > best["map"]:
                 best = {"map": val, "step": done}
                 tmp = f"{best_path}.tmp"
-                with open(tmp, "wb") as f:
-                    f.write(flax.serialization.to_bytes(state.params))
+                with open(tmp, "wb") as out:
+                    out.write(flax.serialization.to_bytes(state.params))
                 os.replace(tmp, best_path)
             save(state, best)
     del metrics_sum

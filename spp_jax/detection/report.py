@@ -20,9 +20,9 @@ def class_names(num_classes: int) -> list[str]:
     except ImportError:  # pragma: no cover
         pass
     if num_classes == 20:
-        from spp_jax.detection.voc import CLASS_NAMES as VOC
+        from spp_jax.detection.voc import VOC_CLASSES
 
-        return list(VOC)
+        return list(VOC_CLASSES)
     return [f"class {k}" for k in range(num_classes)]
 
 
