@@ -8,7 +8,7 @@ Run (from the repository root; grids in ``experiments/grids.py``)::
     python experiments/sweep.py --grid paper --report-only                   # tables, plots
 
 Compute (2 CPU cores; the ``default`` config takes about 3.5 minutes per run on this
-machine): ``paper`` is 15 runs (5 variants x 3 seeds) x about 4 minutes = about 1 hour;
+machine): ``paper`` is 18 runs (6 variants x 3 seeds) x about 4 minutes = about 70 minutes;
 ``tiny`` is 4 runs x about 15 seconds. ``--dry-run`` prints the estimate for the runs
 still to do. ``--jobs N`` runs N at once (for a machine with cores to spare: every run
 already uses all cores it sees). The runs share a persistent XLA compilation cache

@@ -77,6 +77,7 @@ def create_model(config, num_classes: int) -> SPPNet:
         dropout_rate=m.dropout_rate,
         base_size=m.base_size,
         dtype=jnp.dtype(m.dtype),
+        center_input=m.get("center_input", False),  # absent from older workdirs' configs
     )
 
 

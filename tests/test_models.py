@@ -394,6 +394,32 @@ def test_trunk_alone_gives_the_networks_conv_map_and_valid_sizes():
     assert trunk.out_channels == fmap.shape[-1] == 32
 
 
+TINY_WD = (TINY["width"], TINY["depth"])
+
+
+def test_center_input_subtracts_each_images_mean_colour_over_its_valid_region():
+    plain = ConvTrunk(arch="zf5", width=TINY["width"], depth=TINY["depth"])
+    centred = ConvTrunk(arch="zf5", width=TINY["width"], depth=TINY["depth"], center_input=True)
+    made = SPPNet(**TINY, center_input=True).conv_trunk
+    assert (made.arch, made.width, made.depth, made.center_input) == ("zf5", *TINY_WD, True)
+    rng = np.random.default_rng(5)
+    img = rng.uniform(0, 1, size=(75, 66, 3)).astype(np.float32)
+    params = plain.init(KEY, img[None])["params"]
+    # The NumPy reference: the plain trunk on the image minus its mean colour.
+    want, _ = plain.apply({"params": params}, (img - img.mean(axis=(0, 1)))[None])
+    got, _ = centred.apply({"params": params}, img[None])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # A colour cast added to the whole image changes nothing.
+    cast, _ = centred.apply({"params": params}, (img + np.float32([0.7, -0.4, 2.0]))[None])
+    np.testing.assert_allclose(cast, got, rtol=1e-4, atol=1e-4)
+    # Padded: the mean is over the valid region only, whatever the padding holds.
+    batch = rng.uniform(-10, 10, size=(1, 90, 80, 3)).astype(np.float32)
+    batch[0, :75, :66] = img
+    fmap, sizes = centred.apply({"params": params}, batch, jnp.array([[75, 66]], jnp.int32))
+    h5, w5 = np.asarray(sizes[0])
+    np.testing.assert_allclose(fmap[0, :h5, :w5], got[0], rtol=1e-5, atol=1e-5)
+
+
 def test_heads_and_classifier_alone():
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 13, 13, 8)), jnp.float32)
     spp = SPPHead((3, 1))

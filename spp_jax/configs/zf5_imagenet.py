@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"
     c.weight_decay = 5e-4
     c.model.base_size = 224
+    c.model.center_input = False  # the paper: dataset mean subtracted only
     c.crop_size = 224
     c.train_sizes = (224, 180)
     c.batch_size = 256

@@ -426,7 +426,7 @@ def load_backbone(path: str) -> tuple[ConvTrunk, Any, dict, Any]:
     model = train.create_model(cls, checkpoint_num_classes(cls, path))
     state = train.load_state(cls, path, model, checkpoint_num_classes(cls, path))
     params = jax.device_get(state.params)
-    trunk = ConvTrunk(cls.model.arch, cls.model.width, cls.model.depth)
+    trunk = model.conv_trunk
     trunk_params = {k: v for k, v in params.items() if k.startswith("conv")}
     fc = {k: params[k] for k in ("fc6", "fc7")}
     return trunk, trunk_params, fc, cls
