@@ -144,8 +144,16 @@ def load_config(
             value = tuple(value)
         if leaf in node and isinstance(node[leaf], float) and isinstance(value, int):
             value = float(value)
-        with config.unlocked():
-            node[leaf] = value
+        if leaf in node and isinstance(node[leaf], bool) and text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        try:
+            with config.unlocked():
+                node[leaf] = value
+        except TypeError as e:
+            raise SystemExit(
+                f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
+                f"(now {node[leaf]!r}), got {value!r}"
+            ) from e
     return config
 
 

@@ -31,6 +31,11 @@ def test_load_config_overrides_and_errors():
         cli.load_config("tiny", ["model.widht=0.5"])
     with pytest.raises(SystemExit, match="config 'nope' not found"):
         cli.load_config("nope")
+    # Booleans: Python's spelling or JSON's; anything else names the key and its type.
+    for text, want in [("False", False), ("false", False), ("TRUE", True)]:
+        assert cli.load_config("tiny", [f"model.center_input={text}"]).model.center_input is want
+    with pytest.raises(SystemExit, match=r"model\.center_input is a bool .*got 'maybe'"):
+        cli.load_config("tiny", ["model.center_input=maybe"])
 
 
 def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch, caplog):
