@@ -12,6 +12,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -117,6 +118,21 @@ def test_report_and_report_only(swept):
     assert md.read_text() == text
     assert all(p.exists() for p in pngs)
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")} == before
+    # --readme splices the report between the grid's marker lines, and only there.
+    readme = workdir / "README.md"
+    begin, end = (m.format(grid="tiny") for m in (sweep.README_BEGIN, sweep.README_END))
+    readme.write_text(f"intro\n{begin}\nold table\n{end}\nrest\n")
+    rc, out = _main(["--report-only", "--results", str(results), "--readme", str(readme)])
+    assert rc == 0, out
+    spliced = readme.read_text()
+    assert spliced.startswith(f"intro\n{begin}\n") and spliced.endswith(f"{end}\nrest\n")
+    assert "old table" not in spliced and "| tiny_levels21 |" in spliced
+    assert "#### Paired differences" in spliced and "# Classification sweep" not in spliced
+    rel = os.path.relpath(results.parent, workdir)
+    assert f"]({rel}/{results.stem}_by_size.png)" in spliced
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no marker lines"):
+        sweep.splice_readme(readme, md, "tiny")
 
 
 def test_finished_runs_are_skipped_and_an_unfinished_one_runs_again(swept):
@@ -169,7 +185,7 @@ def test_a_run_dir_of_other_settings_is_never_reused(swept):
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     rc, out = _main(["--grid", "paper", "--workdir", str(tmp_path / "w"), "--dry-run"])
     assert rc == 0
-    assert "15 run(s), 0 finished, 15 to run" in out
+    assert "18 run(s), 0 finished, 18 to run" in out
     assert "--config single --workdir" in out and "'model.levels=(4, 3, 2, 1)'" in out
     assert not (tmp_path / "w").exists()
 
@@ -199,6 +215,8 @@ def test_paper_grid():
     names = grid.names()
     assert len(set(names)) == len(names)
     assert {"nospp", "single", "default", "default_random", "single_30bin"} <= set(names)
+    assert grid.variant("default_nocenter").overrides["model.center_input"] is False
+    assert get_config("default").model.center_input is True
     sizes = grids.PAPER_EVAL_SIZES
     assert min(sizes) == SIZE_RANGE[0] and max(sizes) == SIZE_RANGE[1]
     assert grid.variant("default_random").overrides["train_sizes"] == (90, 112)
