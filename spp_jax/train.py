@@ -374,6 +374,22 @@ def _progress(iterable: Iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0, disable=None)
 
 
+def check_workdir(workdir: str) -> None:
+    """A workdir must be a filesystem path (on several hosts: one that all of them
+    share, e.g. NFS or a gcsfuse mount): metrics, configs and checkpoints are written
+    with plain file I/O, so a URL such as ``gs://bucket/run`` would silently become a
+    local directory named ``gs:`` on each host.
+
+    Raises:
+      ValueError: ``workdir`` is a URL.
+    """
+    if "://" in str(workdir):
+        raise ValueError(
+            f"workdir {workdir!r} is a URL; give a filesystem path (on several hosts a "
+            "shared one, e.g. NFS or a gcsfuse mount of the bucket)"
+        )
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
     """Trains, checkpoints and evaluates; resumes from ``workdir`` if it has a checkpoint.
 
@@ -387,8 +403,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
       ``{"state": host TrainState, "eval": final evaluation dict or None,
       "train_compiles": shapes the train step was compiled for}``.
     """
-    os.makedirs(workdir, exist_ok=True)
-    save_config(config, workdir)
+    check_workdir(workdir)
     n_proc, n_local = jax.process_count(), jax.local_device_count()
     n_dev = jax.device_count()
     if config.batch_size % n_dev:
@@ -396,6 +411,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
             f"use a multiple of {n_dev}"
         )
+    if config.eval_batch_size % n_dev:
+        raise ValueError(
+            f"eval_batch_size {config.eval_batch_size} is not divisible by the {n_dev} "
+            f"devices; use a multiple of {n_dev}"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    save_config(config, workdir)
     local_batch = config.batch_size // n_proc
 
     builder, info = load_dataset(config)

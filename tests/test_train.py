@@ -334,6 +334,10 @@ def test_eval_step_traces_once_per_batch_shape(data_dir, monkeypatch):
 def test_bad_batch_size_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(ValueError, match="batch_size 6 is not divisible by the 4 devices"):
         train_lib.train_and_evaluate(tiny_config(batch_size=6), str(tmp_path))
+    with pytest.raises(ValueError, match="eval_batch_size 6 is not divisible by the 4 devices"):
+        train_lib.train_and_evaluate(tiny_config(eval_batch_size=6), str(tmp_path))
+    with pytest.raises(ValueError, match="workdir 'gs://bucket/run' is a URL"):
+        train_lib.train_and_evaluate(tiny_config(), "gs://bucket/run")
 
 
 # ----------------------------------------------------------------- several processes
