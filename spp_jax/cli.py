@@ -438,6 +438,21 @@ def _import_tensorflow_quietly() -> None:
                     print(line, file=sys.stderr)
 
 
+def _views_arg(text: str) -> int:
+    """``eval --views``: 1, 10 or 18 (:data:`spp_jax.multiview.VIEW_COUNTS`)."""
+    accepted = (1, 10, 18)  # spp_jax.multiview.VIEW_COUNTS (not imported: it needs Flax)
+    try:
+        views = int(text)
+    except ValueError:
+        views = None
+    if views not in accepted:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not accepted; use 1, 10 or 18 (the centre crop and full image; "
+            "the 10-view test; the paper's 18 views)"
+        )
+    return views
+
+
 def main(argv: list[str] | None = None) -> int:
     from spp_jax import configs
 
@@ -473,7 +488,26 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--process-id", type=int)
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
-    e.add_argument("--sizes", help="comma-separated test sizes (default: the config's)")
+    e.add_argument(
+        "--sizes",
+        help="comma-separated test sizes (default: the config's; with --views 10 or 18, "
+        "round(crop_size * resize_ratio))",
+    )
+    e.add_argument(
+        "--views",
+        type=_views_arg,
+        default=1,
+        help="1: centre crop and full image (the default); 10: centre + 4 corners and their "
+        "flips; 18: also the 4 edge centres. 10 and 18 pool every view from conv5 computed "
+        "once per image (SPP-net section 3.1.2); views have side size / resize_ratio",
+    )
+    e.add_argument(
+        "--compare-whole-net",
+        action="store_true",
+        help="also run every view's crop through the whole network (the baseline) and "
+        "report both accuracies and seconds per image; with --views 1, the centre view on "
+        "the feature map against the centre crop",
+    )
     x = sub.add_parser("extract", help="SPP features of images of any size to an .npz")
     x.add_argument("--workdir", required=True)
     x.add_argument("--images", required=True, help="an image folder or a TFDS dataset name")
@@ -569,7 +603,17 @@ def main(argv: list[str] | None = None) -> int:
         from spp_jax import train
 
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        train.evaluate_workdir(args.workdir, sizes)
+        if args.views == 1 and not args.compare_whole_net:
+            train.evaluate_workdir(args.workdir, sizes)
+            return 0
+        from spp_jax import multiview
+
+        try:
+            multiview.evaluate_workdir(
+                args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
+            )
+        except (FileNotFoundError, ValueError) as e:  # not a workdir, a pool6 head
+            raise SystemExit(f"eval: {e}") from None
         return 0
     if args.command == "extract":
         from spp_jax.data import BadImageError
