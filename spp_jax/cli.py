@@ -166,9 +166,16 @@ def _init_distributed(args) -> None:
     """``jax.distributed.initialize`` from flags, environment, or auto-detection."""
     address = args.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
-        num = args.num_processes or int(os.environ["JAX_NUM_PROCESSES"])
-        pid = args.process_id if args.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(address, num_processes=num, process_id=pid)
+        num = args.num_processes or os.environ.get("JAX_NUM_PROCESSES")
+        pid = args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+        if num is None or pid is None:
+            raise SystemExit(
+                f"coordinator address {address!r} given, but not the process count and this "
+                "process's index: pass --num-processes and --process-id (or set "
+                "JAX_NUM_PROCESSES and JAX_PROCESS_ID), or use --distributed on a TPU pod "
+                "or under SLURM"
+            )
+        jax.distributed.initialize(address, num_processes=int(num), process_id=int(pid))
     elif args.distributed:
         jax.distributed.initialize()  # TPU pods, SLURM, ... fill in everything themselves
     else:

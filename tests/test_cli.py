@@ -145,3 +145,11 @@ def test_cli_output_is_the_projects_own_log_lines(tmp_path):
     _assert_only_our_lines(run)
     assert "spp_jax.train: epoch 1/1 size 48" in run.stderr
     _assert_only_our_lines(_run_cli(["demo", "--levels", "2,1", "--channels", "4"], env))
+
+
+def test_a_coordinator_address_without_the_process_count_is_a_clear_error(monkeypatch):
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    with pytest.raises(SystemExit, match="pass --num-processes and --process-id"):
+        cli.main(["train", "--config", "tiny", "--workdir", "/nonexistent/never/written"])
