@@ -10,7 +10,9 @@ with the paper's multi-size schedule: 112 crops and the same crops resized to 90
 alternating every epoch (224/180 in the paper, halved for a CPU). AdamW rather
 than the paper's SGD, for a quick start within the CPU budget: learning rate 0.001,
 weight decay 1e-4 on the conv and fc kernels (not the biases), a linear warm-up from
-0 over the first half epoch, then cosine decay to 0 at the last step. Ends by printing
+0 over the first half epoch, then cosine decay to 0 at the last step. Each image's mean
+colour is subtracted before conv1 (``model.center_input``: without it the loss sat at
+chance for the first 3-7 epochs; README, "Why the loss sat at chance"). Ends by printing
 test accuracy at test sizes 90, 112 and 140, centre crop vs full image. Writes
 ``WORKDIR/metrics.jsonl``, TensorBoard event files beside it, ``WORKDIR/checkpoints/``
 and ``WORKDIR/curves.png``.
