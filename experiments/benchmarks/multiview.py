@@ -52,7 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from spp_jax import data as data_lib
     from spp_jax import multiview, train
 
     views_list = [int(v) for v in args.views.split(",")]
@@ -64,37 +63,21 @@ def main(argv: list[str] | None = None) -> dict:
         if args.sizes
         else [round(config.crop_size * config.resize_ratio)]
     )
-    builder, info = train.load_dataset(config)
-    model = train.create_model(config, info.num_classes)
-    state = train.load_state(config, args.workdir, model, info.num_classes)
-    params = jax.device_put(state.params)
-
     rows = []
     t_start = time.perf_counter()
-    for size in sizes:
-        view_size = multiview.view_size_for(size, config.resize_ratio)
-        for views in views_list:
-            batches = data_lib.eval_batches(
-                builder,
-                info,
-                split=config.eval_split,
-                mode="full",
-                size=size,
-                local_batch_size=args.batch_size,
-                resize_ratio=config.resize_ratio,
-                max_aspect=config.max_aspect,
-                bucket_steps=config.full_image_bucket_steps,
-            )
-            r = multiview.evaluate_batches(
-                model,
-                params,
-                batches,
-                view_size=view_size,
-                views=views,
-                compare_whole_net=True,
-                mapping=args.mapping,
-                limit=args.limit,
-            )
+    for views in views_list:
+        by_size = multiview.evaluate_workdir(
+            args.workdir,
+            sizes,
+            views=views,
+            compare_whole_net=True,
+            mapping=args.mapping,
+            limit=args.limit,
+            batch_size=args.batch_size,
+        )
+        for size in sizes:
+            view_size = multiview.view_size_for(size, config.resize_ratio)
+            r = by_size[str(size)]
             r["size"] = size
             rows.append(r)
             fm, wn = r["feature_map"], r["whole_net"]
@@ -106,11 +89,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"same top-1 {r['agreement']:.3f}, max |dp| {r['max_abs_diff']:.4f}",
                 flush=True,
             )
+    rows.sort(key=lambda r: (r["size"], r["views"]))
     result = {
         "meta": {
             "workdir": os.path.abspath(args.workdir),
-            "step": int(state.step),
-            "dataset": info.name,
+            "step": train.checkpoint_manager(args.workdir).latest_step(),
+            "dataset": config.dataset,
             "split": config.eval_split,
             "limit": args.limit,
             "mapping": args.mapping,
