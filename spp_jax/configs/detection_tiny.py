@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = detection.get_config()
     c.dataset = "spp_scenes/tiny"
     c.backbone_config = "tiny"
+    c.backbone_overrides = ml_collections.ConfigDict()  # tiny's own epochs
     c.proposals.max_boxes = 200
     c.proposals.num_workers = 0
     c.scales = (96, 112, 128)

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.backbone_workdir = None  # required: a zf5_imagenet classification workdir
     c.train_backbone = False
     c.backbone_config = "zf5_imagenet"
+    c.backbone_overrides = ml_collections.ConfigDict()  # the built-in data's; not for this one
     c.proposals.min_size = 20.0  # R-CNN's selective search drops boxes narrower than 20 px
     c.scales = (480, 576, 688, 864, 1200)
     c.single_scale = 688
