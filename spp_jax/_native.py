@@ -70,7 +70,17 @@ log = logging.getLogger("spp_jax")
 ENV = "SPP_JAX_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "window_max.cc"
 _TARGETS = ("SppJaxWindowMax", "SppJaxWindowMaxTangent", "SppJaxWindowMaxGrad")
-_FLAG_SETS = (("-march=native",), ())  # tuned for this CPU; else portable
+MARCH_ENV = "SPP_JAX_CPU_MARCH"
+
+
+def _flag_sets() -> tuple[tuple[str, ...], ...]:
+    """The compiler flags to try, in order: ``-march=$SPP_JAX_CPU_MARCH`` alone when
+    that is set (e.g. ``x86-64-v3`` to build the AVX2 code on any newer CPU), else
+    ``-march=native`` (tuned for this CPU), then the compiler's portable default."""
+    march = os.environ.get(MARCH_ENV, "").strip()
+    if march:
+        return ((f"-march={march}",),)
+    return (("-march=native",), ())
 
 
 def env_setting(env: str, forced: bool | None = None) -> str:
@@ -255,7 +265,7 @@ def load(library: Library) -> str | None:
     if not cxx:
         return "no C++ compiler found (set $CXX)"
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets():
         try:
             lib = ctypes.cdll.LoadLibrary(str(_build(cxx, flags, library)))
             for name in library.targets:

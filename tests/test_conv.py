@@ -45,7 +45,34 @@ def _data(case, seed=0):
     return x, kernel
 
 
-def _close(got, want, tol=3e-6):
+# Unit roundoff of float32. A sum of n products computed in any order is within
+# gamma_n = n * u / (1 - n * u) of the exact one, relative to the sum of the products'
+# magnitudes (Higham, "Accuracy and Stability of Numerical Algorithms", section 3.1).
+# oneDNN and XLA pick their summation order by CPU and ISA, so two correct
+# implementations may differ by up to twice that.
+U32 = 2.0**-24
+# The longest chain of convolutions in TRANSFORMS (hvp and grad_of_grad: forward,
+# two transposes and their tangents); rounding errors add along a chain.
+CHAIN = 4
+
+
+def _reduction_length(case) -> int:
+    """The longest sum any of the three convolutions computes for ``case``: the
+    forward (K*K*I terms), the input gradient (K*K*O) and the kernel gradient
+    (N*Ho*Wo)."""
+    n, h, w, i, k, o, stride, pad = case
+    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    return max(k * k * i, k * k * o, n * ho * wo)
+
+
+def _tolerance(case) -> float:
+    """Relative to the output's largest magnitude: CHAIN chained sums of n terms,
+    each within 2 * gamma_n of the other implementation's."""
+    n = _reduction_length(case)
+    return CHAIN * 2 * n * U32 / (1 - n * U32)
+
+
+def _close(got, want, tol):
     for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         v = np.asarray(v)
         np.testing.assert_allclose(np.asarray(g), v, rtol=tol, atol=tol * max(1.0, np.abs(v).max()))
@@ -82,12 +109,24 @@ def test_matches_lax_under_every_transformation(mode, case, transform):
     stride, pad = case[6:]
     t = TRANSFORMS[transform]
     got = jax.jit(lambda x, w: t(lambda x, w: _conv.conv2d(x, w, stride, pad), x, w))(x, w)
-    _close(got, t(lambda x, w: _ref(x, w, stride, pad), x, w))
+    _close(got, t(lambda x, w: _ref(x, w, stride, pad), x, w), _tolerance(case))
 
 
 def test_eager_calls_match_lax(mode):
     x, w = _data(CASES[0])
-    _close(_conv.conv2d(x, w, 2, 1), _ref(x, w, 2, 1))
+    _close(_conv.conv2d(x, w, 2, 1), _ref(x, w, 2, 1), _tolerance(CASES[0]))
+
+
+def test_tolerance_rejects_a_one_term_error():
+    """The bound is far below what a real defect gives: dropping one product of the
+    forward sum (a wrong window offset) shows up."""
+    case = CASES[2]
+    x, w = _data(case)
+    stride, pad = case[6:]
+    want = _ref(x, w, stride, pad)
+    wrong = want.at[0, 0, 0, 0].add(-x[0, 0, 0, 0] * w[1, 1, 0, 0])
+    with pytest.raises(AssertionError):
+        _close(wrong, want, _tolerance(case))
 
 
 def _custom_calls(fn, *args) -> list[str]:
@@ -155,7 +194,11 @@ def test_without_onednn_it_lowers_to_xla_and_says_why_once(monkeypatch, caplog):
         fn = lambda x, w: jax.grad(lambda w: jnp.sum(_conv.conv2d(x, w, 2, 1) ** 2))(w)
         with caplog.at_level("INFO", logger="spp_jax"):
             assert _custom_calls(fn, x, w) == []
-            _close(jax.jit(fn)(x, w), jax.grad(lambda w: jnp.sum(_ref(x, w, 2, 1) ** 2))(w))
+            _close(
+                jax.jit(fn)(x, w),
+                jax.grad(lambda w: jnp.sum(_ref(x, w, 2, 1) ** 2))(w),
+                _tolerance(CASES[0]),
+            )
         assert sum("oneDNN not found" in r.message for r in caplog.records) == 1
         monkeypatch.setenv(_conv.ENV, "1")
         with pytest.raises(RuntimeError, match="oneDNN convolutions are unavailable"):

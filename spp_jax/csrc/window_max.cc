@@ -39,7 +39,7 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__SSE__) || defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -94,11 +94,20 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& bo
 
 inline int64_t Clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
-// 16-lane vectors (GCC/Clang vector extensions: one AVX-512 register, two AVX
-// ones, four NEON ones). The auto-vectoriser gave up on the NaN-aware selects.
+// Vectors of one native register (GCC/Clang vector extensions): 16 lanes with
+// AVX-512, 8 with AVX, 4 otherwise (SSE, NEON). A vector wider than the target's
+// registers is not split into registers by GCC but lowered lane by lane through
+// memory, which ran the kernel several times slower than the pure-JAX code on an
+// AVX2 CPU. The auto-vectoriser gave up on the NaN-aware selects.
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
-typedef float VF __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t VI __attribute__((vector_size(64), aligned(4), may_alias));
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
+typedef float VF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+typedef int32_t VI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 
 inline VF LoadF(const float* p) { return *reinterpret_cast<const VF*>(p); }
 inline VI LoadI(const int32_t* p) { return *reinterpret_cast<const VI*>(p); }
@@ -147,6 +156,11 @@ inline VF Max(VF v, VF m) {
 #if defined(__AVX512F__)
   return reinterpret_cast<VF>(_mm512_max_ps(reinterpret_cast<__m512>(v),
                                             reinterpret_cast<__m512>(m)));
+#elif defined(__AVX__)
+  return reinterpret_cast<VF>(_mm256_max_ps(reinterpret_cast<__m256>(v),
+                                            reinterpret_cast<__m256>(m)));
+#elif defined(__SSE__)
+  return reinterpret_cast<VF>(_mm_max_ps(reinterpret_cast<__m128>(v), reinterpret_cast<__m128>(m)));
 #else
   return v > m ? v : m;
 #endif
