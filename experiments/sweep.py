@@ -80,6 +80,7 @@ if str(REPO) not in sys.path:  # run as a script: experiments/ is on the path, n
 
 from experiments import grids as grids_lib  # noqa: E402
 from experiments.grids import Grid, Variant  # noqa: E402
+from spp_jax import _tune  # noqa: E402
 
 RESULTS_DIR = REPO / "experiments" / "results"
 SWEEP_FILE = "sweep.json"
@@ -235,11 +236,37 @@ def run_state(run: Run) -> str:
     return "done" if final_metrics(run.run_dir) is not None else "resume"
 
 
-def _update_sweep_file(run: Run, seconds: float, returncode: int) -> None:
+def provenance() -> dict[str, Any]:
+    """What a run's numbers depend on besides its config and seed: the checkout's commit
+    (``+dirty`` with uncommitted changes), the CPU model, its vector ISA, the cores and
+    the 1-minute load average when the run started (float results differ between CPUs)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    cpu = _tune.cpu_description()
+    return {"commit": commit, **{f"cpu_{k}": v for k, v in cpu.items()}}
+
+
+def _update_sweep_file(
+    run: Run, seconds: float, returncode: int, started: dict[str, Any] | None = None
+) -> None:
     saved = read_sweep_file(run.run_dir) or {**run.identity(), "seconds": 0.0, "attempts": []}
     saved["seconds"] = float(saved.get("seconds", 0.0)) + seconds
     saved.setdefault("attempts", []).append(
-        {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": seconds, "rc": returncode}
+        {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds": seconds,
+            "rc": returncode,
+            **(started or {}),
+        }
     )
     (run.run_dir / SWEEP_FILE).write_text(json.dumps(saved, indent=2) + "\n")
 
@@ -265,6 +292,7 @@ def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
             json.dumps({**run.identity(), "seconds": 0.0, "attempts": []}, indent=2) + "\n"
         )
     cmd = run.command(python)
+    started = provenance()
     t0 = time.perf_counter()
     with open(run.run_dir / LOG_FILE, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
@@ -278,7 +306,7 @@ def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
             check=False,
         )
     seconds = time.perf_counter() - t0
-    _update_sweep_file(run, seconds, proc.returncode)
+    _update_sweep_file(run, seconds, proc.returncode, started)
     finished = proc.returncode == 0 and final_metrics(run.run_dir) is not None
     if not finished:
         say(
@@ -388,6 +416,12 @@ def collect_records(grid: Grid, workdir: str | os.PathLike) -> list[dict]:
                     "overrides": jsonable(variant.overrides),
                     "metrics": final_metrics(run.run_dir),
                     "seconds": saved.get("seconds"),
+                    # The provenance of the attempt that finished the run.
+                    **{
+                        k: v
+                        for k, v in (saved.get("attempts") or [{}])[-1].items()
+                        if k == "commit" or k.startswith("cpu_")
+                    },
                     "grid": grid.name,
                     "run_dir": str(run.run_dir),
                 }

@@ -283,6 +283,13 @@ def usable() -> bool:
     return _native.decide(_setting(), _load, fail, _log_once)
 
 
+def _chosen() -> bool:
+    """Once oneDNN is usable: always when required (``SPP_JAX_ONEDNN=1`` or
+    :func:`forced`), else where it measured at least as fast as XLA on this
+    machine (:func:`spp_jax._native.tuned`)."""
+    return _setting() == "on" or _native.tuned(SOURCE.stem)["conv"]
+
+
 @functools.cache
 def _log_once(problem: str) -> None:
     log.info("spp_jax: convolutions use XLA's CPU code: %s", problem)
@@ -301,7 +308,7 @@ def _cpu_lowering(target: str, xla):
     kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(xla, multiple_results=False)
 
     def rule(ctx, a, b, *, geo):
-        if ctx.avals_in[0].dtype == jnp.float32 and usable():
+        if ctx.avals_in[0].dtype == jnp.float32 and usable() and _chosen():
             return kernel(ctx, a, b, **geo.attrs(), threads=np.int64(_threads()))
         return fallback(ctx, a, b, geo=geo)
 

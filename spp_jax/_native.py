@@ -16,21 +16,31 @@ custom call and whose lowering elsewhere is pure JAX, so they compose with
 ``jit``, ``vmap`` (the mapped axis is folded into the windows: one call),
 ``jvp``, ``grad`` and their compositions like ``lax`` ops.
 
-**Nothing is built until a computation is lowered for CPU.** Tracing builds
-nothing; a process that only runs on GPU or TPU never compiles the kernel and
-never warns. On the first CPU lowering the kernel is compiled with the system's
-C++ compiler (``$CXX``, else ``c++``; about 5 s) against the FFI headers shipped
-with jaxlib and cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
+**Nothing is built in a process whose default backend is a GPU or TPU.** In a
+CPU process the kernel is compiled the first time an op needs it, with the
+system's C++ compiler (``$CXX``, else ``c++``; about 5 s) for ``-march=native``
+(or ``-march=$SPP_JAX_CPU_MARCH``) against the FFI headers shipped with jaxlib,
+and cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
 ``~/.cache/spp_jax``), keyed by the source, the command, the compiler's version,
 jax's version and the CPU's flags. Concurrent builders (several processes on one
 machine) take a file lock and write atomically, so each process loads a
-complete library. ``SPP_JAX_CPU_KERNELS`` chooses:
+complete library.
 
-* ``auto`` (default): use the kernel if it builds, else warn once and lower the
-  pure-JAX code;
+Whether the kernel is faster than the pure-JAX code depends on the CPU, so
+:func:`tuned` measures both once per build (:mod:`spp_jax._tune`) and
+:func:`kernel_chosen` gives each op family the faster one. ``SPP_JAX_CPU_KERNELS``
+chooses:
+
+* ``auto`` (default): the measured choice; if the kernel cannot be built, warn
+  once and use the pure-JAX code;
 * ``0`` / ``off``: never use it (nothing is built; tracing takes the pure-JAX
   path, so ``jax.export`` sees no custom call);
-* ``1`` / ``on``: require it (lowering for CPU raises if it cannot be built).
+* ``1`` / ``on``: always use it, without measuring (lowering for CPU raises if
+  it cannot be built).
+
+A process whose default backend is not the CPU traces the kernel's branch of
+``lax.platform_dependent``; a CPU lowering there builds the kernel and uses it
+if it can, else the pure-JAX window code.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -247,6 +258,7 @@ def _build(cxx: str, flags: Sequence[str], library: Library = WINDOW_MAX) -> Pat
 
 
 _registered: set[str] = set()
+_built: dict[str, Path] = {}  # library name -> the compiled library loaded
 _forced: bool | None = None
 
 
@@ -267,13 +279,15 @@ def load(library: Library) -> str | None:
     errors = []
     for flags in _flag_sets():
         try:
-            lib = ctypes.cdll.LoadLibrary(str(_build(cxx, flags, library)))
+            path = _build(cxx, flags, library)
+            lib = ctypes.cdll.LoadLibrary(str(path))
             for name in library.targets:
                 if name not in _registered:  # XLA keeps the first registration
                     jax.ffi.register_ffi_target(
                         name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
                     )
                     _registered.add(name)
+            _built.setdefault(library.name, path)
             return None
         except subprocess.CalledProcessError as e:
             errors.append(f"{' '.join(e.cmd[:3])} ...: {e.stderr.strip()[-500:]}")
@@ -290,7 +304,8 @@ def enabled() -> bool:
 def usable() -> bool:
     """True if the kernels are switched on and built: builds them on first call.
 
-    Called when a computation is lowered for CPU, never while tracing.
+    Called when a CPU process traces an op (:func:`kernel_chosen`) or a computation
+    is lowered for CPU; never by a process whose default backend is a GPU or TPU.
 
     Raises:
       RuntimeError: ``SPP_JAX_CPU_KERNELS=1`` and the kernels cannot be built.
@@ -298,6 +313,89 @@ def usable() -> bool:
     return decide(
         _setting(), _load, f"{ENV}=1 but the spp_jax CPU kernels cannot be built", _warn_once
     )
+
+
+@functools.cache
+def tuned(library: str) -> dict[str, bool]:
+    """Per op family of the built ``library``, whether its kernel is at least as fast
+    as the fallback on this machine (:mod:`spp_jax._tune`).
+
+    Measured once per build and kept beside the library (``<library>.tune.json``):
+    the first process to need it runs the measurement in a child process (a few
+    seconds), holding a lock so that concurrent processes wait for it and read the
+    same file. If the measurement fails, the kernels are used and a warning says why.
+    """
+    from spp_jax import _tune
+
+    families = _tune.FAMILIES[library]
+    path = _built[library].with_suffix(".tune.json")
+
+    def read() -> dict[str, bool] | None:
+        try:
+            got = json.loads(path.read_text())["families"]
+            return {f: bool(got[f]["kernel"]) for f in families}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    choice = read()
+    if choice is not None:
+        return choice
+    with _file_lock(path.with_suffix(".lock")):
+        choice = read()
+        if choice is not None:
+            return choice
+        # One CPU device (the choice is about one device using every core), the
+        # kernels forced on (the child never measures again).
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", ENV: "1", "SPP_JAX_ONEDNN": "1"}
+        env.pop("XLA_FLAGS", None)
+        t0 = time.perf_counter()
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "spp_jax._tune", library, str(path)],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            warnings.warn(
+                f"spp_jax: could not measure whether the {library} kernels are faster than "
+                f"their fallback on this CPU; using the kernels ({detail.strip()[-300:]})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return dict.fromkeys(families, True)
+        choice = read()
+    if choice is None:
+        raise RuntimeError(f"spp_jax: the kernel measurement wrote no valid {path}")
+    log.info(
+        "spp_jax: measured the %s kernels against their fallbacks in %.1f s (%s): %s",
+        library,
+        time.perf_counter() - t0,
+        path,
+        ", ".join(f"{f}: {'kernel' if k else 'fallback'}" for f, k in choice.items()),
+    )
+    return choice
+
+
+def kernel_chosen(family: str) -> bool:
+    """Whether code traced now takes the kernel's branch for ``family`` (``"spp"``,
+    ``"roi"``, ``"max_pool"``) rather than the pure-JAX code.
+
+    Off: never. On (``SPP_JAX_CPU_KERNELS=1`` or :func:`forced`): always. Auto: in a
+    process whose default backend is the CPU, the kernel is built (if it can be)
+    and used where :func:`tuned` found it at least as fast; elsewhere (GPU, TPU)
+    nothing is built now and each platform's lowering decides (GPU and TPU lower
+    the pure-JAX code).
+    """
+    setting = _setting()
+    if setting != "auto":
+        return setting == "on"
+    if jax.default_backend() != "cpu":
+        return True
+    return usable() and tuned(WINDOW_MAX.name)[family]
 
 
 def forced(enabled: bool):

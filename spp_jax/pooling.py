@@ -787,7 +787,7 @@ def spatial_pyramid_pool(
     def pure_jax(x):
         return _flatten_levels(_max_pyramid(x, sizes, plan, lv), channel_major)
 
-    if not _native.enabled():
+    if not _native.kernel_chosen("spp"):
         return pure_jax(x)
 
     def cpu_kernel(x):
@@ -929,7 +929,7 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
             (*pads, (0, 0)),
         )
 
-    if not _native.enabled() or b == 0 or c == 0:
+    if not _native.kernel_chosen("max_pool") or b == 0 or c == 0:
         return reduce_window(x)
 
     def cpu_kernel(x):

@@ -342,7 +342,7 @@ def roi_pyramid_pool(
             outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
         return _flatten_levels(outs, channel_major)
 
-    if mode != "max" or not _native.enabled():
+    if mode != "max" or not _native.kernel_chosen("roi"):
         return pure_jax(x)
 
     def cpu_kernel(x):

@@ -4,6 +4,7 @@ Their results are checked against the NumPy references by every test marked
 ``usefixtures("impl")`` in test_pooling.py and test_roi.py.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def test_build_failure_falls_back_to_jax_with_a_warning(monkeypatch, tmp_path):
     jax.clear_caches()
     try:
         monkeypatch.setenv(_native.ENV, "auto")
-        # The kernel path is traced, and its CPU lowering falls back to JAX.
+        # The kernel cannot be built: the pure-JAX code is traced, with one warning.
         with pytest.warns(RuntimeWarning, match=r"pure-JAX.*no-such-compiler"):
             hlo = _hlo(grad, x)
         assert "SppJaxWindowMax" not in hlo
@@ -157,12 +158,15 @@ def test_cache_key_names_the_compiler_version(monkeypatch):
     assert len(keys) == 2
 
 
+# A process whose default backend is a GPU or TPU (simulated: there is none here)
+# and that exports for them.
 _GPU_ONLY = """
 import warnings, jax, jax.numpy as jnp
 from jax import export
 warnings.simplefilter("error")
 import spp_jax
 from spp_jax import _conv, _native
+_native.jax.default_backend = lambda: "gpu"
 x = jax.ShapeDtypeStruct((2, 7, 6, 3), jnp.float32)
 boxes = jnp.array([[0.0, 0.0, 60.0, 50.0]])
 pool = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1))
@@ -230,3 +234,87 @@ def test_concurrent_builds_are_safe(tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 9, 8, 5)).astype(np.float32)
     want = float(np.asarray(spp_jax.spatial_pyramid_pool(x, (3, 2, 1)), np.float64).sum())
     np.testing.assert_allclose(float(outs[0][0]), want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# The measured choice between kernel and pure-JAX code (spp_jax._tune).
+# --------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_auto_honours_the_recorded_choice_with_equal_results(monkeypatch):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 5)), jnp.float32)
+    boxes = jnp.array([[0.0, 0.0, 60.0, 50.0], [10.0, 5.0, 90.0, 100.0]])
+    ops = {
+        "spp": lambda x: spp_jax.spatial_pyramid_pool(x, (3, 2, 1)),
+        "roi": lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1)),
+        "max_pool": lambda x: spp_jax.pooling.max_pool2d(x, 3, 2),
+    }
+    monkeypatch.setenv(_native.ENV, "auto")
+    monkeypatch.setattr(_native, "_forced", None)
+    results = {}
+    for kernel in (True, False):
+        choice = {"spp": kernel, "roi": not kernel, "max_pool": kernel}
+        monkeypatch.setattr(_native, "tuned", lambda library, c=choice: c)
+        jax.clear_caches()  # a cached trace keeps the choice it was traced with
+        for family, op in ops.items():
+            grad = jax.grad(lambda x, op=op: jnp.sum(jnp.sin(op(x))))
+            hlo = _hlo(grad, x)
+            assert ("SppJaxWindowMax" in hlo) == choice[family], (family, choice)
+            results[(family, choice[family])] = (jax.jit(op)(x), jax.jit(grad)(x))
+    jax.clear_caches()
+    for family in ops:
+        for a, b in zip(results[(family, True)], results[(family, False)], strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@needs_kernels
+def test_forcing_either_side_bypasses_the_choice(monkeypatch):
+    x = jnp.ones((1, 6, 6, 2), jnp.float32)
+    pool = lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1))
+    monkeypatch.setattr(_native, "tuned", lambda library: dict.fromkeys(("spp", "roi"), False))
+    monkeypatch.setattr(_native, "_forced", None)
+    for value, kernel in (("1", True), ("0", False), ("auto", False)):
+        monkeypatch.setenv(_native.ENV, value)
+        jax.clear_caches()
+        assert ("SppJaxWindowMax" in _hlo(pool, x)) == kernel, value
+    jax.clear_caches()
+
+
+_TUNED = """
+import json, sys
+from spp_jax import _native
+assert _native._load() is None
+print(json.dumps(_native.tuned(sys.argv[1])))
+"""
+
+
+@needs_kernels
+def test_the_choice_is_measured_once_and_kept_beside_the_library(tmp_path):
+    # Two processes with an empty cache: one measures (the other waits on the lock and
+    # reads the same file). The file says what was measured and on which CPU.
+    env = {**os.environ, "SPP_JAX_CACHE_DIR": str(tmp_path), "SPP_JAX_CPU_KERNELS": "auto"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TUNED, "window_max"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert outs[0][0] == outs[1][0]
+    (path,) = tmp_path.glob("window_max-*.tune.json")
+    assert path.with_name(path.name.replace(".tune.json", ".so")).exists()
+    record = json.loads(path.read_text())
+    assert record["cpu"]["isa"] in ("avx512", "avx2", "avx", "baseline")
+    assert set(record["families"]) == {"spp", "roi", "max_pool"}
+    for family in record["families"].values():
+        ratio = family["kernel_over_fallback"]
+        assert family["kernel"] == (ratio <= 1.0)
+        assert {t["what"] for t in family["times"]} == {"fwd", "fwd_bwd"}
+    assert json.loads(outs[0][0]) == {f: v["kernel"] for f, v in record["families"].items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -28,6 +29,9 @@ import numpy as np
 
 import spp_jax
 from spp_jax import _native
+
+sys.path.insert(0, os.path.dirname(__file__))
+from spp_layer import benchmark_meta
 
 LEVELS = (6, 3, 2, 1)
 SHAPE = (1, 38, 50, 256)
@@ -111,13 +115,14 @@ def main() -> None:
     parser.add_argument("--out", default="results/roi_pool.json")
     args = parser.parse_args()
     res: dict = {}
+    pure: dict = {}
     for _ in range(args.rounds):
         for r in (300, 2000, 10000):
-            got = bench_jax(r, args.reps)
-            old = res.get(r, got)
-            res[r] = {k: min(v, old[k]) if v is not None else None for k, v in got.items()}
+            for kernels, into in ((True, res), (False, pure)):
+                got = bench_jax(r, args.reps, kernels=kernels)
+                old = into.get(r, got)
+                into[r] = {k: min(v, old[k]) if v is not None else None for k, v in got.items()}
             print(f"measured R={r}", flush=True)
-    pure = bench_jax(2000, args.reps, kernels=False)
     tv = bench_torchvision(2000, args.reps) if args.torch else None
     print(
         f"{'R':>6} | {'fwd ms':>8} | {'boxes/s':>9} | {'fwd+bwd ms':>10} | {'compile s':>9} | "
@@ -130,10 +135,15 @@ def main() -> None:
             f"{r:>6} | {j['fwd_s'] * 1e3:8.1f} | {r / j['fwd_s']:9.0f} | "
             f"{j['fwd_bwd_s'] * 1e3:10.1f} | {j['compile_fwd_s']:9.2f} | {mf:14.1f} | {mb:18.1f}"
         )
-    print(
-        f"pure-JAX code (what GPU/TPU run) at R=2000: fwd {pure['fwd_s'] * 1e3:.1f} ms, "
-        f"fwd+bwd {pure['fwd_bwd_s'] * 1e3:.1f} ms"
-    )
+    print("pure-JAX code (what GPU/TPU run), and the kernel's time over it:")
+    ratios = {}
+    for r, p in pure.items():
+        j = res[r]
+        ratios[r] = {k: j[f"{k}_s"] / p[f"{k}_s"] for k in ("fwd", "fwd_bwd")}
+        print(
+            f"{r:>6} | fwd {p['fwd_s'] * 1e3:8.1f} ms (kernel / pure {ratios[r]['fwd']:.2f}) | "
+            f"fwd+bwd {p['fwd_bwd_s'] * 1e3:8.1f} ms (kernel / pure {ratios[r]['fwd_bwd']:.2f})"
+        )
     if tv:
         j = res[2000]
         print(
@@ -147,9 +157,10 @@ def main() -> None:
             {
                 "shape": SHAPE,
                 "levels": LEVELS,
-                "cpu_kernels": _native.usable(),
+                "meta": benchmark_meta(),
                 "jax": res,
-                "pure_jax_r2000": pure,
+                "pure_jax": pure,
+                "kernel_over_pure": ratios,
                 "torchvision": tv,
             },
             f,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
-from spp_jax import _native
+from spp_jax import _native, _tune
 
 SHAPES = [(32, 13, 13, 256), (32, 10, 10, 256), (8, 38, 50, 256), (64, 7, 7, 512)]
 LEVELS = (6, 3, 2, 1)
@@ -130,6 +130,21 @@ def bench_torch(shape, reps):
     return {"fwd": t_fwd, "fwd_bwd": _time(fb, max(reps // 4, 5))}
 
 
+def benchmark_meta() -> dict:
+    """What the timings depend on: the CPU (model, ISA, load), the target the kernel
+    was built for, and which side spp_jax chooses by default on this machine."""
+    usable = _native.usable()
+    return {
+        "cpu_kernels": usable,
+        "kernel_march": os.environ.get(_native.MARCH_ENV) or "native",
+        "auto_choice": _native.tuned("window_max") if usable else None,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpu": _tune.cpu_description(),
+        "machine": platform.machine(),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=200)
@@ -193,13 +208,15 @@ def main():
             f"{j['fwd_bwd_valid_sizes'] * 1e3:7.3f} | avg {j['fwd_avg'] * 1e3:7.3f} / "
             f"{j['fwd_bwd_avg'] * 1e3:7.3f} | fwd+bwd compile {j['compile_fwd_bwd_s']:.2f} s"
         )
-    meta = {
-        "cpu_kernels": _native.usable(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-    }
+    print("\nkernel / pure-JAX time (below 1: the kernel is faster):")
+    for r in rows:
+        j, p = r["jax"], r["pure_jax"]
+        r["kernel_over_pure"] = {k: j[k] / p[k] for k in ("fwd", "fwd_bwd")}
+        print(
+            f"{tuple(r['shape'])!s:>18} | fwd {r['kernel_over_pure']['fwd']:5.2f} | "
+            f"fwd+bwd {r['kernel_over_pure']['fwd_bwd']:5.2f}"
+        )
+    meta = benchmark_meta()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "levels": LEVELS, "rows": rows}, f, indent=1)

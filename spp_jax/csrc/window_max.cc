@@ -95,10 +95,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t grain, const Body& bo
 inline int64_t Clamp(int64_t v, int64_t lo, int64_t hi) { return std::min(std::max(v, lo), hi); }
 
 // Vectors of one native register (GCC/Clang vector extensions): 16 lanes with
-// AVX-512, 8 with AVX, 4 otherwise (SSE, NEON). A vector wider than the target's
-// registers is not split into registers by GCC but lowered lane by lane through
-// memory, which ran the kernel several times slower than the pure-JAX code on an
-// AVX2 CPU. The auto-vectoriser gave up on the NaN-aware selects.
+// AVX-512, 8 with AVX, 4 otherwise (SSE, NEON). GCC lowers a vector wider than
+// the target's registers lane by lane through memory, several times slower than
+// native vectors. The auto-vectoriser gives up on the NaN-aware selects.
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 #elif defined(__AVX__)

@@ -1,0 +1,198 @@
+"""Which CPU code is faster on this machine: the compiled kernels or their fallbacks.
+
+The compiled kernels (:mod:`spp_jax._native`, :mod:`spp_jax._conv`) are faster than
+the code they replace on the CPUs they were written on, but speed depends on the
+CPU (vector width, cache, how the compiler schedules the code for that ISA). So,
+as cuDNN's benchmark mode and XLA's autotuning do, spp_jax measures both once per
+machine and kernel build, and uses the faster: each op family gets one choice.
+
+This module is the measurement. It runs in a child process (``python -m
+spp_jax._tune LIBRARY OUT``), started by the first CPU computation that needs the
+choice, with the kernels forced on (so it never starts another), one CPU device
+and the parent's other settings. It writes ``OUT`` (JSON, atomically): per family
+the kernel's and the fallback's times and ``"kernel": true`` if the kernel was
+not slower. :func:`spp_jax._native.tuned` keeps that file beside the compiled
+library, under the same cache key, so a new compiler, jax, CPU or kernel source
+measures again; deleting it does too. ``SPP_JAX_CPU_KERNELS`` / ``SPP_JAX_ONEDNN``
+``=1`` or ``=0`` bypass the choice.
+
+Families and what they time (forward, and forward + backward with a cotangent
+argument, on shapes of the built-in networks):
+
+* ``spp``: :func:`spp_jax.spatial_pyramid_pool` (max), kernel vs the pure-JAX
+  static-slice code that GPU and TPU run;
+* ``roi``: :func:`spp_jax.roi_pyramid_pool` (max), kernel vs the pure-JAX sparse
+  tables;
+* ``max_pool``: :func:`spp_jax.pooling.max_pool2d`, kernel vs ``lax.reduce_window``;
+* ``conv``: :func:`spp_jax._conv.conv2d`, oneDNN vs XLA's convolutions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Each case is (name, build) where build() returns {"fwd": (fn, args), "fwd_bwd": ...}.
+ROUNDS = 2
+TARGET_S = 0.03  # each timing repeats a call for about this long
+
+
+def _cases(family: str):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import spp_jax
+    from spp_jax import _conv, pooling
+
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def fwd_bwd(f, x):
+        y = jax.eval_shape(f, x)
+        ct = normal(*y.shape)
+        return {
+            "fwd": (jax.jit(f), (x,)),
+            "fwd_bwd": (jax.jit(lambda x, ct: jax.vjp(f, x)[1](ct)[0]), (x, ct)),
+        }
+
+    if family == "spp":
+        return [
+            (s, fwd_bwd(lambda x: spp_jax.spatial_pyramid_pool(x, (6, 3, 2, 1)), normal(*s)))
+            for s in ((32, 13, 13, 256), (8, 38, 50, 256))
+        ]
+    if family == "roi":
+        wh = rng.uniform(16, 400, (300, 2))
+        xy = rng.uniform(0, 1, (300, 2)) * (np.array([800, 600]) - wh)
+        boxes = jnp.asarray(np.concatenate([xy, xy + wh], 1), jnp.float32)
+        f = lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(6, 3, 2, 1))
+        return [("300 boxes on (1, 38, 50, 256)", fwd_bwd(f, normal(1, 38, 50, 256)))]
+    if family == "max_pool":
+        return [
+            (s, fwd_bwd(lambda x: pooling.max_pool2d(x, 3, 2), normal(*s)))
+            for s in ((32, 55, 55, 24), (32, 13, 13, 64))
+        ]
+    if family == "conv":
+
+        def conv_case(xs, ws, stride, pad):
+            w = normal(*ws)
+            f = lambda x, w: _conv.conv2d(x, w, stride, pad)
+            x = normal(*xs)
+            ct = normal(*jax.eval_shape(f, x, w).shape)
+            return (
+                f"x {xs}, w {ws}, stride {stride}, pad {pad}",
+                {
+                    "fwd": (jax.jit(f), (x, w)),
+                    "fwd_bwd": (jax.jit(lambda x, w, ct: jax.vjp(f, x, w)[1](ct)), (x, w, ct)),
+                },
+            )
+
+        return [
+            conv_case((16, 112, 112, 3), (7, 7, 3, 24), 2, 1),
+            conv_case((16, 13, 13, 64), (3, 3, 64, 96), 1, 1),
+        ]
+    raise ValueError(f"unknown family {family!r}")
+
+
+FAMILIES = {"window_max": ("spp", "roi", "max_pool"), "onednn_conv": ("conv",)}
+
+
+def _forced(family: str):
+    from spp_jax import _conv, _native
+
+    return _conv.forced if family == "conv" else _native.forced
+
+
+def _time(fn: Callable, args) -> float:
+    """Median seconds per call over about TARGET_S of calls (after a warm-up call)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    once = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max(TARGET_S / once, 3), 200))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def measure(family: str) -> dict:
+    """Times the kernel and the fallback on ``family``'s cases, interleaved, best of
+    ROUNDS; the kernel is chosen unless the geometric mean of its time ratios to the
+    fallback's is above 1."""
+    best: dict[tuple[str, str, bool], float] = {}
+    programs = {}
+    for kernel in (True, False):
+        with _forced(family)(kernel):  # traced and compiled under the setting
+            for name, progs in _cases(family):
+                for what, (fn, args) in progs.items():
+                    compiled = fn.lower(*args).compile()
+                    programs[(str(name), what, kernel)] = (compiled, args)
+    for _ in range(ROUNDS):
+        for key, (compiled, args) in programs.items():
+            t = _time(compiled, args)
+            best[key] = min(t, best.get(key, t))
+    rows, log_ratio = [], 0.0
+    for name, what, kernel in programs:
+        if not kernel:
+            continue
+        k, p = best[(name, what, True)], best[(name, what, False)]
+        rows.append({"case": name, "what": what, "kernel_s": k, "fallback_s": p})
+        log_ratio += math.log(k / p)
+    ratio = math.exp(log_ratio / len(rows))
+    return {"kernel": ratio <= 1.0, "kernel_over_fallback": ratio, "times": rows}
+
+
+def cpu_description() -> dict:
+    """The CPU model, its vector ISA and the load: what a timing depends on."""
+    model, flags = "", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    isa = next(
+        (name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"))
+         if f" {flag} " in f" {flags.split(':', 1)[-1].strip()} "),
+        "baseline",
+    )  # fmt: skip
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    model = model or platform.processor() or platform.machine()
+    return {"model": model, "isa": isa, "cores": os.cpu_count(), "load_1min": load}
+
+
+def main(argv: list[str]) -> None:
+    library, out = argv
+    import jax
+
+    result = {
+        "library": library,
+        "jax": jax.__version__,
+        "cpu": cpu_description(),
+        "families": {f: measure(f) for f in FAMILIES[library]},
+    }
+    out_path = Path(out)
+    tmp = out_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
