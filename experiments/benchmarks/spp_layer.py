@@ -137,6 +137,12 @@ def benchmark_meta() -> dict:
     return {
         "cpu_kernels": usable,
         "kernel_march": os.environ.get(_native.MARCH_ENV) or "native",
+        # Limits that emulate an older CPU for XLA, oneDNN and PyTorch, if set.
+        "isa_limits": {
+            k: os.environ[k]
+            for k in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+            if k in os.environ
+        },
         "auto_choice": _native.tuned("window_max") if usable else None,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
