@@ -348,6 +348,11 @@ def tuned(library: str) -> dict[str, bool]:
         # kernels forced on (the child never measures again).
         env = {**os.environ, "JAX_PLATFORMS": "cpu", ENV: "1", "SPP_JAX_ONEDNN": "1"}
         env.pop("XLA_FLAGS", None)
+        log.info(
+            "spp_jax: timing the %s kernels against their fallbacks, once for this machine "
+            "and build (about 20 s)",
+            library,
+        )
         t0 = time.perf_counter()
         try:
             subprocess.run(

@@ -1,11 +1,12 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
-Max pooling on CPU runs a compiled kernel through the XLA FFI when one can be
-built (``spp_jax/_native.py``: every bin of every example in one pass, and a
-gradient that recomputes the winners instead of saving them); measured 2-5x
-faster than the code below on CPU. Everything below describes the pure-JAX code,
-which GPU and TPU run, average pooling uses, and CPU falls back to; both give the
-same results and both are tested against the same NumPy references.
+Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
+built and it measures faster on the CPU at hand (``spp_jax/_native.py``: every
+bin of every example in one pass, and a gradient that recomputes the winners
+instead of saving them; the README has the figures). Everything below describes
+the pure-JAX code, which GPU and TPU run, average pooling uses, and CPU falls
+back to; both give the same results and both are tested against the same NumPy
+references.
 
 How the pure-JAX code computes (each choice measured on CPU with
 ``experiments/benchmarks/spp_layer.py``; XLA's CPU backend decides most of it):

@@ -5,8 +5,8 @@ pyramid vector for each of ~2,000 candidate windows (paper section 4). Each
 window is projected onto the map (``projection``), split into the bins of every
 pyramid level, and every bin is max- (or average-) pooled.
 
-Max pooling on CPU runs a compiled kernel through the XLA FFI when one can be
-built (``spp_jax/_native.py``): per box it pools the finest level of each
+Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
+built and it measures faster (``spp_jax/_native.py``): per box it pools the finest level of each
 divisible chain from the feature map and the coarser levels from those bins; its
 derivatives recompute each bin's winner and read the tangent (or add the
 cotangent) there. GPU, TPU, average pooling and CPUs without a compiler run

@@ -218,3 +218,21 @@ def test_geometry_padding_is_the_exact_fit():
     assert geo.size == (11, 13) and geo.out == (3, 4) and geo.padding() == ((0, 0), (0, 0))
     geo = _conv._geometry((1, 13, 13, 3), (7, 7, 3, 4), 2, 1)
     assert geo.out == (5, 5) and geo.padding() == ((1, 1), (1, 1))
+
+
+@needs_onednn
+def test_auto_honours_the_recorded_choice(monkeypatch):
+    from spp_jax import _native
+
+    x, w = _data(CASES[2])
+    grad = lambda x, w: jax.grad(lambda x, w: jnp.sum(_conv.conv2d(x, w, 1, 1) ** 2), (0, 1))(x, w)
+    monkeypatch.setattr(_conv, "_forced", None)
+    monkeypatch.setenv(_conv.ENV, "auto")
+    got = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(_native, "tuned", lambda library, k=kernel: {"conv": k})
+        jax.clear_caches()
+        assert bool(_custom_calls(grad, x, w)) == kernel
+        got[kernel] = jax.jit(grad)(x, w)
+    jax.clear_caches()
+    _close(got[True], got[False], _tolerance(CASES[2]))
