@@ -38,14 +38,22 @@ only this invocation's ``--seeds``), in grid order::
     {"name": "single_30bin", "config": "single", "seed": 0,
      "overrides": {"eval_sizes": [64, ...], "model.levels": [4, 3, 2, 1]},
      "metrics": {"center_64": 0.61, "full_64": 0.66, ..., "center_176": ..., ...},
-     "seconds": 241.3, "grid": "paper", "run_dir": "/abs/path/single_30bin/seed0"}
+     "seconds": 241.3, "num_epochs": 16, "curve": [[2, 0.41], [4, 0.55], ...],
+     "last_quarter_range": 0.008, "converged": true,
+     "commit": "88a03ca...", "cpu_model": "AMD EPYC", "cpu_isa": "avx2", "cpu_cores": 2,
+     "cpu_load_1min": 0.4, "grid": "paper", "run_dir": "/abs/path/single_30bin/seed0"}
 
 ``metrics`` is top-1 in [0, 1] on the test split, ``{mode}_{size}`` for mode ``center``
 (centre crop) and ``full`` (full image; SPP heads only) at every test size of the run's
 ``eval_sizes``: the ``"metrics"`` of the run's last ``metrics.jsonl`` line
 (:func:`spp_jax.train.flat_metrics`), so any record can be checked by re-running
 ``spp-jax train --config CONFIG --set seed=SEED`` with its overrides. ``seconds``: wall
-time of the run's ``spp-jax train`` processes, summed over attempts.
+time of the run's ``spp-jax train`` processes, summed over attempts. ``curve``: the
+centre-crop test top-1 of every evaluation during training (``eval_every_epochs``);
+``converged``: its range over the last quarter of the epochs is at most
+``CONVERGED_RANGE`` (1 point). ``commit`` and ``cpu_*``: the checkout, CPU and load of
+the attempt that finished the run (:func:`provenance`): float results differ between
+CPUs, so a record says where it was made.
 
 **Report** (:func:`write_report`, also ``--report-only``, which reads the JSON and runs
 nothing), beside the JSON: ``classification.md`` (mean and standard deviation over seeds
@@ -209,6 +217,40 @@ def final_metrics(run_dir: str | os.PathLike) -> dict[str, float] | None:
     if "metrics" in last and last["metrics"] != flat:
         raise ValueError(f"{path}: the last line's 'metrics' {last['metrics']} != {flat}")
     return flat
+
+
+#: A run has converged when its test accuracy (centre crop at the crop size, evaluated
+#: every ``eval_every_epochs``) varies by at most this much over the last quarter of
+#: its epochs.
+CONVERGED_RANGE = 0.01
+
+
+def learning_curve(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """``(epoch, test top-1)`` of every evaluation during training, from the run's
+    ``metrics.jsonl`` (the lines with ``test_top1``)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    curve = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "epoch" in rec and "test_top1" in rec:
+            curve.append((int(rec["epoch"]), float(rec["test_top1"])))
+    return curve
+
+
+def convergence(curve: Sequence[tuple[int, float]], num_epochs: int) -> dict[str, Any]:
+    """The range (max - min) of the test accuracy over the evaluations in the last
+    quarter of the run (epochs above ``0.75 * num_epochs``) and whether it is at most
+    CONVERGED_RANGE; None where fewer than two evaluations fall there."""
+    tail = [acc for epoch, acc in curve if epoch > 0.75 * num_epochs]
+    if len(tail) < 2:
+        return {"last_quarter_range": None, "converged": None}
+    spread = max(tail) - min(tail)
+    return {"last_quarter_range": spread, "converged": spread <= CONVERGED_RANGE}
 
 
 def run_state(run: Run) -> str:
@@ -408,6 +450,12 @@ def collect_records(grid: Grid, workdir: str | os.PathLike) -> list[dict]:
             except RunDirMismatchError:
                 continue
             saved = read_sweep_file(run.run_dir) or {}
+            curve = learning_curve(run.run_dir)
+            try:
+                saved_config = json.loads((run.run_dir / "config.json").read_text())
+                num_epochs = int(saved_config["num_epochs"])
+            except (OSError, ValueError, KeyError):
+                num_epochs = max((epoch for epoch, _ in curve), default=0)
             records.append(
                 {
                     "name": variant.name,
@@ -416,6 +464,9 @@ def collect_records(grid: Grid, workdir: str | os.PathLike) -> list[dict]:
                     "overrides": jsonable(variant.overrides),
                     "metrics": final_metrics(run.run_dir),
                     "seconds": saved.get("seconds"),
+                    "num_epochs": num_epochs,
+                    "curve": [[epoch, acc] for epoch, acc in curve],
+                    **convergence(curve, num_epochs),
                     # The provenance of the attempt that finished the run.
                     **{
                         k: v
@@ -717,13 +768,76 @@ def plot_differences(summary: dict, path: Path) -> Path:
     return path
 
 
+def plot_curves(records: list[dict], path: Path) -> Path | None:
+    """Test top-1 (centre crop) against epoch, one panel per variant, a line per seed."""
+    with_curves = [r for r in records if r.get("curve")]
+    if not with_curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["name"] for r in with_curves))
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for r in (r for r in with_curves if r["name"] == name):
+            epochs, accs = zip(*r["curve"], strict=True)
+            flag = {True: "", False: " (not converged)", None: ""}[r.get("converged")]
+            ax.plot(epochs, [100 * a for a in accs], marker=".", label=f"seed {r['seed']}{flag}")
+        num_epochs = max(r.get("num_epochs") or 0 for r in with_curves if r["name"] == name)
+        if num_epochs:
+            ax.axvspan(0.75 * num_epochs, num_epochs, color="0.9", zorder=0)
+        ax.set_title(name)
+        ax.set_xlabel("epoch (shaded: the last quarter)")
+        ax.set_ylabel("test top-1 (%), centre crop")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def convergence_markdown(records: list[dict]) -> str:
+    """A table: per run, its last-quarter range and whether it converged."""
+    rows = [r for r in records if r.get("curve")]
+    if not rows:
+        return ""
+    lines = [
+        "## Convergence",
+        "",
+        f"Range (max - min) of the centre-crop test top-1 over the evaluations in the last "
+        f"quarter of each run; converged: at most {100 * CONVERGED_RANGE:.0f} point.",
+        "",
+        "| variant | seed | epochs | last evaluation (%) | last-quarter range (points) "
+        "| converged |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = r.get("last_quarter_range")
+        lines.append(
+            f"| {r['name']} | {r['seed']} | {r.get('num_epochs', '')} | "
+            f"{100 * r['curve'][-1][1]:.1f} | "
+            f"{'' if spread is None else f'{100 * spread:.1f}'} | "
+            f"{ {True: 'yes', False: 'no', None: 'n/a'}[r.get('converged')] } |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: str | os.PathLike, grid: Grid | None = None) -> list[Path]:
     """Writes the markdown table and the plots beside ``results`` (the JSON list of
     records), from that file alone. ``grid`` (for the comparisons and descriptions)
     defaults to the one the records name.
 
     Returns:
-      The paths written: ``STEM.md``, ``STEM_by_size.png``, ``STEM_differences.png``.
+      The paths written: ``STEM.md``, ``STEM_by_size.png``, ``STEM_differences.png``
+      (if the grid has comparisons) and ``STEM_curves.png`` (if the runs evaluated
+      during training: the learning curves).
     """
     results = Path(results)
     records = json.loads(results.read_text())
@@ -734,10 +848,14 @@ def write_report(results: str | os.PathLike, grid: Grid | None = None) -> list[P
     summary = summarize(records, grid)
     stem = results.with_suffix("")
     md = Path(f"{stem}.md")
-    md.write_text(markdown(records, summary, grid, results.name))
+    report = markdown(records, summary, grid, results.name)
+    md.write_text(report + "\n" + convergence_markdown(records))
     paths = [md, plot_by_size(summary, Path(f"{stem}_by_size.png"))]
     if summary["comparisons"]:
         paths.append(plot_differences(summary, Path(f"{stem}_differences.png")))
+    curves = plot_curves(records, Path(f"{stem}_curves.png"))
+    if curves is not None:
+        paths.append(curves)
     with md.open("a") as f:
         f.write("\n## Plots\n\n")
         for p in paths[1:]:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -84,6 +85,13 @@ def test_records(swept):
         assert set(r["metrics"]) == {"center_40", "full_40", "center_48", "full_48"}
         assert all(0.0 <= v <= 1.0 for v in r["metrics"].values()), r["metrics"]
         assert r["seconds"] > 0
+        assert r["num_epochs"] == 1 and r["curve"] == []  # the tiny grid evaluates at the end
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_PATH.parents[1], capture_output=True, text=True
+        ).stdout.strip()
+        if commit:  # a checkout (not an sdist): the record names its commit
+            assert r["commit"].removesuffix("+dirty") == commit
+        assert r["cpu_model"] and r["cpu_isa"] and r["cpu_cores"] >= 1
         config = json.loads((pathlib.Path(r["run_dir"]) / "config.json").read_text())
         assert config["seed"] == r["seed"]
         assert config["num_epochs"] == 1
@@ -289,3 +297,27 @@ def test_a_failed_run_is_retried_then_reported(tmp_path):
     saved = json.loads((tmp_path / "w" / "tiny" / "seed0" / "sweep.json").read_text())
     assert [a["rc"] for a in saved["attempts"]] == [1, 1]
     assert json.loads(results.read_text()) == []
+
+
+def test_learning_curves_and_convergence(tmp_path):
+    lines = [{"epoch": e, "step": 10 * e, "test_top1": a} for e, a in [(2, 0.3), (4, 0.5)]]
+    lines += [{"epoch": 5, "step": 50}]  # an epoch without evaluation
+    lines += [{"epoch": e, "step": 10 * e, "test_top1": a} for e, a in [(6, 0.905), (8, 0.9)]]
+    lines += [{"final": {}, "metrics": {"center_112": 0.9}}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    curve = sweep.learning_curve(tmp_path)
+    assert curve == [(2, 0.3), (4, 0.5), (6, 0.905), (8, 0.9)]
+    got = sweep.convergence(curve, 8)  # the last quarter: epochs 7 and 8 -> one point
+    assert got == {"last_quarter_range": None, "converged": None}
+    got = sweep.convergence(curve, 7)  # epochs 6 and 7: 6 > 5.25 -> 0.905 and 0.9
+    assert got["converged"] and math.isclose(got["last_quarter_range"], 0.005)
+    assert not sweep.convergence([(6, 0.8), (7, 0.9)], 7)["converged"]
+    records = [
+        {"name": "a", "seed": s, "num_epochs": 7, "curve": [[6, 0.8], [7, 0.8 + s / 100]],
+         **sweep.convergence([(6, 0.8), (7, 0.8 + s / 100)], 7)}
+        for s in (0, 2)
+    ]  # fmt: skip
+    table = sweep.convergence_markdown(records)
+    assert "| a | 0 | 7 | 80.0 | 0.0 | yes |" in table
+    assert "| a | 2 | 7 | 82.0 | 2.0 | no |" in table
+    assert sweep.plot_curves(records, tmp_path / "curves.png").stat().st_size > 0
