@@ -124,14 +124,43 @@ def _xla_gradient_form(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     return _lax_conv(x, w, geo)
 
 
+def _varying_axes(*arrays: jax.Array) -> tuple[str, ...]:
+    """The ``shard_map`` axes any of ``arrays`` varies over (none outside one, or on
+    a JAX without varying-axis types)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:  # pragma: no cover
+        return ()
+    axes: set[str] = set()
+    for a in arrays:
+        aval = typeof(a)
+        mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
+        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
+    return tuple(sorted(axes))
+
+
+def _transpose(f, shape: tuple[int, ...], ct: jax.Array, other: jax.Array) -> jax.Array:
+    """The transpose of the linear map ``f`` (of an array of ``shape``) applied to ``ct``.
+
+    Inside ``shard_map`` the per-device map must stay per device: its argument is
+    typed as varying over the same axes as ``ct`` and ``other``, else JAX would treat
+    it as replicated and sum its cotangent over the devices.
+    """
+    axes = _varying_axes(ct, other)
+    zero = jnp.zeros(shape, ct.dtype)
+    if axes:
+        zero = lax.pcast(zero, axes, to="varying")
+        ct = lax.pcast(ct, tuple(a for a in axes if a not in _varying_axes(ct)), to="varying")
+    return jax.vjp(f, zero)[1](ct)[0]
+
+
 def _xla_input(dy: jax.Array, w: jax.Array, *, geo: Geometry) -> jax.Array:
-    x = jax.ShapeDtypeStruct((dy.shape[0], *geo.size, w.shape[2]), dy.dtype)
-    return jax.linear_transpose(lambda x: _xla_gradient_form(x, w, geo), x)(dy)[0]
+    shape = (dy.shape[0], *geo.size, w.shape[2])
+    return _transpose(lambda x: _xla_gradient_form(x, w, geo), shape, dy, w)
 
 
 def _xla_kernel(x: jax.Array, dy: jax.Array, *, geo: Geometry) -> jax.Array:
-    w = jax.ShapeDtypeStruct((*geo.kernel, x.shape[-1], dy.shape[-1]), dy.dtype)
-    return jax.linear_transpose(lambda w: _xla_gradient_form(x, w, geo), w)(dy)[0]
+    shape = (*geo.kernel, x.shape[-1], dy.shape[-1])
+    return _transpose(lambda w: _xla_gradient_form(x, w, geo), shape, dy, x)
 
 
 # --------------------------------------------------------------------------------------

@@ -101,12 +101,22 @@ def test_pmap_step_equals_single_device_on_same_global_batch():
     assert int(train_lib.unreplicate_to_host(four).step) == 2
 
 
-def test_train_step_under_shard_map_equals_the_pmap_step():
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "fallbacks"])
+def test_train_step_under_shard_map_equals_the_pmap_step(kernels, monkeypatch):
     """The same train_step, no pmap: jit + shard_map over a 4-device mesh axis "batch"
-    gives the pmap step's parameters and metrics, step after step."""
+    gives the pmap step's parameters and metrics, step after step; with the compiled
+    CPU kernels and with their fallbacks (the code GPU and TPU lower), whichever this
+    machine's measurement chose."""
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
+    from spp_jax import _native
+
+    monkeypatch.setenv(_native.ENV, "auto")
+    monkeypatch.setattr(_native, "_forced", None)
+    families = ("spp", "roi", "max_pool", "conv")
+    monkeypatch.setattr(_native, "tuned", lambda library: dict.fromkeys(families, kernels))
+    jax.clear_caches()
     config = tiny_config(**{"model.dropout_rate": 0.0})
     model = train_lib.create_model(config, num_classes=10)
     schedule = train_lib.learning_rate_schedule(config, 5)
