@@ -200,6 +200,17 @@ def test_a_gpu_or_tpu_process_builds_and_prints_nothing(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def _run_at_once(n: int, cmd: list[str], env: dict[str, str]) -> list[tuple[str, str]]:
+    """Starts ``n`` copies of ``cmd`` together; their (stdout, stderr), all exit 0."""
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    return outs
+
+
 _BUILD_AND_POOL = """
 import sys, numpy as np, jax, spp_jax
 from spp_jax import _native
@@ -216,18 +227,7 @@ def test_concurrent_builds_are_safe(tmp_path):
     # wait on the lock), all load a complete library and compute the same result.
     cache = tmp_path / "cache"
     env = {**os.environ, "SPP_JAX_CACHE_DIR": str(cache), "SPP_JAX_CPU_KERNELS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _BUILD_AND_POOL],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    outs = _run_at_once(3, [sys.executable, "-c", _BUILD_AND_POOL], env)
     assert len({out.strip() for out, _ in outs}) == 1
     libraries = sorted(p.name for p in cache.iterdir() if p.suffix == ".so")
     assert len(libraries) == 1, libraries  # one build, no temporary files left
@@ -295,18 +295,7 @@ def test_the_choice_is_measured_once_and_kept_beside_the_library(tmp_path):
     # Two processes with an empty cache: one measures (the other waits on the lock and
     # reads the same file). The file says what was measured and on which CPU.
     env = {**os.environ, "SPP_JAX_CACHE_DIR": str(tmp_path), "SPP_JAX_CPU_KERNELS": "auto"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _TUNED, "window_max"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    outs = _run_at_once(2, [sys.executable, "-c", _TUNED, "window_max"], env)
     assert outs[0][0] == outs[1][0]
     (path,) = tmp_path.glob("window_max-*.tune.json")
     assert path.with_name(path.name.replace(".tune.json", ".so")).exists()
