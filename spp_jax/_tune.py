@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# Each case is (name, build) where build() returns {"fwd": (fn, args), "fwd_bwd": ...}.
+# _cases(family) gives (name, {"fwd": (jitted fn, args), "fwd_bwd": (jitted fn, args)}) pairs.
 ROUNDS = 2
 TARGET_S = 0.03  # each timing repeats a call for about this long
 
