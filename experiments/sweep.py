@@ -78,7 +78,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,8 @@ from spp_jax import _tune  # noqa: E402
 
 RESULTS_DIR = REPO / "experiments" / "results"
 SWEEP_FILE = "sweep.json"
+MULTIVIEW_FILE = "multiview.json"
+MULTIVIEW_SCRIPT = REPO / "experiments" / "benchmarks" / "multiview.py"
 LOG_FILE = "train.log"
 XLA_CACHE = "xla_cache"
 METRICS_FILE = "metrics.jsonl"
@@ -275,7 +277,30 @@ def run_state(run: Run) -> str:
             f"{run.run_dir} holds a run of {theirs}, the grid now asks for {mine}: delete "
             "the directory or use another --workdir"
         )
-    return "done" if final_metrics(run.run_dir) is not None else "resume"
+    return "done" if _trained(run) and _multiview_done(run) else "resume"
+
+
+def _trained(run: Run) -> bool:
+    return final_metrics(run.run_dir) is not None
+
+
+def _multiview_done(run: Run) -> bool:
+    return not run.variant.multiview or (run.run_dir / MULTIVIEW_FILE).exists()
+
+
+def multiview_metrics(run_dir: str | os.PathLike) -> dict[str, float]:
+    """Top-1 of the run's multi-view test (``RUN_DIR/multiview.json``, written by
+    ``experiments/benchmarks/multiview.py``) as flat metrics: ``fmap{V}_{S}`` (V views
+    pooled from the feature map, images of short side S) and ``whole{V}_{S}`` (the same
+    views cropped and run through the whole network); ``{}`` without that file."""
+    path = Path(run_dir) / MULTIVIEW_FILE
+    if not path.exists():
+        return {}
+    out = {}
+    for row in json.loads(path.read_text())["rows"]:
+        out[f"fmap{row['views']}_{row['size']}"] = float(row["feature_map"]["top1"])
+        out[f"whole{row['views']}_{row['size']}"] = float(row["whole_net"]["top1"])
+    return out
 
 
 def provenance() -> dict[str, Any]:
@@ -326,16 +351,8 @@ def subprocess_env(xla_cache: str | os.PathLike | None = None) -> dict[str, str]
     return env
 
 
-def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
-    """Runs ``spp-jax train`` for ``run`` in a subprocess; True if it finished."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    if read_sweep_file(run.run_dir) is None:
-        (run.run_dir / SWEEP_FILE).write_text(
-            json.dumps({**run.identity(), "seconds": 0.0, "attempts": []}, indent=2) + "\n"
-        )
-    cmd = run.command(python)
-    started = provenance()
-    t0 = time.perf_counter()
+def _logged(cmd: list[str], run: Run, env) -> int:
+    """Runs ``cmd`` from the repository root, its output appended to the run's log."""
     with open(run.run_dir / LOG_FILE, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
@@ -347,13 +364,41 @@ def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
             cwd=REPO,
             check=False,
         )
-    seconds = time.perf_counter() - t0
-    _update_sweep_file(run, seconds, proc.returncode, started)
-    finished = proc.returncode == 0 and final_metrics(run.run_dir) is not None
+    return proc.returncode
+
+
+def multiview_command(run: Run, python: str = sys.executable) -> list[str]:
+    """Scores the run's checkpoint with 1, 10 and 18 views, both ways, on the whole
+    test split, into ``RUN_DIR/multiview.json``."""
+    out = run.run_dir / MULTIVIEW_FILE
+    return [python, str(MULTIVIEW_SCRIPT), "--workdir", str(run.run_dir), "--out", str(out)]
+
+
+def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
+    """Runs ``spp-jax train`` for ``run`` in a subprocess (unless it has finished), then,
+    for a ``multiview`` variant, its multi-view test; True if both finished."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if read_sweep_file(run.run_dir) is None:
+        (run.run_dir / SWEEP_FILE).write_text(
+            json.dumps({**run.identity(), "seconds": 0.0, "attempts": []}, indent=2) + "\n"
+        )
+    rc = 0
+    if not _trained(run):
+        started = provenance()
+        t0 = time.perf_counter()
+        rc = _logged(run.command(python), run, env)
+        seconds = time.perf_counter() - t0
+        _update_sweep_file(run, seconds, rc, started)
+    else:
+        seconds = 0.0
+    if rc == 0 and _trained(run) and not _multiview_done(run):
+        t0 = time.perf_counter()
+        rc = _logged(multiview_command(run, python), run, env)
+        seconds += time.perf_counter() - t0
+    finished = rc == 0 and _trained(run) and _multiview_done(run)
     if not finished:
         say(
-            f"  {run.label}: FAILED (exit {proc.returncode}) after {seconds:.0f} s; "
-            f"see {run.run_dir / LOG_FILE}"
+            f"  {run.label}: FAILED (exit {rc}) after {seconds:.0f} s; see {run.run_dir / LOG_FILE}"
         )
     else:
         say(f"  {run.label}: done in {seconds:.0f} s")
@@ -371,11 +416,13 @@ def run_sweep(
     dry_run: bool = False,
     python: str = sys.executable,
     xla_cache: str | os.PathLike | None = "",
+    on_finished: Callable[[], None] | None = None,
 ) -> dict[str, list[str]]:
     """Runs the unfinished runs of ``grid`` x ``seeds`` under ``workdir``.
 
     ``xla_cache``: the runs' compilation cache (:func:`subprocess_env`); ``""`` (the
-    default) is ``WORKDIR/xla_cache``, ``None`` none.
+    default) is ``WORKDIR/xla_cache``, ``None`` none. ``on_finished`` is called (one call
+    at a time) after every run that finishes, e.g. to write the records so far.
 
     Returns:
       ``{"executed": [...], "skipped": [...], "failed": [...], "planned": [...]}`` of run
@@ -412,6 +459,7 @@ def run_sweep(
     if xla_cache == "":
         xla_cache = Path(workdir) / XLA_CACHE
     env = subprocess_env(xla_cache)
+    finished_lock = threading.Lock()
 
     def attempt(run: Run) -> bool:
         for i in range(1 + max(0, retries)):
@@ -420,6 +468,9 @@ def run_sweep(
             else:
                 say(f"  {run.label}: started -> {run.run_dir}")
             if execute(run, python=python, env=env):
+                if on_finished is not None:
+                    with finished_lock:
+                        on_finished()
                 return True
         return False
 
@@ -462,7 +513,10 @@ def collect_records(grid: Grid, workdir: str | os.PathLike) -> list[dict]:
                     "config": variant.config,
                     "seed": seed,
                     "overrides": jsonable(variant.overrides),
-                    "metrics": final_metrics(run.run_dir),
+                    "metrics": {
+                        **(final_metrics(run.run_dir) or {}),
+                        **multiview_metrics(run.run_dir),
+                    },
                     "seconds": saved.get("seconds"),
                     "num_epochs": num_epochs,
                     "curve": [[epoch, acc] for epoch, acc in curve],
@@ -486,9 +540,12 @@ def default_results_path(grid_name: str) -> Path:
 
 
 def write_results(records: list[dict], path: str | os.PathLike) -> Path:
+    """Writes the records atomically (a temporary file renamed over ``path``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -575,16 +632,38 @@ def summarize(records: list[dict], grid: Grid | None = None) -> dict[str, Any]:
     return {"variants": variants, "comparisons": comparisons}
 
 
+#: A paired difference whose 95 % interval contains 0 and is narrower than this on
+#: each side says "no difference beyond this margin" rather than "not resolved".
+EQUIVALENCE_MARGIN = 0.02
+
+VERDICT_COLORS = {"holds": "tab:green", "reversed": "tab:red", "no difference": "tab:blue"}
+
+
 def verdict(stats: dict) -> str:
+    """What a paired difference's 95 % interval says of the claim ``a > b``:
+
+    * ``holds``: the interval lies above 0;
+    * ``reversed``: it lies below 0;
+    * ``no difference``: it contains 0 and its half-width is under
+      :data:`EQUIVALENCE_MARGIN` (no difference beyond 2 points on this benchmark);
+    * ``not resolved``: it contains 0 and is wider (more seeds would narrow it).
+
+    >>> verdict({"n": 5, "ci95": [0.01, 0.05]}), verdict({"n": 5, "ci95": [-0.01, 0.015]})
+    ('holds', 'no difference')
+    >>> verdict({"n": 5, "ci95": [-0.05, 0.01]}), verdict({"n": 5, "ci95": [-0.06, -0.01]})
+    ('not resolved', 'reversed')
+    """
     if stats["n"] == 0:
         return "no data"
     if stats["ci95"] is None:
         return "n < 2"
     lo, hi = stats["ci95"]
     if lo > 0:
-        return "yes"
+        return "holds"
     if hi < 0:
-        return "no: reversed"
+        return "reversed"
+    if (hi - lo) / 2 < EQUIVALENCE_MARGIN:
+        return "no difference"
     return "not resolved"
 
 
@@ -673,9 +752,12 @@ def markdown(records: list[dict], summary: dict, grid: Grid | None, source: str)
             "## Paired differences (a - b, percentage points, paired by seed)",
             "",
             "95 % t-interval of the mean difference over seeds (t with n - 1 degrees of "
-            "freedom); *holds* says whether it lies above 0.",
+            "freedom). *Verdict*: **holds** (the interval lies above 0), **reversed** (below "
+            "0), **no difference** (it contains 0 and its half-width is under "
+            f"{100 * EQUIVALENCE_MARGIN:.0f} points), **not resolved** (it contains 0 and is "
+            "wider).",
             "",
-            "| claim | a | b | n | mean | std | 95 % interval | per seed | holds |",
+            "| claim | a | b | n | mean | std | 95 % interval | per seed | verdict |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for c in summary["comparisons"]:
@@ -751,7 +833,7 @@ def plot_differences(summary: dict, path: Path) -> Path:
         err = None
         if c["ci95"] is not None:
             err = [[mean - 100 * c["ci95"][0]], [100 * c["ci95"][1] - mean]]
-        color = {"yes": "tab:green", "no: reversed": "tab:red"}.get(verdict(c), "tab:gray")
+        color = VERDICT_COLORS.get(verdict(c), "tab:gray")
         ax.barh(y, mean, xerr=err, color=color, alpha=0.7, capsize=4)
         ax.plot([100 * d for d in c["diffs"]], [y] * len(c["diffs"]), "k.", markersize=4, zorder=3)
     ax.set_yticks(
@@ -950,6 +1032,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if grid is None or not args.workdir:
         parser.error("--grid and --workdir are required (except with --report-only)")
+
+    def save_records() -> None:
+        """The records of every finished run so far: a stopped sweep keeps them."""
+        write_results(collect_records(grid, args.workdir), results)
+
     out = run_sweep(
         grid,
         args.workdir,
@@ -960,6 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
         dry_run=args.dry_run,
         python=args.python,
         xla_cache=None if args.xla_cache == "none" else args.xla_cache,
+        on_finished=save_records,
     )
     if args.dry_run:
         return 0

@@ -219,24 +219,29 @@ def test_paper_grid():
     from spp_jax.datasets.spp_shapes import SIZE_RANGE
 
     grid = grids.get_grid("paper")
-    assert grid.seeds == (0, 1, 2)
+    assert len(grid.seeds) >= 5
     names = grid.names()
     assert len(set(names)) == len(names)
-    assert {"nospp", "single", "default", "default_random", "single_30bin"} <= set(names)
-    assert grid.variant("default_nocenter").overrides["model.center_input"] is False
-    assert get_config("default").model.center_input is True
+    assert {"nospp", "single", "default", "default_random", "single_30bin"} == set(names)
     sizes = grids.PAPER_EVAL_SIZES
     assert min(sizes) == SIZE_RANGE[0] and max(sizes) == SIZE_RANGE[1]
     assert grid.variant("default_random").overrides["train_sizes"] == (90, 112)
     assert grid.variant("single_30bin").overrides["model.levels"] == (4, 3, 2, 1)
     assert tuple(get_config("single").model.levels) == (6, 3, 2, 1)
+    # One schedule for every variant.
+    for v in grid.variants:
+        assert {k: v.overrides[k] for k in grids.PAPER_SCHEDULE} == grids.PAPER_SCHEDULE, v
 
     def measures(name):
         v = grid.variant(name)
         c = get_config(v.config)
         eval_sizes = v.overrides.get("eval_sizes", c.eval_sizes)
         modes = ["center"] + (["full"] if c.model.head == "spp" and c.eval_full_image else [])
-        return {f"{m}_{s}" for m in modes for s in eval_sizes}
+        out = {f"{m}_{s}" for m in modes for s in eval_sizes}
+        if v.multiview:  # experiments/benchmarks/multiview.py's default test size
+            size = round(c.crop_size * c.resize_ratio)
+            out |= {f"{way}{n}_{size}" for way in ("fmap", "whole") for n in (1, 10, 18)}
+        return out
 
     assert measures("nospp") == {"center_112"}
     for c in grid.comparisons:
@@ -272,7 +277,7 @@ def test_paired_differences():
     assert spp["seeds"] == [0, 1] and spp["diffs"] == pytest.approx([0.10, 0.07])
     assert spp["mean"] == pytest.approx(0.085) and spp["n"] == 2
     full = next(c for c in summary["comparisons"] if c["label"].startswith("full image > cen"))
-    assert full["diffs"] == pytest.approx([0.05] * 3) and sweep.verdict(full) == "yes"
+    assert full["diffs"] == pytest.approx([0.05] * 3) and sweep.verdict(full) == "holds"
     multi = next(c for c in summary["comparisons"] if c["a"] == "default")
     assert multi["n"] == 0 and sweep.verdict(multi) == "no data"
     single = summary["variants"]["single"]["metrics"]["center_112"]
@@ -321,3 +326,50 @@ def test_learning_curves_and_convergence(tmp_path):
     assert "| a | 0 | 7 | 80.0 | 0.0 | yes |" in table
     assert "| a | 2 | 7 | 82.0 | 2.0 | no |" in table
     assert sweep.plot_curves(records, tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_multiview_step_after_training_and_its_records(tmp_path):
+    """A ``multiview`` variant's run is done only once its multi-view test has written
+    ``multiview.json``; a trained run is not trained again for it, and its record holds
+    the multi-view top-1s beside the final evaluation's."""
+    variant = grids.Variant("mv", "tiny", {"num_epochs": 1}, multiview=True)
+    grid = grids.Grid("mv_test", (variant,), (), seeds=(0,))
+    run = sweep.plan(grid, tmp_path / "w", [0])[0]
+    run.run_dir.mkdir(parents=True)
+    identity = {**run.identity(), "seconds": 5.0, "attempts": [{"rc": 0, "commit": "abc"}]}
+    (run.run_dir / "sweep.json").write_text(json.dumps(identity))
+    final = {"final": {"48": {"center": {"top1": 0.5}}}, "metrics": {"center_48": 0.5}}
+    (run.run_dir / "metrics.jsonl").write_text(json.dumps(final) + "\n")
+    assert sweep.run_state(run) == "resume"  # trained, not yet scored with views
+
+    rows = [
+        {"size": 55, "views": v, "feature_map": {"top1": 0.6 + v / 100},
+         "whole_net": {"top1": 0.55 + v / 100}}
+        for v in (1, 10)
+    ]  # fmt: skip
+    fake = tmp_path / "fake_python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = "-m" ] && exit 3\n'  # training again would be a bug
+        'while [ "$#" -gt 0 ]; do [ "$1" = "--out" ] && out="$2"; shift; done\n'
+        f"printf '%s' '{json.dumps({'rows': rows})}' > \"$out\"\n"
+    )
+    fake.chmod(0o755)
+    failing = tmp_path / "failing_python"
+    failing.write_text("#!/bin/sh\nexit 1\n")
+    failing.chmod(0o755)
+
+    out = sweep.run_sweep(grid, tmp_path / "w", python=str(failing), retries=0, xla_cache=None)
+    assert out["failed"] == ["mv/seed0"] and sweep.run_state(run) == "resume"
+    saved = []
+    out = sweep.run_sweep(
+        grid, tmp_path / "w", python=str(fake), xla_cache=None, on_finished=lambda: saved.append(1)
+    )
+    assert out["executed"] == ["mv/seed0"] and saved == [1]
+    assert sweep.run_state(run) == "done"
+    (record,) = sweep.collect_records(grid, tmp_path / "w")
+    assert record["metrics"] == pytest.approx(
+        {"center_48": 0.5, "fmap1_55": 0.61, "whole1_55": 0.56, "fmap10_55": 0.7,
+         "whole10_55": 0.65}
+    )  # fmt: skip
+    assert record["commit"] == "abc"
