@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax import workdirs
 from spp_jax.geometry import output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
+from spp_jax.workdirs import WorkdirError
 
 log = logging.getLogger("spp_jax")
 
@@ -90,8 +92,9 @@ def load_config(
       The ``ml_collections.ConfigDict``.
 
     Raises:
-      SystemExit: an unknown name, a missing file, a file without ``get_config()``, or
-        an override of a key the config does not have; the message names it.
+      SystemExit: an unknown name, a missing file, a file without ``get_config()``, an
+        override of a key the config does not have, or a value the key does not accept
+        (:func:`spp_jax.configs.check`); the message names it.
     """
     import ast
     from pathlib import Path
@@ -154,6 +157,10 @@ def load_config(
                 f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
                 f"(now {node[leaf]!r}), got {value!r}"
             ) from e
+    try:
+        configs.check(config, kind)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return config
 
 
@@ -593,99 +600,157 @@ def main(argv: list[str] | None = None) -> int:
         help="skip files that cannot be read as images (each with a warning; listed in "
         "detections.json's 'skipped') instead of stopping at the first with an error naming it",
     )
+    for sub_parser, handler in (
+        (d, _demo_command),
+        (t, _train_command),
+        (e, _eval_command),
+        (x, _extract_command),
+        (dt, _detect_train_command),
+        (de, _detect_eval_command),
+        (dd, _detect_command),
+    ):
+        sub_parser.set_defaults(func=handler)
     args = parser.parse_args(argv)
     _setup_logging()
-    if args.command in ("train", "eval", "extract", "detect-train", "detect-eval", "detect"):
+    if args.command is None:
+        return _demo_command(args)
+    if args.command != "demo":
         _import_tensorflow_quietly()  # they read data or decode images with TensorFlow
-    if args.command == "train":
-        import spp_jax
-        from spp_jax import train
+    prefix = f"spp-jax {args.command}: error:"
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("SPP_JAX_TRACEBACK"):
+            raise
+        raise SystemExit(f"{prefix} {_one_line(err)}") from None
+    except SystemExit as err:  # load_config's messages
+        if isinstance(err.code, str) and not err.code.startswith(prefix):
+            raise SystemExit(f"{prefix} {err.code}") from None
+        raise
 
-        log.info("spp_jax %s from %s", spp_jax.__version__, os.path.dirname(spp_jax.__file__))
-        config = load_config(args.config, args.set)
-        _init_distributed(args)
-        train.train_and_evaluate(config, args.workdir)
-        return 0
-    if args.command == "eval":
-        from spp_jax import train
 
-        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        if args.views == 1 and not args.compare_whole_net:
-            train.evaluate_workdir(args.workdir, sizes)
-            return 0
-        from spp_jax import multiview
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (an OSError's with its file name)."""
+    if isinstance(err, OSError) and err.filename and not isinstance(err, WorkdirError):
+        text = f"{err.strerror or err}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
-        try:
-            multiview.evaluate_workdir(
-                args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
-            )
-        except (FileNotFoundError, ValueError) as e:  # not a workdir, a pool6 head
-            raise SystemExit(f"eval: {e}") from None
-        return 0
-    if args.command == "extract":
-        from spp_jax.data import BadImageError
-        from spp_jax.extract import extract_features
 
-        try:
-            extract_features(
-                args.workdir,
-                args.images,
-                args.out,
-                size=args.size,
-                batch_size=args.batch_size,
-                split=args.split,
-                limit=args.limit,
-                on_bad_image="skip" if args.skip_bad_images else "raise",
-            )
-        except BadImageError as e:  # one line naming the file, no traceback
-            log.error("%s (--skip-bad-images skips such files)", e)
-            return 1
-        return 0
-    if args.command == "detect-train":
-        config = load_config(args.config, args.set, kind="detection")
-        try:
-            detect_train(config, args.workdir)
-        except FileNotFoundError as e:  # no data, no backbone workdir
-            raise SystemExit(f"detect-train: {e}") from None
-        return 0
-    if args.command == "detect-eval":
-        try:
-            detect_eval(
-                args.workdir,
-                scales=args.scales,
-                split=args.split,
-                scorer=args.scorer,
-                regress=not args.no_bbox,
-            )
-        except (FileNotFoundError, ValueError) as e:  # not a finished workdir, no split
-            raise SystemExit(f"detect-eval: {e}") from None
-        return 0
-    if args.command == "detect":
-        from spp_jax.data import BadImageError
+#: Errors that a command's input causes (a path, a value, a full or read-only disk):
+#: shown as one line naming it, without a traceback (``SPP_JAX_TRACEBACK=1`` shows it).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
-        try:
-            detect_images(
-                args.workdir,
-                args.images,
-                args.out,
-                scales=args.scales,
-                min_score=args.min_score,
-                on_bad_image="skip" if args.skip_bad_images else "raise",
-            )
-        except BadImageError as e:  # one line naming the file, no traceback
-            log.error("%s (--skip-bad-images skips such files)", e)
-            return 1
-        except FileNotFoundError as e:  # an input or the workdir
-            raise SystemExit(f"detect: {e}") from None
-        return 0
-    if args.command in (None, "demo"):
-        levels = tuple(int(v) for v in getattr(args, "levels", "6,3,2,1").split(","))
-        out = demo(levels, getattr(args, "channels", 256))
-        if out["padded_max_abs_diff"] != 0.0:
-            log.error("padded batch differs from per-size pooling")
-            return 1
-        log.info("ok")
+
+def _demo_command(args) -> int:
+    levels = tuple(int(v) for v in getattr(args, "levels", "6,3,2,1").split(","))
+    out = demo(levels, getattr(args, "channels", 256))
+    if out["padded_max_abs_diff"] != 0.0:
+        log.error("padded batch differs from per-size pooling")
+        return 1
+    log.info("ok")
     return 0
+
+
+def _train_command(args) -> int:
+    import spp_jax
+    from spp_jax import train
+
+    log.info("spp_jax %s from %s", spp_jax.__version__, os.path.dirname(spp_jax.__file__))
+    config = load_config(args.config, args.set)
+    _init_distributed(args)
+    workdirs.check_run_dir(args.workdir, "classification")
+    train.train_and_evaluate(config, args.workdir)
+    return 0
+
+
+def _eval_command(args) -> int:
+    from spp_jax import train
+
+    workdirs.require(args.workdir, "classification")
+    sizes = _sizes_arg(args.sizes) if args.sizes else None
+    if args.views == 1 and not args.compare_whole_net:
+        train.evaluate_workdir(args.workdir, sizes)
+        return 0
+    from spp_jax import multiview
+
+    multiview.evaluate_workdir(
+        args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
+    )
+    return 0
+
+
+def _extract_command(args) -> int:
+    from spp_jax.data import BadImageError
+    from spp_jax.extract import extract_features
+
+    workdirs.require(args.workdir, "classification")
+    workdirs.check_output_file(args.out)
+    try:
+        extract_features(
+            args.workdir,
+            args.images,
+            args.out,
+            size=args.size,
+            batch_size=args.batch_size,
+            split=args.split,
+            limit=args.limit,
+            on_bad_image="skip" if args.skip_bad_images else "raise",
+        )
+    except BadImageError as err:  # one line naming the file, no traceback
+        log.error("%s (--skip-bad-images skips such files)", err)
+        return 1
+    return 0
+
+
+def _detect_train_command(args) -> int:
+    config = load_config(args.config, args.set, kind="detection")
+    workdirs.check_run_dir(args.workdir, "detection")
+    detect_train(config, args.workdir)
+    return 0
+
+
+def _detect_eval_command(args) -> int:
+    workdirs.require(args.workdir, "detection")
+    detect_eval(
+        args.workdir,
+        scales=args.scales,
+        split=args.split,
+        scorer=args.scorer,
+        regress=not args.no_bbox,
+    )
+    return 0
+
+
+def _detect_command(args) -> int:
+    from spp_jax.data import BadImageError
+
+    workdirs.require(args.workdir, "detection")
+    workdirs.check_output_dir(args.out)
+    try:
+        detect_images(
+            args.workdir,
+            args.images,
+            args.out,
+            scales=args.scales,
+            min_score=args.min_score,
+            on_bad_image="skip" if args.skip_bad_images else "raise",
+        )
+    except BadImageError as err:  # one line naming the file, no traceback
+        log.error("%s (--skip-bad-images skips such files)", err)
+        return 1
+    return 0
+
+
+def _sizes_arg(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(v <= 0 for v in sizes):
+        raise ValueError(f"--sizes {text!r}: give comma-separated positive integers, e.g. 90,112")
+    return sizes
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import optax
 from flax import jax_utils
 from flax.training import train_state
 
+from spp_jax import configs, workdirs
 from spp_jax import data as data_lib
 from spp_jax import metrics as metrics_lib
 from spp_jax.models import SPPNet
@@ -316,12 +317,32 @@ def restore_checkpoint(manager, state: TrainState, step: int | None = None) -> T
     step = manager.latest_step() if step is None else step
     target = jax.tree_util.tree_map(np.asarray, _savable(state))
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    _check_restored_shapes(target, restored, f"{manager.directory}/{step}")
     return state.replace(
         step=jnp.array(restored["step"], jnp.int32),
         params=restored["params"],
         opt_state=restored["opt_state"],
         dropout_key=restored["dropout_key"],
     )
+
+
+def _check_restored_shapes(target, restored, where: str) -> None:
+    """Raises a one-line :class:`spp_jax.workdirs.WorkdirError` naming the first array
+    whose saved shape differs from the model's: a checkpoint of another architecture
+    (or a ``config.json`` edited after training) restores without complaint otherwise,
+    and fails later deep inside the network."""
+    want = flax.traverse_util.flatten_dict(target["params"], sep="/")
+    got = flax.traverse_util.flatten_dict(restored["params"], sep="/")
+    for key in sorted(set(want) | set(got)):
+        w, g = want.get(key), got.get(key)
+        if w is None or g is None or np.shape(w) != np.shape(g):
+            saved = "absent" if g is None else f"shape {tuple(np.shape(g))}"
+            expected = "no such parameter" if w is None else f"shape {tuple(np.shape(w))}"
+            raise workdirs.WorkdirError(
+                f"checkpoint {where} does not fit the model its workdir's config.json "
+                f"describes: parameter {key} is {saved} there, the model expects {expected} "
+                "(a checkpoint of another architecture?)"
+            )
 
 
 def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
@@ -338,8 +359,11 @@ def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
 
 def save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        path = os.path.join(workdir, "config.json")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(tmp, path)  # a run killed here leaves the old file or the new, whole
 
 
 def load_config(workdir: str):
@@ -374,22 +398,6 @@ def _progress(iterable: Iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=1.0, disable=None)
 
 
-def check_workdir(workdir: str) -> None:
-    """A workdir must be a filesystem path (on several hosts: one that all of them
-    share, e.g. NFS or a gcsfuse mount): metrics, configs and checkpoints are written
-    with plain file I/O, so a URL such as ``gs://bucket/run`` would silently become a
-    local directory named ``gs:`` on each host.
-
-    Raises:
-      ValueError: ``workdir`` is a URL.
-    """
-    if "://" in str(workdir):
-        raise ValueError(
-            f"workdir {workdir!r} is a URL; give a filesystem path (on several hosts a "
-            "shared one, e.g. NFS or a gcsfuse mount of the bucket)"
-        )
-
-
 def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = None) -> dict:
     """Trains, checkpoints and evaluates; resumes from ``workdir`` if it has a checkpoint.
 
@@ -403,7 +411,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
       ``{"state": host TrainState, "eval": final evaluation dict or None,
       "train_compiles": shapes the train step was compiled for}``.
     """
-    check_workdir(workdir)
+    configs.check(config)
+    workdirs.check_run_dir(workdir, "classification")
     n_proc, n_local = jax.process_count(), jax.local_device_count()
     n_dev = jax.device_count()
     if config.batch_size % n_dev:

@@ -1,3 +1,17 @@
+"""The ``spp-jax`` command line: its subcommands end to end, what a user sees on the
+terminal, and the one-line errors for bad paths and values."""
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
 from spp_jax import cli
 
 
@@ -5,21 +19,6 @@ def test_demo_runs_and_padded_batch_matches():
     out = cli.demo(levels=(2, 1), channels=3, batch=1)
     assert out["dim"] == 15 and out["padded_max_abs_diff"] == 0.0
 
-
-def test_main_exit_code():
-    assert cli.main(["demo", "--levels", "2,1", "--channels", "4"]) == 0
-
-
-# ------------------------------------------------- train / eval / extract, end to end
-
-import logging  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +92,98 @@ def test_cli_train_eval_extract_end_to_end(tmp_path, monkeypatch, caplog):
     assert cli.main([*args, "--limit", "5", "--batch-size", "4"]) == 0
     tf_feats = np.load(out2)
     assert tf_feats["features"].shape == (5, dim) and tf_feats["labels"].shape == (5,)
+
+    # A checkpoint that does not fit the model its config.json describes.
+    other = tmp_path / "other"
+    shutil.copytree(workdir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["width"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    message = _one_line_error(["eval", "--workdir", str(other)], "eval")
+    assert "does not fit the model" in message and "conv1/" in message, message
+
+
+def _one_line_error(argv, command) -> str:
+    """``spp-jax ARGV`` in this process: it must exit with one line naming the command."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    message = exc.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"spp-jax {command}: error: "), message
+    return message
+
+
+def test_every_bad_path_or_value_is_one_line(tmp_path, monkeypatch):
+    """Each mistake exits with one line that names the bad path or value and what is
+    accepted; nothing is read or trained first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    det = tmp_path / "det"
+    det.mkdir()
+    (det / "config.json").write_text(json.dumps({"backbone_config": "default"}))
+    cls = tmp_path / "cls"
+    (cls / "checkpoints").mkdir(parents=True)
+    (cls / "config.json").write_text(json.dumps({"model": {"arch": "zf5"}}))
+    cases = [
+        (["eval", "--workdir", "empty"], "'empty' is not a workdir"),
+        (["eval", "--workdir", "missing"], "'missing' does not exist"),
+        (["eval", "--workdir", "afile"], "'afile' is a file"),
+        (["eval", "--workdir", "det"], "'det' is a detection workdir"),
+        (["eval", "--workdir", "cls"], "'cls' has no checkpoint yet"),
+        (["extract", "--workdir", "missing", "--images", "x", "--out", "o.npz"], "'missing'"),
+        (["detect", "--workdir", "cls", "--images", "x", "--out", "o"], "classification workdir"),
+        (["detect-eval", "--workdir", "empty"], "'empty' is not a workdir"),
+        (["train", "--config", "tiny", "--workdir", "afile"], "'afile' is a file"),
+        (["train", "--config", "tiny", "--workdir", "det"], "holds a detection run"),
+        (["detect-train", "--workdir", "cls"], "holds a classification run"),
+        (["train", "--config", "tiny", "--workdir", "w", "--set", "learning_rate=-1"],
+         "config key learning_rate: got -1.0; accepted: a number > 0"),
+        (["train", "--config", "tiny", "--workdir", "w", "--set", "min_crop_area=1.5"],
+         "min_crop_area: got 1.5; accepted: a number in (0, 1]"),
+        (["train", "--config", "tiny", "--workdir", "w", "--set", "lr_schedule=linear"],
+         "lr_schedule: got 'linear'; accepted: one of 'step', 'cosine'"),
+        (["train", "--config", "tiny", "--workdir", "w", "--set", "train_sizes=(0, 48)"],
+         "train_sizes: got (0, 48)"),
+        (["detect-train", "--workdir", "w", "--set", "finetune.bg_iou=(0.5, 0.1)"],
+         "finetune.bg_iou"),
+        (["detect-train", "--workdir", "w", "--set", "backbone_overrides.num_epochs=0"],
+         "backbone_overrides.num_epochs: got 0"),
+        (["eval", "--workdir", "missing", "--sizes", "0,x"], "'missing'"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        message = _one_line_error(argv, argv[0])
+        assert expected in message, (argv, message)
+    assert not (tmp_path / "w").exists()  # a bad config is refused before the workdir
+    # A file where the output folder or file should be, in a classification workdir's
+    # place: found before any model is loaded.
+    cls_trained = tmp_path / "cls2"
+    (cls_trained / "checkpoints" / "5").mkdir(parents=True)
+    (cls_trained / "config.json").write_text(json.dumps({"model": {"arch": "zf5"}}))
+    args = ["extract", "--workdir", str(cls_trained), "--images", "x", "--out", "empty"]
+    assert "'empty' is a folder" in _one_line_error(args, "extract")
+    det_done = tmp_path / "det2"
+    (det_done / "stages").mkdir(parents=True)
+    (det_done / "config.json").write_text(json.dumps({"backbone_config": "default"}))
+    args = ["detect", "--workdir", str(det_done), "--images", "x", "--out", "afile"]
+    assert "--out 'afile' is a file" in _one_line_error(args, "detect")
+
+
+def test_an_error_exits_1_with_one_line_and_no_traceback(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "spp_jax", "eval", "--workdir", str(tmp_path / "nope")],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1
+    lines = [line for line in run.stderr.splitlines() if not NOISE.search(line)]
+    assert lines == [
+        f"spp-jax eval: error: workdir {str(tmp_path / 'nope')!r} does not exist: give the "
+        "--workdir of a finished `spp-jax train` run"
+    ], run.stderr
 
 
 # ------------------------------------------------------ what a user sees on the terminal

@@ -119,7 +119,7 @@ def test_detect_eval_prints_the_ap_table(trained):
 
 
 def test_detect_eval_of_a_missing_workdir_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match=r"detect-eval: .*config\.json not found"):
+    with pytest.raises(SystemExit, match=r"detect-eval: error: .* is not a workdir"):
         cli.main(["detect-eval", "--workdir", str(tmp_path)])
 
 
@@ -205,7 +205,7 @@ def test_detect_corrupt_file_is_one_line_naming_it(trained, tmp_path, caplog):
     res = json.loads((out / "detections.json").read_text())
     assert [os.path.basename(p) for p in res["skipped"]] == ["bad.png"]
     assert [os.path.basename(r["path"]) for r in res["images"]] == ["good.png"]
-    with pytest.raises(SystemExit, match=r"detect: no such file or folder: .*missing\.png"):
+    with pytest.raises(SystemExit, match=r"detect: error: no such file or folder: .*missing\.png"):
         cli.main(
             [
                 "detect",

@@ -278,15 +278,20 @@ def test_cli_eval_dispatch(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(cli, "_import_tensorflow_quietly", lambda: None)
     monkeypatch.setattr(train, "evaluate_workdir", lambda *a, **k: calls.append(("train", a, k)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w" / "checkpoints" / "10").mkdir(parents=True)
+    (tmp_path / "w" / "config.json").write_text('{"model": {"head": "spp"}}')
     cli.main(["eval", "--workdir", "w", "--sizes", "96,128"])
     assert calls == [("train", ("w", [96, 128]), {})]  # --views 1: the existing evaluation
 
     # No workdir / a pool6 model: one line naming the problem.
-    with pytest.raises(SystemExit, match=r"eval: .*config\.json not found"):
-        cli.main(["eval", "--workdir", str(tmp_path), "--views", "10"])
-    (tmp_path / "config.json").write_text('{"model": {"head": "pool6"}}')
-    with pytest.raises(SystemExit, match=r"eval: .*needs head=\"spp\".*head='pool6'"):
-        cli.main(["eval", "--workdir", str(tmp_path), "--views", "18"])
+    (tmp_path / "p" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"eval: error: 'p' is not a workdir"):
+        cli.main(["eval", "--workdir", "p", "--views", "10"])
+    (tmp_path / "p" / "checkpoints" / "10").mkdir()
+    (tmp_path / "p" / "config.json").write_text('{"model": {"head": "pool6"}}')
+    with pytest.raises(SystemExit, match=r"eval: error: .*needs head=\"spp\".*head='pool6'"):
+        cli.main(["eval", "--workdir", "p", "--views", "18"])
 
     monkeypatch.setattr(multiview, "evaluate_workdir", lambda *a, **k: calls.append(("mv", a, k)))
     cli.main(["eval", "--workdir", "w", "--views", "18", "--compare-whole-net"])

@@ -24,7 +24,9 @@ import importlib
 import pkgutil
 from typing import Any
 
-__all__ = ["available", "get_config"]
+from spp_jax.configs._checks import check
+
+__all__ = ["available", "check", "get_config"]
 
 
 KINDS = ("classification", "detection")

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax import configs, workdirs
 from spp_jax.detection import bbox_regression, evaluation, features, finetune, svm
 from spp_jax.detection.boxes import box_iou
 from spp_jax.detection.suppression import nms
@@ -733,7 +734,8 @@ def _stages_before_eval(config) -> list[str]:
 def detect_train(config, workdir: str) -> dict:
     """Runs (or resumes) every stage and the test evaluation; returns the metrics
     (also the last line of ``WORKDIR/metrics.jsonl``)."""
-    os.makedirs(workdir, exist_ok=True)
+    configs.check(config, "detection")
+    workdirs.check_run_dir(workdir, "detection")
     done = stage_done(workdir, "eval")
     if done is not None and all(stage_done(workdir, n) for n in _stages_before_eval(config)):
         # A finished run: the metrics it wrote, nothing recomputed.
