@@ -92,6 +92,19 @@ class MetricsWriter:
                 self._summary.write_scalars(int(step), values)
             self._summary.flush()
 
+    def truncate(self, step: int) -> None:
+        """Keeps the records up to ``step`` (a resumed run's checkpoint), drops the later
+        ones, any final evaluation and a line cut short by a crash: a run killed after
+        its last checkpoint writes those again, so ``metrics.jsonl`` ends as an
+        uninterrupted run's would. Rewrites the file atomically."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept = [r for r in _records(self.path) if "final" not in r and r.get("step", 0) <= step]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
     def close(self) -> None:
         """Flushes and closes the event file (the JSON file is closed after each line)."""
         if self._summary is not None:
@@ -110,8 +123,21 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
+    return _records(path)
+
+
+def _records(path: str) -> list[dict]:
+    """The JSON lines of ``path``; a last line cut short by a crash is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return records
 
 
 def plot_metrics(workdir: str) -> str | None:

@@ -466,6 +466,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     p_train_step = jax.pmap(counted_train_step, axis_name=AXIS, donate_argnums=(0,))
     p_state = replicate(state)
     writer = metrics_lib.MetricsWriter(workdir)
+    writer.truncate(start_step)  # what a killed run wrote after its last checkpoint
     seen_shapes: set[tuple[int, ...]] = set()
     step = start_step
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
@@ -530,10 +531,6 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         n = len(per_step)
         sums = {k: sum(float(m[k]) for m in per_step) for k in ("loss", "accuracy")}
         m = per_step[-1]
-        if step % steps_per_epoch == 0 and not (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-        ):
-            save_checkpoint(manager, unreplicate_to_host(p_state))
         record = {
             "epoch": epoch + 1,
             "step": step,
@@ -549,7 +546,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 config, builder, info, p_state.params, model, mode="center", size=config.crop_size
             )
             record.update({f"test_{k}": v for k, v in ev.items()})
+        # The record before the checkpoint: a run killed between the two resumes from
+        # the previous checkpoint, and the writer drops the record it then writes again.
         writer.write(record, step)
+        if step % steps_per_epoch == 0 and not (
+            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        ):
+            save_checkpoint(manager, unreplicate_to_host(p_state))
         log.info(
             "epoch %d/%d size %d: loss %.4f, train acc %.3f%s, %.1f s",
             epoch + 1,

@@ -230,6 +230,29 @@ def test_interrupted_stages_resume(trained, tmp_path):
     assert last_metrics(wd)["map_voc07"] == metrics["map_voc07"]
 
 
+def test_killed_at_any_moment_ends_as_an_uninterrupted_run(trained, tmp_path):
+    """``detect-train`` killed with SIGKILL in the backbone's training, selective search,
+    fine-tuning, the SVMs and the test evaluation, and rerun each time with the same
+    command, ends with the uninterrupted run's metrics, bit for bit."""
+    from tests import killing
+
+    args = ["detect-train", "--config", "detection_tiny", "--workdir", str(tmp_path / "run")]
+    for s in TRAIN_SETS:
+        args += ["--set", s]
+    kills = [
+        ("saved checkpoint at step 5", 0.0),  # the backbone saved, its stage not done
+        ("stage proposals ...", 1.0),  # in selective search
+        ("fine-tune step 2:", 0.0),
+        ("SVM class 3:", 0.0),  # in the first SVM stage
+        (": test ", 0.0),  # the first test row written
+    ]
+    outputs = killing.run_killed(args, killing.one_device_env(), kills)
+    assert "fine-tuning resumes at step 2" in "".join(outputs)
+    want, got = last_metrics(trained["workdir"]), last_metrics(str(tmp_path / "run"))
+    for key in ("map_voc07", "map_area", "ap_voc07", "ap_area", "main"):
+        assert got[key] == want[key], key
+
+
 # -------------------------------------------------------------------------- bad input
 
 

@@ -575,7 +575,6 @@ def stage_finetune(
         os.replace(tmp, ckpt)
 
     start = int(state.step)
-    metrics_sum = {"loss": 0.0, "accuracy": 0.0}
     bar = tqdm(range(start, ft.steps), desc="fine-tuning", initial=start, total=ft.steps)
     for step in bar:
         rng = np.random.default_rng([config.seed, step])
@@ -589,10 +588,6 @@ def stage_finetune(
         if done % ft.eval_every == 0 or done == ft.steps:
             m = jax.device_get(m)
             val = _validation_map(det, state.params, data["val"], props["val"], val_maps)
-            log.info(
-                "fine-tune step %d: loss %.3f, window accuracy %.3f, validation mAP %.4f",
-                done, float(m["loss"]), float(m["accuracy"]), val,
-            )  # fmt: skip
             if val > best["map"]:
                 best = {"map": val, "step": done}
                 tmp = f"{best_path}.tmp"
@@ -600,7 +595,10 @@ def stage_finetune(
                     out.write(flax.serialization.to_bytes(state.params))
                 os.replace(tmp, best_path)
             save(state, best)
-    del metrics_sum
+            log.info(
+                "fine-tune step %d: loss %.3f, window accuracy %.3f, validation mAP %.4f",
+                done, float(m["loss"]), float(m["accuracy"]), val,
+            )  # fmt: skip
     _finish(workdir, "finetune", time.perf_counter() - t0, best=best, steps=ft.steps)
     with open(best_path, "rb") as f:
         return flax.serialization.from_bytes(det.head_params, f.read())
