@@ -23,7 +23,6 @@ import numpy as np
 from spp_jax import workdirs
 from spp_jax.geometry import output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
-from spp_jax.workdirs import WorkdirError
 
 log = logging.getLogger("spp_jax")
 
@@ -631,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(err: BaseException) -> str:
     """The error's message on one line (an OSError's with its file name)."""
-    if isinstance(err, OSError) and err.filename and not isinstance(err, WorkdirError):
-        text = f"{err.strerror or err}: {err.filename}"
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())

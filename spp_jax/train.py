@@ -29,10 +29,12 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -292,13 +294,45 @@ def checkpoint_manager(workdir: str, keep: int = 3):
 
 
 def save_checkpoint(manager, state: TrainState) -> None:
-    """Saves the (host, unreplicated) state; atomic (temporary dir, then rename)."""
+    """Saves the (host, unreplicated) state; atomic (temporary dir, then rename).
+
+    Raises:
+      OSError: the file system is full (checked before writing, from the state's size)
+        or read-only; the message says which checkpoint is kept. A crash or a failed
+        save never touches the checkpoints already written.
+    """
     import orbax.checkpoint as ocp
 
     step = int(state.step)
-    manager.save(step, args=ocp.args.StandardSave(_savable(state)))
-    manager.wait_until_finished()
+    savable = _savable(state)
+    directory = str(manager.directory)
+    kept = f"the last saved checkpoint (step {manager.latest_step()}) is kept"
+    need = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(savable))
+    free = shutil.disk_usage(directory).free
+    if free < need + _SAVE_MARGIN_BYTES:
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left for checkpoint step {step} in {directory}: it needs about "
+            f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {kept}",
+        )
+    try:
+        manager.save(step, args=ocp.args.StandardSave(savable))
+        manager.wait_until_finished()
+    except Exception as e:
+        text = str(e)
+        for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            if os.strerror(code) in text:
+                raise OSError(
+                    code,
+                    f"could not save checkpoint step {step} in {directory}: "
+                    f"{os.strerror(code)}; {kept}",
+                ) from None
+        raise
     log.info("saved checkpoint at step %d", step)
+
+
+#: Room beyond the arrays' bytes that a checkpoint needs (OCDBT's index and metadata).
+_SAVE_MARGIN_BYTES = 256 * 1024
 
 
 def _savable(state: TrainState) -> dict:
