@@ -257,22 +257,6 @@ def detect_eval(
     return res
 
 
-def _image_paths(inputs: list[str]) -> list[str]:
-    """Image files of ``inputs`` (files, or folders searched for
-    :data:`spp_jax.data.IMAGE_EXTENSIONS`), in order, without repeats."""
-    from spp_jax import data
-
-    paths: list[str] = []
-    for item in inputs:
-        if os.path.isdir(item):
-            paths += data.list_images(item)
-        elif os.path.exists(item):
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {item}")
-    return list(dict.fromkeys(paths))
-
-
 def detect_images(
     workdir: str,
     inputs: list[str],
@@ -282,109 +266,12 @@ def detect_images(
     min_score: float | None = None,
     on_bad_image: str = "raise",
 ) -> dict:
-    """``spp-jax detect``: the detections of a ``detect-train`` workdir's detector on
-    image files.
+    """``spp-jax detect``: :func:`spp_jax.detection.files.detect_files`."""
+    from spp_jax.detection import files
 
-    Each image (decoded by :func:`spp_jax.data.read_image`: grayscale repeated to RGB,
-    alpha dropped) gets selective-search proposals with the run's settings
-    (``config.proposals``), :meth:`~spp_jax.detection.pipeline.Detector.detect` at
-    ``scales`` (1: the single scale; 5: every scale of the config) with the run's
-    scorer, and a PNG with its labelled boxes, ``OUT/<name>_detections.png``.
-    ``OUT/detections.json`` holds, per image, its path, size, proposal count and
-    detections (``boxes`` ``[x1, y1, x2, y2]`` in the image's pixels, ``scores``,
-    ``labels`` 0..K-1, ``class_names``), best first, those below ``min_score``
-    dropped; and ``skipped``, the unreadable files.
-
-    Args:
-      on_bad_image: ``"raise"``: a file that cannot be read or decoded, or an image
-        the detector cannot take (:meth:`~spp_jax.detection.pipeline.Detector.conv5`),
-        raises :class:`spp_jax.data.BadImageError` naming it; ``"skip"``: it is
-        skipped with a warning.
-
-    Returns:
-      What ``detections.json`` holds.
-
-    Raises:
-      spp_jax.data.BadImageError: see ``on_bad_image``.
-      FileNotFoundError: an input that does not exist, a folder without images, a
-        workdir that is not a finished ``detect-train`` run.
-    """
-    import json
-
-    from spp_jax import data
-    from spp_jax.detection import pipeline, proposals, report
-
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
-    paths = _image_paths(inputs)
-    det = pipeline.load_detector(workdir)
-    config = det.config
-    names = report.class_names(det.num_classes)
-    p = config.proposals
-    os.makedirs(out, exist_ok=True)
-    result: dict = {
-        "workdir": os.path.abspath(workdir),
-        "scorer": config.test.scorer,
-        "scales": list(det.scales(scales)),
-        "min_score": min_score,
-        "class_names": names,
-        "images": [],
-        "skipped": [],
-    }
-    taken: set[str] = set()
-    for path in paths:
-        try:
-            image = data.read_image(path)
-            det.check_size(image.shape[:2], det.scales(scales))
-        except ValueError as e:  # BadImageError, or too small for the trunk at a scale
-            err = e if isinstance(e, data.BadImageError) else data.BadImageError(path, str(e))
-            if on_bad_image == "raise":
-                raise err from None
-            log.warning("%s; skipped", err)
-            result["skipped"].append(path)
-            continue
-        boxes = proposals.selective_search(
-            image, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, seed=config.seed
-        )
-        found = det.detect(image, boxes, num_scales=scales)
-        keep = np.ones(len(found["scores"]), bool)
-        if min_score is not None:
-            keep = found["scores"] >= min_score
-        found = {k: np.asarray(v)[keep] for k, v in found.items()}
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, i = f"{stem}_detections.png", 1
-        while name in taken:
-            name, i = f"{stem}_{i}_detections.png", i + 1
-        taken.add(name)
-        png = os.path.join(out, name)
-        report.draw_detections(image, found, names, png)
-        labels = [int(c) for c in found["labels"]]
-        result["images"].append(
-            {
-                "path": path,
-                "output": png,
-                "size": [int(v) for v in image.shape[:2]],
-                "num_proposals": len(boxes),
-                "boxes": np.round(found["boxes"].astype(np.float64), 2).tolist(),
-                "scores": [float(v) for v in found["scores"]],
-                "labels": labels,
-                "class_names": [names[c] for c in labels],
-            }
-        )
-        best = f"best {names[labels[0]]} {found['scores'][0]:.3f}" if labels else "none"
-        log.info("%s: %d detections (%s) -> %s", path, len(labels), best, png)
-    if not result["images"] and paths:
-        log.warning("no image could be read")
-    tmp = os.path.join(out, "detections.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, "detections.json"))
-    if result["skipped"]:
-        log.warning("skipped %d unreadable image(s): %s", len(result["skipped"]), result["skipped"])
-    log.info(
-        "%d image(s), detections in %s", len(result["images"]), os.path.join(out, "detections.json")
+    return files.detect_files(
+        workdir, inputs, out, scales=scales, min_score=min_score, on_bad_image=on_bad_image
     )
-    return result
 
 
 # Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:

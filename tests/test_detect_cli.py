@@ -176,7 +176,7 @@ def test_detect_grayscale_rgba_and_tiny_files(trained, tmp_path):
     assert any(r["scores"] for r in res["images"][:2])  # SVM scores above -1.5 (the code's)
     assert res["images"][2]["num_proposals"] == 0 and res["images"][2]["scores"] == []
     drawn = ["gray_detections.png", "rgba_detections.png", "tiny_detections.png"]
-    assert sorted(os.listdir(out)) == ["detections.json", *drawn]
+    assert sorted(os.listdir(out)) == ["detections.json", "detections.jsonl", *drawn]
 
     # A folder (searched recursively), 5 scales, a score threshold nothing reaches.
     out2 = tmp_path / "out2"
@@ -185,6 +185,43 @@ def test_detect_grayscale_rgba_and_tiny_files(trained, tmp_path):
     res = json.loads((out2 / "detections.json").read_text())
     assert len(res["images"]) == 2 and all(r["scores"] == [] for r in res["images"])
     assert len(res["scales"]) == 3 and (out2 / "gray_detections.png").exists()
+
+
+def test_detect_a_big_photo_at_reduced_size_and_a_rerun_skips_what_is_done(
+    trained, tmp_path, caplog
+):
+    """A JPEG far larger than the detector's scales is decoded at a reduced size, its
+    boxes reported in the original's pixels; a second call with the same output folder
+    runs nothing again and writes the same results."""
+    from PIL import Image
+
+    wd = trained["workdir"]
+    big = tmp_path / "photo.jpg"
+    Image.fromarray(_scene(1200, 1600)).save(big, quality=95)
+    small = tmp_path / "small.png"
+    _write_png(small, _scene(90, 120))
+    out = tmp_path / "out"
+    args = ["detect", "--workdir", wd, "--images", str(big), str(small), "--out", str(out)]
+    assert cli.main(args) == 0
+    res = json.loads((out / "detections.json").read_text())
+    photo = res["images"][0]
+    assert photo["size"] == [1200, 1600]
+    h, w = photo["decoded_size"]
+    assert h <= 600 and w <= 800 and h * 1600 == w * 1200  # 1/2, 1/4 or 1/8, aspect kept
+    assert photo["num_proposals"] > 0 and photo["scores"], photo
+    boxes = np.asarray(photo["boxes"]).reshape(-1, 4)
+    assert (boxes >= -0.01).all() and (boxes[:, [0, 2]] <= 1600.01).all()
+    assert (boxes[:, [1, 3]] <= 1200.01).all() and boxes[:, 2].max() > w  # mapped back
+    assert res["images"][1]["size"] == res["images"][1]["decoded_size"] == [90, 120]
+    lines = (out / "detections.jsonl").read_text().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [str(big), str(small)]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="spp_jax"):
+        assert cli.main(args) == 0
+    assert "2 image(s) already done" in caplog.text
+    assert json.loads((out / "detections.json").read_text()) == res
+    assert len((out / "detections.jsonl").read_text().splitlines()) == 2
 
 
 def test_detect_corrupt_file_is_one_line_naming_it(trained, tmp_path, caplog):

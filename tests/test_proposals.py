@@ -92,6 +92,21 @@ def test_max_boxes_and_min_size():
     assert len(selective_search(image, max_boxes=10**6, min_size=0)) == len(everything)
 
 
+def test_max_side_searches_a_downscaled_copy_and_maps_the_boxes_back():
+    image = np.full((400, 600, 3), 30, np.uint8)
+    image[120:280, 200:440] = (220, 200, 40)
+    boxes = selective_search(image, min_size=8, max_side=150)  # a 150 x 100 copy
+    assert len(boxes) > 0 and len(np.unique(boxes, axis=0)) == len(boxes)
+    assert (boxes >= 0).all() and (boxes[:, 2:] <= [600, 400]).all()
+    assert (boxes[:, 2:] - boxes[:, :2] >= 8).all()  # min_size in the image's pixels
+    assert (np.abs(boxes - [200, 120, 440, 280]).max(axis=1) <= 4).any()  # 1 px of the copy
+    np.testing.assert_array_equal(  # no larger than max_side: the image itself
+        selective_search(image, min_size=8, max_side=600), selective_search(image, min_size=8)
+    )
+    with pytest.raises(ValueError, match="max_side=8"):
+        selective_search(image, max_side=8)
+
+
 def test_input_conversions():
     rgb = _image(5)
     gray = rgb[..., 1].copy()

@@ -139,6 +139,7 @@ DETECTION: dict[str, Rule] = {
     "proposals.mode": _one_of("fast", "quality"),
     "proposals.max_boxes": _positive_int(),
     "proposals.min_size": _non_negative(),
+    "proposals.max_side": (lambda v: v is None or (_is_int(v) and v >= 16), "None or an int >= 16"),
     "scales": _sizes(),
     "single_scale": _positive_int(),
     "window_context": _positive(),

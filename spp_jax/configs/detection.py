@@ -69,6 +69,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.proposals.mode = "fast"
     c.proposals.max_boxes = 2000
     c.proposals.min_size = 10.0  # boxes narrower or shorter are dropped
+    # Search a copy whose longer side is at most this (None: full size); boxes map back to
+    # the image's pixels. R-CNN's and SPP-net's ~500 px; spp_scenes (<= 320 px) is
+    # searched full-size either way. README, "Photos of any size".
+    c.proposals.max_side = 500
     c.proposals.num_workers = None  # None: every core
     c.proposals.cache_dir = None  # None: WORKDIR/proposals
 

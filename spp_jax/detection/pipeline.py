@@ -443,6 +443,7 @@ def stage_proposals(config, workdir: str, splits: dict[str, Split]) -> dict[str,
         max_boxes=p.max_boxes,
         min_size=p.min_size,
         seed=config.seed,
+        max_side=p.get("max_side"),
     )
     if stage_done(workdir, "proposals") is None:
         with _timed("proposals") as t:
@@ -861,6 +862,8 @@ def load_run_config(workdir: str) -> Any:
         saved = json.load(f)
     config = detection.get_config()
     config.update(saved)
+    if "max_side" not in saved.get("proposals", {}):
+        config.proposals.max_side = None  # runs from before the key searched full-size images
     return config
 
 
@@ -905,7 +908,12 @@ def workdir_proposals(config, workdir: str, split: Split) -> list[np.ndarray]:
         cache = ProposalCache.open(cache_dir)
     else:
         cache = ProposalCache(
-            cache_dir, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, seed=config.seed
+            cache_dir,
+            mode=p.mode,
+            max_boxes=p.max_boxes,
+            min_size=p.min_size,
+            seed=config.seed,
+            max_side=p.get("max_side"),
         )
     missing = [(i, im) for i, im in zip(split.ids, split.images, strict=True) if i not in cache]
     if missing:

@@ -124,7 +124,13 @@ def to_rgb8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _check_params(mode: str, max_boxes: int | None, min_size: float, seed: int) -> None:
+def _check_params(
+    mode: str, max_boxes: int | None, min_size: float, seed: int, max_side: int | None = None
+) -> None:
+    if max_side is not None and (
+        isinstance(max_side, bool) or int(max_side) != max_side or max_side < 16
+    ):
+        raise ValueError(f"max_side={max_side!r}; expected an int >= 16 or None (full size)")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; expected one of {MODES}")
     if max_boxes is not None and (
@@ -152,8 +158,15 @@ def selective_search(
     max_boxes: int | None = 2000,
     min_size: float = DEFAULT_MIN_SIZE,
     seed: int = 0,
+    max_side: int | None = None,
 ) -> np.ndarray:
     """Selective-search proposals of one image (OpenCV contrib), deterministic.
+
+    Selective search's time and memory grow with the pixel count (a 12-megapixel photo
+    takes minutes), while its boxes depend little on detail finer than the objects;
+    R-CNN and SPP-net ran it on images about 500 px on a side. ``max_side`` runs it on
+    a copy whose longer side is at most ``max_side`` (area-averaged) and maps the boxes
+    back to the image's pixels.
 
     Args:
       image: RGB ``(H, W, 3)`` uint8; ``(H, W)``, ``(H, W, 1)``, ``(H, W, 4)``
@@ -164,10 +177,13 @@ def selective_search(
         the module docstring), after the size filter; ``None`` keeps all.
       min_size: drop boxes whose width or height is below this, in pixels.
       seed: seeds C's ``rand()``, which orders OpenCV's boxes.
+      max_side: search a copy downscaled to this longer side (``None``, or an image
+        no larger: the image itself).
 
     Returns:
-      float32 ``(n, 4)`` ``(x1, y1, x2, y2)`` boxes in continuous pixel edges,
-      inside ``[0, W] x [0, H]``, without duplicates, ``n <= max_boxes``.
+      float32 ``(n, 4)`` ``(x1, y1, x2, y2)`` boxes in continuous pixel edges of the
+      image (not of the downscaled copy), inside ``[0, W] x [0, H]``, without
+      duplicates, ``n <= max_boxes``.
 
     Raises:
       ValueError: a bad image shape or dtype, or a bad argument.
@@ -182,9 +198,16 @@ def selective_search(
       >>> bool((boxes == [16, 8, 48, 40]).all(axis=1).any())
       True
     """
-    _check_params(mode, max_boxes, min_size, seed)
+    _check_params(mode, max_boxes, min_size, seed, max_side)
     rgb = to_rgb8(image)
     cv2 = _cv2()
+    h, w = rgb.shape[:2]
+    sx = sy = 1.0
+    if max_side is not None and max(h, w) > max_side:
+        f = max_side / max(h, w)
+        sw, sh = max(1, round(w * f)), max(1, round(h * f))
+        rgb = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA)
+        sx, sy = w / sw, h / sh
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(np.ascontiguousarray(rgb[..., ::-1]))  # OpenCV converts from BGR
     if mode == "fast":
@@ -198,7 +221,11 @@ def selective_search(
         rects = ss.process()
     rects = np.asarray(rects, np.float32).reshape(-1, 4)
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
-    keep = (rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)
+    if (sx, sy) != (1.0, 1.0):
+        boxes = np.minimum(boxes * np.float32([sx, sy, sx, sy]), np.float32([w, h, w, h]))
+        _, first = np.unique(boxes, axis=0, return_index=True)
+        boxes = boxes[np.sort(first)]  # OpenCV's order, each box once
+    keep = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
     boxes = boxes[keep]
     if max_boxes is not None:
         boxes = boxes[: int(max_boxes)]
@@ -299,7 +326,7 @@ class ProposalCache:
 
     Args:
       cache_dir: the directory (created if missing).
-      mode, max_boxes, min_size, seed: as in :func:`selective_search`.
+      mode, max_boxes, min_size, seed, max_side: as in :func:`selective_search`.
 
     Examples:
       >>> import tempfile
@@ -319,8 +346,9 @@ class ProposalCache:
         max_boxes: int | None = 2000,
         min_size: float = DEFAULT_MIN_SIZE,
         seed: int = 0,
+        max_side: int | None = None,
     ):
-        _check_params(mode, max_boxes, min_size, seed)
+        _check_params(mode, max_boxes, min_size, seed, max_side)
         self.cache_dir = os.fspath(cache_dir)
         self.params: dict[str, Any] = {
             "method": "opencv_selective_search",
@@ -330,12 +358,17 @@ class ProposalCache:
             "seed": int(seed),
             "format": _FORMAT_VERSION,
         }
+        if max_side is not None:  # a cache without the key searched full-size images
+            self.params["max_side"] = int(max_side)
         path = os.path.join(self.cache_dir, _PARAMS_FILE)
         if os.path.exists(path):
             with open(path) as f:
                 stored = json.load(f)
+            keys = sorted(set(stored) | set(self.params))
             mismatched = {
-                k: (stored.get(k), v) for k, v in self.params.items() if stored.get(k) != v
+                k: (stored.get(k), self.params.get(k))
+                for k in keys
+                if stored.get(k) != self.params.get(k)
             }
             if mismatched:
                 raise ValueError(
@@ -371,6 +404,7 @@ class ProposalCache:
             max_boxes=p["max_boxes"],
             min_size=p["min_size"],
             seed=p["seed"],
+            max_side=p.get("max_side"),
         )
 
     def path(self, image_id: str) -> str:
@@ -451,6 +485,7 @@ class ProposalCache:
         stats = ProposalStats()
         start = time.perf_counter()
         params = {k: self.params[k] for k in ("mode", "max_boxes", "min_size", "seed")}
+        params["max_side"] = self.params.get("max_side")
         tasks = self._tasks(images, stats)
 
         from tqdm.auto import tqdm
