@@ -128,7 +128,7 @@ def extract_features(
         bar.update(len(items))
 
     used: set[tuple[int, int]] = set()
-    total, stream = _stream(config, images, split, limit)
+    total, stream = _stream(config, images, split, limit, size)
     bar = tqdm(total=total, desc="extract", unit="img", disable=None)
     # Streams the images: at most batch_size images per bucket are held at a time.
     for name, label, load in stream:
@@ -183,6 +183,10 @@ def extract_features(
 
 
 SPPNET_FEATURES = "features"  # the SPPNet method that returns the SPP vector
+
+
+def _read_reduced(path: str, size: int) -> np.ndarray:
+    return data_lib.read_image_reduced(path, size)[0]
 
 
 def checkpoint_num_classes(config, workdir: str) -> int:
@@ -248,19 +252,20 @@ Loader = Callable[[], np.ndarray]
 
 
 def _stream(
-    config, images: str, split: str, limit: int | None
+    config, images: str, split: str, limit: int | None, size: int
 ) -> tuple[int, Iterator[tuple[str, int | None, Loader]]]:
     """``(count, iterator of (name, label or None, loader))`` for a folder or TFDS.
 
     ``loader()`` returns the image's uint8 pixels or raises
-    :class:`spp_jax.data.BadImageError`.
+    :class:`spp_jax.data.BadImageError`; a file's JPEG far larger than ``size`` on the
+    short side is decoded at a reduced size (:func:`spp_jax.data.read_image_reduced`).
     """
     if os.path.isdir(images):
         paths = data_lib.list_images(images)[:limit]
 
         def from_files():
             for p in paths:
-                yield p, None, functools.partial(data_lib.read_image, p)
+                yield p, None, functools.partial(_read_reduced, p, size)
 
         return len(paths), from_files()
     builder = data_lib.get_builder(images, config.data_dir)
