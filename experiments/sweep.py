@@ -8,10 +8,9 @@ Run (from the repository root; grids in ``experiments/grids.py``)::
     python experiments/sweep.py --grid paper --report-only                   # tables, plots
     python experiments/sweep.py --grid paper --report-only --readme README.md  # and README
 
-Compute (2 CPU cores; the ``default`` config takes about 3.5 minutes per run on this
-machine): ``paper`` is 18 runs (6 variants x 3 seeds) x about 4 minutes = about 70 minutes;
-``tiny`` is 4 runs x about 15 seconds. ``--dry-run`` prints the estimate for the runs
-still to do. ``--jobs N`` runs N at once (for a machine with cores to spare: every run
+Compute: see ``experiments/grids.py`` (``paper``: 25 runs of 48 epochs, about 7.5 hours
+on 2 CPU cores; ``tiny``: 2 runs of seconds). ``--dry-run`` prints the estimate for the
+runs still to do. ``--jobs N`` runs N at once (for a machine with cores to spare: every run
 already uses all cores it sees). The runs share a persistent XLA compilation cache
 (``--xla-cache``, default ``WORKDIR/xla_cache``), so a variant's later seeds skip
 compiling.
@@ -54,6 +53,12 @@ centre-crop test top-1 of every evaluation during training (``eval_every_epochs`
 ``CONVERGED_RANGE`` (1 point). ``commit`` and ``cpu_*``: the checkout, CPU and load of
 the attempt that finished the run (:func:`provenance`): float results differ between
 CPUs, so a record says where it was made.
+
+A ``multiview`` variant's finished run is also scored with multi-view testing
+(``experiments/benchmarks/multiview.py``: 1, 10 and 18 views, from the feature map and
+through the whole network, into ``RUN_DIR/multiview.json``), and its record's metrics
+gain ``fmap{V}_{S}`` and ``whole{V}_{S}``. The records are written after every finished
+run, so a stopped sweep keeps them.
 
 **Report** (:func:`write_report`, also ``--report-only``, which reads the JSON and runs
 nothing), beside the JSON: ``classification.md`` (mean and standard deviation over seeds
