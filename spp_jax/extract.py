@@ -13,13 +13,20 @@ A file that cannot be read or decoded raises :class:`spp_jax.data.BadImageError`
 one line that names it, or (``on_bad_image="skip"``) is skipped with a warning and
 listed in the output's ``skipped``. No training data is read: the class count
 comes from the checkpoint.
+
+Images stream through (memory holds at most a batch per bucket), and every computed
+batch is saved at once to ``OUT.parts/`` (one ``.npz`` per batch, written atomically):
+a call that is interrupted keeps them, and the same call again computes only the
+images they lack. The finished ``OUT`` is written atomically and the parts removed.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
@@ -98,6 +105,17 @@ def extract_features(
     model = train_lib.create_model(config, num_classes)
     state = train_lib.load_state(config, workdir, model, num_classes)
     log.info("restored step %d from %s", int(state.step), workdir)
+    parts = _Parts(
+        out,
+        {
+            "workdir": os.path.abspath(workdir),
+            "step": int(state.step),
+            "images": os.path.abspath(images) if os.path.isdir(images) else images,
+            "split": split,
+            "size": size,
+            "limit": limit,
+        },
+    )
 
     @jax.jit
     def features(params, x, valid_sizes):
@@ -125,6 +143,7 @@ def extract_features(
         f = np.asarray(features(state.params, jnp.asarray(x), jnp.asarray(valid)))
         for j, (i, _) in enumerate(items):
             feats[i] = f[j]
+        parts.save([names[i] for i, _ in items], f[: len(items)])
         bar.update(len(items))
 
     used: set[tuple[int, int]] = set()
@@ -132,6 +151,15 @@ def extract_features(
     bar = tqdm(total=total, desc="extract", unit="img", disable=None)
     # Streams the images: at most batch_size images per bucket are held at a time.
     for name, label, load in stream:
+        saved = parts.done.get(name)
+        if saved is not None:  # computed by an earlier, interrupted call
+            i = len(names)
+            names.append(name)
+            if label is not None:
+                labels.append(label)
+            feats[i], sizes[i] = saved
+            bar.update(1)
+            continue
         try:
             img = data_lib.preprocess_full(load(), size, config.max_aspect)
         except data_lib.BadImageError as e:
@@ -150,6 +178,7 @@ def extract_features(
         if label is not None:
             labels.append(label)
         sizes[i] = (h, w)
+        parts.remember_size(name, (h, w))
         pending[bucket].append((i, img))
         if len(pending[bucket]) == batch_size:
             flush(bucket)
@@ -174,12 +203,68 @@ def extract_features(
     }
     if labels:
         arrays["labels"] = np.asarray(labels, np.int64)
+    if parts.resumed:
+        log.info("%d image(s) from the parts of an earlier call", parts.resumed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp.npz"
     np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, out)  # atomic: a reader never sees half a file
+    parts.remove()
     log.info("wrote %s: features %s", out, arrays["features"].shape)
     return arrays
+
+
+class _Parts:
+    """``OUT.parts/``: the batches computed so far, so an interrupted extraction
+    resumes. Parts of another extraction (other workdir, step, images, size, ...) are
+    removed, never mixed in."""
+
+    def __init__(self, out: str, settings: dict):
+        self.dir = out + ".parts"
+        self.done: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+        self.resumed = 0
+        meta = os.path.join(self.dir, "settings.json")
+        if os.path.isdir(self.dir):
+            try:
+                with open(meta) as f:
+                    same = json.load(f) == settings
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                log.info("%s holds parts of another extraction: removed", self.dir)
+                shutil.rmtree(self.dir)
+        self._count = 0
+        if os.path.isdir(self.dir):
+            for name in sorted(os.listdir(self.dir)):
+                if not (name.endswith(".npz") and name[:-4].isdigit()):
+                    continue  # settings.json, or a part cut short by the interruption
+                with np.load(os.path.join(self.dir, name)) as part:
+                    rows = zip(part["names"], part["features"], part["sizes"], strict=True)
+                    for n, f, hw in rows:
+                        self.done[str(n)] = (f, (int(hw[0]), int(hw[1])))
+                self._count = max(self._count, int(name[:-4]) + 1)
+            self.resumed = len(self.done)
+        else:
+            os.makedirs(self.dir)
+            tmp = meta + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(settings, f)
+            os.replace(tmp, meta)
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def remember_size(self, name: str, hw: tuple[int, int]) -> None:
+        self._sizes[name] = hw
+
+    def save(self, names: list[str], features: np.ndarray) -> None:
+        path = os.path.join(self.dir, f"{self._count:06d}.npz")
+        self._count += 1
+        sizes = np.array([self._sizes.pop(n) for n in names], np.int32)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, names=np.array(names), features=features, sizes=sizes)
+        os.replace(tmp, path)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 SPPNET_FEATURES = "features"  # the SPPNet method that returns the SPP vector

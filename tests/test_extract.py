@@ -116,6 +116,40 @@ def test_features_equal_the_model_on_each_image_alone(run, images, tmp_path):
     assert np.abs(saved["features"][0] - saved["features"][1]).max() > 1e-3
 
 
+def test_an_interrupted_extraction_resumes_from_its_saved_batches(run, images, tmp_path, caplog):
+    """Stopped by an unreadable file after its first batches, then run again once the
+    file is fixed: the saved batches are not computed again, and the result equals an
+    uninterrupted extraction; the parts are removed at the end."""
+    workdir, _, _ = run
+    folder, good, bad = images
+    for path in bad[1:]:
+        os.remove(path)
+    out = str(tmp_path / "feats.npz")
+    whole = extract.extract_features(
+        workdir, str(folder), str(tmp_path / "whole.npz"), batch_size=2, on_bad_image="skip"
+    )
+    with pytest.raises(data.BadImageError):
+        extract.extract_features(workdir, str(folder), out, batch_size=2)
+    parts = sorted(os.listdir(out + ".parts"))
+    assert parts == ["000000.npz", "000001.npz", "settings.json"]  # 4 of the 5 good images
+    os.remove(bad[0])  # the file fixed (here: removed)
+    with caplog.at_level(logging.INFO, logger="spp_jax"):
+        again = extract.extract_features(workdir, str(folder), out, batch_size=2)
+    assert "4 image(s) from the parts of an earlier call" in caplog.text
+    assert again["names"].tolist() == whole["names"].tolist() == good
+    np.testing.assert_array_equal(again["features"], whole["features"])
+    np.testing.assert_array_equal(again["sizes"], whole["sizes"])
+    assert not os.path.exists(out + ".parts")
+    # Parts of another extraction (another size) are never mixed in.
+    with pytest.raises(data.BadImageError):
+        _write(folder, "x_late.png", b"")
+        extract.extract_features(workdir, str(folder), out, batch_size=2)
+    other = extract.extract_features(
+        workdir, str(folder), out, batch_size=2, size=SIZE + 8, on_bad_image="skip"
+    )
+    assert other["sizes"][0].tolist() == [SIZE + 8, SIZE + 8]
+
+
 def test_unreadable_file_raises_one_line_error_naming_it(run, images, tmp_path):
     workdir, _, _ = run
     folder, _, bad = images
