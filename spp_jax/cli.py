@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import workdirs
+from spp_jax.detection.files import detect_files as detect_images
 from spp_jax.geometry import output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
 
@@ -257,23 +258,6 @@ def detect_eval(
     return res
 
 
-def detect_images(
-    workdir: str,
-    inputs: list[str],
-    out: str,
-    *,
-    scales: int = 1,
-    min_score: float | None = None,
-    on_bad_image: str = "raise",
-) -> dict:
-    """``spp-jax detect``: :func:`spp_jax.detection.files.detect_files`."""
-    from spp_jax.detection import files
-
-    return files.detect_files(
-        workdir, inputs, out, scales=scales, min_score=min_score, on_bad_image=on_bad_image
-    )
-
-
 # Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:
 # errors only, so no oneDNN / cpu_feature_guard notices and no absl pre-init banner.
 _QUIET_NATIVE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -502,9 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         return _demo_command(args)
     if args.command != "demo":
         _import_tensorflow_quietly()  # they read data or decode images with TensorFlow
+    from spp_jax.data import BadImageError
+
     prefix = f"spp-jax {args.command}: error:"
     try:
         return args.func(args)
+    except BadImageError as err:  # one line naming the file
+        log.error("%s (--skip-bad-images skips such files)", err)
+        return 1
     except USER_ERRORS as err:
         if os.environ.get("SPP_JAX_TRACEBACK"):
             raise
@@ -568,25 +557,20 @@ def _eval_command(args) -> int:
 
 
 def _extract_command(args) -> int:
-    from spp_jax.data import BadImageError
     from spp_jax.extract import extract_features
 
     workdirs.require(args.workdir, "classification")
     workdirs.check_output_file(args.out)
-    try:
-        extract_features(
-            args.workdir,
-            args.images,
-            args.out,
-            size=args.size,
-            batch_size=args.batch_size,
-            split=args.split,
-            limit=args.limit,
-            on_bad_image="skip" if args.skip_bad_images else "raise",
-        )
-    except BadImageError as err:  # one line naming the file, no traceback
-        log.error("%s (--skip-bad-images skips such files)", err)
-        return 1
+    extract_features(
+        args.workdir,
+        args.images,
+        args.out,
+        size=args.size,
+        batch_size=args.batch_size,
+        split=args.split,
+        limit=args.limit,
+        on_bad_image="skip" if args.skip_bad_images else "raise",
+    )
     return 0
 
 
@@ -610,22 +594,16 @@ def _detect_eval_command(args) -> int:
 
 
 def _detect_command(args) -> int:
-    from spp_jax.data import BadImageError
-
     workdirs.require(args.workdir, "detection")
     workdirs.check_output_dir(args.out)
-    try:
-        detect_images(
-            args.workdir,
-            args.images,
-            args.out,
-            scales=args.scales,
-            min_score=args.min_score,
-            on_bad_image="skip" if args.skip_bad_images else "raise",
-        )
-    except BadImageError as err:  # one line naming the file, no traceback
-        log.error("%s (--skip-bad-images skips such files)", err)
-        return 1
+    detect_images(
+        args.workdir,
+        args.images,
+        args.out,
+        scales=args.scales,
+        min_score=args.min_score,
+        on_bad_image="skip" if args.skip_bad_images else "raise",
+    )
     return 0
 
 
