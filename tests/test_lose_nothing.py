@@ -84,6 +84,8 @@ $PY -m spp_jax train --config tiny --workdir "$MNT/w" $SETS > "$OUT/ro.txt" 2>&1
 echo $? > "$OUT/ro.rc"
 $PY -m spp_jax eval --workdir "$MNT/w" > "$OUT/ro_eval.txt" 2>&1
 echo $? > "$OUT/ro_eval.rc"
+$PY -m spp_jax extract --workdir "$SRC" --images "$MNT" --out "$MNT/f.npz" > "$OUT/ro_out.txt" 2>&1
+echo $? > "$OUT/ro_out.rc"
 """
 
 
@@ -130,6 +132,10 @@ def test_a_full_or_read_only_disk_is_one_line_and_keeps_the_last_checkpoint(whol
     errors = _error_lines(read("ro.txt"))
     assert len(errors) == 1 and "is not writable" in errors[0], errors
     assert read("ro_eval.rc").strip() == "0", read("ro_eval.txt")[-3000:]
+    # An --out on a read-only file system: one line, before any model is loaded.
+    assert read("ro_out.rc").strip() == "1", read("ro_out.txt")[-3000:]
+    errors = _error_lines(read("ro_out.txt"))
+    assert len(errors) == 1 and "--out" in errors[0] and "is not writable" in errors[0], errors
 
 
 def test_a_resumed_run_drops_what_was_written_after_its_checkpoint(tmp_path):
