@@ -199,7 +199,7 @@ def _detect_one(det, path, out, scales, min_score, names, taken, on_bad_image) -
     png = os.path.join(out, name)
     report.draw_detections(image, found, names, png)
     labels = [int(c) for c in found["labels"]]
-    to_original = np.float64([full_w / w, full_h / h] * 2)
+    to_original = np.array([full_w / w, full_h / h] * 2, np.float64)
     rec = {
         "path": path,
         "file": _identity(path),

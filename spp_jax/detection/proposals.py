@@ -222,7 +222,9 @@ def selective_search(
     rects = np.asarray(rects, np.float32).reshape(-1, 4)
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
     if (sx, sy) != (1.0, 1.0):
-        boxes = np.minimum(boxes * np.float32([sx, sy, sx, sy]), np.float32([w, h, w, h]))
+        boxes = np.minimum(
+            boxes * np.array([sx, sy, sx, sy], np.float32), np.array([w, h, w, h], np.float32)
+        )
         _, first = np.unique(boxes, axis=0, return_index=True)
         boxes = boxes[np.sort(first)]  # OpenCV's order, each box once
     keep = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
