@@ -317,6 +317,7 @@ def test_learning_curves_and_convergence(tmp_path):
     got = sweep.convergence(curve, 7)  # epochs 6 and 7: 6 > 5.25 -> 0.905 and 0.9
     assert got["converged"] and math.isclose(got["last_quarter_range"], 0.005)
     assert not sweep.convergence([(6, 0.8), (7, 0.9)], 7)["converged"]
+    assert sweep.convergence([(6, 0.907), (7, 0.917)], 7)["converged"]  # 1 point, in floats
     records = [
         {"name": "a", "seed": s, "num_epochs": 7, "curve": [[6, 0.8], [7, 0.8 + s / 100]],
          **sweep.convergence([(6, 0.8), (7, 0.8 + s / 100)], 7)}
