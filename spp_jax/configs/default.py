@@ -19,10 +19,11 @@ and ``WORKDIR/curves.png``.
 
 Schedule: 16 epochs keep this the quick main job (under 10 minutes on 2 cores), but
 they do not converge: some seeds are still learning when the cosine decay ends, so
-the accuracy varies widely from seed to seed (README). Comparisons of
-configs therefore run it longer: the ``paper`` grid (``experiments/grids.py``) with
-``--set num_epochs=48 --set min_crop_area=0.35``, chosen from learning curves over seeds (README, "The paper's classification
-findings"); the detection backbone with 32 epochs and the same crops.
+the accuracy varies widely from seed to seed (README). Comparisons of configs
+therefore run it longer: the ``paper`` grid (``experiments/grids.py``) with
+``--set num_epochs=48 --set min_crop_area=0.35``, chosen from learning curves over
+seeds (README, "The paper's classification findings"); the detection backbone with 32
+epochs and the same crops.
 
 Every key below is what ``spp_jax.train.train_and_evaluate`` reads, and this is the
 one place their defaults live: the training code reads keys directly, and the other
