@@ -26,8 +26,12 @@ made for other settings is an error, never reused) and the seconds spent on it.
 final evaluation (``{"final": ..., "metrics": ...}``); finished runs are not run again.
 Any other run is started (again): ``train_and_evaluate`` resumes from the run's latest
 checkpoint, so an interrupted sweep loses at most an epoch per run, and a run whose final
-line was deleted only evaluates again. A failed run is retried ``--retries`` times (from
-its checkpoints); the sweep goes on with the other runs and exits 1 if any failed.
+line was deleted only evaluates again. The results file is the durable record (run
+directories are scratch, ignored by git): a run of the grid that has a record in
+``--results`` and no run directory counts as finished, and its record is kept, so a sweep
+continues on a fresh checkout from the committed records. A failed run is retried
+``--retries`` times (from its checkpoints); the sweep goes on with the other runs and
+exits 1 if any failed.
 
 **Results** (``--results``, default ``experiments/results/classification.json`` for the
 ``paper`` grid, ``classification_GRID.json`` for the others): a JSON list with one record
@@ -83,7 +87,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +414,26 @@ def execute(run: Run, *, python: str = sys.executable, env=None) -> bool:
     return finished
 
 
+def recorded_runs(path: str | os.PathLike, grid: Grid) -> dict[str, dict]:
+    """The records of ``grid``'s runs in the results file ``path``, by run label
+    (``NAME/seedS``); ``{}`` without the file. A record whose variant the grid no longer
+    has, or whose config or overrides differ from the grid's, is left out (its run is
+    then run again)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    names = {v.name: v for v in grid.variants}
+    out = {}
+    for record in json.loads(path.read_text()):
+        variant = names.get(record.get("name"))
+        if variant is None or record.get("grid", grid.name) != grid.name:
+            continue
+        run = Run(variant, int(record["seed"]), Path())
+        if {k: record.get(k) for k in run.identity()} == run.identity():
+            out[run.label] = record
+    return out
+
+
 def run_sweep(
     grid: Grid,
     workdir: str | os.PathLike,
@@ -422,8 +446,12 @@ def run_sweep(
     python: str = sys.executable,
     xla_cache: str | os.PathLike | None = "",
     on_finished: Callable[[], None] | None = None,
+    recorded: Mapping[str, dict] | None = None,
 ) -> dict[str, list[str]]:
     """Runs the unfinished runs of ``grid`` x ``seeds`` under ``workdir``.
+
+    ``recorded``: records by run label (:func:`recorded_runs`); a run among them without a
+    run directory counts as finished.
 
     ``xla_cache``: the runs' compilation cache (:func:`subprocess_env`); ``""`` (the
     default) is ``WORKDIR/xla_cache``, ``None`` none. ``on_finished`` is called (one call
@@ -444,6 +472,8 @@ def run_sweep(
             say(f"  {run.label}: {e}")
             out["failed"].append(run.label)
             continue
+        if state == "new" and run.label in (recorded or {}):
+            state = "done"
         if state == "done":
             out["skipped"].append(run.label)
         else:
@@ -486,19 +516,31 @@ def run_sweep(
     return out
 
 
-def collect_records(grid: Grid, workdir: str | os.PathLike) -> list[dict]:
+def collect_records(
+    grid: Grid, workdir: str | os.PathLike, recorded: Mapping[str, dict] | None = None
+) -> list[dict]:
     """One record per finished run of ``grid`` under ``workdir`` (every ``seedS``
-    directory of every variant), in grid order, then by seed."""
+    directory of every variant), plus the ``recorded`` runs (:func:`recorded_runs`) that
+    have no run directory there, in grid order, then by seed."""
     root = Path(workdir).absolute()
+    recorded = recorded or {}
     records = []
     for variant in grid.variants:
         vdir = root / variant.name
-        if not vdir.is_dir():
-            continue
-        seeds = sorted(
-            int(p.name[4:]) for p in vdir.iterdir() if p.name.startswith("seed") and p.is_dir()
-        )
-        for seed in seeds:
+        on_disk = set()
+        if vdir.is_dir():
+            on_disk = {
+                int(p.name[4:]) for p in vdir.iterdir() if p.name.startswith("seed") and p.is_dir()
+            }
+        kept = {
+            int(r["seed"]): r
+            for label, r in recorded.items()
+            if label.split("/")[0] == variant.name and int(r["seed"]) not in on_disk
+        }
+        for seed in sorted(on_disk | set(kept)):
+            if seed in kept:
+                records.append(kept[seed])
+                continue
             run = Run(variant, seed, vdir / f"seed{seed}")
             try:
                 if run_state(run) != "done":
@@ -1038,9 +1080,11 @@ def main(argv: list[str] | None = None) -> int:
     if grid is None or not args.workdir:
         parser.error("--grid and --workdir are required (except with --report-only)")
 
+    recorded = recorded_runs(results, grid)
+
     def save_records() -> None:
         """The records of every finished run so far: a stopped sweep keeps them."""
-        write_results(collect_records(grid, args.workdir), results)
+        write_results(collect_records(grid, args.workdir, recorded), results)
 
     out = run_sweep(
         grid,
@@ -1053,10 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
         python=args.python,
         xla_cache=None if args.xla_cache == "none" else args.xla_cache,
         on_finished=save_records,
+        recorded=recorded,
     )
     if args.dry_run:
         return 0
-    records = collect_records(grid, args.workdir)
+    records = collect_records(grid, args.workdir, recorded)
     write_results(records, results)
     say(f"wrote {results} ({len(records)} records)")
     for p in write_report(results, grid):

@@ -374,3 +374,30 @@ def test_multiview_step_after_training_and_its_records(tmp_path):
          "whole10_55": 0.65}
     )  # fmt: skip
     assert record["commit"] == "abc"
+
+
+def test_recorded_runs_without_run_directories_count_as_finished(swept, tmp_path):
+    """A fresh checkout has the committed records and no run directories: the sweep
+    keeps those records and runs only what no record covers."""
+    _, results, _, _ = swept
+    records = json.loads(results.read_text())
+    grid = grids.get_grid("tiny")
+    kept = tmp_path / "results.json"
+    kept.write_text(json.dumps(records[:1]))
+    assert list(sweep.recorded_runs(kept, grid)) == [f"{records[0]['name']}/seed0"]
+    # A record of other settings is not a record of the grid's run.
+    stale = [{**records[0], "overrides": {"num_epochs": 7}}]
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    assert sweep.recorded_runs(tmp_path / "stale.json", grid) == {}
+    # The other run's directory is there, the recorded one's is not.
+    fresh = tmp_path / "runs"
+    other = pathlib.Path(records[1]["run_dir"])
+    (fresh / records[1]["name"]).mkdir(parents=True)
+    os.symlink(other, fresh / records[1]["name"] / "seed0")
+    rc, out = _main(["--grid", "tiny", "--workdir", str(fresh), "--results", str(kept)])
+    assert rc == 0, out
+    assert "executed 0 run(s), skipped 2 finished, 0 failed" in out
+    again = json.loads(kept.read_text())
+    assert again[0] == records[0]
+    assert again[1]["metrics"] == records[1]["metrics"]
+    assert again[1]["run_dir"] == str(fresh / records[1]["name"] / "seed0")
