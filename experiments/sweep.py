@@ -82,6 +82,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -1000,8 +1001,9 @@ README_END = "<!-- END sweep {grid} -->"
 
 def splice_readme(readme: str | os.PathLike, report: str | os.PathLike, grid: str) -> Path:
     """Replaces the text between ``README_BEGIN`` and ``README_END`` (for ``grid``) in
-    ``readme`` with the report markdown ``report`` (its title dropped, its ``##``
-    headings made ``####``, its image links made relative to the README).
+    the markdown file ``readme`` with the report markdown ``report``: its title dropped,
+    its ``##`` headings one level below the heading that encloses the markers (``##``
+    without one), its image links made relative to ``readme``.
 
     Raises:
       ValueError: the README lacks the two marker lines.
@@ -1012,17 +1014,19 @@ def splice_readme(readme: str | os.PathLike, report: str | os.PathLike, grid: st
     if begin not in text or end not in text:
         raise ValueError(f"{readme} has no marker lines {begin!r} ... {end!r}")
     prefix = os.path.relpath(report.parent, readme.parent)
+    head, _, rest = text.partition(begin)
+    enclosing = [len(m) for m in re.findall(r"^(#{1,6}) ", head, flags=re.MULTILINE)]
+    depth = min(6, enclosing[-1] + 1) if enclosing else 2
     body = []
     for line in report.read_text().splitlines():
         if line.startswith("# "):
             continue
         if line.startswith("## "):
-            line = "#### " + line[3:]
+            line = "#" * depth + " " + line[3:]
         if line.startswith("![") and "](" in line:
             alt, _, target = line.partition("](")
             line = f"{alt}]({prefix}/{target}"
         body.append(line)
-    head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     readme.write_text(head + begin + "\n" + "\n".join(body).strip() + "\n" + end + tail)
     return readme

@@ -147,10 +147,10 @@ def view_boxes(h: int, w: int, view_size: int, views: int = 10) -> tuple[Box, ..
     ``(w - view_size) // 2`` (and the same for rows), as the centre crop of
     :func:`spp_jax.data.eval_batches`. Order:
 
-    0. centre;
-    1. top-left, 2. top-right, 3. bottom-left, 4. bottom-right corner (10 and 18
-       views);
-    5. top, 6. bottom, 7. left, 8. right edge centre (18 views).
+    - 0: centre;
+    - 1-4: the top-left, top-right, bottom-left and bottom-right corners (10 and 18
+      views);
+    - 5-8: the top, bottom, left and right edge centres (18 views).
 
     ``views`` counts the flipped views too (10 = these 5 windows and their 5
     mirrors, 18 = 9 + 9; :func:`flips`): the mirror of window ``k`` is view

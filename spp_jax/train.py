@@ -442,8 +442,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         as if the run were killed there; for resume tests.
 
     Returns:
-      ``{"state": host TrainState, "eval": final evaluation dict or None,
-      "train_compiles": shapes the train step was compiled for}``.
+      A dict: ``"state"`` (the host ``TrainState``), ``"eval"`` (the final evaluation
+      dict, or None) and ``"train_compiles"`` (the shapes the train step was compiled for).
     """
     configs.check(config)
     workdirs.check_run_dir(workdir, "classification")

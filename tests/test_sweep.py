@@ -129,11 +129,13 @@ def test_report_and_report_only(swept):
     # --readme splices the report between the grid's marker lines, and only there.
     readme = workdir / "README.md"
     begin, end = (m.format(grid="tiny") for m in (sweep.README_BEGIN, sweep.README_END))
-    readme.write_text(f"intro\n{begin}\nold table\n{end}\nrest\n")
+    readme.write_text(f"intro\n### Results\n{begin}\nold table\n{end}\nrest\n")
     rc, out = _main(["--report-only", "--results", str(results), "--readme", str(readme)])
     assert rc == 0, out
     spliced = readme.read_text()
-    assert spliced.startswith(f"intro\n{begin}\n") and spliced.endswith(f"{end}\nrest\n")
+    assert spliced.startswith(f"intro\n### Results\n{begin}\n") and spliced.endswith(
+        f"{end}\nrest\n"
+    )
     assert "old table" not in spliced and "| tiny_levels21 |" in spliced
     assert "#### Paired differences" in spliced and "# Classification sweep" not in spliced
     rel = os.path.relpath(results.parent, workdir)
