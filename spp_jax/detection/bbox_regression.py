@@ -60,8 +60,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
-import numbers
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -71,6 +69,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
+from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 from spp_jax.detection.boxes import (
     box_iou,
     check_boxes,
@@ -106,62 +105,13 @@ Whitening = Literal["zca", "std", "none"]
 # Checks
 
 
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value: Any, low: float, *, strict: bool) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < low or (strict and v == low):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
-        )
-    return v
-
-
 def _iou_threshold(value: Any) -> float:
-    v = _number("min_iou", value, 0.0, strict=False)
+    v = number("min_iou", value, low=0)
     if v >= 1:
         raise ValueError(
             f"min_iou must be in [0, 1) (a box is used when its IoU is > min_iou), got {value!r}"
         )
     return v
-
-
-def _features(name: str, x: Any, d: int | None) -> np.ndarray:
-    arr = np.asarray(x)
-    want = f"(N, {d})" if d is not None else "(N, D)"
-    if arr.ndim != 2 or (d is not None and arr.shape[1] != d):
-        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    arr = np.asarray(arr, np.float32)
-    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{name} must be finite (as float32); row {int(bad[0])} is not")
-    return arr
-
-
-def _labels(name: str, labels: Any, n: int, k: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be ints in 1..{k}, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 1) | (arr > k))
-    if bad.size:
-        raise ValueError(
-            f"{name} must be classes in 1..{k} (0, background, has no regressor); entry "
-            f"{int(bad[0])} is {int(arr[bad[0]])}"
-        )
-    return arr.astype(np.int64)
 
 
 def _boxes(name: str, boxes: Any, n: int | None = None) -> np.ndarray:
@@ -279,7 +229,7 @@ class BoxRegressors:
     counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _number("scale", self.scale, 0.0, strict=True))
+        object.__setattr__(self, "scale", number("scale", self.scale, low=0, strict=True))
         object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
         arrays = (
             self.weights,
@@ -311,8 +261,8 @@ class BoxRegressors:
     @classmethod
     def identity(cls, num_features: int, num_classes: int, scale: float = 1.0) -> BoxRegressors:
         """Regressors that predict zero deltas for every class."""
-        d = _int_at_least("num_features", num_features, 1)
-        k = _int_at_least("num_classes", num_classes, 1)
+        d = int_at_least("num_features", num_features, 1)
+        k = int_at_least("num_classes", num_classes, 1)
         eye = np.broadcast_to(np.eye(4, dtype=np.float32), (k, 4, 4)).copy()
         zeros = np.zeros((k, 4), np.float32)
         return cls(
@@ -400,7 +350,7 @@ class BoxRegressors:
             if np.shape(labels) != (shape[0],):
                 raise ValueError(f"labels must have shape ({shape[0]},), got {np.shape(labels)}")
         else:
-            labels = _labels("labels", labels, shape[0], k).astype(np.int32)
+            labels = class_labels("labels", labels, shape[0], k).astype(np.int32)
         if not isinstance(features, jax.core.Tracer):
             features = np.asarray(features)
             if not np.issubdtype(features.dtype, np.floating):
@@ -547,14 +497,14 @@ class RidgeAccumulator:
         feature_scale: float = 1.0,
         classes: Iterable[int] | None = None,
     ) -> None:
-        self.num_features = _int_at_least("num_features", num_features, 1)
-        self.num_classes = _int_at_least("num_classes", num_classes, 1)
-        self.scale = _number("feature_scale", feature_scale, 0.0, strict=True)
+        self.num_features = int_at_least("num_features", num_features, 1)
+        self.num_classes = int_at_least("num_classes", num_classes, 1)
+        self.scale = number("feature_scale", feature_scale, low=0, strict=True)
         if classes is None:
             self.classes = frozenset(range(1, self.num_classes + 1))
         else:
             cls = sorted(classes)
-            _labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
+            class_labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
             self.classes = frozenset(int(c) for c in cls)
         self.dtype = _acc_dtype()
         self._sums: dict[int, _Sums] = {}
@@ -580,11 +530,11 @@ class RidgeAccumulator:
           ValueError: shapes that do not fit, labels outside ``1..K``, non-finite
             features, empty or inverted boxes.
         """
-        x = _features("features", features, self.num_features)
+        x = float_rows("features", features, self.num_features)
         n = x.shape[0]
         proposals = _boxes("proposals", proposals, n)
         gt_boxes = _boxes("gt_boxes", gt_boxes, n)
-        labels = _labels("labels", labels, n, self.num_classes)
+        labels = class_labels("labels", labels, n, self.num_classes)
         if n == 0:
             return
         rows = _bucket(n)  # padded with unit boxes: one compilation per bucket
@@ -621,10 +571,10 @@ class RidgeAccumulator:
         Returns:
           The number of training boxes the image gave (all classes).
         """
-        x = _features("features", features, self.num_features)
+        x = float_rows("features", features, self.num_features)
         proposals = _boxes("proposals", proposals, x.shape[0])
         gt_boxes = _boxes("gt_boxes", gt_boxes)
-        gt_labels = _labels("gt_labels", gt_labels, gt_boxes.shape[0], self.num_classes)
+        gt_labels = class_labels("gt_labels", gt_labels, gt_boxes.shape[0], self.num_classes)
         index, matched, labels, _ = match_proposals(proposals, gt_boxes, gt_labels, min_iou=min_iou)
         if index.size:
             self.add(x[index], proposals[index], matched, labels)
@@ -678,7 +628,7 @@ class RidgeAccumulator:
           ValueError: bad settings; a class whose system is singular (``lam = 0``
             with too few boxes).
         """
-        lam = _number("lam", lam, 0.0, strict=False)
+        lam = number("lam", lam, low=0)
         if whiten not in WHITENINGS:
             raise ValueError(f"unknown whiten {whiten!r}; accepted are {WHITENINGS}")
         identity = BoxRegressors.identity(self.num_features, self.num_classes, self.scale)
@@ -800,7 +750,7 @@ def fit_box_regressors(
     Returns:
       The :class:`BoxRegressors`.
     """
-    x = _features("features", features, None)
+    x = float_rows("features", features)
     n = x.shape[0]
     proposals = _boxes("proposals", proposals, n)
     gt_boxes = _boxes("gt_boxes", gt_boxes, n)
@@ -820,6 +770,6 @@ def fit_box_regressors(
             raise ValueError(f"ious must have shape ({n},), got {ious.shape}")
         keep = ious > min_iou
     acc = RidgeAccumulator(x.shape[1], num_classes, feature_scale=feature_scale)
-    labels = _labels("labels", labels, n, acc.num_classes)
+    labels = class_labels("labels", labels, n, acc.num_classes)
     acc.add(x[keep], proposals[keep], gt_boxes[keep], labels[keep])
     return acc.solve(lam, regularize_bias=regularize_bias, whiten=whiten)
