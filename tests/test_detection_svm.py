@@ -240,6 +240,9 @@ def test_mining_rules_on_a_hand_made_stream():
     (s,) = svms.stats
     assert (s.label, s.positives, s.mined, s.evicted, s.retrains) == (1, 1, 7, 2, 3)
     assert s.negatives == 5  # nothing below -1.2 under the last model
+    # Its objective is svm_objective's, of the final model on its last training data.
+    X = np.concatenate([POS[0], solver.calls[2][1]])
+    assert s.objective == svm_objective(E0, 0.0, X, np.r_[1, -np.ones(5)], 0.001, 2.0, 10.0)
     assert miner.finish() is svms
     with pytest.raises(RuntimeError, match="after finish"):
         miner.add_image("e", rows([0.0]), np.zeros((1, 1)))

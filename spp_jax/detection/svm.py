@@ -690,13 +690,16 @@ class HardNegativeMiner:
         cache.trained = True
         cache.num_added = 0
         cache.retrains += 1
-        z_pos = cache.positives @ w + np.float32(b)
-        z_neg = X_neg @ w + np.float32(b)
-        cache.objective = (
-            0.5 * (float(np.dot(w.astype(np.float64), w)) + (float(b) / self.bias_feature) ** 2)
-            + self.C * self.pos_weight * float(np.maximum(0, 1 - z_pos.astype(np.float64)).sum())
-            + self.C * float(np.maximum(0, 1 + z_neg.astype(np.float64)).sum())
+        cache.objective = svm_objective(
+            w,
+            float(self.biases[k]),
+            np.concatenate([cache.positives, X_neg]),
+            np.repeat(np.array([1, -1], np.int8), [len(cache.positives), len(X_neg)]),
+            self.C,
+            self.pos_weight,
+            self.bias_feature,
         )
+        z_neg = X_neg @ w + np.float32(b)
         easy = z_neg < np.float32(self.evict_thresh)
         n_easy = int(easy.sum())
         if n_easy:
@@ -773,22 +776,11 @@ def train_svms(
     positives: tuple[Any, Any],
     negative_images: Iterable[tuple[str | int, Any, Any]],
     num_classes: int,
-    *,
-    C: float = 0.001,
-    pos_weight: float = 2.0,
-    bias_feature: float = 10.0,
-    neg_iou: float = 0.3,
-    hard_thresh: float = -1.0001,
-    evict_thresh: float = -1.2,
-    retrain_every: int = 2000,
-    feature_scale: float | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 10_000,
-    random_state: int = 0,
-    solver: Solver | None = None,
-    progress: bool = True,
+    **settings: Any,
 ) -> SVMs:
     """Trains one SVM per class with one pass of hard-negative mining.
+
+    A :class:`HardNegativeMiner` fed every image of ``negative_images``, in order.
 
     Args:
       positives: ``(features (P, D), labels (P,))``: the ground-truth boxes'
@@ -797,36 +789,19 @@ def train_svms(
         training image, read one at a time (see
         :meth:`HardNegativeMiner.add_image`).
       num_classes: K.
-      C, pos_weight, bias_feature, neg_iou, hard_thresh, evict_thresh,
-        retrain_every, feature_scale, tol, max_iter, random_state, solver,
-        progress: see :class:`HardNegativeMiner`.
+      **settings: keyword arguments of :class:`HardNegativeMiner` (the mining
+        thresholds, the solver and its settings, ``progress``), with its defaults.
 
     Returns:
       The :class:`SVMs`, with per-class :class:`ClassStats`.
 
     Raises:
       ValueError: see :class:`HardNegativeMiner`.
+      TypeError: a keyword that :class:`HardNegativeMiner` does not take.
     """
     if not (isinstance(positives, tuple | list) and len(positives) == 2):
         raise TypeError("positives must be a pair (features (P, D), labels (P,))")
-    miner = HardNegativeMiner(
-        positives[0],
-        positives[1],
-        num_classes,
-        C=C,
-        pos_weight=pos_weight,
-        bias_feature=bias_feature,
-        neg_iou=neg_iou,
-        hard_thresh=hard_thresh,
-        evict_thresh=evict_thresh,
-        retrain_every=retrain_every,
-        feature_scale=feature_scale,
-        tol=tol,
-        max_iter=max_iter,
-        random_state=random_state,
-        solver=solver,
-        progress=progress,
-    )
+    miner = HardNegativeMiner(positives[0], positives[1], num_classes, **settings)
     for item in negative_images:
         if not (isinstance(item, tuple | list) and len(item) == 3):
             raise TypeError(
