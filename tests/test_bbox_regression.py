@@ -33,11 +33,8 @@ def random_boxes(rng, n):
 
 
 def effective(reg, k):
-    """The class's map features -> deltas, un-whitened: (W T^-1 (D, 4), b T^-1 + mu (4,))."""
-    t_inv = np.asarray(reg.target_unwhitening[k - 1], np.float64)
-    w = np.asarray(reg.weights[:, k - 1], np.float64) @ t_inv
-    b = np.asarray(reg.biases[k - 1], np.float64) @ t_inv + reg.target_mean[k - 1]
-    return w, b
+    """The class's map from features to deltas, float64: (W (D, 4), b (4,))."""
+    return np.asarray(reg.weights[:, k - 1], np.float64), np.asarray(reg.biases[k - 1], np.float64)
 
 
 def linear_data(rng, n=400, d=6, k=2, noise=0.0, mean=0.0):
@@ -143,53 +140,21 @@ def spp_code_reference(x, y, lam):
     t_inv = v @ np.diag(np.sqrt(d + 0.001)) @ v.T
     r = np.linalg.cholesky(a @ a.T + lam * np.eye(len(a))).T  # chol: R'R
     beta = np.linalg.solve(r, np.linalg.solve(r.T, a @ (yc @ t)))
-    return mu, t, t_inv, beta
+    return mu, t_inv, beta
 
 
-def test_whitening_matches_spp_net_code_and_round_trips():
+def test_matches_spp_net_code():
+    """The code's whitened regressor, un-whitened, makes our predictions."""
     rng = np.random.default_rng(3)
     x, props, gts, labels, _, _ = linear_data(rng, n=250, k=1, noise=0.1, mean=1.0)
     reg = fit_box_regressors(x, props, gts, labels, 1, lam=30.0, min_iou=0.0, regularize_bias=True)
     y = np.asarray(encode_boxes(props, gts), np.float64)
-    mu, t, t_inv, beta = spp_code_reference(x, y, 30.0)
-    np.testing.assert_allclose(reg.target_mean[0], mu, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(reg.target_whitening[0], t, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(reg.target_unwhitening[0], t_inv, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(
-        reg.target_whitening[0] @ reg.target_unwhitening[0], np.eye(4), atol=1e-5
-    )
-    # The whitened weights themselves (Beta = [W; b]) are the code's.
-    tol = 1e-4 * np.abs(beta).max()
-    np.testing.assert_allclose(reg.weights[:, 0], beta[:-1], atol=tol)
-    np.testing.assert_allclose(reg.biases[0], beta[-1], atol=tol)
-    # Whitened targets, un-whitened, are the targets.
-    z = (y - mu) @ np.asarray(reg.target_whitening[0], np.float64)
-    np.testing.assert_allclose(z @ np.asarray(reg.target_unwhitening[0]) + mu, y, atol=1e-5)
-
-
-def test_whitening_changes_no_prediction_with_a_free_bias():
-    rng = np.random.default_rng(4)
-    x, props, gts, labels, _, _ = linear_data(rng, n=200, d=6, k=2, noise=0.1, mean=1.0)
-    preds = {}
-    for whiten in ("zca", "std", "none"):
-        for regularize_bias in (False, True):
-            reg = fit_box_regressors(
-                x,
-                props,
-                gts,
-                labels,
-                2,
-                lam=100.0,
-                min_iou=0.0,
-                whiten=whiten,
-                regularize_bias=regularize_bias,
-            )
-            preds[whiten, regularize_bias] = np.asarray(reg.deltas(x, labels))
-    for whiten in ("std", "none"):
-        np.testing.assert_allclose(preds[whiten, False], preds["zca", False], atol=1e-5)
-    # With a penalised bias, T still changes nothing, but the centring does.
-    np.testing.assert_allclose(preds["std", True], preds["zca", True], atol=1e-5)
-    assert np.abs(preds["none", True] - preds["zca", True]).max() > 1e-3
+    mu, t_inv, beta = spp_code_reference(x, y, 30.0)
+    w_ref, b_ref = beta[:-1] @ t_inv, beta[-1] @ t_inv + mu
+    w, b = effective(reg, 1)
+    tol = 2e-4 * max(np.abs(w_ref).max(), np.abs(b_ref).max())
+    np.testing.assert_allclose(w, w_ref, atol=tol)
+    np.testing.assert_allclose(b, b_ref, atol=tol)
 
 
 def test_streaming_equals_batch_and_add_image():
@@ -202,7 +167,7 @@ def test_streaming_equals_batch_and_add_image():
     acc.add(x[:0], props[:0], gts[:0], labels[:0])
     streamed = acc.solve(20.0)
     assert streamed.counts == batch.counts and sum(streamed.counts) == 333
-    for name in ("weights", "biases", "target_mean", "target_unwhitening"):
+    for name in ("weights", "biases"):
         a, b = np.asarray(getattr(streamed, name)), np.asarray(getattr(batch, name))
         np.testing.assert_allclose(a, b, atol=2e-5 * max(1.0, np.abs(b).max()), err_msg=name)
     # Per image: proposals matched to each image's ground truths by IoU > 0.5.
@@ -290,13 +255,7 @@ def test_apply_under_jit_and_clipping():
     assert (eager[:, 1::2] >= 0).all() and (eager[:, 1::2] <= 240).all()
     # A regressor that moves every box 100 px right and doubles it: clipped at W.
     ident = BoxRegressors.identity(6, 2)
-    moved = BoxRegressors(
-        ident.weights,
-        ident.biases,
-        np.tile(np.float32([1.0, 0.0, np.log(2.0), 0.0]), (2, 1)),
-        ident.target_whitening,
-        ident.target_unwhitening,
-    )
+    moved = BoxRegressors(ident.weights, np.tile(np.float32([1.0, 0.0, np.log(2.0), 0.0]), (2, 1)))
     box = np.float32([[100, 10, 200, 60]])
     out = np.asarray(moved.apply(x[:1], box, [2], (100, 300)))
     np.testing.assert_allclose(out, [[150, 10, 300, 60]], atol=1e-4)  # 350 clipped to 300
@@ -328,7 +287,7 @@ def test_save_load(tmp_path):
     reg.save(path)
     assert os.listdir(tmp_path) == ["bbox.npz"]
     back = BoxRegressors.load(path)
-    for name in ("weights", "biases", "target_mean", "target_whitening", "target_unwhitening"):
+    for name in ("weights", "biases"):
         np.testing.assert_array_equal(getattr(back, name), np.asarray(getattr(reg, name)))
     assert back.scale == 1.5 and back.counts == reg.counts
     np.testing.assert_array_equal(
@@ -338,6 +297,35 @@ def test_save_load(tmp_path):
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
     with pytest.raises(ValueError, match="is not a BoxRegressors file"):
         BoxRegressors.load(tmp_path / "other.npz")
+
+
+def test_load_whitened_file(tmp_path):
+    """A file with the targets' whitening (format /1) predicts ``(x W + b) T^-1 + mu``."""
+    rng = np.random.default_rng(11)
+    d, k = 5, 2
+    w, b, mu = rng.normal(size=(d, k, 4)), rng.normal(size=(k, 4)), rng.normal(size=(k, 4))
+    a = rng.normal(size=(k, 4, 4))
+    t_inv = a @ a.transpose(0, 2, 1) + np.eye(4)
+    arrays = {"weights": w, "biases": b, "target_mean": mu, "target_unwhitening": t_inv}
+    arrays = {name: v.astype(np.float32) for name, v in arrays.items()}
+    path = tmp_path / "bbox.npz"
+    np.savez(
+        path,
+        format=np.array("spp_jax.detection.bbox_regression/1"),
+        target_whitening=np.linalg.inv(arrays["target_unwhitening"]),
+        scale=np.array(1.5),
+        counts=np.array([3, 4]),
+        **arrays,
+    )
+    reg = BoxRegressors.load(path)
+    assert reg.scale == 1.5 and reg.counts == (3, 4)
+    x, labels = rng.normal(size=(20, d)).astype(np.float32), rng.integers(1, k + 1, 20)
+    f = {name: v.astype(np.float64) for name, v in arrays.items()}
+    z = np.einsum("nd,ndj->nj", x * 1.5, f["weights"].transpose(1, 0, 2)[labels - 1])
+    z += f["biases"][labels - 1]
+    want = np.einsum("ni,nij->nj", z, f["target_unwhitening"][labels - 1])
+    want += f["target_mean"][labels - 1]
+    np.testing.assert_allclose(np.asarray(reg.deltas(x, labels)), want, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_input_is_named():
@@ -360,8 +348,6 @@ def test_bad_input_is_named():
     bad[2, 0] = np.inf
     with pytest.raises(ValueError, match=r"features must be finite.*row 2"):
         acc.add(bad, props, gts, labels)
-    with pytest.raises(ValueError, match=r"unknown whiten 'pca'; accepted are \('zca'"):
-        acc.solve(whiten="pca")
     with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         acc.solve(-1.0)
     with pytest.raises(ValueError, match="feature_scale must be a finite number > 0"):
@@ -379,10 +365,4 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"labels must be classes in 1..2 .* is 0"):
         reg.apply(x, props, np.zeros(20, int), (10, 10))
     with pytest.raises(ValueError, match="BoxRegressors needs weights"):
-        BoxRegressors(
-            np.zeros((3, 2, 4)),
-            np.zeros((2, 4)),
-            np.zeros((2, 4)),
-            np.zeros((2, 4, 4)),
-            np.zeros((1, 4, 4)),
-        )
+        BoxRegressors(np.zeros((3, 2, 4)), np.zeros((1, 4)))

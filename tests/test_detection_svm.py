@@ -143,7 +143,7 @@ def test_fit_linear_svm_is_deterministic_and_checks_input():
     assert a[1] == b[1]
     with pytest.raises(ValueError, match="at least one positive and one negative"):
         fit_linear_svm(pos, neg[:0])
-    with pytest.raises(ValueError, match=r"X_neg must have shape \(n, 6\)"):
+    with pytest.raises(ValueError, match=r"X_neg must have shape \(N, 6\)"):
         fit_linear_svm(pos, neg[:, :5])
     with pytest.raises(ValueError, match="C must be a finite number > 0"):
         fit_linear_svm(pos, neg, C=0.0)
@@ -240,6 +240,9 @@ def test_mining_rules_on_a_hand_made_stream():
     (s,) = svms.stats
     assert (s.label, s.positives, s.mined, s.evicted, s.retrains) == (1, 1, 7, 2, 3)
     assert s.negatives == 5  # nothing below -1.2 under the last model
+    # Its objective is svm_objective's, of the final model on its last training data.
+    X = np.concatenate([POS[0], solver.calls[2][1]])
+    assert s.objective == svm_objective(E0, 0.0, X, np.r_[1, -np.ones(5)], 0.001, 2.0, 10.0)
     assert miner.finish() is svms
     with pytest.raises(RuntimeError, match="after finish"):
         miner.add_image("e", rows([0.0]), np.zeros((1, 1)))
@@ -317,13 +320,13 @@ def test_classes_without_positives_or_negatives_are_errors():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match=r"positive_labels must be in 1..2 .*label 0"):
+    with pytest.raises(ValueError, match=r"positive_labels must be classes in 1..2 .*entry 1 is 0"):
         HardNegativeMiner(rows([1.0, 2.0]), np.array([1, 0]), 2)
-    with pytest.raises(ValueError, match=r"positive_labels must be in 1..2 .*label 3"):
+    with pytest.raises(ValueError, match=r"positive_labels must be classes in 1..2 .*entry 1 is 3"):
         HardNegativeMiner(rows([1.0, 2.0]), np.array([1, 3]), 2)
     with pytest.raises(TypeError, match="positive_labels must be ints"):
         HardNegativeMiner(rows([1.0]), np.array([1.0]), 1)
-    with pytest.raises(ValueError, match=r"positive_labels must have shape \(P,\) = \(2,\)"):
+    with pytest.raises(ValueError, match=r"positive_labels must have shape \(2,\)"):
         HardNegativeMiner(rows([1.0, 2.0]), np.array([1]), 1)
     with pytest.raises(ValueError, match="retrain_every must be an int >= 0"):
         HardNegativeMiner(*POS, 1, retrain_every=-1)
@@ -332,7 +335,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         HardNegativeMiner(*POS, 0)
     miner = HardNegativeMiner(*POS, 1, feature_scale=1.0, solver=Scripted([(E0, 0.0)]))
-    with pytest.raises(ValueError, match=r"features of image 'a' must have shape \(n, 2\)"):
+    with pytest.raises(ValueError, match=r"features of image 'a' must have shape \(N, 2\)"):
         miner.add_image("a", np.zeros((3, 5), np.float32), np.zeros((3, 1)))
     with pytest.raises(ValueError, match=r"overlaps of image 'a' must have shape .* \(3, 1\)"):
         miner.add_image("a", rows([0.0, 0.0, 0.0]), np.zeros((3, 2)))

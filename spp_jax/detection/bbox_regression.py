@@ -9,32 +9,25 @@ R-CNN's):
   0.6). That ground truth's class picks the regressor, its box the target.
 * Targets: :func:`~spp_jax.detection.boxes.encode_boxes` with weights
   ``(1, 1, 1, 1)``: ``((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph))``.
-* Targets are whitened per class as the SPP-net code does: centred on their
-  mean ``mu`` and decorrelated by ``T = S^(-1/2)`` computed as
-  ``V diag(1 / sqrt(d + 0.001)) V^T`` from the eigendecomposition ``S = V diag(d) V^T``
-  of their covariance (``whiten="zca"``; ``"std"`` divides each target by
-  ``sqrt(var + 0.001)`` instead, ``"none"`` does neither). Predictions are
-  un-whitened: ``deltas = z T^-1 + mu``.
-* Ridge regression, one per class, for the 4 whitened targets at once:
-  ``min ||X W + 1 b^T - Z||^2 + lam ||W||^2`` with ``lam`` 4000 (SPP-net's
+* Ridge regression, one per class, for the 4 targets at once:
+  ``min ||X W + 1 b^T - Y||^2 + lam ||W||^2`` with ``lam`` 4000 (SPP-net's
   code; R-CNN 1000) on features times ``feature_scale`` (SPP-net scales pool5
   like the SVMs' features: ``20 / mean norm``; its ``lam`` assumes that, see
   :func:`spp_jax.detection.svm.feature_scale`).
 * The bias ``b`` is NOT regularised (``regularize_bias=False``). SPP-net's and
   R-CNN's code add a column of ones to ``X`` and regularise it like the
-  weights (``regularize_bias=True`` reproduces that exactly); with centred
-  targets the difference is small.
-
-Exact facts worth knowing: ridge regression with one ``lam`` for all outputs
-commutes with any invertible linear map of the targets, so the whitening ``T``
-changes no prediction (only rounding), and with an unregularised bias neither
-does the centring. Both are kept for fidelity with the code; with
-``regularize_bias=True`` the centring matters (a bias is pulled towards ``mu``,
-not 0).
+  weights, for targets centred on their per-class mean ``mu``
+  (``regularize_bias=True`` reproduces that exactly: the bias is pulled
+  towards ``mu``, not 0); with a free bias the centring changes nothing.
+* SPP-net's code also whitens each class's targets (``T = S^(-1/2)`` of their
+  covariance) and un-whitens its predictions. Ridge regression with one
+  ``lam`` for all outputs commutes with any invertible linear map of the
+  targets, so that changes no prediction (only rounding) and is not done here:
+  the regressors map features to deltas directly.
 
 Streaming: :class:`RidgeAccumulator` keeps per class only sums (``X^T X`` of
 the features shifted by a per-class reference row, for accuracy, ``X^T Y``,
-``sum X``, ``sum Y``, ``Y^T Y``, the count), so a pipeline feeds it one image at
+``sum X``, ``sum Y``, the count), so a pipeline feeds it one image at
 a time and memory is ``D^2`` numbers per class that has boxes (float64 when
 JAX's x64 is enabled, else float32; ``classes=`` restricts an accumulator to
 some classes, to trade passes for memory when ``D`` is large: 12,800-d pool5
@@ -60,17 +53,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
-import numbers
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
+from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 from spp_jax.detection.boxes import (
     box_iou,
     check_boxes,
@@ -92,76 +84,24 @@ DEFAULT_LAMBDA = 4000.0
 """SPP-net's code (R-CNN's: 1000)."""
 DEFAULT_MIN_IOU = 0.5
 """SPP-net's code: IoU ``> 0.5`` (R-CNN's: 0.6)."""
-WHITEN_EPS = 0.001
-"""Added to the target variances before the inverse square root (SPP-net's code)."""
-WHITENINGS = ("zca", "std", "none")
 
-_FORMAT = "spp_jax.detection.bbox_regression/1"
+_FORMAT = "spp_jax.detection.bbox_regression/2"
+_FORMAT_WHITENED = "spp_jax.detection.bbox_regression/1"
+"""Files that keep the targets' whitening (``target_mean``, ``target_unwhitening``)."""
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-Whitening = Literal["zca", "std", "none"]
 
 
 # ---------------------------------------------------------------------------
 # Checks
 
 
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value: Any, low: float, *, strict: bool) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < low or (strict and v == low):
-        raise ValueError(
-            f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}"
-        )
-    return v
-
-
 def _iou_threshold(value: Any) -> float:
-    v = _number("min_iou", value, 0.0, strict=False)
+    v = number("min_iou", value, low=0)
     if v >= 1:
         raise ValueError(
             f"min_iou must be in [0, 1) (a box is used when its IoU is > min_iou), got {value!r}"
         )
     return v
-
-
-def _features(name: str, x: Any, d: int | None) -> np.ndarray:
-    arr = np.asarray(x)
-    want = f"(N, {d})" if d is not None else "(N, D)"
-    if arr.ndim != 2 or (d is not None and arr.shape[1] != d):
-        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    arr = np.asarray(arr, np.float32)
-    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
-    if bad.size:
-        raise ValueError(f"{name} must be finite (as float32); row {int(bad[0])} is not")
-    return arr
-
-
-def _labels(name: str, labels: Any, n: int, k: int) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {arr.shape}")
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must be ints in 1..{k}, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 1) | (arr > k))
-    if bad.size:
-        raise ValueError(
-            f"{name} must be classes in 1..{k} (0, background, has no regressor); entry "
-            f"{int(bad[0])} is {int(arr[bad[0]])}"
-        )
-    return arr.astype(np.int64)
 
 
 def _boxes(name: str, boxes: Any, n: int | None = None) -> np.ndarray:
@@ -255,16 +195,12 @@ def _pair_iou(a: jax.Array, b: jax.Array) -> jax.Array:
 class BoxRegressors:
     """K box regressors (a pytree: arrays are leaves, ``scale`` and ``counts`` static).
 
-    For a row ``x`` of class ``k`` (index ``k - 1`` below):
-    ``z = (x * scale) @ weights[:, k-1] + biases[k-1]`` (whitened targets), then
-    ``deltas = z @ target_unwhitening[k-1] + target_mean[k-1]``.
+    A row ``x`` of class ``k`` gets the deltas
+    ``(x * scale) @ weights[:, k-1] + biases[k-1]``.
 
     Attributes:
       weights: ``(D, K, 4)`` float32.
       biases: ``(K, 4)`` float32.
-      target_mean: ``(K, 4)`` float32, ``mu``.
-      target_whitening: ``(K, 4, 4)`` float32, ``T`` (targets ``(y - mu) @ T``).
-      target_unwhitening: ``(K, 4, 4)`` float32, ``T^-1``.
       scale: the feature scale.
       counts: the training boxes per class (``()`` if unknown). A class with none
         has the identity regressor (zero deltas).
@@ -272,30 +208,20 @@ class BoxRegressors:
 
     weights: Any
     biases: Any
-    target_mean: Any
-    target_whitening: Any
-    target_unwhitening: Any
     scale: float = 1.0
     counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _number("scale", self.scale, 0.0, strict=True))
+        object.__setattr__(self, "scale", number("scale", self.scale, low=0, strict=True))
         object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
-        arrays = (
-            self.weights,
-            self.biases,
-            self.target_mean,
-            self.target_whitening,
-            self.target_unwhitening,
-        )
-        if all(hasattr(a, "shape") for a in arrays):  # JAX rebuilds pytrees with other leaves
-            d, k = tuple(self.weights.shape[:2]) if self.weights.ndim == 3 else (-1, -1)
-            want = ((d, k, 4), (k, 4), (k, 4), (k, 4, 4), (k, 4, 4))
-            got = tuple(tuple(a.shape) for a in arrays)
-            if d < 0 or got != want:
+        # Checked only for arrays: JAX rebuilds pytrees with other leaves too.
+        if hasattr(self.weights, "shape") and hasattr(self.biases, "shape"):
+            w_shape, b_shape = tuple(self.weights.shape), tuple(self.biases.shape)
+            k = w_shape[1] if len(w_shape) == 3 else -1
+            if len(w_shape) != 3 or w_shape[2] != 4 or b_shape != (k, 4):
                 raise ValueError(
-                    "BoxRegressors needs weights (D, K, 4), biases (K, 4), target_mean (K, 4), "
-                    f"target_whitening and target_unwhitening (K, 4, 4); got {got}"
+                    "BoxRegressors needs weights (D, K, 4) and biases (K, 4); got weights "
+                    f"{w_shape} and biases {b_shape}"
                 )
             if self.counts and len(self.counts) != k:
                 raise ValueError(f"counts must have K = {k} entries, got {len(self.counts)}")
@@ -311,13 +237,9 @@ class BoxRegressors:
     @classmethod
     def identity(cls, num_features: int, num_classes: int, scale: float = 1.0) -> BoxRegressors:
         """Regressors that predict zero deltas for every class."""
-        d = _int_at_least("num_features", num_features, 1)
-        k = _int_at_least("num_classes", num_classes, 1)
-        eye = np.broadcast_to(np.eye(4, dtype=np.float32), (k, 4, 4)).copy()
-        zeros = np.zeros((k, 4), np.float32)
-        return cls(
-            np.zeros((d, k, 4), np.float32), zeros, zeros.copy(), eye, eye.copy(), scale, (0,) * k
-        )
+        d = int_at_least("num_features", num_features, 1)
+        k = int_at_least("num_classes", num_classes, 1)
+        return cls(np.zeros((d, k, 4), np.float32), np.zeros((k, 4), np.float32), scale, (0,) * k)
 
     def deltas(self, features: Any, labels: Any) -> jax.Array:
         """Predicted ``(dx, dy, dw, dh)`` (weights 1) of each row for its class.
@@ -400,7 +322,7 @@ class BoxRegressors:
             if np.shape(labels) != (shape[0],):
                 raise ValueError(f"labels must have shape ({shape[0]},), got {np.shape(labels)}")
         else:
-            labels = _labels("labels", labels, shape[0], k).astype(np.int32)
+            labels = class_labels("labels", labels, shape[0], k).astype(np.int32)
         if not isinstance(features, jax.core.Tracer):
             features = np.asarray(features)
             if not np.issubdtype(features.dtype, np.floating):
@@ -417,9 +339,6 @@ class BoxRegressors:
                 "format": np.array(_FORMAT),
                 "weights": np.asarray(self.weights, np.float32),
                 "biases": np.asarray(self.biases, np.float32),
-                "target_mean": np.asarray(self.target_mean, np.float32),
-                "target_whitening": np.asarray(self.target_whitening, np.float32),
-                "target_unwhitening": np.asarray(self.target_unwhitening, np.float32),
                 "scale": np.array(self.scale, np.float64),
                 "counts": np.array(self.counts, np.int64),
             },
@@ -429,26 +348,31 @@ class BoxRegressors:
     def load(cls, path: str | os.PathLike) -> BoxRegressors:
         """Reads what :meth:`save` wrote.
 
+        A file that stores whitened regressors (format ``.../1``,
+        with ``target_mean`` ``mu`` and ``target_unwhitening`` ``T^-1`` per class)
+        is read as the same predictions: ``weights T^-1`` and ``biases T^-1 + mu``,
+        in float64, rounded to float32.
+
         Raises:
           ValueError: not a file written by :meth:`save`.
         """
         with np.load(path, allow_pickle=False) as f:
-            if "format" not in f or str(f["format"]) != _FORMAT:
+            fmt = str(f["format"]) if "format" in f else None
+            if fmt not in (_FORMAT, _FORMAT_WHITENED):
                 raise ValueError(f"{os.fspath(path)!r} is not a BoxRegressors file ({_FORMAT})")
-            return cls(
-                f["weights"],
-                f["biases"],
-                f["target_mean"],
-                f["target_whitening"],
-                f["target_unwhitening"],
-                float(f["scale"]),
-                tuple(f["counts"].tolist()),
-            )
+            weights, biases = f["weights"], f["biases"]
+            if fmt == _FORMAT_WHITENED:
+                t_inv = np.asarray(f["target_unwhitening"], np.float64)
+                weights = np.einsum("dki,kij->dkj", np.asarray(weights, np.float64), t_inv)
+                biases = np.einsum("ki,kij->kj", np.asarray(biases, np.float64), t_inv)
+                biases += f["target_mean"]
+                weights, biases = weights.astype(np.float32), biases.astype(np.float32)
+            return cls(weights, biases, float(f["scale"]), tuple(f["counts"].tolist()))
 
 
 jax.tree_util.register_dataclass(
     BoxRegressors,
-    data_fields=["weights", "biases", "target_mean", "target_whitening", "target_unwhitening"],
+    data_fields=["weights", "biases"],
     meta_fields=["scale", "counts"],
 )
 
@@ -476,10 +400,7 @@ def _deltas(reg: BoxRegressors, features: jax.Array, labels: jax.Array) -> jax.A
     w = reg.weights.astype(jnp.float32).reshape(d, k * 4)
     b = reg.biases.astype(jnp.float32).reshape(k * 4)
     z = (jnp.matmul(x, w, precision=_HIGHEST) + b[None, :]).reshape(-1, k, 4)
-    z = jnp.take_along_axis(z, idx[:, None, None], axis=1)[:, 0]
-    t_inv = reg.target_unwhitening.astype(jnp.float32)[idx]
-    mu = reg.target_mean.astype(jnp.float32)[idx]
-    return jnp.einsum("ri,rij->rj", z, t_inv, precision=_HIGHEST) + mu
+    return jnp.take_along_axis(z, idx[:, None, None], axis=1)[:, 0]
 
 
 @jax.jit
@@ -502,17 +423,15 @@ class _Sums:
     s2: Any = None  # (D, D) sum (x - c)(x - c)^T
     sxy: Any = None  # (D, 4) sum (x - c) y^T
     sy: Any = None  # (4,) sum y
-    syy: Any = None  # (4, 4) sum y y^T
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3, 4))  # updated in place
-def _accumulate(s1, s2, sxy, sy, syy, xc, y):
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3))  # updated in place
+def _accumulate(s1, s2, sxy, sy, xc, y):
     return (
         s1 + jnp.sum(xc, axis=0),
         s2 + jnp.matmul(xc.T, xc, precision=_HIGHEST),
         sxy + jnp.matmul(xc.T, y, precision=_HIGHEST),
         sy + jnp.sum(y, axis=0),
-        syy + jnp.matmul(y.T, y, precision=_HIGHEST),
     )
 
 
@@ -547,14 +466,14 @@ class RidgeAccumulator:
         feature_scale: float = 1.0,
         classes: Iterable[int] | None = None,
     ) -> None:
-        self.num_features = _int_at_least("num_features", num_features, 1)
-        self.num_classes = _int_at_least("num_classes", num_classes, 1)
-        self.scale = _number("feature_scale", feature_scale, 0.0, strict=True)
+        self.num_features = int_at_least("num_features", num_features, 1)
+        self.num_classes = int_at_least("num_classes", num_classes, 1)
+        self.scale = number("feature_scale", feature_scale, low=0, strict=True)
         if classes is None:
             self.classes = frozenset(range(1, self.num_classes + 1))
         else:
             cls = sorted(classes)
-            _labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
+            class_labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
             self.classes = frozenset(int(c) for c in cls)
         self.dtype = _acc_dtype()
         self._sums: dict[int, _Sums] = {}
@@ -580,11 +499,11 @@ class RidgeAccumulator:
           ValueError: shapes that do not fit, labels outside ``1..K``, non-finite
             features, empty or inverted boxes.
         """
-        x = _features("features", features, self.num_features)
+        x = float_rows("features", features, self.num_features)
         n = x.shape[0]
         proposals = _boxes("proposals", proposals, n)
         gt_boxes = _boxes("gt_boxes", gt_boxes, n)
-        labels = _labels("labels", labels, n, self.num_classes)
+        labels = class_labels("labels", labels, n, self.num_classes)
         if n == 0:
             return
         rows = _bucket(n)  # padded with unit boxes: one compilation per bucket
@@ -621,10 +540,10 @@ class RidgeAccumulator:
         Returns:
           The number of training boxes the image gave (all classes).
         """
-        x = _features("features", features, self.num_features)
+        x = float_rows("features", features, self.num_features)
         proposals = _boxes("proposals", proposals, x.shape[0])
         gt_boxes = _boxes("gt_boxes", gt_boxes)
-        gt_labels = _labels("gt_labels", gt_labels, gt_boxes.shape[0], self.num_classes)
+        gt_labels = class_labels("gt_labels", gt_labels, gt_boxes.shape[0], self.num_classes)
         index, matched, labels, _ = match_proposals(proposals, gt_boxes, gt_labels, min_iou=min_iou)
         if index.size:
             self.add(x[index], proposals[index], matched, labels)
@@ -641,7 +560,6 @@ class RidgeAccumulator:
                 s2=jnp.zeros((d, d), self.dtype),
                 sxy=jnp.zeros((d, 4), self.dtype),
                 sy=jnp.zeros(4, self.dtype),
-                syy=jnp.zeros((4, 4), self.dtype),
             )
             self._sums[k] = s
         n = x.shape[0]
@@ -650,25 +568,18 @@ class RidgeAccumulator:
         xc[:n] = x.astype(self.dtype) - np.asarray(s.shift)
         yy = np.zeros((rows, 4), self.dtype)
         yy[:n] = y
-        s.s1, s.s2, s.sxy, s.sy, s.syy = _accumulate(s.s1, s.s2, s.sxy, s.sy, s.syy, xc, yy)
+        s.s1, s.s2, s.sxy, s.sy = _accumulate(s.s1, s.s2, s.sxy, s.sy, xc, yy)
         s.n += n
 
-    def solve(
-        self,
-        lam: float = DEFAULT_LAMBDA,
-        *,
-        regularize_bias: bool = False,
-        whiten: Whitening = "zca",
-    ) -> BoxRegressors:
+    def solve(self, lam: float = DEFAULT_LAMBDA, *, regularize_bias: bool = False) -> BoxRegressors:
         """Solves each class's ridge regression.
 
         Args:
           lam: the ridge penalty (4000, SPP-net; 1000, R-CNN). ``lam = 0`` is
             least squares and needs at least ``D + 1`` well-spread boxes.
-          regularize_bias: penalise the bias like the weights (SPP-net's and
-            R-CNN's code) instead of leaving it free.
-          whiten: ``"zca"`` (SPP-net's code), ``"std"`` or ``"none"``; see the
-            module docstring.
+          regularize_bias: penalise the bias like the weights, for targets
+            centred on their mean (SPP-net's and R-CNN's code), instead of
+            leaving it free.
 
         Returns:
           The :class:`BoxRegressors`; classes without boxes (and those outside
@@ -678,90 +589,56 @@ class RidgeAccumulator:
           ValueError: bad settings; a class whose system is singular (``lam = 0``
             with too few boxes).
         """
-        lam = _number("lam", lam, 0.0, strict=False)
-        if whiten not in WHITENINGS:
-            raise ValueError(f"unknown whiten {whiten!r}; accepted are {WHITENINGS}")
+        lam = number("lam", lam, low=0)
         identity = BoxRegressors.identity(self.num_features, self.num_classes, self.scale)
         weights = np.array(identity.weights)
         biases = np.array(identity.biases)
-        mean = np.array(identity.target_mean)
-        t = np.array(identity.target_whitening)
-        t_inv = np.array(identity.target_unwhitening)
         empty = [k for k in range(1, self.num_classes + 1) if k not in self._sums]
         if empty:
             logger.info("box regression: no training boxes for class(es) %s: identity", empty)
         for k, s in sorted(self._sums.items()):
-            mu, tk, tk_inv = _whitening(np.asarray(s.sy), np.asarray(s.syy), s.n, whiten)
+            n = jnp.asarray(s.n, self.dtype)
             w, b = (
                 np.asarray(v, np.float32)
                 for v in _ridge(
-                    s.shift,
-                    s.s1,
-                    s.s2,
-                    s.sxy,
-                    s.sy,
-                    jnp.asarray(s.n, self.dtype),
-                    jnp.asarray(lam, self.dtype),
-                    jnp.asarray(mu, self.dtype),
-                    jnp.asarray(tk, self.dtype),
+                    s.shift, s.s1, s.s2, s.sxy, s.sy, n, jnp.asarray(lam, self.dtype),
                     regularize_bias,
                 )
-            )
+            )  # fmt: skip
             if not (np.isfinite(w).all() and np.isfinite(b).all()):
                 raise ValueError(
                     f"the ridge system of class {k} ({s.n} boxes, lam={lam}) is singular: "
                     f"use lam > 0"
                 )
-            weights[:, k - 1], biases[k - 1], mean[k - 1] = w, b, mu
-            t[k - 1], t_inv[k - 1] = tk, tk_inv
+            weights[:, k - 1], biases[k - 1] = w, b
             logger.debug("box regression: class %d solved from %d boxes", k, s.n)
-        return BoxRegressors(
-            weights, biases, mean, t, t_inv, self.scale, tuple(self.counts.tolist())
-        )
+        return BoxRegressors(weights, biases, self.scale, tuple(self.counts.tolist()))
 
 
-def _whitening(
-    sy: np.ndarray, syy: np.ndarray, n: int, whiten: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mu, T, T^-1)`` of a class's targets from their sums (4 x 4, NumPy float64)."""
-    y_mean = np.asarray(sy, np.float64) / n
-    cov = np.asarray(syy, np.float64) / n - np.outer(y_mean, y_mean)
-    if whiten == "zca":  # SPP-net's code: V diag(1 / sqrt(d + eps)) V^T
-        evals, v = np.linalg.eigh((cov + cov.T) / 2)
-        evals = np.maximum(evals, 0) + WHITEN_EPS
-        return y_mean, (v / np.sqrt(evals)) @ v.T, (v * np.sqrt(evals)) @ v.T
-    if whiten == "std":
-        sd = np.sqrt(np.maximum(np.diagonal(cov), 0) + WHITEN_EPS)
-        return y_mean, np.diag(1 / sd), np.diag(sd)
-    return np.zeros(4), np.eye(4), np.eye(4)
-
-
-@functools.partial(jax.jit, static_argnums=9)
-def _ridge(shift, s1, s2, sxy, sy, n, lam, mu, t, regularize_bias):
-    """Whitened ridge weights ``(W (D, 4), b (4,))`` of one class from its sums."""
+@functools.partial(jax.jit, static_argnums=7)
+def _ridge(shift, s1, s2, sxy, sy, n, lam, regularize_bias):
+    """Ridge weights ``(W (D, 4), b (4,))`` of one class from its sums."""
     d = shift.shape[0]
     y_mean = sy / n
     if regularize_bias:
-        # The code's system: [X, 1]^T [X, 1] + lam I, on raw (unshifted) features.
+        # The code's system: [X, 1]^T [X, 1] + lam I, on raw (unshifted) features,
+        # for the targets centred on their mean (which sum to 0: the last row).
         sx = s1 + n * shift
         gram = s2 + jnp.outer(shift, s1) + jnp.outer(s1, shift) + n * jnp.outer(shift, shift)
         top = jnp.concatenate([gram, sx[:, None]], axis=1)
         bottom = jnp.concatenate([sx, n[None]])[None, :]
         a = jnp.concatenate([top, bottom], axis=0) + lam * jnp.eye(d + 1, dtype=shift.dtype)
         sxy_raw = sxy + jnp.outer(shift, sy)
-        rhs = jnp.concatenate([sxy_raw - jnp.outer(sx, mu), (sy - n * mu)[None, :]], axis=0)
-        beta = _cho_solve(a, jnp.matmul(rhs, t, precision=_HIGHEST))
-        return beta[:d], beta[d]
+        rhs = jnp.concatenate([sxy_raw - jnp.outer(sx, y_mean), (sy - n * y_mean)[None, :]], axis=0)
+        beta = _cho_solve(a, rhs)
+        return beta[:d], beta[d] + y_mean
     # A free bias: centre the features (exactly, from the shifted sums); then
-    # W = (Xc^T Xc + lam I)^-1 Xc^T Zc and b = mean(z) - mean(x) W.
+    # W = (Xc^T Xc + lam I)^-1 Xc^T Yc and b = mean(y) - mean(x) W.
     x_mean = shift + s1 / n
     cxx = s2 - jnp.outer(s1, s1) / n
     cxy = sxy - jnp.outer(s1, y_mean)
-    w = _cho_solve(
-        cxx + lam * jnp.eye(d, dtype=shift.dtype), jnp.matmul(cxy, t, precision=_HIGHEST)
-    )
-    b = jnp.matmul(y_mean - mu, t, precision=_HIGHEST) - jnp.matmul(x_mean, w, precision=_HIGHEST)
-    return w, b
+    w = _cho_solve(cxx + lam * jnp.eye(d, dtype=shift.dtype), cxy)
+    return w, y_mean - jnp.matmul(x_mean, w, precision=_HIGHEST)
 
 
 def _cho_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
@@ -781,7 +658,6 @@ def fit_box_regressors(
     ious: Any = None,
     feature_scale: float = 1.0,
     regularize_bias: bool = False,
-    whiten: Whitening = "zca",
 ) -> BoxRegressors:
     """Fits the K regressors from one batch of matched boxes (see :class:`RidgeAccumulator`).
 
@@ -791,7 +667,7 @@ def fit_box_regressors(
       gt_boxes: ``(N, 4)`` each proposal's best ground truth.
       labels: ``(N,)`` that ground truth's class, in ``1..K``.
       num_classes: K.
-      lam, regularize_bias, whiten: see :meth:`RidgeAccumulator.solve`.
+      lam, regularize_bias: see :meth:`RidgeAccumulator.solve`.
       min_iou: only rows with IoU ``> min_iou`` are used.
       ious: ``(N,)`` each row's IoU with its ground truth; None: computed
         (:func:`~spp_jax.detection.boxes.box_iou`'s float32 arithmetic).
@@ -800,7 +676,7 @@ def fit_box_regressors(
     Returns:
       The :class:`BoxRegressors`.
     """
-    x = _features("features", features, None)
+    x = float_rows("features", features)
     n = x.shape[0]
     proposals = _boxes("proposals", proposals, n)
     gt_boxes = _boxes("gt_boxes", gt_boxes, n)
@@ -820,6 +696,6 @@ def fit_box_regressors(
             raise ValueError(f"ious must have shape ({n},), got {ious.shape}")
         keep = ious > min_iou
     acc = RidgeAccumulator(x.shape[1], num_classes, feature_scale=feature_scale)
-    labels = _labels("labels", labels, n, acc.num_classes)
+    labels = class_labels("labels", labels, n, acc.num_classes)
     acc.add(x[keep], proposals[keep], gt_boxes[keep], labels[keep])
-    return acc.solve(lam, regularize_bias=regularize_bias, whiten=whiten)
+    return acc.solve(lam, regularize_bias=regularize_bias)

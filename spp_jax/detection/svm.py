@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
+
 __all__ = [
     "ClassStats",
     "HardNegativeMiner",
@@ -86,56 +88,6 @@ _FORMAT = "spp_jax.detection.svm/1"
 
 Solver = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 """``solver(X_pos (P, D), X_neg (N, D)) -> (w (D,), b)``: trains one class."""
-
-
-# ---------------------------------------------------------------------------
-# Checks
-
-
-def _positive_number(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        want = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number {want}, got {value!r}")
-    return v
-
-
-def _finite_number(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return v
-
-
-def _int_at_least(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
-
-
-def _float_matrix(name: str, x: Any, *, cols: int | None = None) -> np.ndarray:
-    """``x`` as a C-contiguous float32 ``(n, cols)`` array, checked finite."""
-    arr = np.asarray(x)
-    want = f"(n, {cols})" if cols is not None else "(n, D)"
-    if arr.ndim != 2 or (cols is not None and arr.shape[1] != cols):
-        raise ValueError(f"{name} must have shape {want}, got {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must be a float array, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, np.float32)
-    bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"{name} must be finite (as float32); row {int(bad[0])} is not ({bad.size} such rows)"
-        )
-    return arr
 
 
 # ---------------------------------------------------------------------------
@@ -170,12 +122,12 @@ def feature_scale(
     >>> feature_scale(np.array([[3.0, 4.0], [0.0, 5.0]]))
     4.0
     """
-    target_norm = _positive_number("target_norm", target_norm)
+    target_norm = number("target_norm", target_norm, low=0, strict=True)
     arr = np.asarray(features)
     if arr.ndim != 2 or arr.shape[0] == 0:
         raise ValueError(f"features must have shape (N, D) with N >= 1, got {arr.shape}")
     if sample_size is not None:
-        sample_size = _int_at_least("sample_size", sample_size, 1)
+        sample_size = int_at_least("sample_size", sample_size, 1)
         if arr.shape[0] > sample_size:
             rows = np.random.default_rng(seed).choice(arr.shape[0], sample_size, replace=False)
             arr = arr[np.sort(rows)]
@@ -285,18 +237,18 @@ def fit_linear_svm(
     """
     from sklearn.svm import LinearSVC  # the "detect" extra
 
-    X_pos = _float_matrix("X_pos", X_pos)
-    X_neg = _float_matrix("X_neg", X_neg, cols=X_pos.shape[1])
+    X_pos = float_rows("X_pos", X_pos)
+    X_neg = float_rows("X_neg", X_neg, X_pos.shape[1])
     if X_pos.shape[0] == 0 or X_neg.shape[0] == 0:
         raise ValueError(
             f"need at least one positive and one negative, got {X_pos.shape[0]} positives "
             f"and {X_neg.shape[0]} negatives"
         )
-    C = _positive_number("C", C)
-    pos_weight = _positive_number("pos_weight", pos_weight)
-    bias_feature = _positive_number("bias_feature", bias_feature)
-    tol = _positive_number("tol", tol)
-    max_iter = _int_at_least("max_iter", max_iter, 1)
+    C = number("C", C, low=0, strict=True)
+    pos_weight = number("pos_weight", pos_weight, low=0, strict=True)
+    bias_feature = number("bias_feature", bias_feature, low=0, strict=True)
+    tol = number("tol", tol, low=0, strict=True)
+    max_iter = int_at_least("max_iter", max_iter, 1)
     X = np.concatenate([X_pos, X_neg]).astype(np.float64)
     y = np.concatenate([np.ones(len(X_pos), np.int64), -np.ones(len(X_neg), np.int64)])
     model = LinearSVC(
@@ -395,7 +347,7 @@ class SVMs:
                 raise ValueError(
                     f"stats must have one entry per class ({w_shape[1]}), got {len(self.stats)}"
                 )
-        object.__setattr__(self, "scale", _positive_number("scale", self.scale))
+        object.__setattr__(self, "scale", number("scale", self.scale, low=0, strict=True))
         object.__setattr__(self, "stats", tuple(self.stats))
 
     @property
@@ -564,24 +516,11 @@ class HardNegativeMiner:
         solver: Solver | None = None,
         progress: bool = True,
     ) -> None:
-        self.num_classes = _int_at_least("num_classes", num_classes, 1)
-        pos = _float_matrix("positives", positives)
+        self.num_classes = int_at_least("num_classes", num_classes, 1)
+        pos = float_rows("positives", positives)
         if pos.shape[0] == 0 or pos.shape[1] == 0:
             raise ValueError(f"positives must have shape (P, D) with P, D >= 1, got {pos.shape}")
-        labels = np.asarray(positive_labels)
-        if labels.shape != (pos.shape[0],):
-            raise ValueError(
-                f"positive_labels must have shape (P,) = ({pos.shape[0]},) like positives, "
-                f"got {labels.shape}"
-            )
-        if labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"positive_labels must be ints in 1..{num_classes}, got {labels.dtype}")
-        bad = np.flatnonzero((labels < 1) | (labels > self.num_classes))
-        if bad.size:
-            raise ValueError(
-                f"positive_labels must be in 1..{self.num_classes} (0, background, is not a "
-                f"class here); positive {int(bad[0])} has label {int(labels[bad[0]])}"
-            )
+        labels = class_labels("positive_labels", positive_labels, pos.shape[0], self.num_classes)
         counts = np.bincount(labels, minlength=self.num_classes + 1)[1:]
         missing = (np.flatnonzero(counts == 0) + 1).tolist()
         if missing:
@@ -589,18 +528,18 @@ class HardNegativeMiner:
                 f"class(es) {missing} have no positives (ground-truth boxes); every class in "
                 f"1..{self.num_classes} needs at least one to train its SVM"
             )
-        self.C = _positive_number("C", C)
-        self.pos_weight = _positive_number("pos_weight", pos_weight)
-        self.bias_feature = _positive_number("bias_feature", bias_feature)
-        self.neg_iou = _positive_number("neg_iou", neg_iou)
+        self.C = number("C", C, low=0, strict=True)
+        self.pos_weight = number("pos_weight", pos_weight, low=0, strict=True)
+        self.bias_feature = number("bias_feature", bias_feature, low=0, strict=True)
+        self.neg_iou = number("neg_iou", neg_iou, low=0, strict=True)
         if self.neg_iou > 1:
             raise ValueError(f"neg_iou must be in (0, 1], got {neg_iou!r}")
-        self.hard_thresh = _finite_number("hard_thresh", hard_thresh)
-        self.evict_thresh = _finite_number("evict_thresh", evict_thresh)
-        self.retrain_every = _int_at_least("retrain_every", retrain_every, 0)
-        self._scale = (
-            None if feature_scale is None else _positive_number("feature_scale", feature_scale)
-        )
+        self.hard_thresh = number("hard_thresh", hard_thresh)
+        self.evict_thresh = number("evict_thresh", evict_thresh)
+        self.retrain_every = int_at_least("retrain_every", retrain_every, 0)
+        if feature_scale is not None:
+            feature_scale = number("feature_scale", feature_scale, low=0, strict=True)
+        self._scale = feature_scale
         if solver is None:
             solver = functools.partial(
                 fit_linear_svm,
@@ -614,7 +553,7 @@ class HardNegativeMiner:
         self._solver = solver
         self._log_level = logging.INFO if progress else logging.DEBUG
         self._positives: np.ndarray | None = pos
-        self._labels = labels.astype(np.int64)
+        self._labels = labels
         self.num_features = pos.shape[1]
         self.weights = np.zeros((self.num_features, self.num_classes), np.float32)
         self.biases = np.zeros(self.num_classes, np.float32)
@@ -680,7 +619,7 @@ class HardNegativeMiner:
             raise RuntimeError("add_image after finish(): start a new HardNegativeMiner")
         if isinstance(image_id, bool) or not isinstance(image_id, str | numbers.Integral):
             raise TypeError(f"image_id must be a str or an int, got {image_id!r}")
-        feats = _float_matrix(f"features of image {image_id!r}", features, cols=self.num_features)
+        feats = float_rows(f"features of image {image_id!r}", features, self.num_features)
         ov = np.asarray(overlaps)
         rows = feats.shape[0]
         if ov.shape != (rows, self.num_classes):
@@ -751,13 +690,16 @@ class HardNegativeMiner:
         cache.trained = True
         cache.num_added = 0
         cache.retrains += 1
-        z_pos = cache.positives @ w + np.float32(b)
-        z_neg = X_neg @ w + np.float32(b)
-        cache.objective = (
-            0.5 * (float(np.dot(w.astype(np.float64), w)) + (float(b) / self.bias_feature) ** 2)
-            + self.C * self.pos_weight * float(np.maximum(0, 1 - z_pos.astype(np.float64)).sum())
-            + self.C * float(np.maximum(0, 1 + z_neg.astype(np.float64)).sum())
+        cache.objective = svm_objective(
+            w,
+            float(self.biases[k]),
+            np.concatenate([cache.positives, X_neg]),
+            np.repeat(np.array([1, -1], np.int8), [len(cache.positives), len(X_neg)]),
+            self.C,
+            self.pos_weight,
+            self.bias_feature,
         )
+        z_neg = X_neg @ w + np.float32(b)
         easy = z_neg < np.float32(self.evict_thresh)
         n_easy = int(easy.sum())
         if n_easy:
@@ -834,22 +776,11 @@ def train_svms(
     positives: tuple[Any, Any],
     negative_images: Iterable[tuple[str | int, Any, Any]],
     num_classes: int,
-    *,
-    C: float = 0.001,
-    pos_weight: float = 2.0,
-    bias_feature: float = 10.0,
-    neg_iou: float = 0.3,
-    hard_thresh: float = -1.0001,
-    evict_thresh: float = -1.2,
-    retrain_every: int = 2000,
-    feature_scale: float | None = None,
-    tol: float = 1e-5,
-    max_iter: int = 10_000,
-    random_state: int = 0,
-    solver: Solver | None = None,
-    progress: bool = True,
+    **settings: Any,
 ) -> SVMs:
     """Trains one SVM per class with one pass of hard-negative mining.
+
+    A :class:`HardNegativeMiner` fed every image of ``negative_images``, in order.
 
     Args:
       positives: ``(features (P, D), labels (P,))``: the ground-truth boxes'
@@ -858,36 +789,19 @@ def train_svms(
         training image, read one at a time (see
         :meth:`HardNegativeMiner.add_image`).
       num_classes: K.
-      C, pos_weight, bias_feature, neg_iou, hard_thresh, evict_thresh,
-        retrain_every, feature_scale, tol, max_iter, random_state, solver,
-        progress: see :class:`HardNegativeMiner`.
+      **settings: keyword arguments of :class:`HardNegativeMiner` (the mining
+        thresholds, the solver and its settings, ``progress``), with its defaults.
 
     Returns:
       The :class:`SVMs`, with per-class :class:`ClassStats`.
 
     Raises:
       ValueError: see :class:`HardNegativeMiner`.
+      TypeError: a keyword that :class:`HardNegativeMiner` does not take.
     """
     if not (isinstance(positives, tuple | list) and len(positives) == 2):
         raise TypeError("positives must be a pair (features (P, D), labels (P,))")
-    miner = HardNegativeMiner(
-        positives[0],
-        positives[1],
-        num_classes,
-        C=C,
-        pos_weight=pos_weight,
-        bias_feature=bias_feature,
-        neg_iou=neg_iou,
-        hard_thresh=hard_thresh,
-        evict_thresh=evict_thresh,
-        retrain_every=retrain_every,
-        feature_scale=feature_scale,
-        tol=tol,
-        max_iter=max_iter,
-        random_state=random_state,
-        solver=solver,
-        progress=progress,
-    )
+    miner = HardNegativeMiner(positives[0], positives[1], num_classes, **settings)
     for item in negative_images:
         if not (isinstance(item, tuple | list) and len(item) == 3):
             raise TypeError(
