@@ -15,8 +15,9 @@ Three entry points share one program, :func:`nms`'s:
   In float32 that offset rounds the coordinates (at an offset of 2**14 the
   coordinates keep no bits below 2**-9), which can move an IoU across the
   threshold. Here the labels are told apart exactly instead: a pair of different
-  labels is given no intersection (one integer comparison per pair), the same
-  separation as an offset along an axis of its own, with no rounding.
+  labels never suppresses (one integer comparison per pair), the separation an
+  offset along an axis of its own would give, with no rounding. It computes what
+  :func:`nms` computes: every pair of the triangle, whatever the labels.
 - :func:`multiclass_nms`: each box has a score for every class (a detector's
   ``(N, K)`` scores) and NMS runs per class; :func:`nms` is ``vmap``-ed over the
   classes (``K`` problems of ``N`` boxes, where one :func:`batched_nms` of the
