@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from spp_jax.detection.suppression import _nms, batched_nms, nms
+from spp_jax.detection.suppression import _nms, batched_nms, multiclass_nms, nms
 
 
 def ref_iou32(a: np.ndarray, b: np.ndarray) -> np.float32:
@@ -43,6 +43,21 @@ def ref_nms(boxes, scores, thr, labels=None, max_output=None, score_threshold=No
         ):
             keep.append(i)
     return keep[: n if max_output is None else max_output]
+
+
+def ref_multiclass(boxes, scores, thr, max_output=None, score_threshold=None):
+    """Per-class NMS of ``(N, K)`` scores as :func:`ref_nms` of the ``N K`` box-class
+    pairs (pair ``k N + i``): the kept ``(box indices, classes)``."""
+    n, k = scores.shape
+    pairs = ref_nms(
+        np.tile(boxes, (k, 1)),
+        np.asarray(scores).T.reshape(-1),
+        thr,
+        np.repeat(np.arange(k), n),
+        max_output,
+        score_threshold,
+    )
+    return [p % n for p in pairs], [p // n for p in pairs]
 
 
 def random_problem(rng, n, grid=False, tie_scores=False):
@@ -87,16 +102,58 @@ def test_batched_nms_matches_reference(num_labels):
             check(*got, ref_nms(boxes, scores, thr, labels), 40)
 
 
-def test_large_label_groups_and_early_stop():
-    # 240 boxes: one label (a group too large for the band of bits: the full
-    # triangle) and 2 labels of ~120 (the band), all in one compiled program.
+def test_early_stop_with_large_label_groups():
+    # 240 boxes in one label and in two: each pass stops once max_output boxes are kept.
     rng = np.random.default_rng(7)
     boxes, scores = random_problem(rng, 240, tie_scores=True)
     for labels in (np.zeros(240, int), rng.integers(0, 2, 240)):
         expected = ref_nms(boxes, scores, 0.5, labels, max_output=30)
         check(*batched_nms(boxes, scores, labels, 0.5, max_output=30), expected, 30)
-    # Plain NMS stops once max_output boxes are kept.
     check(*nms(boxes, scores, 0.5, max_output=30), ref_nms(boxes, scores, 0.5, max_output=30), 30)
+
+
+def test_labels_are_separated_exactly_where_a_coordinate_offset_rounds():
+    # torchvision's coordinate trick adds label * (max_coordinate + 1) = 60 * 501 to
+    # boxes 0 and 1: float32 keeps no bits below 2**-9 there, and their IoU, exactly
+    # the threshold, rounds above it. Per label (torchvision above 1,000 boxes on
+    # CPU, and here) box 1 is kept.
+    boxes = np.array(
+        [
+            [63.6961669921875, 26.97867202758789, 85.3351058959961, 47.63977813720703],
+            [68.70848846435547, 33.582759857177734, 87.04127502441406, 51.31172180175781],
+            [0.0, 0.0, 500.0, 500.0],
+        ],
+        np.float32,
+    )
+    scores = np.array([0.9, 0.8, 0.1], np.float32)
+    labels = np.array([60, 60, 0])
+    thr = float(ref_iou32(boxes[0], boxes[1]))
+    offset = (labels * (boxes.max() + np.float32(1))).astype(np.float32)
+    assert ref_nms(boxes + offset[:, None], scores, thr) == [0, 2]  # the offset's decision
+    check(*batched_nms(boxes, scores, labels, thr), [0, 1, 2], 3)
+    tv = pytest.importorskip("torchvision")
+    torch = pytest.importorskip("torch")
+    tb, ts, tl = torch.tensor(boxes), torch.tensor(scores), torch.tensor(labels)
+    assert tv.ops.boxes._batched_nms_vanilla(tb, ts, tl, thr).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_multiclass_nms_matches_reference(k):
+    rng = np.random.default_rng(100 + k)
+    for trial in range(3):
+        boxes, _ = random_problem(rng, 30, grid=trial == 1)
+        scores = rng.random((30, k)).astype(np.float32)
+        if trial == 2:  # ties within and across classes
+            scores = np.round(scores * 4) / 4
+        scores[rng.random((30, k)) < 0.2] = np.nan
+        for thr, m, st in ((0.3, None, None), (0.5, 10, None), (0.7, 25, 0.5)):
+            keep, classes, count = multiclass_nms(
+                boxes, scores, thr, max_output=m, score_threshold=st
+            )
+            expected_keep, expected_classes = ref_multiclass(boxes, scores, thr, m, st)
+            size = 30 * k if m is None else m
+            check(keep, count, expected_keep, size)
+            check(classes, count, expected_classes, size)
 
 
 def test_threshold_is_compared_as_a_real_number():
@@ -134,6 +191,12 @@ def test_empty_and_degenerate_inputs():
     keep, count = nms(np.zeros((0, 4)), np.zeros(0), 0.5, max_output=3)
     check(keep, count, [], 3)
     check(*batched_nms(np.zeros((0, 4)), np.zeros(0), np.zeros(0, int), 0.5, max_output=2), [], 2)
+    for scores in (np.zeros((0, 3)), np.zeros((2, 0))):
+        keep, classes, count = multiclass_nms(np.ones((len(scores), 4)), scores, 0.5)
+        assert keep.shape == classes.shape == (0,) and int(count) == 0
+        keep, classes, count = multiclass_nms(np.ones((len(scores), 4)), scores, 0.5, max_output=2)
+        check(keep, count, [], 2)
+        check(classes, count, [], 2)
     boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9], [5, 5, 5, 5], [5, 5, 5, 5]], np.float32)
     scores = np.array([0.1, 0.9, 0.5, 0.4])
     # Empty boxes (IoU 0 / 0) suppress nothing and are not suppressed.
@@ -166,26 +229,34 @@ def test_bad_input_raises_clear_errors():
         batched_nms(boxes, scores, np.array([0.0, 1.0]), 0.5)
     with pytest.raises(ValueError, match=r"labels must have shape \(N,\)"):
         batched_nms(boxes, scores, np.array([0, 1, 2]), 0.5)
+    with pytest.raises(ValueError, match=r"scores must have shape \(N, K\) with N = 2 like boxes"):
+        multiclass_nms(boxes, scores, 0.5)
 
 
 @pytest.fixture(scope="module")
 def jitted():
-    """One compiled function per mode, shared (the threshold is an argument)."""
+    """One compiled function per entry point, shared (the threshold is an argument)."""
     plain = jax.jit(lambda b, s, t: nms(b, s, t, max_output=12))
     grouped = jax.jit(lambda b, s, lab, t: batched_nms(b, s, lab, t, max_output=12))
-    return plain, grouped
+    multi = jax.jit(lambda b, s, t: multiclass_nms(b, s, t, max_output=12))
+    return plain, grouped, multi
 
 
 def test_jit_traced_thresholds_and_nan_boxes(jitted):
-    plain, grouped = jitted
+    plain, grouped, multi = jitted
     rng = np.random.default_rng(3)
     boxes, scores = random_problem(rng, 40)
     labels = rng.integers(0, 3, 40)
+    class_scores = rng.random((40, 3)).astype(np.float32)
     for thr in (0.3, 0.5):  # a traced float32 threshold
         t = float(np.float32(thr))
         check(*plain(boxes, scores, thr), ref_nms(boxes, scores, t, max_output=12), 12)
         expected = ref_nms(boxes, scores, t, labels, max_output=12)
         check(*grouped(boxes, scores, labels, thr), expected, 12)
+        keep, classes, count = multi(boxes, class_scores, thr)
+        expected_keep, expected_classes = ref_multiclass(boxes, class_scores, t, 12)
+        check(keep, count, expected_keep, 12)
+        check(classes, count, expected_classes, 12)
     # Under jit values are not checked: a NaN box suppresses nothing and is kept.
     bad = boxes.copy()
     bad[0] = np.nan
@@ -227,13 +298,14 @@ def test_vmap_over_a_padded_batch():
         check(keep_b[i], count_b[i], expected, 20)
 
 
-def test_wide_label_range_uses_the_general_grouping():
+def test_any_int32_labels():
     rng = np.random.default_rng(13)
     boxes, scores = random_problem(rng, 40, grid=True)
     dense = rng.integers(0, 3, 40)
-    wide = np.array([-(2**30), 5, 2**30])[dense]  # too wide for the packed int32 key
     expected = ref_nms(boxes, scores, 0.5, dense)
-    check(*batched_nms(boxes, scores, wide, 0.5), expected, 40)
+    # Far apart, and distinct integers that are one float32 (2**24 + 1 rounds to 2**24).
+    for values in ([-(2**30), 5, 2**30], [2**24, 2**24 + 1, 2**24 + 2]):
+        check(*batched_nms(boxes, scores, np.array(values)[dense], 0.5), expected, 40)
     check(*batched_nms(boxes, scores, dense, 0.5), expected, 40)
 
 
@@ -258,6 +330,27 @@ def test_torchvision_parity():
         check(*nms(boxes, scores, thr), tv.ops.nms(tb, ts, thr).numpy().tolist(), n)
         expected = tv.ops.batched_nms(tb, ts, tl, thr).numpy().tolist()
         check(*batched_nms(boxes, scores, labels, thr), expected, n)
+
+
+def test_multiclass_nms_torchvision_parity():
+    torch = pytest.importorskip("torch")
+    tv = pytest.importorskip("torchvision")
+    rng = np.random.default_rng(23)
+    n, k = 300, 20
+    xy = rng.uniform(0, 600, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 200, (n, 2))], 1).astype(np.float32)
+    scores = (rng.permutation(n * k).reshape(n, k) / (n * k)).astype(np.float32)
+    assert _no_ties(scores.ravel())
+    pairs = (
+        torch.tensor(np.tile(boxes, (k, 1))),
+        torch.tensor(scores.T.reshape(-1)),
+        torch.tensor(np.repeat(np.arange(k), n)),
+    )
+    for thr in (0.3, 0.7):
+        expected = tv.ops.batched_nms(*pairs, thr).numpy()
+        keep, classes, count = multiclass_nms(boxes, scores, thr)
+        check(keep, count, (expected % n).tolist(), n * k)
+        check(classes, count, (expected // n).tolist(), n * k)
 
 
 def test_borderline_thresholds_match_the_reference():

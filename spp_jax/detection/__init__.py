@@ -6,7 +6,8 @@ neither TensorFlow nor OpenCV: the modules that do (proposals, VOC input) import
 them on first use.
 
 Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
-:mod:`~spp_jax.detection.suppression` (jit-able ``nms`` and ``batched_nms``),
+:mod:`~spp_jax.detection.suppression` (jit-able ``nms``, ``batched_nms``
+and ``multiclass_nms``),
 :mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
 :mod:`~spp_jax.detection.proposals` (selective search, cached per dataset split),
 :mod:`~spp_jax.detection.voc` (VOC 2007 input), :mod:`~spp_jax.detection.features` (conv5 once
@@ -26,6 +27,7 @@ _EXPORTS = {
     "decode_boxes": "boxes",
     "encode_boxes": "boxes",
     "batched_nms": "suppression",
+    "multiclass_nms": "suppression",
     "nms": "suppression",
     "evaluate_detections": "evaluation",
     "voc_ap": "evaluation",

@@ -42,7 +42,7 @@ import numpy as np
 from spp_jax import configs, workdirs
 from spp_jax.detection import bbox_regression, evaluation, features, finetune, svm
 from spp_jax.detection.boxes import box_iou
-from spp_jax.detection.suppression import nms
+from spp_jax.detection.suppression import multiclass_nms
 from spp_jax.models import ConvTrunk, MLPHead
 
 log = logging.getLogger("spp_jax")
@@ -353,34 +353,34 @@ def per_class_nms(
     boxes: np.ndarray, scores: np.ndarray, thresh: float, iou: float, max_per_image: int
 ) -> dict[str, np.ndarray]:
     """Per class: scores above ``thresh``, greedy NMS at ``iou``; then the best
-    ``max_per_image`` over all classes. Returns boxes, scores, labels and the
-    proposal ``index`` of each."""
-    kept_idx, kept_label = [], []
+    ``max_per_image`` over all classes (:func:`~spp_jax.detection.suppression.multiclass_nms`).
+
+    Args:
+      boxes: ``(R, 4)`` proposals.
+      scores: ``(R, K)`` float32 class scores.
+      thresh: scores ``<= thresh`` take no part.
+      iou: the NMS IoU threshold.
+      max_per_image: the most detections returned.
+
+    Returns:
+      ``boxes``, ``scores``, ``labels`` (class columns) and the proposal ``index``
+      of each detection, by decreasing score.
+    """
     r, k = scores.shape
-    rb = max(256, -(-r // 256) * 256)
+    rb = max(256, -(-r // 256) * 256)  # padded: one compilation per 256 proposals
     padded = np.zeros((rb, 4), np.float32)
     padded[:r] = boxes
-    for c in range(k):
-        s = np.full(rb, np.nan, np.float32)
-        s[:r] = np.where(scores[:, c] > thresh, scores[:, c], np.nan)
-        if not np.isfinite(s).any():
-            continue
-        keep, count = nms(jnp.asarray(padded), jnp.asarray(s), iou, max_output=max_per_image)
-        kept = np.asarray(keep)[: int(count)]
-        kept_idx.append(kept)
-        kept_label.append(np.full(len(kept), c, np.int32))
-    if not kept_idx:
-        out = _no_detections()
-        out["index"] = np.zeros((0,), np.int64)
-        return out
-    idx, labels = np.concatenate(kept_idx), np.concatenate(kept_label)
-    sc = scores[idx, labels]
-    order = np.argsort(-sc, kind="stable")[:max_per_image]
+    s = np.full((rb, k), np.nan, np.float32)
+    s[:r] = np.where(scores > thresh, scores, np.nan)
+    keep, classes, count = multiclass_nms(
+        jnp.asarray(padded), jnp.asarray(s), iou, max_output=max_per_image
+    )
+    idx, labels = np.asarray(keep)[: int(count)], np.asarray(classes)[: int(count)]
     return {
-        "boxes": boxes[idx[order]].astype(np.float32),
-        "scores": sc[order].astype(np.float32),
-        "labels": labels[order],
-        "index": idx[order],
+        "boxes": boxes[idx].astype(np.float32),
+        "scores": scores[idx, labels].astype(np.float32),
+        "labels": labels,
+        "index": idx,
     }
 
 

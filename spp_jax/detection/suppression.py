@@ -3,9 +3,26 @@
 The rule (``docs/detection-reference.md`` section 7): boxes are visited by
 decreasing score, equal scores by increasing index; a box is kept unless its IoU
 with an already kept box is ``> iou_threshold`` (a box at exactly the threshold
-is kept). :func:`batched_nms` applies the rule within each label, with one
-order over all labels. Results are torchvision's ``nms`` / ``batched_nms``
-(whose order of tied scores is unspecified; here it is fixed).
+is kept). Results are torchvision's ``nms`` / ``batched_nms`` (whose order of
+tied scores is unspecified; here it is fixed).
+
+Three entry points share one program, :func:`nms`'s:
+
+- :func:`nms`: every box may suppress every later box.
+- :func:`batched_nms` (torchvision's): each box has one label and suppresses only
+  boxes of its own label. torchvision adds ``label * (max_coordinate + 1)`` to the
+  coordinates so that boxes of different labels never overlap, and runs one NMS.
+  In float32 that offset rounds the coordinates (at an offset of 2**14 the
+  coordinates keep no bits below 2**-9), which can move an IoU across the
+  threshold. Here the labels are told apart exactly instead: a pair of different
+  labels never suppresses (one integer comparison per pair), the separation an
+  offset along an axis of its own would give, with no rounding. It computes what
+  :func:`nms` computes: every pair of the triangle, whatever the labels.
+- :func:`multiclass_nms`: each box has a score for every class (a detector's
+  ``(N, K)`` scores) and NMS runs per class; :func:`nms` is ``vmap``-ed over the
+  classes (``K`` problems of ``N`` boxes, where one :func:`batched_nms` of the
+  ``N K`` box-class pairs would compare ``K`` times more pairs), and the kept
+  boxes of all classes are merged in one order.
 
 Exact arithmetic: the IoU is computed in float32 as torchvision computes it,
 ``inter / (area_i + area_j - inter)`` with ``area = (x2 - x1) * (y2 - y1)``, and
@@ -18,38 +35,24 @@ float32. ``score_threshold`` is applied in the same way (``score >
 score_threshold``). Two empty boxes have IoU ``0 / 0 = NaN``, which suppresses
 nothing.
 
-How it is computed (one program for every backend; the choices measured on CPU,
-where XLA runs a fused elementwise loop fast and each separate small op, or a
-sort with a two-operand comparator, slowly):
+How it is computed (one program for every backend, built from fused
+elementwise loops and single-operand sorts, which XLA's CPU backend runs fast):
 
 1. The visiting order: scores become distinct int32 keys (boxes that do not
    take part get keys above all scores, in index order), sorted alone, and each
    box finds its rank by binary search (tied scores take a two-key sort instead,
-   the same order). :func:`batched_nms` then groups the sorted boxes by label
-   (one int32 sort of ``label * N + rank``), which makes each box's possible
-   victims a contiguous run: the later boxes of its group.
-2. The suppression bits ``IoU(i, j) > t`` of the visiting order, packed 32
-   columns to a uint32 word, computed by fused elementwise loops: for
-   :func:`nms` the upper triangle (in at most 16 blocks of rows; about 2M IoUs
-   for 2,000 boxes); for :func:`batched_nms` a band of 8 words (256 columns)
-   per box when every label group fits in it (label groups of at most 225
-   boxes), else the upper triangle. A word mask ends each box's bits at its
-   group's end, so labels are never compared per pair.
+   the same order).
+2. The suppression bits ``IoU(i, j) > t`` (and, for :func:`batched_nms`,
+   ``label_i == label_j``) of the upper triangle of the visiting order, packed 32
+   columns to a uint32 word, in at most 16 blocks of rows.
 3. The greedy pass, one box per step of a ``lax.while_loop`` whose body is one
    fused loop: a box not yet removed ORs its row of bits into the removed set.
-   :func:`nms` stops once ``max_output`` boxes are kept or no box that takes
-   part is left (:func:`batched_nms` visits labels, not scores, in order, so it
-   cannot stop early).
+   The pass stops once ``max_output`` boxes are kept or no box that takes part is
+   left.
 4. The kept indices are compacted in score order (a scatter).
 
-Under ``vmap`` the two branches of steps 1 and 2 (``lax.cond``) both run.
-Memory: ``N^2 / 8`` bytes for the triangle's bits (0.5 MB at 2,000 boxes);
-``N x 32`` bytes for the band. Measured on 2 CPU cores at 2,000 boxes
-(``experiments/benchmarks/nms.py``): 8-18x faster than torchvision's ``nms``,
-about 3x faster than its ``batched_nms`` with 20 labels. For per-class NMS of
-many boxes (each class scoring the same proposals), ``vmap`` :func:`nms` over
-the classes: :func:`batched_nms` with one big group per label would fall back
-to the whole triangle.
+Under ``vmap`` the two branches of step 1 (``lax.cond``) both run. Memory:
+``N^2 / 8`` bytes for the triangle's bits.
 
 Bad input: shapes raise ``ValueError``; concrete boxes that are non-finite or
 inverted raise ``ValueError`` (``spp_jax.detection.boxes``). Under ``jit`` the
@@ -72,11 +75,10 @@ from jax import lax
 
 from spp_jax.detection.boxes import _as_array, _is_concrete, box_area, check_boxes
 
-__all__ = ["batched_nms", "nms"]
+__all__ = ["batched_nms", "multiclass_nms", "nms"]
 
 _WORD = 32
 _MAX_BLOCKS = 16
-_BAND_WORDS = 8  # batched: the band path covers label groups of up to 225 boxes
 _BITS = np.left_shift(np.uint32(1), np.arange(_WORD, dtype=np.uint32))
 # _ABOVE[b]: the bits strictly above bit b (a box only suppresses later boxes).
 _ABOVE = np.array([(0xFFFFFFFF << (b + 1)) & 0xFFFFFFFF for b in range(_WORD)], np.uint32)
@@ -114,10 +116,11 @@ def _check_max_output(max_output: Any, n: int) -> int:
     return int(max_output)
 
 
-def _check_vector(values: Any, name: str, n: int, kind: str) -> Any:
+def _check_values(values: Any, name: str, n: int, kind: str, ndim: int = 1) -> Any:
     arr = _as_array(values)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must have shape (N,) = ({n},) like boxes, got {tuple(arr.shape)}")
+    if arr.ndim != ndim or arr.shape[0] != n:
+        want = f"(N,) = ({n},)" if ndim == 1 else f"(N, K) with N = {n}"
+        raise ValueError(f"{name} must have shape {want} like boxes, got {tuple(arr.shape)}")
     ok = jnp.issubdtype(arr.dtype, jnp.integer) or (
         kind == "float" and jnp.issubdtype(arr.dtype, jnp.floating)
     )
@@ -134,17 +137,19 @@ def _checked(
     iou_threshold: Any,
     max_output: Any,
     score_threshold: Any,
+    score_ndim: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array | None, int]:
+    """The arguments as :func:`_nms` takes them (``max_output`` None: every box)."""
     boxes = check_boxes(boxes)
     n = boxes.shape[0]
-    scores = jnp.asarray(_check_vector(scores, "scores", n, "float"), jnp.float32)
+    scores = jnp.asarray(_check_values(scores, "scores", n, "float", score_ndim), jnp.float32)
     if labels is not None:
-        labels = jnp.asarray(_check_vector(labels, "labels", n, "int"), jnp.int32)
+        labels = jnp.asarray(_check_values(labels, "labels", n, "int"), jnp.int32)
     thr = _f32_not_above("iou_threshold", iou_threshold, 0.0, 1.0)
     st = None
     if score_threshold is not None:
         st = _f32_not_above("score_threshold", score_threshold, -math.inf, math.inf)
-    return boxes, scores, labels, thr, st, _check_max_output(max_output, n)
+    return boxes, scores, labels, thr, st, _check_max_output(max_output, scores.size)
 
 
 def nms(
@@ -200,12 +205,13 @@ def batched_nms(
     The same rule, output and arguments as :func:`nms`; the kept boxes of all
     labels come in one order (decreasing score, ties by lower index), so
     ``max_output`` keeps the best boxes over all labels. torchvision's
-    ``batched_nms`` (which needs no label range either).
+    ``batched_nms`` (which needs no label range either), with the labels
+    compared exactly rather than offset into the coordinates (module docstring).
 
     Args:
       boxes: ``(N, 4)`` boxes.
       scores: ``(N,)`` scores.
-      labels: ``(N,)`` integer labels (any values, e.g. class ids).
+      labels: ``(N,)`` integer labels (any int32 values, e.g. class ids).
       iou_threshold: see :func:`nms`.
       max_output: see :func:`nms`.
       score_threshold: see :func:`nms`.
@@ -225,6 +231,81 @@ def batched_nms(
     return _nms(b, s, lab, thr, st, max_output=m)
 
 
+def multiclass_nms(
+    boxes: jax.Array,
+    scores: jax.Array,
+    iou_threshold: float | jax.Array,
+    *,
+    max_output: int | None = None,
+    score_threshold: float | jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """NMS per class of boxes that each have a score for every class.
+
+    Every class ``k`` runs :func:`nms` on all boxes with ``scores[:, k]``; the
+    kept (box, class) pairs of all classes are then ordered by decreasing score
+    (ties: lower class, then lower box index) and the first ``max_output`` are
+    returned. This is :func:`batched_nms` of the ``N K`` pairs (box ``i`` with
+    label ``k`` and score ``scores[i, k]``, pair index ``k N + i``), computed as
+    ``K`` problems of ``N`` boxes: a detector's per-class NMS (R-CNN, SPP-net),
+    TensorFlow's ``combined_non_max_suppression``.
+
+    Args:
+      boxes: ``(N, 4)`` boxes.
+      scores: ``(N, K)`` scores, one column per class. NaN scores never take
+        part.
+      iou_threshold: see :func:`nms`.
+      max_output: static number of pairs returned, over all classes (None:
+        ``N K``); each class's pass stops once this many of its boxes are kept.
+      score_threshold: see :func:`nms`.
+
+    Returns:
+      ``(keep, classes, count)``: int32 ``(max_output,)`` box indices and their
+      classes (columns of ``scores``) in the order above, both padded with -1;
+      ``count`` the int32 number of valid entries.
+
+    >>> import jax.numpy as jnp
+    >>> boxes = jnp.array([[0, 0, 10, 10], [1, 1, 11, 11.0]])
+    >>> scores = jnp.array([[0.9, 0.1], [0.8, 0.7]])
+    >>> keep, classes, count = multiclass_nms(boxes, scores, 0.5)
+    >>> keep.tolist(), classes.tolist(), int(count)
+    ([0, 1, -1, -1], [0, 1, -1, -1], 2)
+    """
+    b, s, _, thr, st, m = _checked(
+        boxes, scores, None, iou_threshold, max_output, score_threshold, score_ndim=2
+    )
+    return _multiclass_nms(b, s, thr, st, max_output=m)
+
+
+@functools.partial(jax.jit, static_argnames=("max_output",))
+def _multiclass_nms(
+    boxes: jax.Array,
+    scores: jax.Array,
+    thr: jax.Array,
+    score_threshold: jax.Array | None,
+    *,
+    max_output: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    n, k = scores.shape
+    per_class = min(max_output, n)
+    if per_class == 0 or k == 0:
+        empty = jnp.full((max_output,), -1, jnp.int32)
+        return empty, empty, jnp.zeros((), jnp.int32)
+    keep, count = jax.vmap(
+        lambda s: _nms(boxes, s, None, thr, score_threshold, max_output=per_class)
+    )(scores.T)  # (K, per_class), (K,)
+    # Merge: by decreasing score; ties by position (class, then rank in its class).
+    valid = lax.iota(jnp.int32, per_class)[None, :] < count[:, None]
+    kept_scores = jnp.take_along_axis(scores.T, jnp.maximum(keep, 0), axis=1)
+    key = jnp.where(valid, _sortable(-kept_scores), jnp.iinfo(jnp.int32).max).reshape(-1)
+    pos = lax.sort((key, lax.iota(jnp.int32, key.shape[0])), num_keys=2)[1]
+    pos = jnp.pad(pos, (0, max(0, max_output - pos.shape[0])))[:max_output]
+    total = jnp.minimum(jnp.sum(count), max_output)
+    taken = lax.iota(jnp.int32, max_output) < total
+    out_keep = jnp.where(taken, keep.reshape(-1)[pos], -1)
+    out_class = jnp.where(taken, pos // per_class, -1)
+    return out_keep, out_class, total
+
+
 @functools.partial(jax.jit, static_argnames=("max_output",))
 def _nms(
     boxes: jax.Array,
@@ -239,47 +320,23 @@ def _nms(
     if n == 0 or max_output == 0:
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((), jnp.int32)
     npad = -(-n // _WORD) * _WORD
-    words = npad // _WORD
 
     # 1. Visiting order: decreasing score, then increasing index; boxes that do
-    # not take part last. Batched: grouped by label (stable), suppression being
-    # per label, so a label's boxes are near each other.
+    # not take part last.
     valid = ~jnp.isnan(scores)
     if score_threshold is not None:
         valid = valid & (scores > score_threshold)
     valid = jnp.pad(valid, (0, npad - n))
     order = _score_order(jnp.pad(scores, (0, npad - n)), valid)
-    num_valid = jnp.sum(valid, dtype=jnp.int32)
-    valid_s = valid[order]
-    feats = jnp.pad(boxes, ((0, npad - n), (0, 0))).T
-    if labels is None:
-        seq = order
-    else:
-        group = _group_by_label(jnp.pad(labels, (0, npad - n))[order], valid_s)
-        seq = order[group]
-    f = feats[:, seq]
-    f = jnp.concatenate([f, box_area(f.T)[None]], axis=0)  # + area
-    # Materialised once: fused into the N^2 / 2 IoUs, the gather would run per pair.
-    f = lax.optimization_barrier(f)
-    invalid_seq = ~valid[seq]
+    f = jnp.pad(boxes, ((0, npad - n), (0, 0)))[order].T
+    f = jnp.concatenate([f, box_area(f.T)[None]], axis=0)  # x1, y1, x2, y2, area
+    lab = None if labels is None else jnp.pad(labels, (0, npad - n))[order]
+    # Materialised once: fused into the N^2 / 2 IoUs, the gathers would run per pair.
+    f, lab = lax.optimization_barrier((f, lab))
 
     # 2-3. Suppression bits and the greedy pass.
-    if labels is None:
-        kept = _greedy_triangle(f, None, thr, invalid_seq, num_valid, max_output)
-    else:
-        # In label-grouped order the boxes a box may suppress are exactly the
-        # later ones before its group's end: a bit mask, no label comparisons.
-        ends = _group_ends(jnp.pad(labels, (0, npad - n))[seq], invalid_seq)
-        band = min(words, _BAND_WORDS)
-        limit = (lax.iota(jnp.int32, npad) // _WORD + band) * _WORD
-        fits = jnp.all(invalid_seq | (ends <= limit))
-        everything = npad  # no early stop: the visiting order is not the output order
-        kept = lax.cond(
-            fits,
-            lambda: _greedy_band(f, ends, thr, invalid_seq, num_valid, band),
-            lambda: _greedy_triangle(f, ends, thr, invalid_seq, num_valid, everything),
-        )
-        kept = jnp.zeros((npad,), bool).at[group].set(kept, unique_indices=True)
+    num_valid = jnp.sum(valid, dtype=jnp.int32)
+    kept = _greedy(f, lab, thr, ~valid[order], num_valid, max_output)
 
     # 4. Compaction in score order.
     pos = jnp.cumsum(kept, dtype=jnp.int32) - 1
@@ -299,9 +356,8 @@ def _score_order(scores: jax.Array, valid: jax.Array) -> jax.Array:
     """Positions by decreasing score, then increasing index; invalid ones last.
 
     XLA's CPU sort is fast for one int32 operand and slow with a comparator over
-    two (0.07 vs 0.4 ms at 2,000), so distinct keys are sorted alone and each
-    element finds its place by binary search; tied scores take the two-operand
-    sort (the same result).
+    two, so distinct keys are sorted alone and each element finds its place by
+    binary search; tied scores take the two-operand sort (the same result).
     """
     npad = scores.shape[0]
     idx = lax.iota(jnp.int32, npad)
@@ -320,42 +376,6 @@ def _score_order(scores: jax.Array, valid: jax.Array) -> jax.Array:
     return lax.cond(distinct, by_search, by_pairs)
 
 
-def _group_by_label(labels: jax.Array, valid: jax.Array) -> jax.Array:
-    """The stable permutation that sorts ``labels`` (invalid entries last)."""
-    npad = labels.shape[0]
-    idx = lax.iota(jnp.int32, npad)
-    big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(valid, labels, big))
-    hi = jnp.max(jnp.where(valid, labels, -big - 1))
-    span = hi.astype(jnp.float32) - lo.astype(jnp.float32)
-    # One int32 key (label, position) when it fits: the fast single-operand sort.
-    fits = jnp.all(~valid) | ((span + 2.0) * npad < 2.0**30)
-
-    def packed() -> jax.Array:
-        rel = jnp.where(valid, labels - lo, hi - lo + 1)
-        return lax.sort(rel * npad + idx) % npad
-
-    def by_pairs() -> jax.Array:
-        # (invalid flag, label, position): three keys, the slow comparator sort.
-        return lax.sort((~valid, labels, idx), num_keys=3)[2]
-
-    return lax.cond(fits, packed, by_pairs)
-
-
-def _group_ends(labels: jax.Array, invalid: jax.Array) -> jax.Array:
-    """For labels sorted ascending (invalid entries last): where each one's run ends."""
-    key = jnp.where(invalid, jnp.iinfo(jnp.int32).max, labels)
-    return jnp.searchsorted(key, key, side="right", method="scan").astype(jnp.int32)
-
-
-def _below(limit: jax.Array, first_bit: jax.Array) -> jax.Array:
-    """Words whose bit b is set where ``first_bit + b < limit`` (broadcast)."""
-    m = jnp.clip(limit - first_bit, 0, _WORD)
-    return jnp.where(
-        m >= _WORD, jnp.uint32(0xFFFFFFFF), (jnp.uint32(1) << m.astype(jnp.uint32)) - 1
-    )
-
-
 def _pack_bits(hit: jax.Array) -> jax.Array:
     """Packs the last axis (32) of a bool array into uint32 words."""
     bits = jnp.asarray(_BITS).reshape((1,) * (hit.ndim - 1) + (_WORD,))
@@ -372,17 +392,18 @@ def _hits(r: jax.Array, c: jax.Array, thr: jax.Array) -> jax.Array:
     return inter / (r[4] + c[4] - inter) > thr
 
 
-def _greedy_triangle(
+def _greedy(
     f: jax.Array,
-    ends: jax.Array | None,
+    labels: jax.Array | None,
     thr: jax.Array,
     invalid: jax.Array,
     num_valid: jax.Array,
     max_kept: int,
 ) -> jax.Array:
-    """Greedy pass over the upper triangle; returns the kept flags in visiting order.
+    """The greedy pass over boxes in visiting order; returns their kept flags.
 
-    ``ends``: box i only suppresses boxes before ``ends[i]`` (None: all later ones).
+    ``f``: the boxes' features ``(5, npad)``; ``labels``: if given, a box only
+    suppresses boxes of its own label.
     """
     npad = f.shape[1]
     words = npad // _WORD
@@ -393,78 +414,12 @@ def _greedy_triangle(
         r = f[:, r0:r1, None, None]  # (5, R, 1, 1)
         c = f[:, r0:].reshape(5, 1, (npad - r0) // _WORD, _WORD)  # (5, 1, Wc, 32)
         hit = _hits(r, c, thr)
+        if labels is not None:
+            hit = hit & (labels[r0:r1, None, None] == labels[r0:].reshape(1, -1, _WORD))
         blocks.append(jnp.pad(_pack_bits(hit), ((0, 0), (r0 // _WORD, 0))))
     bits = jnp.concatenate(blocks, axis=0)  # (npad, words); left of each block zero
     word_ids = lax.iota(jnp.int32, words)
     above = jnp.asarray(_ABOVE)
-
-    def step(i: jax.Array, removed: jax.Array) -> tuple[jax.Array, jax.Array]:
-        w, b = i // _WORD, i % _WORD
-        gone = (removed[w] >> b.astype(jnp.uint32)) & 1 == 1
-        row = lax.dynamic_index_in_dim(bits, i, axis=0, keepdims=False)
-        row = jnp.where(word_ids > w, row, jnp.where(word_ids == w, row & above[b], 0))
-        if ends is not None:
-            row = row & _below(ends[i], word_ids * _WORD)
-        return jnp.where(gone, removed, removed | row), ~gone
-
-    removed, c_end = _walk(step, _pack(invalid), num_valid, max_kept)
-    kept_words = jnp.where(word_ids < c_end // _WORD, ~removed, jnp.uint32(0))
-    partial = (c_end // _WORD < words) & (word_ids == c_end // _WORD)
-    tail = jnp.asarray(_BITS - 1)[c_end % _WORD]  # bits below c_end in its word
-    kept_words = jnp.where(partial, ~removed & tail, kept_words)
-    return _unpack(kept_words)
-
-
-def _greedy_band(
-    f: jax.Array,
-    ends: jax.Array,
-    thr: jax.Array,
-    invalid: jax.Array,
-    num_valid: jax.Array,
-    band: int,
-) -> jax.Array:
-    """Greedy pass when each box's ``ends[i]`` lies within ``band`` words of it.
-
-    Bits are kept for the ``band`` words from each box's own word on.
-    """
-    npad = f.shape[1]
-    words = npad // _WORD
-    fp = jnp.pad(f, ((0, 0), (0, band * _WORD)))
-    # Columns of row word w, band word k: sorted boxes 32 (w + k) .. + 31.
-    c = jnp.stack(
-        [fp[:, k * _WORD : k * _WORD + npad].reshape(5, words, _WORD) for k in range(band)],
-        axis=2,
-    )  # (5, words, band, 32)
-    c = lax.optimization_barrier(c)  # a copy: cheaper than re-slicing per pair
-    hit = _hits(f.reshape(5, words, _WORD, 1, 1), c[:, :, None], thr)  # (words, 32, band, 32)
-    first_col = (
-        lax.iota(jnp.int32, npad)[:, None] // _WORD + lax.iota(jnp.int32, band)[None, :]
-    ) * _WORD
-    bits = _pack_bits(hit).reshape(npad, band) & _below(ends[:, None], first_col)
-    above = jnp.asarray(_ABOVE)
-    first = lax.iota(jnp.int32, band) == 0
-
-    def step(i: jax.Array, removed: jax.Array) -> tuple[jax.Array, jax.Array]:
-        w, b = i // _WORD, i % _WORD
-        gone = (removed[w] >> b.astype(jnp.uint32)) & 1 == 1
-        row = lax.dynamic_index_in_dim(bits, i, axis=0, keepdims=False)
-        row = jnp.where(first, row & above[b], row)
-        window = lax.dynamic_slice_in_dim(removed, w, band)
-        new = lax.dynamic_update_slice_in_dim(removed, window | row, w, axis=0)
-        return jnp.where(gone, removed, new), ~gone
-
-    removed0 = jnp.pad(_pack(invalid), (0, band))
-    removed, _ = _walk(step, removed0, num_valid, npad)
-    return _unpack(~removed[:words])
-
-
-def _walk(
-    step: Any, removed: jax.Array, num_valid: jax.Array, max_kept: int
-) -> tuple[jax.Array, jax.Array]:
-    """Runs ``step`` over boxes 0, 1, ... until ``max_kept`` kept or no valid box left.
-
-    Returns the removed bits and the number of boxes visited.
-    """
 
     def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         i, _, kept = state
@@ -474,18 +429,19 @@ def _walk(
         state: tuple[jax.Array, jax.Array, jax.Array],
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         i, removed, kept = state
-        removed, is_kept = step(i, removed)
-        return i + 1, removed, kept + is_kept.astype(jnp.int32)
+        w, b = i // _WORD, i % _WORD
+        gone = (removed[w] >> b.astype(jnp.uint32)) & 1 == 1
+        row = lax.dynamic_index_in_dim(bits, i, axis=0, keepdims=False)
+        row = jnp.where(word_ids > w, row, jnp.where(word_ids == w, row & above[b], 0))
+        removed = jnp.where(gone, removed, removed | row)
+        return i + 1, removed, kept + (~gone).astype(jnp.int32)
 
-    i, removed, _ = lax.while_loop(cond, body, (jnp.int32(0), removed, jnp.int32(0)))
-    return removed, i
-
-
-def _pack(flags: jax.Array) -> jax.Array:
-    """``(32 k,)`` bools to ``(k,)`` uint32 words, bit b of word w = flag 32 w + b."""
-    return _pack_bits(flags.reshape(-1, _WORD))
-
-
-def _unpack(words: jax.Array) -> jax.Array:
+    start = (jnp.int32(0), _pack_bits(invalid.reshape(words, _WORD)), jnp.int32(0))
+    visited, removed, _ = lax.while_loop(cond, body, start)
+    # Kept: the visited boxes not removed.
+    kept_words = jnp.where(word_ids < visited // _WORD, ~removed, jnp.uint32(0))
+    partial = (visited // _WORD < words) & (word_ids == visited // _WORD)
+    tail = jnp.asarray(_BITS - 1)[visited % _WORD]  # bits below `visited` in its word
+    kept_words = jnp.where(partial, ~removed & tail, kept_words)
     bit_ids = jnp.arange(_WORD, dtype=jnp.uint32)
-    return (((words[:, None] >> bit_ids[None, :]) & 1) == 1).reshape(-1)
+    return (((kept_words[:, None] >> bit_ids[None, :]) & 1) == 1).reshape(-1)
