@@ -1,7 +1,7 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
 Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster on the CPU at hand (``spp_jax/_native.py``: every
+built and it measures faster on the CPU at hand (``spp_jax/_cpu/native.py``: every
 bin of every example in one pass, and a gradient that recomputes the winners
 instead of saving them; the README has the figures). Everything below describes
 the pure-JAX code, which GPU and TPU run, average pooling uses, and CPU falls
@@ -65,7 +65,8 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad
 
-from spp_jax import _native, _prims, geometry
+from spp_jax import _prims, geometry
+from spp_jax._cpu import native
 from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
@@ -153,7 +154,7 @@ def _kernel_pyramid(h: int, w: int, levels: tuple[Level, ...], rule: str, dynami
             if cost < best_cost:
                 best, best_cost = (f, *cover), cost
         steps.append(best)
-    return _native.pyramid(levels, steps)
+    return native.pyramid(levels, steps)
 
 
 def _windows(length: int, n: int) -> Ranges:
@@ -788,13 +789,13 @@ def spatial_pyramid_pool(
     def pure_jax(x):
         return _flatten_levels(_max_pyramid(x, sizes, plan, lv), channel_major)
 
-    if not _native.kernel_chosen("spp"):
+    if not native.kernel_chosen("spp"):
         return pure_jax(x)
 
     def cpu_kernel(x):
         rows, cols = _bin_bounds(h, w, lv, rule, sizes, b)
         pyr = _kernel_pyramid(h, w, lv, rule, sizes is not None)
-        flat = _native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr)
+        flat = native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)
 
     # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
@@ -814,8 +815,8 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
     row_bins = [_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]
     col_bins = [_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]
     return (
-        _native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
-        _native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
+        native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
+        native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
     )
 
 
@@ -930,18 +931,18 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
             (*pads, (0, 0)),
         )
 
-    if not _native.kernel_chosen("max_pool") or b == 0 or c == 0:
+    if not native.kernel_chosen("max_pool") or b == 0 or c == 0:
         return reduce_window(x)
 
     def cpu_kernel(x):
         rows = np.asarray([(i * stride, i * stride + window) for i in range(oh)], np.int32)
         cols = np.asarray([(j * stride, j * stride + window) for j in range(ow)], np.int32)
-        flat = _native.window_max(  # the kernel clips windows to the map (ceil mode)
+        flat = native.window_max(  # the kernel clips windows to the map (ceil mode)
             x.astype(jnp.float32),
             jnp.arange(b, dtype=jnp.int32),
             jnp.broadcast_to(jnp.asarray(rows), (b, oh, 2)),
             jnp.broadcast_to(jnp.asarray(cols), (b, ow, 2)),
-            _native.pyramid([(oh, ow)], [None]),
+            native.pyramid([(oh, ow)], [None]),
         )
         return flat.reshape(b, oh, ow, c).astype(x.dtype)
 

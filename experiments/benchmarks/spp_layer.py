@@ -6,7 +6,7 @@ Run (a few minutes on 2 CPU cores):
 
 float32 on CPU, levels (6, 3, 2, 1). For each (B, H, W, C) it times, in one run:
 spp_jax forward and forward+backward (jit) as users get it (the compiled CPU
-kernel, see spp_jax/_native.py) and with the pure-JAX code that GPU and TPU run;
+kernel, see spp_jax/_cpu/native.py) and with the pure-JAX code that GPU and TPU run;
 PyTorch's pyramid of ``adaptive_max_pool2d`` on channels_last tensors (if torch
 is installed: the ``bench`` extra); and the floor, one global max over the same
 array (the cost of reading x once). The backward pass gets its cotangent as an
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
-from spp_jax import _native, _tune
+from spp_jax._cpu import native, tune
 
 SHAPES = [(32, 13, 13, 256), (32, 10, 10, 256), (8, 38, 50, 256), (64, 7, 7, 512)]
 LEVELS = (6, 3, 2, 1)
@@ -52,7 +52,7 @@ def bench_jax(shape, reps, kernels=True):
 
     ``kernels=False`` times the pure-JAX code (what GPU and TPU run) on CPU.
     """
-    with _native.forced(kernels and _native.usable()):
+    with native.forced(kernels and native.usable()):
         return _bench_jax(shape, reps)
 
 
@@ -133,20 +133,20 @@ def bench_torch(shape, reps):
 def benchmark_meta() -> dict:
     """What the timings depend on: the CPU (model, ISA, load), the target the kernel
     was built for, and which side spp_jax chooses by default on this machine."""
-    usable = _native.usable()
+    usable = native.usable()
     return {
         "cpu_kernels": usable,
-        "kernel_march": os.environ.get(_native.MARCH_ENV) or "native",
+        "kernel_march": os.environ.get(native.MARCH_ENV) or "native",
         # Limits that emulate an older CPU for XLA, oneDNN and PyTorch, if set.
         "isa_limits": {
             k: os.environ[k]
             for k in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
             if k in os.environ
         },
-        "auto_choice": _native.tuned("window_max") if usable else None,
+        "auto_choice": native.tuned("window_max") if usable else None,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
-        "cpu": _tune.cpu_description(),
+        "cpu": tune.cpu_description(),
         "machine": platform.machine(),
     }
 

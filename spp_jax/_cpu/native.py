@@ -27,7 +27,7 @@ machine) take a file lock and write atomically, so each process loads a
 complete library.
 
 Whether the kernel is faster than the pure-JAX code depends on the CPU, so
-:func:`tuned` measures both once per build (:mod:`spp_jax._tune`) and
+:func:`tuned` measures both once per build (:mod:`spp_jax._cpu.tune`) and
 :func:`kernel_chosen` gives each op family the faster one. ``SPP_JAX_CPU_KERNELS``
 chooses:
 
@@ -318,16 +318,16 @@ def usable() -> bool:
 @functools.cache
 def tuned(library: str) -> dict[str, bool]:
     """Per op family of the built ``library``, whether its kernel is at least as fast
-    as the fallback on this machine (:mod:`spp_jax._tune`).
+    as the fallback on this machine (:mod:`spp_jax._cpu.tune`).
 
     Measured once per build and kept beside the library (``<library>.tune.json``):
     the first process to need it runs the measurement in a child process (a few
     seconds), holding a lock so that concurrent processes wait for it and read the
     same file. If the measurement fails, the kernels are used and a warning says why.
     """
-    from spp_jax import _tune
+    from spp_jax._cpu import tune
 
-    families = _tune.FAMILIES[library]
+    families = tune.FAMILIES[library]
     path = _built[library].with_suffix(".tune.json")
 
     def read() -> dict[str, bool] | None:
@@ -356,7 +356,7 @@ def tuned(library: str) -> dict[str, bool]:
         t0 = time.perf_counter()
         try:
             subprocess.run(
-                [sys.executable, "-m", "spp_jax._tune", library, str(path)],
+                [sys.executable, "-m", "spp_jax._cpu.tune", library, str(path)],
                 env=env,
                 check=True,
                 capture_output=True,
