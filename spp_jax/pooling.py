@@ -795,7 +795,8 @@ def spatial_pyramid_pool(
     def cpu_kernel(x):
         rows, cols = _bin_bounds(h, w, lv, rule, sizes, b)
         pyr = _kernel_pyramid(h, w, lv, rule, sizes is not None)
-        flat = native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr)
+        pure = native.Pure(_static_slice_bins, (lv, rule, sizes is not None))
+        flat = native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr, pure)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)
 
     # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
@@ -818,6 +819,30 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
         native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
         native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
     )
+
+
+def _windows_first(x: jax.Array, bidx: jax.Array) -> jax.Array:
+    """``x[bidx]``: the map of each window of a kernel call.
+
+    Each window of a call from this module is its own example (``bidx`` is
+    ``arange(B)``), also when ``vmap`` folds a mapped axis into the images and the
+    windows alike; when it folds it into the windows alone (only ``valid_sizes``
+    mapped), each window names its example.
+    """
+    return x if bidx.shape[0] == x.shape[0] else jnp.take(x, bidx, axis=0)
+
+
+def _static_slice_bins(x, bidx, rows, cols, levels, rule: str, dynamic: bool) -> jax.Array:
+    """The window-max kernel's result for :func:`spatial_pyramid_pool`, by the
+    static-slice code: what a CPU lowers where the kernel cannot be built."""
+    x = _windows_first(x, bidx)
+    _, h, w, _ = x.shape
+    sizes = None
+    if dynamic:  # adaptive bins: the last bin of a level ends at the example's size
+        (nh, nw), *_ = levels
+        sizes = jnp.stack([rows[:, nh - 1, 1], cols[:, nw - 1, 1]], axis=1)
+    outs = _max_pyramid(x, sizes, _plan(h, w, levels, rule, "max", dynamic), levels)
+    return jnp.concatenate([o.reshape(o.shape[0], -1, o.shape[3]) for o in outs], axis=1)
 
 
 def _flat_bins(flat: jax.Array, levels, channel_major: bool) -> jax.Array:
@@ -917,20 +942,7 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
         raise ValueError(f"a {window}x{window} window does not fit in a {h}x{w} map")
     oh, ow = pool_output_size(h, window, stride, ceil), pool_output_size(w, window, stride, ceil)
 
-    def reduce_window(x):
-        pads = (
-            (0, 0),
-            *((0, max(0, (o - 1) * stride + window - n)) for o, n in ((oh, h), (ow, w))),
-        )
-        return lax.reduce_window(  # a concrete -inf: reduce_window_max, differentiable
-            x,
-            -jnp.inf,
-            lax.max,
-            (1, window, window, 1),
-            (1, stride, stride, 1),
-            (*pads, (0, 0)),
-        )
-
+    reduce_window = functools.partial(_reduce_window, window=window, stride=stride, out=(oh, ow))
     if not native.kernel_chosen("max_pool") or b == 0 or c == 0:
         return reduce_window(x)
 
@@ -943,7 +955,31 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
             jnp.broadcast_to(jnp.asarray(rows), (b, oh, 2)),
             jnp.broadcast_to(jnp.asarray(cols), (b, ow, 2)),
             native.pyramid([(oh, ow)], [None]),
+            native.Pure(_reduce_window_bins, (window, stride, (oh, ow))),
         )
         return flat.reshape(b, oh, ow, c).astype(x.dtype)
 
     return lax.platform_dependent(x, cpu=cpu_kernel, default=reduce_window)
+
+
+def _reduce_window(x: jax.Array, *, window: int, stride: int, out: tuple[int, int]) -> jax.Array:
+    """:func:`max_pool2d` by ``lax.reduce_window``, the windows past the map's end
+    (ceil mode) padded with ``-inf``."""
+    pads = tuple(
+        (0, max(0, (o - 1) * stride + window - n)) for o, n in zip(out, x.shape[1:3], strict=True)
+    )
+    return lax.reduce_window(  # a concrete -inf: reduce_window_max, differentiable
+        x,
+        -jnp.inf,
+        lax.max,
+        (1, window, window, 1),
+        (1, stride, stride, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+
+
+def _reduce_window_bins(x, bidx, rows, cols, window: int, stride: int, out) -> jax.Array:
+    """The window-max kernel's result for :func:`max_pool2d`, by ``lax.reduce_window``:
+    what a CPU lowers where the kernel cannot be built."""
+    y = _reduce_window(_windows_first(x, bidx), window=window, stride=stride, out=out)
+    return y.reshape(y.shape[0], -1, y.shape[3])

@@ -356,7 +356,8 @@ def roi_pyramid_pool(
             pyr = _kernel_pyramid(h, w, lv, "adaptive", True)
         else:
             pyr = _native.pyramid(lv, [None] * len(lv))
-        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr)
+        pure = _native.Pure(_windows.pool_bounds, (lv,))
+        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr, pure)
         if valid is not None:
             flat = jnp.where(valid[:, None, None], flat, 0.0)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)

@@ -69,6 +69,41 @@ def test_other_platforms_lower_the_pure_jax_code():
             assert "SppJax" not in gpu.mlir_module()
 
 
+def test_a_cpu_lowering_without_the_kernel_lowers_the_ops_own_pure_jax_code(monkeypatch):
+    # Where the kernel's branch was traced (a GPU or TPU process) and the CPU lowering
+    # cannot build it, each op lowers its own pure-JAX code: static slices for
+    # spatial_pyramid_pool (no gather), reduce_window for max_pool2d, sparse tables
+    # for roi_pyramid_pool; the same values and gradients, bit for bit.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 9, 7, 5)), jnp.float32)
+    sizes = jnp.array([[9, 7], [5, 6], [3, 2]])
+    boxes = jnp.array([[0.0, 0.0, 60.0, 50.0], [10.0, 5.0, 90.0, 100.0]])
+    ops = {
+        "spp": lambda x: spp_jax.spatial_pyramid_pool(x, (3, 2, 1), valid_sizes=sizes),
+        "max_pool": lambda x: spp_jax.pooling.max_pool2d(x, 3, 2, ceil=True),
+        "roi": lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1)),
+    }
+    fns = {
+        (name, what): fn
+        for name, op in ops.items()
+        for what, fn in (("value", op), ("grad", jax.grad(lambda x, op=op: jnp.sum(op(x) ** 2))))
+    }
+    with native.forced(False):
+        want = {k: np.asarray(jax.jit(fn)(x)) for k, fn in fns.items()}
+    monkeypatch.setattr(native, "kernel_chosen", lambda family: True)
+    monkeypatch.setattr(native, "usable", lambda: False)
+    jax.clear_caches()
+    try:
+        for key, fn in fns.items():
+            hlo = _hlo(fn, x)
+            assert "SppJaxWindowMax" not in hlo, key
+            if key == ("spp", "value"):
+                assert "gather" not in hlo
+            np.testing.assert_array_equal(np.asarray(jax.jit(fn)(x)), want[key], err_msg=str(key))
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.parametrize(
     ("value", "want"),
     [("", "auto"), ("auto", "auto"), ("0", "off"), ("OFF", "off"), ("1", "on"), ("true", "on")],
