@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
-    from spp_jax import _tune
+    from spp_jax._cpu import tune
     from spp_jax.configs import detection
     from spp_jax.detection import pipeline, proposals
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             "images": n,
             "image_longer_side": [int(min(max(s) for s in sizes)), int(max(max(s) for s in sizes))],
             "settings": {k: p[k] for k in ("mode", "max_boxes", "min_size")},
-            "cpu": _tune.cpu_description(),
+            "cpu": tune.cpu_description(),
         },
         "rows": rows,
     }

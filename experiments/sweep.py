@@ -98,7 +98,7 @@ if str(REPO) not in sys.path:  # run as a script: experiments/ is on the path, n
 
 from experiments import grids as grids_lib  # noqa: E402
 from experiments.grids import Grid, Variant  # noqa: E402
-from spp_jax import _tune  # noqa: E402
+from spp_jax._cpu import tune  # noqa: E402
 
 RESULTS_DIR = REPO / "experiments" / "results"
 SWEEP_FILE = "sweep.json"
@@ -328,7 +328,7 @@ def provenance() -> dict[str, Any]:
         commit += "+dirty" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    cpu = _tune.cpu_description()
+    cpu = tune.cpu_description()
     return {"commit": commit, **{f"cpu_{k}": v for k, v in cpu.items()}}
 
 

@@ -26,7 +26,7 @@ described by a *kind*:
   by ``n * B`` when the image batch is folded).
 
 A primitive's lowering is a JAX function (``mlir.lower_fun``), per platform if
-needed (the CPU kernel registers its own CPU lowering in ``_native.py``).
+needed (the CPU kernel registers its own CPU lowering in ``_cpu/native.py``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Max pooling of arbitrary bins by 2-D sparse tables, in pure JAX (internal).
 
 Used by :func:`spp_jax.roi_pyramid_pool` on GPU and TPU, and wherever the CPU
-kernel is unavailable. The bins move with the boxes, so they cannot be static
-slices. A 2-D sparse table is built once per map:
-``T[kh, kw][b, h, w] = max(x[b, h : h + 2**kh, w : w + 2**kw])``; any bin is then
-the max of 4 overlapping table entries (its corners), one row gather of ``C``
-values each. Memory is ``(log2 H + 1) * (log2 W + 1)`` copies of the map (not a
-dense ``(R, bins, H, W, C)`` mask), and the time does not depend on bin sizes.
+kernel is unavailable (:func:`pool_bounds` takes the kernel's operands). The bins
+move with the boxes, so they cannot be static slices. A 2-D sparse table is built
+once per map: ``T[kh, kw][b, h, w] = max(x[b, h : h + 2**kh, w : w + 2**kw])``; any
+bin is then the max of 4 overlapping table entries (its corners), one row gather of
+``C`` values each. Memory is ``(log2 H + 1) * (log2 W + 1)`` copies of the map (not
+a dense ``(R, bins, H, W, C)`` mask), and the time does not depend on bin sizes.
 
 Winners: under differentiation the table also keeps, per entry, the winner's key
 (its row-major cell index ``h * W + w``) by "largest value, then smallest key"
@@ -218,3 +218,30 @@ def _pool_max_jvp(primals, tangents):
     values, keys = window_winners(x, bidx, bins)
     t = tangents[0]
     return values, gather_winners(t, keys, bidx, image_shape=tuple(x.shape))
+
+
+def pool_bounds(
+    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, levels
+) -> jax.Array:
+    """:func:`pool_max` of every level's bins given as the CPU kernel takes them.
+
+    The pure-JAX code of :func:`spp_jax._cpu.native.window_max` for windows whose
+    bins are data (RoI pooling): ``rows`` ``(R, sum n_h, 2)`` and ``cols``
+    ``(R, sum n_w, 2)`` hold every level's ``[start, end)`` bins, clipped here into
+    the map; a bin empty after clipping gives 0 and no derivative.
+
+    Returns:
+      ``(R, sum n_h * n_w, C)``: the levels' bins in row-major order.
+    """
+    _, h, w, c = x.shape
+    bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
+    r, outs, r0, c0 = rows.shape[0], [], 0, 0
+    for nh, nw in levels:
+        rb, cb = jnp.clip(rows[:, r0 : r0 + nh], 0, h), jnp.clip(cols[:, c0 : c0 + nw], 0, w)
+        parts = (rb[:, :, None, 0], rb[:, :, None, 1], cb[:, None, :, 0], cb[:, None, :, 1])
+        hs, he, ws, we = (jnp.broadcast_to(a, (r, nh, nw)) for a in parts)
+        bins = (hs, he, ws, we)
+        v = jnp.where(empty_bins(bins)[..., None], 0.0, pool_max(x, bidx, bins))
+        outs.append(v.reshape(r, -1, c))
+        r0, c0 = r0 + nh, c0 + nw
+    return jnp.concatenate(outs, axis=1)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax._conv import conv2d
+from spp_jax._cpu.conv import conv2d
 from spp_jax.geometry import normalize_levels
 from spp_jax.linen import SpatialPyramidPooling
 from spp_jax.pooling import max_pool2d
@@ -417,7 +417,7 @@ def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
 
 class _Conv(nn.Module):
     """``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``) and result, square kernel,
-    symmetric padding, computed by :func:`spp_jax._conv.conv2d` (oneDNN on CPU where
+    symmetric padding, computed by :func:`spp_jax._cpu.conv.conv2d` (oneDNN on CPU where
     installed, else XLA's convolution in the formulation it runs fastest)."""
 
     spec: ConvSpec

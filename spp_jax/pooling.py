@@ -1,7 +1,7 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
 Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster on the CPU at hand (``spp_jax/_native.py``: every
+built and it measures faster on the CPU at hand (``spp_jax/_cpu/native.py``: every
 bin of every example in one pass, and a gradient that recomputes the winners
 instead of saving them; the README has the figures). Everything below describes
 the pure-JAX code, which GPU and TPU run, average pooling uses, and CPU falls
@@ -65,7 +65,8 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad
 
-from spp_jax import _native, _prims, geometry
+from spp_jax import _prims, geometry
+from spp_jax._cpu import native
 from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
@@ -153,7 +154,7 @@ def _kernel_pyramid(h: int, w: int, levels: tuple[Level, ...], rule: str, dynami
             if cost < best_cost:
                 best, best_cost = (f, *cover), cost
         steps.append(best)
-    return _native.pyramid(levels, steps)
+    return native.pyramid(levels, steps)
 
 
 def _windows(length: int, n: int) -> Ranges:
@@ -788,13 +789,14 @@ def spatial_pyramid_pool(
     def pure_jax(x):
         return _flatten_levels(_max_pyramid(x, sizes, plan, lv), channel_major)
 
-    if not _native.kernel_chosen("spp"):
+    if not native.kernel_chosen("spp"):
         return pure_jax(x)
 
     def cpu_kernel(x):
         rows, cols = _bin_bounds(h, w, lv, rule, sizes, b)
         pyr = _kernel_pyramid(h, w, lv, rule, sizes is not None)
-        flat = _native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr)
+        pure = native.Pure(_static_slice_bins, (lv, rule, sizes is not None))
+        flat = native.window_max(x.astype(jnp.float32), jnp.arange(b), rows, cols, pyr, pure)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)
 
     # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
@@ -814,9 +816,33 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
     row_bins = [_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]
     col_bins = [_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]
     return (
-        _native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
-        _native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
+        native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
+        native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
     )
+
+
+def _windows_first(x: jax.Array, bidx: jax.Array) -> jax.Array:
+    """``x[bidx]``: the map of each window of a kernel call.
+
+    Each window of a call from this module is its own example (``bidx`` is
+    ``arange(B)``), also when ``vmap`` folds a mapped axis into the images and the
+    windows alike; when it folds it into the windows alone (only ``valid_sizes``
+    mapped), each window names its example.
+    """
+    return x if bidx.shape[0] == x.shape[0] else jnp.take(x, bidx, axis=0)
+
+
+def _static_slice_bins(x, bidx, rows, cols, levels, rule: str, dynamic: bool) -> jax.Array:
+    """The window-max kernel's result for :func:`spatial_pyramid_pool`, by the
+    static-slice code: what a CPU lowers where the kernel cannot be built."""
+    x = _windows_first(x, bidx)
+    _, h, w, _ = x.shape
+    sizes = None
+    if dynamic:  # adaptive bins: the last bin of a level ends at the example's size
+        (nh, nw), *_ = levels
+        sizes = jnp.stack([rows[:, nh - 1, 1], cols[:, nw - 1, 1]], axis=1)
+    outs = _max_pyramid(x, sizes, _plan(h, w, levels, rule, "max", dynamic), levels)
+    return jnp.concatenate([o.reshape(o.shape[0], -1, o.shape[3]) for o in outs], axis=1)
 
 
 def _flat_bins(flat: jax.Array, levels, channel_major: bool) -> jax.Array:
@@ -916,33 +942,44 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
         raise ValueError(f"a {window}x{window} window does not fit in a {h}x{w} map")
     oh, ow = pool_output_size(h, window, stride, ceil), pool_output_size(w, window, stride, ceil)
 
-    def reduce_window(x):
-        pads = (
-            (0, 0),
-            *((0, max(0, (o - 1) * stride + window - n)) for o, n in ((oh, h), (ow, w))),
-        )
-        return lax.reduce_window(  # a concrete -inf: reduce_window_max, differentiable
-            x,
-            -jnp.inf,
-            lax.max,
-            (1, window, window, 1),
-            (1, stride, stride, 1),
-            (*pads, (0, 0)),
-        )
-
-    if not _native.kernel_chosen("max_pool") or b == 0 or c == 0:
+    reduce_window = functools.partial(_reduce_window, window=window, stride=stride, out=(oh, ow))
+    if not native.kernel_chosen("max_pool") or b == 0 or c == 0:
         return reduce_window(x)
 
     def cpu_kernel(x):
         rows = np.asarray([(i * stride, i * stride + window) for i in range(oh)], np.int32)
         cols = np.asarray([(j * stride, j * stride + window) for j in range(ow)], np.int32)
-        flat = _native.window_max(  # the kernel clips windows to the map (ceil mode)
+        flat = native.window_max(  # the kernel clips windows to the map (ceil mode)
             x.astype(jnp.float32),
             jnp.arange(b, dtype=jnp.int32),
             jnp.broadcast_to(jnp.asarray(rows), (b, oh, 2)),
             jnp.broadcast_to(jnp.asarray(cols), (b, ow, 2)),
-            _native.pyramid([(oh, ow)], [None]),
+            native.pyramid([(oh, ow)], [None]),
+            native.Pure(_reduce_window_bins, (window, stride, (oh, ow))),
         )
         return flat.reshape(b, oh, ow, c).astype(x.dtype)
 
     return lax.platform_dependent(x, cpu=cpu_kernel, default=reduce_window)
+
+
+def _reduce_window(x: jax.Array, *, window: int, stride: int, out: tuple[int, int]) -> jax.Array:
+    """:func:`max_pool2d` by ``lax.reduce_window``, the windows past the map's end
+    (ceil mode) padded with ``-inf``."""
+    pads = tuple(
+        (0, max(0, (o - 1) * stride + window - n)) for o, n in zip(out, x.shape[1:3], strict=True)
+    )
+    return lax.reduce_window(  # a concrete -inf: reduce_window_max, differentiable
+        x,
+        -jnp.inf,
+        lax.max,
+        (1, window, window, 1),
+        (1, stride, stride, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+
+
+def _reduce_window_bins(x, bidx, rows, cols, window: int, stride: int, out) -> jax.Array:
+    """The window-max kernel's result for :func:`max_pool2d`, by ``lax.reduce_window``:
+    what a CPU lowers where the kernel cannot be built."""
+    y = _reduce_window(_windows_first(x, bidx), window=window, stride=stride, out=out)
+    return y.reshape(y.shape[0], -1, y.shape[3])

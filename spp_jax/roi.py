@@ -6,7 +6,7 @@ window is projected onto the map (``projection``), split into the bins of every
 pyramid level, and every bin is max- (or average-) pooled.
 
 Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster (``spp_jax/_native.py``): per box it pools the finest level of each
+built and it measures faster (``spp_jax/_cpu/native.py``): per box it pools the finest level of each
 divisible chain from the feature map and the coarser levels from those bins; its
 derivatives recompute each bin's winner and read the tangent (or add the
 cotangent) there. GPU, TPU, average pooling and CPUs without a compiler run
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax import _native, _windows
+from spp_jax import _windows
+from spp_jax._cpu import native as _native
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _kernel_pyramid
 
@@ -355,7 +356,8 @@ def roi_pyramid_pool(
             pyr = _kernel_pyramid(h, w, lv, "adaptive", True)
         else:
             pyr = _native.pyramid(lv, [None] * len(lv))
-        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr)
+        pure = _native.Pure(_windows.pool_bounds, (lv,))
+        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr, pure)
         if valid is not None:
             flat = jnp.where(valid[:, None, None], flat, 0.0)
         return _flat_bins(flat.astype(x.dtype), lv, channel_major)

@@ -24,9 +24,9 @@ import pytest
 @pytest.fixture(scope="module", params=["cpu_kernel", "jax"])
 def impl(request):
     """Runs a test module twice: with the compiled CPU kernels and with pure JAX."""
-    from spp_jax import _native
+    from spp_jax._cpu import native
 
-    if request.param == "cpu_kernel" and _native._load() is not None:
-        pytest.skip(f"CPU kernels unavailable: {_native._load()}")
-    with _native.forced(request.param == "cpu_kernel"):
+    if request.param == "cpu_kernel" and native._load() is not None:
+        pytest.skip(f"CPU kernels unavailable: {native._load()}")
+    with native.forced(request.param == "cpu_kernel"):
         yield request.param

@@ -1,4 +1,4 @@
-"""spp_jax._conv.conv2d (oneDNN on CPU, XLA elsewhere) against lax.conv_general_dilated,
+"""spp_jax.conv.conv2d (oneDNN on CPU, XLA elsewhere) against lax.conv_general_dilated,
 under every transformation, in both implementations."""
 
 import jax
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from jax import lax
 
-from spp_jax import _conv
+from spp_jax._cpu import conv
 
 needs_onednn = pytest.mark.skipif(
-    _conv._load() is not None, reason=f"oneDNN unavailable: {_conv._load()}"
+    conv._load() is not None, reason=f"oneDNN unavailable: {conv._load()}"
 )
 
 # (N, H, W, I, K, O, stride, pad): RGB and 4+ channels, padded and unpadded, odd and
@@ -31,9 +31,9 @@ def _ref(x, w, stride, pad):
 
 @pytest.fixture(scope="module", params=["onednn", "xla"])
 def mode(request):
-    if request.param == "onednn" and _conv._load() is not None:
-        pytest.skip(f"oneDNN unavailable: {_conv._load()}")
-    with _conv.forced(request.param == "onednn"):
+    if request.param == "onednn" and conv._load() is not None:
+        pytest.skip(f"oneDNN unavailable: {conv._load()}")
+    with conv.forced(request.param == "onednn"):
         yield request.param
 
 
@@ -108,13 +108,13 @@ def test_matches_lax_under_every_transformation(mode, case, transform):
     x, w = _data(case)
     stride, pad = case[6:]
     t = TRANSFORMS[transform]
-    got = jax.jit(lambda x, w: t(lambda x, w: _conv.conv2d(x, w, stride, pad), x, w))(x, w)
+    got = jax.jit(lambda x, w: t(lambda x, w: conv.conv2d(x, w, stride, pad), x, w))(x, w)
     _close(got, t(lambda x, w: _ref(x, w, stride, pad), x, w), _tolerance(case))
 
 
 def test_eager_calls_match_lax(mode):
     x, w = _data(CASES[0])
-    _close(_conv.conv2d(x, w, 2, 1), _ref(x, w, 2, 1), _tolerance(CASES[0]))
+    _close(conv.conv2d(x, w, 2, 1), _ref(x, w, 2, 1), _tolerance(CASES[0]))
 
 
 def test_tolerance_rejects_a_one_term_error():
@@ -139,15 +139,15 @@ def _custom_calls(fn, *args) -> list[str]:
 @needs_onednn
 def test_a_gradient_is_three_onednn_calls_and_vmap_folds_into_one_call():
     x, w = _data(CASES[2])
-    with _conv.forced(True):
-        grad = jax.grad(lambda x, w: jnp.sum(_conv.conv2d(x, w, 1, 1) ** 2), (0, 1))
+    with conv.forced(True):
+        grad = jax.grad(lambda x, w: jnp.sum(conv.conv2d(x, w, 1, 1) ** 2), (0, 1))
         assert sorted(_custom_calls(grad, x, w)) == [
             "SppJaxConv",
             "SppJaxConvInput",
             "SppJaxConvKernel",
         ]
         xs = jnp.stack([x, x])
-        mapped = jax.vmap(lambda x: _conv.conv2d(x, w, 1, 1))
+        mapped = jax.vmap(lambda x: conv.conv2d(x, w, 1, 1))
         assert _custom_calls(mapped, xs) == ["SppJaxConv"]
         text = jax.jit(mapped).lower(xs).as_text()
         assert "stablehlo.while" not in text and "convolution" not in text
@@ -155,10 +155,10 @@ def test_a_gradient_is_three_onednn_calls_and_vmap_folds_into_one_call():
 
 def test_off_means_plain_lax_and_no_custom_call():
     x, w = _data(CASES[0])
-    with _conv.forced(False):
+    with conv.forced(False):
         assert (
             _custom_calls(
-                lambda x, w: jax.grad(lambda w: jnp.sum(_conv.conv2d(x, w, 2, 1)))(w), x, w
+                lambda x, w: jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, 2, 1)))(w), x, w
             )
             == []
         )
@@ -166,7 +166,7 @@ def test_off_means_plain_lax_and_no_custom_call():
 
 def test_other_dtypes_take_xla(mode):
     x, w = _data(CASES[2])
-    got = jax.jit(lambda x, w: _conv.conv2d(x, w, 1, 1))(
+    got = jax.jit(lambda x, w: conv.conv2d(x, w, 1, 1))(
         x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     )
     assert got.dtype == jnp.bfloat16
@@ -179,19 +179,19 @@ def test_other_dtypes_take_xla(mode):
 def test_input_smaller_than_the_kernel_names_the_sizes():
     x, w = _data((1, 4, 5, 3, 7, 2, 1, 0))
     with pytest.raises(ValueError, match=r"7x7 conv.*at least 7x7, got 4x5"):
-        _conv.conv2d(x, w, 1, 0)
+        conv.conv2d(x, w, 1, 0)
 
 
 def test_without_onednn_it_lowers_to_xla_and_says_why_once(monkeypatch, caplog):
     x, w = _data(CASES[0])
-    monkeypatch.setattr(_conv, "find_onednn", lambda: None)
-    monkeypatch.setattr(_conv, "_forced", None)
-    monkeypatch.setenv(_conv.ENV, "auto")
-    _conv._load.cache_clear()
-    _conv._log_once.cache_clear()
+    monkeypatch.setattr(conv, "find_onednn", lambda: None)
+    monkeypatch.setattr(conv, "_forced", None)
+    monkeypatch.setenv(conv.ENV, "auto")
+    conv._load.cache_clear()
+    conv._log_once.cache_clear()
     jax.clear_caches()
     try:
-        fn = lambda x, w: jax.grad(lambda w: jnp.sum(_conv.conv2d(x, w, 2, 1) ** 2))(w)
+        fn = lambda x, w: jax.grad(lambda w: jnp.sum(conv.conv2d(x, w, 2, 1) ** 2))(w)
         with caplog.at_level("INFO", logger="spp_jax"):
             assert _custom_calls(fn, x, w) == []
             _close(
@@ -200,37 +200,37 @@ def test_without_onednn_it_lowers_to_xla_and_says_why_once(monkeypatch, caplog):
                 _tolerance(CASES[0]),
             )
         assert sum("oneDNN not found" in r.message for r in caplog.records) == 1
-        monkeypatch.setenv(_conv.ENV, "1")
+        monkeypatch.setenv(conv.ENV, "1")
         with pytest.raises(RuntimeError, match="oneDNN convolutions are unavailable"):
-            _conv.usable()
-        monkeypatch.setenv(_conv.ENV, "maybe")
+            conv.usable()
+        monkeypatch.setenv(conv.ENV, "maybe")
         with pytest.raises(ValueError, match=r"'maybe'.*auto"):
-            _conv._setting()
+            conv._setting()
     finally:
-        _conv._load.cache_clear()
+        conv._load.cache_clear()
         jax.clear_caches()
 
 
 def test_geometry_padding_is_the_exact_fit():
     # 12 rows, 7x7 kernel, stride 2, no padding: windows read rows 0..10; the last row
     # is dropped, so the implied bottom padding is 0.
-    geo = _conv._geometry((1, 12, 13, 3), (7, 7, 3, 4), 2, 0)
+    geo = conv._geometry((1, 12, 13, 3), (7, 7, 3, 4), 2, 0)
     assert geo.size == (11, 13) and geo.out == (3, 4) and geo.padding() == ((0, 0), (0, 0))
-    geo = _conv._geometry((1, 13, 13, 3), (7, 7, 3, 4), 2, 1)
+    geo = conv._geometry((1, 13, 13, 3), (7, 7, 3, 4), 2, 1)
     assert geo.out == (5, 5) and geo.padding() == ((1, 1), (1, 1))
 
 
 @needs_onednn
 def test_auto_honours_the_recorded_choice(monkeypatch):
-    from spp_jax import _native
+    from spp_jax._cpu import native
 
     x, w = _data(CASES[2])
-    grad = lambda x, w: jax.grad(lambda x, w: jnp.sum(_conv.conv2d(x, w, 1, 1) ** 2), (0, 1))(x, w)
-    monkeypatch.setattr(_conv, "_forced", None)
-    monkeypatch.setenv(_conv.ENV, "auto")
+    grad = lambda x, w: jax.grad(lambda x, w: jnp.sum(conv.conv2d(x, w, 1, 1) ** 2), (0, 1))(x, w)
+    monkeypatch.setattr(conv, "_forced", None)
+    monkeypatch.setenv(conv.ENV, "auto")
     got = {}
     for kernel in (True, False):
-        monkeypatch.setattr(_native, "tuned", lambda library, k=kernel: {"conv": k})
+        monkeypatch.setattr(native, "tuned", lambda library, k=kernel: {"conv": k})
         jax.clear_caches()
         assert bool(_custom_calls(grad, x, w)) == kernel
         got[kernel] = jax.jit(grad)(x, w)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import spp_jax
-from spp_jax import _native
+from spp_jax._cpu import native
 
 needs_kernels = pytest.mark.skipif(
-    _native._load() is not None, reason=f"CPU kernels unavailable: {_native._load()}"
+    native._load() is not None, reason=f"CPU kernels unavailable: {native._load()}"
 )
 
 
@@ -34,16 +34,16 @@ def test_cpu_lowering_calls_the_kernel_unless_switched_off():
     roi = lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1))
     for fn in (pool, roi):
         grad = jax.grad(lambda x, fn=fn: jnp.sum(fn(x) ** 2))
-        with _native.forced(True):
+        with native.forced(True):
             assert "SppJaxWindowMax" in _hlo(fn, x)
             assert "SppJaxWindowMaxGrad" in _hlo(grad, x)
             g1, g2 = jax.jit(grad)(x), jax.jit(grad)(x)
             np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))  # deterministic
-        with _native.forced(False):
+        with native.forced(False):
             assert "SppJaxWindowMax" not in _hlo(fn, x)
             assert "SppJaxWindowMaxGrad" not in _hlo(grad, x)
     avg = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1), mode="avg")
-    with _native.forced(True):
+    with native.forced(True):
         assert "SppJaxWindowMax" not in _hlo(avg, x)  # average pooling stays in JAX
 
 
@@ -53,7 +53,7 @@ def test_other_platforms_lower_the_pure_jax_code():
 
     f = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1)))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 6, 3)), jnp.float32)
-    with _native.forced(True):
+    with native.forced(True):
         exp = export.export(
             f,
             platforms=["cpu", "cuda"],
@@ -63,10 +63,45 @@ def test_other_platforms_lower_the_pure_jax_code():
     np.testing.assert_array_equal(np.asarray(exp.call(x)), np.asarray(f(x)))
     # Lowered for GPU alone (no GPU needed to lower), neither op calls the kernel.
     grad = jax.jit(jax.grad(lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1)).sum()))
-    with _native.forced(True):
+    with native.forced(True):
         for fn in (f, grad):
             gpu = export.export(fn, platforms=["cuda"])(jax.ShapeDtypeStruct(x.shape, x.dtype))
             assert "SppJax" not in gpu.mlir_module()
+
+
+def test_a_cpu_lowering_without_the_kernel_lowers_the_ops_own_pure_jax_code(monkeypatch):
+    # Where the kernel's branch was traced (a GPU or TPU process) and the CPU lowering
+    # cannot build it, each op lowers its own pure-JAX code: static slices for
+    # spatial_pyramid_pool (no gather), reduce_window for max_pool2d, sparse tables
+    # for roi_pyramid_pool; the same values and gradients, bit for bit.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 9, 7, 5)), jnp.float32)
+    sizes = jnp.array([[9, 7], [5, 6], [3, 2]])
+    boxes = jnp.array([[0.0, 0.0, 60.0, 50.0], [10.0, 5.0, 90.0, 100.0]])
+    ops = {
+        "spp": lambda x: spp_jax.spatial_pyramid_pool(x, (3, 2, 1), valid_sizes=sizes),
+        "max_pool": lambda x: spp_jax.pooling.max_pool2d(x, 3, 2, ceil=True),
+        "roi": lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1)),
+    }
+    fns = {
+        (name, what): fn
+        for name, op in ops.items()
+        for what, fn in (("value", op), ("grad", jax.grad(lambda x, op=op: jnp.sum(op(x) ** 2))))
+    }
+    with native.forced(False):
+        want = {k: np.asarray(jax.jit(fn)(x)) for k, fn in fns.items()}
+    monkeypatch.setattr(native, "kernel_chosen", lambda family: True)
+    monkeypatch.setattr(native, "usable", lambda: False)
+    jax.clear_caches()
+    try:
+        for key, fn in fns.items():
+            hlo = _hlo(fn, x)
+            assert "SppJaxWindowMax" not in hlo, key
+            if key == ("spp", "value"):
+                assert "gather" not in hlo
+            np.testing.assert_array_equal(np.asarray(jax.jit(fn)(x)), want[key], err_msg=str(key))
+    finally:
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize(
@@ -74,14 +109,14 @@ def test_other_platforms_lower_the_pure_jax_code():
     [("", "auto"), ("auto", "auto"), ("0", "off"), ("OFF", "off"), ("1", "on"), ("true", "on")],
 )
 def test_setting_from_the_environment(monkeypatch, value, want):
-    monkeypatch.setenv(_native.ENV, value)
-    assert _native._setting() == want
+    monkeypatch.setenv(native.ENV, value)
+    assert native._setting() == want
 
 
 def test_bad_setting_names_the_value(monkeypatch):
-    monkeypatch.setenv(_native.ENV, "maybe")
+    monkeypatch.setenv(native.ENV, "maybe")
     with pytest.raises(ValueError, match=r"'maybe'.*auto"):
-        _native._setting()
+        native._setting()
 
 
 def test_build_failure_falls_back_to_jax_with_a_warning(monkeypatch, tmp_path):
@@ -91,26 +126,26 @@ def test_build_failure_falls_back_to_jax_with_a_warning(monkeypatch, tmp_path):
     want, want_g = np.asarray(pool(x)), np.asarray(grad(x))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SPP_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_native, "_forced", None)
-    _native._load.cache_clear()
-    _native._warn_once.cache_clear()
+    monkeypatch.setattr(native, "_forced", None)
+    native._load.cache_clear()
+    native._warn_once.cache_clear()
     jax.clear_caches()
     try:
-        monkeypatch.setenv(_native.ENV, "auto")
+        monkeypatch.setenv(native.ENV, "auto")
         # The kernel cannot be built: the pure-JAX code is traced, with one warning.
         with pytest.warns(RuntimeWarning, match=r"pure-JAX.*no-such-compiler"):
             hlo = _hlo(grad, x)
         assert "SppJaxWindowMax" not in hlo
         np.testing.assert_array_equal(np.asarray(jax.jit(pool)(x)), want)
         np.testing.assert_allclose(np.asarray(jax.jit(grad)(x)), want_g, rtol=1e-6)
-        assert not _native.usable()
-        monkeypatch.setenv(_native.ENV, "1")
+        assert not native.usable()
+        monkeypatch.setenv(native.ENV, "1")
         with pytest.raises(RuntimeError, match="cannot be built"):
-            _native.usable()
-        monkeypatch.setenv(_native.ENV, "0")
-        assert not _native.usable() and not _native.enabled()
+            native.usable()
+        monkeypatch.setenv(native.ENV, "0")
+        assert not native.usable() and not native.enabled()
     finally:
-        _native._load.cache_clear()  # later tests build (or find) the real kernels
+        native._load.cache_clear()  # later tests build (or find) the real kernels
         jax.clear_caches()
 
 
@@ -130,7 +165,7 @@ def test_vmap_folds_the_mapped_axis_into_one_kernel_call():
         (jax.vmap(roi, in_axes=(None, 0)), (xs[0, :1], boxes), 1),  # only boxes mapped
         (jax.vmap(jax.grad(lambda x, b: jnp.sum(roi(x, b) ** 2))), (xs[:, :1], boxes), 2),
     ]
-    with _native.forced(True):
+    with native.forced(True):
         for fn, args, calls in cases:
             hlo = _hlo(fn, *args)
             assert hlo.count('custom_call_target="SppJaxWindowMax') == calls, hlo
@@ -153,8 +188,8 @@ def test_vmap_folds_the_mapped_axis_into_one_kernel_call():
 def test_cache_key_names_the_compiler_version(monkeypatch):
     keys = set()
     for version in ("g++ (Debian 12.2.0-14) 12.2.0", "g++ (Debian 14.2.0-1) 14.2.0"):
-        monkeypatch.setattr(_native, "_compiler_version", lambda cxx, v=version: v)
-        keys.add(_native.cache_key("c++", ()))
+        monkeypatch.setattr(native, "_compiler_version", lambda cxx, v=version: v)
+        keys.add(native.cache_key("c++", ()))
     assert len(keys) == 2
 
 
@@ -165,20 +200,20 @@ import warnings, jax, jax.numpy as jnp
 from jax import export
 warnings.simplefilter("error")
 import spp_jax
-from spp_jax import _conv, _native
-_native.jax.default_backend = lambda: "gpu"
+from spp_jax._cpu import conv, native
+native.jax.default_backend = lambda: "gpu"
 x = jax.ShapeDtypeStruct((2, 7, 6, 3), jnp.float32)
 boxes = jnp.array([[0.0, 0.0, 60.0, 50.0]])
 pool = lambda x: spp_jax.spatial_pyramid_pool(x, (3, 1))
 roi = lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1))
-conv = lambda x: _conv.conv2d(x, jnp.ones((3, 3, 3, 4)), 2, 1)
-for fn in (pool, roi, conv):
+convolve = lambda x: conv.conv2d(x, jnp.ones((3, 3, 3, 4)), 2, 1)
+for fn in (pool, roi, convolve):
     for f in (fn, jax.grad(lambda x: jnp.sum(fn(x) ** 2)), jax.jacfwd(fn)):
         for platform in ("cuda", "tpu"):
             text = export.export(jax.jit(f), platforms=[platform])(x).mlir_module()
             assert "SppJax" not in text
-assert _native._load.cache_info().misses == 0, "the kernel was probed"
-assert _conv._load.cache_info().misses == 0, "oneDNN was probed"
+assert native._load.cache_info().misses == 0, "the kernel was probed"
+assert conv._load.cache_info().misses == 0, "oneDNN was probed"
 print("OK")
 """
 
@@ -213,10 +248,10 @@ def _run_at_once(n: int, cmd: list[str], env: dict[str, str]) -> list[tuple[str,
 
 _BUILD_AND_POOL = """
 import sys, numpy as np, jax, spp_jax
-from spp_jax import _native
+from spp_jax._cpu import native
 x = np.random.default_rng(0).standard_normal((2, 9, 8, 5)).astype(np.float32)
 y = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, (3, 2, 1)))(x)
-assert _native.usable()
+assert native.usable()
 print(float(np.asarray(y, np.float64).sum()))
 """
 
@@ -237,7 +272,7 @@ def test_concurrent_builds_are_safe(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# The measured choice between kernel and pure-JAX code (spp_jax._tune).
+# The measured choice between kernel and pure-JAX code (spp_jax._cpu.tune).
 # --------------------------------------------------------------------------------------
 
 
@@ -251,12 +286,12 @@ def test_auto_honours_the_recorded_choice_with_equal_results(monkeypatch):
         "roi": lambda x: spp_jax.roi_pyramid_pool(x, boxes, levels=(2, 1)),
         "max_pool": lambda x: spp_jax.pooling.max_pool2d(x, 3, 2),
     }
-    monkeypatch.setenv(_native.ENV, "auto")
-    monkeypatch.setattr(_native, "_forced", None)
+    monkeypatch.setenv(native.ENV, "auto")
+    monkeypatch.setattr(native, "_forced", None)
     results = {}
     for kernel in (True, False):
         choice = {"spp": kernel, "roi": not kernel, "max_pool": kernel}
-        monkeypatch.setattr(_native, "tuned", lambda library, c=choice: c)
+        monkeypatch.setattr(native, "tuned", lambda library, c=choice: c)
         jax.clear_caches()  # a cached trace keeps the choice it was traced with
         for family, op in ops.items():
             grad = jax.grad(lambda x, op=op: jnp.sum(jnp.sin(op(x))))
@@ -273,10 +308,10 @@ def test_auto_honours_the_recorded_choice_with_equal_results(monkeypatch):
 def test_forcing_either_side_bypasses_the_choice(monkeypatch):
     x = jnp.ones((1, 6, 6, 2), jnp.float32)
     pool = lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1))
-    monkeypatch.setattr(_native, "tuned", lambda library: dict.fromkeys(("spp", "roi"), False))
-    monkeypatch.setattr(_native, "_forced", None)
+    monkeypatch.setattr(native, "tuned", lambda library: dict.fromkeys(("spp", "roi"), False))
+    monkeypatch.setattr(native, "_forced", None)
     for value, kernel in (("1", True), ("0", False), ("auto", False)):
-        monkeypatch.setenv(_native.ENV, value)
+        monkeypatch.setenv(native.ENV, value)
         jax.clear_caches()
         assert ("SppJaxWindowMax" in _hlo(pool, x)) == kernel, value
     jax.clear_caches()
@@ -284,9 +319,9 @@ def test_forcing_either_side_bypasses_the_choice(monkeypatch):
 
 _TUNED = """
 import json, sys
-from spp_jax import _conv, _native
-assert _conv._load() is None
-print(json.dumps(_native.tuned("onednn_conv")))
+from spp_jax._cpu import conv, native
+assert conv._load() is None
+print(json.dumps(native.tuned("onednn_conv")))
 """
 
 
@@ -294,10 +329,10 @@ def test_the_choice_is_measured_once_and_kept_beside_the_library(tmp_path):
     # Two processes with an empty cache: one measures (the other waits on the lock and
     # reads the same file). The file says what was measured and on which CPU. (The
     # oneDNN library: the same code as the window-max kernel's, measured sooner.)
-    from spp_jax import _conv
+    from spp_jax._cpu import conv
 
-    if _conv._load() is not None:
-        pytest.skip(f"oneDNN unavailable: {_conv._load()}")
+    if conv._load() is not None:
+        pytest.skip(f"oneDNN unavailable: {conv._load()}")
     env = {**os.environ, "SPP_JAX_CACHE_DIR": str(tmp_path), "SPP_JAX_CPU_KERNELS": "auto"}
     outs = _run_at_once(2, [sys.executable, "-c", _TUNED], env)
     assert outs[0][0] == outs[1][0]

@@ -315,9 +315,10 @@ def test_bad_inputs():
 
 def test_unpacked_argmax_path_equals_packed(monkeypatch):
     # Huge maps cannot pack (key, position) into 31 bits; force that path here.
-    from spp_jax import _native, pooling
+    from spp_jax import pooling
+    from spp_jax._cpu import native
 
-    monkeypatch.setattr(_native, "_forced", False)  # a path of the pure-JAX code
+    monkeypatch.setattr(native, "_forced", False)  # a path of the pure-JAX code
 
     x = np.round(_x((2, 10, 7, 2), 12)).clip(-1, 1).astype(np.float32)
     cot = _x((2, spp_jax.output_dim(2, (6, 3, 1))), 13)

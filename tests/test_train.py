@@ -110,12 +110,12 @@ def test_train_step_under_shard_map_equals_the_pmap_step(kernels, monkeypatch):
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    from spp_jax import _native
+    from spp_jax._cpu import native
 
-    monkeypatch.setenv(_native.ENV, "auto")
-    monkeypatch.setattr(_native, "_forced", None)
+    monkeypatch.setenv(native.ENV, "auto")
+    monkeypatch.setattr(native, "_forced", None)
     families = ("spp", "roi", "max_pool", "conv")
-    monkeypatch.setattr(_native, "tuned", lambda library: dict.fromkeys(families, kernels))
+    monkeypatch.setattr(native, "tuned", lambda library: dict.fromkeys(families, kernels))
     jax.clear_caches()
     config = tiny_config(**{"model.dropout_rate": 0.0})
     model = train_lib.create_model(config, num_classes=10)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     from PIL import Image
 
     sys.path.insert(0, REPO)
-    from spp_jax import _tune
+    from spp_jax._cpu import tune
 
     tmp = tempfile.mkdtemp()
     big = scene(3000, 4000)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "meta": {
             "workdir": os.path.abspath(args.workdir),
-            "cpu": _tune.cpu_description(),
+            "cpu": tune.cpu_description(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "repeats": args.repeats,

@@ -568,18 +568,18 @@ def _flax_version() -> str | None:
 
 
 def _native_usable() -> bool:
-    from spp_jax import _native
+    from spp_jax._cpu import native
 
-    return bool(_native.usable())
+    return bool(native.usable())
 
 
 def _onednn_usable() -> bool | None:
     """Whether the conv layers ran on oneDNN (None: a spp_jax without that option)."""
     try:
-        from spp_jax import _conv
+        from spp_jax._cpu import conv
     except ImportError:
         return None
-    return bool(_conv.usable()) if jax.default_backend() == "cpu" else False
+    return bool(conv.usable()) if jax.default_backend() == "cpu" else False
 
 
 # ------------------------------------------------------------------------ report

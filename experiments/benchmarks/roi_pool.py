@@ -4,7 +4,7 @@ Run (about a minute on 2 CPU cores; add ``--torch`` to compare with torchvision)
 
     python experiments/benchmarks/roi_pool.py --out results/roi_pool.json
 
-float32 on CPU, as users get it (the compiled CPU kernel, spp_jax/_native.py;
+float32 on CPU, as users get it (the compiled CPU kernel, spp_jax/_cpu/native.py;
 the pure-JAX code is also timed at R = 2,000): random boxes (sides 16 to 400
 px) on a (1, 38, 50, 256) map, a ~600x800 image at stride 16, levels
 (6, 3, 2, 1), projection "sppnet". Times
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
-from spp_jax import _native
+from spp_jax._cpu import native
 
 sys.path.insert(0, os.path.dirname(__file__))
 from spp_layer import benchmark_meta
@@ -56,7 +56,7 @@ def _time(fn, reps: int) -> float:
 
 def bench_jax(r: int, reps: int, kernels: bool = True) -> dict:
     """spp_jax times; ``kernels=False`` times the pure-JAX code (what GPU/TPU run)."""
-    with _native.forced(kernels and _native.usable()):
+    with native.forced(kernels and native.usable()):
         return _bench_jax(r, reps)
 
 

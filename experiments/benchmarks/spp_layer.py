@@ -6,7 +6,7 @@ Run (a few minutes on 2 CPU cores):
 
 float32 on CPU, levels (6, 3, 2, 1). For each (B, H, W, C) it times, in one run:
 spp_jax forward and forward+backward (jit) as users get it (the compiled CPU
-kernel, see spp_jax/_native.py) and with the pure-JAX code that GPU and TPU run;
+kernel, see spp_jax/_cpu/native.py) and with the pure-JAX code that GPU and TPU run;
 PyTorch's pyramid of ``adaptive_max_pool2d`` on channels_last tensors (if torch
 is installed: the ``bench`` extra); and the floor, one global max over the same
 array (the cost of reading x once). The backward pass gets its cotangent as an
@@ -16,6 +16,14 @@ Each time is the 25th percentile of repeated calls; the whole set is measured
 alike (this machine's timings drift between runs). Also times ``mode="avg"``
 and a padded batch with ``valid_sizes``. Prints a table of ratios and writes
 JSON.
+
+``--fallbacks`` instead compares the two pure-JAX ways to pool the same static bins
+on CPU, with the kernel off: the static slices that GPU and TPU run (what
+``spatial_pyramid_pool`` traces without the kernel) and 2-D sparse tables (every
+bin the max of 4 table entries, the code :func:`spp_jax.roi_pyramid_pool` runs
+without the kernel; ``spp_jax/_windows.py``), forward and forward+backward. The two
+alternate call by call (A/B/A/B) so that background load hits both alike; each
+time is the median over ``--rounds`` of per-round medians.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import spp_jax
-from spp_jax import _native, _tune
+from spp_jax import _windows, geometry
+from spp_jax._cpu import native, tune
 
 SHAPES = [(32, 13, 13, 256), (32, 10, 10, 256), (8, 38, 50, 256), (64, 7, 7, 512)]
 LEVELS = (6, 3, 2, 1)
@@ -52,7 +61,7 @@ def bench_jax(shape, reps, kernels=True):
 
     ``kernels=False`` times the pure-JAX code (what GPU and TPU run) on CPU.
     """
-    with _native.forced(kernels and _native.usable()):
+    with native.forced(kernels and native.usable()):
         return _bench_jax(shape, reps)
 
 
@@ -130,23 +139,96 @@ def bench_torch(shape, reps):
     return {"fwd": t_fwd, "fwd_bwd": _time(fb, max(reps // 4, 5))}
 
 
+def sparse_table_spp(x: jax.Array, levels=LEVELS) -> jax.Array:
+    """Max pyramid pooling of ``x`` (NHWC) by sparse tables: the static adaptive bins
+    of every level as data, pooled by :func:`spp_jax._windows.pool_max` (first-maximum
+    derivatives), flattened like :func:`spp_jax.spatial_pyramid_pool`."""
+    b, h, w, _ = x.shape
+    lv = geometry.normalize_levels(levels)
+    bidx = jnp.arange(b, dtype=jnp.int32)
+    outs = []
+    for lb in geometry._pyramid_bins(h, w, lv, "adaptive"):
+        rows, cols = np.asarray(lb.rows, np.int32), np.asarray(lb.cols, np.int32)
+        shape = (b, lb.n_h, lb.n_w)
+        bins = tuple(
+            jnp.broadcast_to(jnp.asarray(a), shape)
+            for a in (rows[:, None, 0], rows[:, None, 1], cols[None, :, 0], cols[None, :, 1])
+        )
+        outs.append(_windows.pool_max(x, bidx, bins).reshape(b, -1))
+    return jnp.concatenate(outs, axis=1)
+
+
+def bench_fallbacks(rounds: int, reps: int) -> list[dict]:
+    """Static slices vs sparse tables, kernel off, per shape: forward and
+    forward+backward, alternating call by call; medians of per-round medians."""
+    rows = []
+    for shape in SHAPES:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+        cot = jnp.asarray(
+            np.random.default_rng(1).standard_normal(
+                (shape[0], spp_jax.output_dim(shape[3], LEVELS)), np.float32
+            )
+        )
+        static = lambda x: spp_jax.spatial_pyramid_pool(x, LEVELS)
+        progs = {}
+        with native.forced(False):  # traced and compiled without the kernel
+            for name, f in (("static_slices", static), ("sparse_tables", sparse_table_spp)):
+                fwd = jax.jit(f).lower(x).compile()
+                fb = jax.jit(jax.grad(lambda x, c, f=f: jnp.sum(f(x) * c))).lower(x, cot).compile()
+                progs[(name, "fwd")] = (fwd, (x,))
+                progs[(name, "fwd_bwd")] = (fb, (x, cot))
+        a, b = (np.asarray(progs[(n, "fwd")][0](x)) for n in ("static_slices", "sparse_tables"))
+        np.testing.assert_array_equal(a, b)  # the same bins, the same values
+        per_round: dict = {k: [] for k in progs}
+        for _ in range(rounds):
+            for what in ("fwd", "fwd_bwd"):
+                ts: dict = {n: [] for n in ("static_slices", "sparse_tables")}
+                for name, _ in progs:  # warm-up
+                    fn, args = progs[(name, what)]
+                    jax.block_until_ready(fn(*args))
+                for _ in range(reps):
+                    for name in ts:  # A/B/A/B
+                        fn, args = progs[(name, what)]
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(fn(*args))
+                        ts[name].append(time.perf_counter() - t0)
+                for name, t in ts.items():
+                    per_round[(name, what)].append(float(np.median(t)))
+        row: dict = {"shape": shape}
+        for (name, what), t in per_round.items():
+            row.setdefault(name, {})[what] = float(np.median(t))
+        row["sparse_over_static"] = {
+            w: row["sparse_tables"][w] / row["static_slices"][w] for w in ("fwd", "fwd_bwd")
+        }
+        rows.append(row)
+        s, p = row["static_slices"], row["sparse_tables"]
+        print(
+            f"{tuple(shape)!s:>18} | fwd ms static {s['fwd'] * 1e3:8.3f} sparse "
+            f"{p['fwd'] * 1e3:8.3f} (sparse/static {row['sparse_over_static']['fwd']:5.2f}) | "
+            f"fwd+bwd ms static {s['fwd_bwd'] * 1e3:8.3f} sparse {p['fwd_bwd'] * 1e3:8.3f} "
+            f"(sparse/static {row['sparse_over_static']['fwd_bwd']:5.2f})",
+            flush=True,
+        )
+    return rows
+
+
 def benchmark_meta() -> dict:
     """What the timings depend on: the CPU (model, ISA, load), the target the kernel
     was built for, and which side spp_jax chooses by default on this machine."""
-    usable = _native.usable()
+    usable = native.usable()
     return {
         "cpu_kernels": usable,
-        "kernel_march": os.environ.get(_native.MARCH_ENV) or "native",
+        "kernel_march": os.environ.get(native.MARCH_ENV) or "native",
         # Limits that emulate an older CPU for XLA, oneDNN and PyTorch, if set.
         "isa_limits": {
             k: os.environ[k]
             for k in ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
             if k in os.environ
         },
-        "auto_choice": _native.tuned("window_max") if usable else None,
+        "auto_choice": native.tuned("window_max") if usable else None,
         "jax": jax.__version__,
         "backend": jax.default_backend(),
-        "cpu": _tune.cpu_description(),
+        "cpu": tune.cpu_description(),
         "machine": platform.machine(),
     }
 
@@ -156,7 +238,20 @@ def main():
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="results/spp_layer.json")
+    parser.add_argument(
+        "--fallbacks",
+        action="store_true",
+        help="only compare static slices with sparse tables (pure JAX, kernel off)",
+    )
     args = parser.parse_args()
+    if args.fallbacks:
+        rows = bench_fallbacks(args.rounds, max(args.reps // 10, 5))
+        meta = {"jax": jax.__version__, "cpu": tune.cpu_description()}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "levels": LEVELS, "fallbacks": rows}, f, indent=1)
+        print(f"wrote {args.out}")
+        return
     best: dict = {}
     for r in range(args.rounds):
         for shape in SHAPES:

@@ -467,7 +467,7 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     twin_lib = _load_twin()
-    from spp_jax import _native
+    from spp_jax._cpu import native
 
     rows = make_rows(args)
     print(f"{len(rows)} rows, {args.rounds} rounds each; load {_load()}", flush=True)
@@ -505,7 +505,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "backend": jax.default_backend(),
-        "cpu_kernels": _native.usable(),
+        "cpu_kernels": native.usable(),
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),

@@ -1,9 +1,8 @@
 """The conv trunks' 2-D convolution: oneDNN on CPU where installed, XLA elsewhere.
 
-XLA's CPU convolutions are several times slower than oneDNN's on the networks of
-:mod:`spp_jax.models`, their gradients most of all (ZF-5's conv1 at 112 px,
-batch 32: weight gradient 45 ms in XLA, 3 ms in oneDNN; PyTorch runs its CPU
-convolutions on oneDNN). So :func:`conv2d` is three JAX primitives:
+XLA's CPU convolutions are slower than oneDNN's on the networks of
+:mod:`spp_jax.models`, their gradients most of all (PyTorch runs its CPU convolutions
+on oneDNN). So :func:`conv2d` is three JAX primitives:
 
 * ``conv``: ``y = conv(x, w)``;
 * ``conv_input``: ``dx``, the transpose of ``conv`` in ``x``, applied to ``dy``;
@@ -15,16 +14,16 @@ so JAX linearises, transposes, differentiates again (``jvp``, ``grad``,
 ``vmap`` over the images folds the mapped axis into the batch (one call); other
 ``vmap``s (per-example kernels) take XLA's own batched convolution.
 
-Each primitive lowers, on CPU, to a custom call into ``csrc/onednn_conv.cc``
-when oneDNN is installed (``pip install "spp-jax[cpu]"``: the ``onednn-cpu-gomp``
-and ``onednn-devel-cpu-gomp`` wheels; or ``$SPP_JAX_ONEDNN_ROOT`` pointing to a
-oneDNN install with ``include/`` and ``lib/``) and the file compiles (on the
-first CPU lowering, cached like the window-max kernel, see
-:mod:`spp_jax._native`); everywhere else (GPU, TPU, CPU without oneDNN) it lowers
-to XLA's convolutions, in the formulation XLA runs fastest: an input with fewer
-than 4 channels (RGB) is zero-padded to 4 channels, and an unpadded one is
-computed as the crop of the conv padded by one stride (XLA's CPU conv measured
-15x and 5x slower without these; both are exact).
+On CPU each primitive lowers to a custom call into ``csrc/onednn_conv.cc`` (beside
+this module) when oneDNN is installed (``pip install "spp-jax[cpu]"``: the
+``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels; or ``$SPP_JAX_ONEDNN_ROOT``
+pointing to a oneDNN install with ``include/`` and ``lib/``), the file compiles (on
+the first CPU lowering, built and cached by :mod:`spp_jax._cpu.native`) and it
+measured at least as fast as XLA on this machine (:mod:`spp_jax._cpu.tune`).
+Everywhere else (GPU, TPU, CPU without oneDNN) it lowers to XLA's convolutions, in
+the formulation XLA runs fastest: an input with fewer than 4 channels (RGB) is
+zero-padded to 4 channels, and an unpadded one is computed as the crop of the conv
+padded by one stride (both exact).
 
 ``SPP_JAX_CPU_KERNELS=0`` turns oneDNN off with the other compiled kernels (the
 trace is then plain ``lax``); ``SPP_JAX_ONEDNN=0`` turns off only oneDNN,
@@ -47,7 +46,8 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad, batching, mlir
 
-from spp_jax import _native, _prims
+from spp_jax import _prims
+from spp_jax._cpu import native
 
 log = logging.getLogger("spp_jax")
 
@@ -100,8 +100,8 @@ def _xla_forward(x: jax.Array, w: jax.Array, *, geo: Geometry) -> jax.Array:
     """The convolution in the formulation XLA's CPU backend runs fastest (exact)."""
     if x.shape[-1] >= 4:
         return _lax_conv(x, w, geo)
-    # RGB: zero channels up to 4 (XLA's CPU conv measured 15x slower on 3 channels;
-    # TPU pads anyway).
+    # RGB: zero channels up to 4 (XLA's CPU conv is far slower on 3 channels; TPU
+    # pads anyway).
     extra = 4 - x.shape[-1]
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
     w = jnp.pad(w, ((0, 0), (0, 0), (0, extra), (0, 0)))
@@ -110,7 +110,7 @@ def _xla_forward(x: jax.Array, w: jax.Array, *, geo: Geometry) -> jax.Array:
 
 def _xla_crop_trick(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     """An unpadded conv as outputs ``1..n`` of the conv padded by one stride (the
-    same values; XLA's CPU conv runs that, and its gradients, ~5x faster)."""
+    same values; XLA's CPU conv runs that, and its gradients, faster)."""
     (sh, sw), (oh, ow) = geo.stride, geo.out
     padded = geo._replace(pad=(sh, sw), out=(oh + 2, ow + 2))
     return _lax_conv(x, w, padded)[:, 1 : 1 + oh, 1 : 1 + ow]
@@ -254,9 +254,9 @@ for _name, _op in _OPS.items():
 
 
 def _setting() -> str:
-    if _forced is None and not _native.enabled():
+    if _forced is None and not native.enabled():
         return "off"
-    return _native.env_setting(ENV, _forced)
+    return native.env_setting(ENV, _forced)
 
 
 _forced: bool | None = None
@@ -265,7 +265,7 @@ _forced: bool | None = None
 def forced(enabled: bool):
     """Uses (True) or bypasses (False) oneDNN in code traced inside (tests,
     benchmarks); overrides the environment. Clears JAX's caches on entry and exit."""
-    return _native.override(sys.modules[__name__], enabled)
+    return native.override(sys.modules[__name__], enabled)
 
 
 def find_onednn() -> tuple[Path, Path] | None:
@@ -292,13 +292,13 @@ def _load() -> str | None:
             "directory with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so)"
         )
     include, lib = found
-    library = _native.Library(
+    library = native.Library(
         SOURCE,
         ("SppJaxConv", "SppJaxConvInput", "SppJaxConvKernel"),
         cflags=("-fopenmp", "-I", str(include)),
         ldflags=(f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}", "-fopenmp"),
     )
-    return _native.load(library)
+    return native.load(library)
 
 
 def usable() -> bool:
@@ -309,14 +309,14 @@ def usable() -> bool:
       RuntimeError: ``SPP_JAX_ONEDNN=1`` and oneDNN is unavailable.
     """
     fail = f"{ENV}=1 but spp_jax's oneDNN convolutions are unavailable"
-    return _native.decide(_setting(), _load, fail, _log_once)
+    return native.decide(_setting(), _load, fail, _log_once)
 
 
 def _chosen() -> bool:
     """Once oneDNN is usable: always when required (``SPP_JAX_ONEDNN=1`` or
     :func:`forced`), else where it measured at least as fast as XLA on this
-    machine (:func:`spp_jax._native.tuned`)."""
-    return _setting() == "on" or _native.tuned(SOURCE.stem)["conv"]
+    machine (:func:`spp_jax._cpu.native.tuned`)."""
+    return _setting() == "on" or native.tuned(SOURCE.stem)["conv"]
 
 
 @functools.cache

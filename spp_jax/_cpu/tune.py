@@ -1,17 +1,17 @@
 """Which CPU code is faster on this machine: the compiled kernels or their fallbacks.
 
-The compiled kernels (:mod:`spp_jax._native`, :mod:`spp_jax._conv`) are faster than
+The compiled kernels (:mod:`spp_jax._cpu.native`, :mod:`spp_jax._cpu.conv`) are faster than
 the code they replace on the CPUs they were written on, but speed depends on the
 CPU (vector width, cache, how the compiler schedules the code for that ISA). So,
 as cuDNN's benchmark mode and XLA's autotuning do, spp_jax measures both once per
 machine and kernel build, and uses the faster: each op family gets one choice.
 
 This module is the measurement. It runs in a child process (``python -m
-spp_jax._tune LIBRARY OUT``), started by the first CPU computation that needs the
+spp_jax._cpu.tune LIBRARY OUT``), started by the first CPU computation that needs the
 choice, with the kernels forced on (so it never starts another), one CPU device
 and the parent's other settings. It writes ``OUT`` (JSON, atomically): per family
 the kernel's and the fallback's times and ``"kernel": true`` if the kernel was
-not slower. :func:`spp_jax._native.tuned` keeps that file beside the compiled
+not slower. :func:`spp_jax._cpu.native.tuned` keeps that file beside the compiled
 library, under the same cache key, so a new compiler, jax, CPU or kernel source
 measures again; deleting it does too. ``SPP_JAX_CPU_KERNELS`` / ``SPP_JAX_ONEDNN``
 ``=1`` or ``=0`` bypass the choice.
@@ -24,7 +24,7 @@ argument, on shapes of the built-in networks):
 * ``roi``: :func:`spp_jax.roi_pyramid_pool` (max), kernel vs the pure-JAX sparse
   tables;
 * ``max_pool``: :func:`spp_jax.pooling.max_pool2d`, kernel vs ``lax.reduce_window``;
-* ``conv``: :func:`spp_jax._conv.conv2d`, oneDNN vs XLA's convolutions.
+* ``conv``: :func:`spp_jax._cpu.conv.conv2d`, oneDNN vs XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _cases(family: str):
     import numpy as np
 
     import spp_jax
-    from spp_jax import _conv, pooling
+    from spp_jax import pooling
+    from spp_jax._cpu import conv
 
     rng = np.random.default_rng(0)
 
@@ -84,7 +85,7 @@ def _cases(family: str):
 
         def conv_case(xs, ws, stride, pad):
             w = normal(*ws)
-            f = lambda x, w: _conv.conv2d(x, w, stride, pad)
+            f = lambda x, w: conv.conv2d(x, w, stride, pad)
             x = normal(*xs)
             ct = normal(*jax.eval_shape(f, x, w).shape)
             return (
@@ -106,9 +107,9 @@ FAMILIES = {"window_max": ("spp", "roi", "max_pool"), "onednn_conv": ("conv",)}
 
 
 def _forced(family: str):
-    from spp_jax import _conv, _native
+    from spp_jax._cpu import conv, native
 
-    return _conv.forced if family == "conv" else _native.forced
+    return conv.forced if family == "conv" else native.forced
 
 
 def _time(fn: Callable, args) -> float:

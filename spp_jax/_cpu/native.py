@@ -7,14 +7,15 @@ derivatives it recomputes each bin's first maximum and reads the tangent there
 (forward mode) or adds the cotangent there (reverse mode). XLA's CPU code
 generation needs several passes and large intermediate arrays for the same
 work; ``experiments/benchmarks/`` measures the difference. Other platforms (GPU,
-TPU), average pooling and machines without a C++ compiler use pure-JAX code,
-which gives the same results: both are tested against the same NumPy
-references.
+TPU), average pooling and machines without a C++ compiler use each op's own
+pure-JAX code, which gives the same results: both are tested against the same
+NumPy references.
 
 The three kernels are JAX primitives (``_prims.py``) whose CPU lowering emits the
-custom call and whose lowering elsewhere is pure JAX, so they compose with
-``jit``, ``vmap`` (the mapped axis is folded into the windows: one call),
-``jvp``, ``grad`` and their compositions like ``lax`` ops.
+custom call and whose lowering elsewhere is the calling op's pure-JAX code
+(:class:`Pure`), so they compose with ``jit``, ``vmap`` (the mapped axis is folded
+into the windows: one call), ``jvp``, ``grad`` and their compositions like ``lax``
+ops.
 
 **Nothing is built in a process whose default backend is a GPU or TPU.** In a
 CPU process the kernel is compiled the first time an op needs it, with the
@@ -27,7 +28,7 @@ machine) take a file lock and write atomically, so each process loads a
 complete library.
 
 Whether the kernel is faster than the pure-JAX code depends on the CPU, so
-:func:`tuned` measures both once per build (:mod:`spp_jax._tune`) and
+:func:`tuned` measures both once per build (:mod:`spp_jax._cpu.tune`) and
 :func:`kernel_chosen` gives each op family the faster one. ``SPP_JAX_CPU_KERNELS``
 chooses:
 
@@ -40,7 +41,7 @@ chooses:
 
 A process whose default backend is not the CPU traces the kernel's branch of
 ``lax.platform_dependent``; a CPU lowering there builds the kernel and uses it
-if it can, else the pure-JAX window code.
+if it can, else the op's pure-JAX code.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad, mlir
 
-from spp_jax import _prims, _windows
+from spp_jax import _prims
 
 try:  # POSIX; elsewhere concurrent builders just race to an atomic rename
     import fcntl
@@ -318,16 +319,16 @@ def usable() -> bool:
 @functools.cache
 def tuned(library: str) -> dict[str, bool]:
     """Per op family of the built ``library``, whether its kernel is at least as fast
-    as the fallback on this machine (:mod:`spp_jax._tune`).
+    as the fallback on this machine (:mod:`spp_jax._cpu.tune`).
 
     Measured once per build and kept beside the library (``<library>.tune.json``):
     the first process to need it runs the measurement in a child process (a few
     seconds), holding a lock so that concurrent processes wait for it and read the
     same file. If the measurement fails, the kernels are used and a warning says why.
     """
-    from spp_jax import _tune
+    from spp_jax._cpu import tune
 
-    families = _tune.FAMILIES[library]
+    families = tune.FAMILIES[library]
     path = _built[library].with_suffix(".tune.json")
 
     def read() -> dict[str, bool] | None:
@@ -356,7 +357,7 @@ def tuned(library: str) -> dict[str, bool]:
         t0 = time.perf_counter()
         try:
             subprocess.run(
-                [sys.executable, "-m", "spp_jax._tune", library, str(path)],
+                [sys.executable, "-m", "spp_jax._cpu.tune", library, str(path)],
                 env=env,
                 check=True,
                 capture_output=True,
@@ -465,47 +466,35 @@ def pyramid(levels, plan_steps) -> Pyramid:
     return Pyramid(levels, base, cover)
 
 
-def _level_bins(rows: jax.Array, cols: jax.Array, levels, h: int, w: int):
-    """Per level, the :data:`spp_jax._windows.Bins` of the bounds, clipped into the map."""
-    r, out, r0, c0 = rows.shape[0], [], 0, 0
-    for nh, nw in levels:
-        rb, cb = jnp.clip(rows[:, r0 : r0 + nh], 0, h), jnp.clip(cols[:, c0 : c0 + nw], 0, w)
-        parts = (rb[:, :, None, 0], rb[:, :, None, 1], cb[:, None, :, 0], cb[:, None, :, 1])
-        out.append(tuple(jnp.broadcast_to(a, (r, nh, nw)) for a in parts))
-        r0, c0 = r0 + nh, c0 + nw
-    return out
+class Pure(NamedTuple):
+    """The pure-JAX code that a kernel call stands for, lowered where the kernel is not.
+
+    ``fn(x, bidx, rows, cols, *static)`` returns what :func:`window_max` does, with
+    first-maximum derivatives of its own: the caller's portable code (static slices
+    for :func:`spp_jax.spatial_pyramid_pool`, ``lax.reduce_window`` for
+    :func:`spp_jax.pooling.max_pool2d`, sparse tables for
+    :func:`spp_jax.roi_pyramid_pool`). Other platforms lower it, and so does a CPU
+    where the kernel cannot be built. ``fn`` must be a module-level function and
+    ``static`` hashable: both are primitive parameters.
+    """
+
+    fn: Callable[..., jax.Array]
+    static: tuple = ()
+
+    def __call__(self, x, bidx, rows, cols) -> jax.Array:
+        return self.fn(x, bidx, rows, cols, *self.static)
 
 
-def _pure_keys(x, bidx, rows, cols, pyr):
-    """Every bin's first-maximum key, ``(R, NB, C)``, the ``(R, NB, 1)`` mask of
-    empty bins and the clipped ``bidx``, in JAX."""
-    bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
-    r, c = rows.shape[0], x.shape[3]
-    keys, empty = [], []
-    for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2]):
-        keys.append(_windows.window_winners(x, bidx, bins)[1].reshape(r, -1, c))
-        empty.append(_windows.empty_bins(bins).reshape(r, -1, 1))
-    return jnp.concatenate(keys, axis=1), jnp.concatenate(empty, axis=1), bidx
+def _pure_values(x, bidx, rows, cols, *, pyr, pure):
+    return pure(x, bidx, rows, cols)
 
 
-def _pure_values(x, bidx, rows, cols, *, pyr):
-    bidx = jnp.clip(bidx, 0, x.shape[0] - 1)
-    r, c = rows.shape[0], x.shape[3]
-    outs = []
-    for bins in _level_bins(rows, cols, pyr[0], x.shape[1], x.shape[2]):
-        v = _windows.window_max(x, bidx, bins)
-        outs.append(jnp.where(_windows.empty_bins(bins)[..., None], 0.0, v).reshape(r, -1, c))
-    return jnp.concatenate(outs, axis=1)
+def _pure_tangent(t, x, bidx, rows, cols, *, pyr, pure):
+    return jax.jvp(lambda x: pure(x, bidx, rows, cols), (x,), (t,))[1]
 
 
-def _pure_tangent(t, x, bidx, rows, cols, *, pyr):
-    keys, empty, bidx = _pure_keys(x, bidx, rows, cols, pyr)
-    return jnp.where(empty, 0.0, _windows._gather_impl(t, keys, bidx, image_shape=x.shape))
-
-
-def _pure_grad(g, x, bidx, rows, cols, *, pyr):
-    keys, empty, bidx = _pure_keys(x, bidx, rows, cols, pyr)
-    return _windows._scatter_impl(jnp.where(empty, 0.0, g), keys, bidx, image_shape=x.shape)
+def _pure_grad(g, x, bidx, rows, cols, *, pyr, pure):
+    return jax.vjp(lambda x: pure(x, bidx, rows, cols), x)[1](g)[0]
 
 
 def _bins_shape(x, bidx, pyr) -> tuple[int, int, int]:
@@ -516,21 +505,21 @@ _I, _W, _X = _prims.IMAGE, _prims.WINDOW, _prims.INDEX
 _values = _prims.Op(
     "spp_jax_window_max",
     _pure_values,
-    lambda x, bidx, rows, cols, *, pyr: (_bins_shape(x, bidx, pyr), jnp.float32),
+    lambda x, bidx, rows, cols, *, pyr, pure: (_bins_shape(x, bidx, pyr), jnp.float32),
     (_I, _X, _W, _W),
     _W,
 )
 _tangent = _prims.Op(
     "spp_jax_window_max_tangent",
     _pure_tangent,
-    lambda t, x, bidx, rows, cols, *, pyr: (_bins_shape(x, bidx, pyr), jnp.float32),
+    lambda t, x, bidx, rows, cols, *, pyr, pure: (_bins_shape(x, bidx, pyr), jnp.float32),
     (_I, _I, _X, _W, _W),
     _W,
 )
 _grad = _prims.Op(
     "spp_jax_window_max_grad",
     _pure_grad,
-    lambda g, x, bidx, rows, cols, *, pyr: (x.shape, jnp.float32),
+    lambda g, x, bidx, rows, cols, *, pyr, pure: (x.shape, jnp.float32),
     (_W, _I, _X, _W, _W),
     _I,
 )
@@ -539,13 +528,13 @@ _prims.linear_pair(_tangent, _grad)
 
 def _cpu_lowering(target: str, pure):
     """The kernel's custom call where it is usable (built here, on first CPU
-    lowering), else the pure-JAX code; other platforms always lower the latter."""
+    lowering), else the caller's pure-JAX code; other platforms always lower the latter."""
     kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(pure, multiple_results=False)
 
-    def rule(ctx, *args, pyr):
+    def rule(ctx, *args, pyr, pure):
         if usable():
             return kernel(ctx, *args, **pyr.attrs())
-        return fallback(ctx, *args, pyr=pyr)
+        return fallback(ctx, *args, pyr=pyr, pure=pure)
 
     return rule
 
@@ -558,22 +547,22 @@ for _op, _target, _pure in (
     _op.lower_on("cpu", _cpu_lowering(_target, _pure))
 
 
-def _values_jvp(primals, tangents, *, pyr):
+def _values_jvp(primals, tangents, *, pyr, pure):
     x, bidx, rows, cols = primals
     t = tangents[0]
-    y = _values(x, bidx, rows, cols, pyr=pyr)
+    y = _values(x, bidx, rows, cols, pyr=pyr, pure=pure)
     if type(t) is ad.Zero:
         return y, _prims.zero_tangent(y)
-    return y, _tangent(t, x, bidx, rows, cols, pyr=pyr)
+    return y, _tangent(t, x, bidx, rows, cols, pyr=pyr, pure=pure)
 
 
 _values.def_jvp(_values_jvp)
 
 
 def window_max(
-    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, pyr: Pyramid
+    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, pyr: Pyramid, pure: Pure
 ) -> jax.Array:
-    """Max of every bin of every window: ``(R, NB, C)`` float32.
+    """Max of every bin of every window: ``(R, NB, C)`` float32, by the kernel.
 
     Args:
       x: ``(B, H, W, C)`` float32.
@@ -582,6 +571,8 @@ def window_max(
         level, in input cells (clipped into the map by the kernel).
       cols: ``(R, sum n_w, 2)`` the same for columns.
       pyr: static :class:`Pyramid`.
+      pure: the same computation in pure JAX (:class:`Pure`), lowered where the
+        kernel is not.
 
     A bin that is empty after clipping gives 0 and no derivative. Every other
     bin's derivative is that of its first maximum in row-major order (NaN
@@ -590,7 +581,7 @@ def window_max(
     Works under every transformation; ``vmap`` folds the mapped axis into the
     windows (one call).
     """
-    return _values(x, bidx, rows, cols, pyr=pyr)
+    return _values(x, bidx, rows, cols, pyr=pyr, pure=pure)
 
 
 def bounds(starts: Sequence[jax.Array], ends: Sequence[jax.Array]) -> jax.Array:
