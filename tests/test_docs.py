@@ -18,9 +18,16 @@ ROOT = pathlib.Path(__file__).parents[1]
 def test_docs_build_without_warnings(tmp_path):
     pytest.importorskip("sphinx")
     pytest.importorskip("myst_parser")
+    build = [
+        "-b",
+        "html",
+        "-d",
+        str(tmp_path / "doctrees"),
+        str(ROOT / "docs"),
+        str(tmp_path / "html"),
+    ]
     out = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html"]
-        + ["-d", str(tmp_path / "doctrees"), str(ROOT / "docs"), str(tmp_path / "html")],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", *build],
         capture_output=True,
         text=True,
         cwd=ROOT,
