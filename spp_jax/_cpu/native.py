@@ -19,7 +19,7 @@ ops.
 
 **Nothing is built in a process whose default backend is a GPU or TPU.** In a
 CPU process the kernel is compiled the first time an op needs it, with the
-system's C++ compiler (``$CXX``, else ``c++``; about 5 s) for ``-march=native``
+system's C++ compiler (``$CXX``, else ``c++``; seconds, once) for ``-march=native``
 (or ``-march=$SPP_JAX_CPU_MARCH``) against the FFI headers shipped with jaxlib,
 and cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
 ``~/.cache/spp_jax``), keyed by the source, the command, the compiler's version,
@@ -351,7 +351,7 @@ def tuned(library: str) -> dict[str, bool]:
         env.pop("XLA_FLAGS", None)
         log.info(
             "spp_jax: timing the %s kernels against their fallbacks, once for this machine "
-            "and build (about 20 s)",
+            "and build (seconds)",
             library,
         )
         t0 = time.perf_counter()

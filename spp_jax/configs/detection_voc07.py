@@ -10,8 +10,8 @@ and VOCtest_06-Nov-2007.tar yourself, then
 ``python -c "from spp_jax.detection import voc; voc.prepare_voc2007('/path/to/tars')"``)
 and a full-width ZF-5 classifier trained with ``spp-jax train --config zf5_imagenet``
 (``backbone_workdir``; this config never trains one: that is days of ImageNet). Then it
-runs the paper's pipeline: selective search on 9,963 images (about 2 s each on one core:
-~3 CPU-hours, cached; use many workers), conv5 at the paper's five scales {480, 576,
+runs the paper's pipeline: selective search on 9,963 images (CPU-hours, cached; use
+many workers), conv5 at the paper's five scales {480, 576,
 688, 864, 1200} (1 scale: 688), fine-tuning fc6/fc7/fc8 (21-way) for 250,000 windows'
 worth of steps at the code's learning rates 1e-3 -> 1e-4 -> 1e-5, SVMs and box
 regression with the paper's constants, evaluation on the 4,952 test images.

@@ -4,7 +4,7 @@ Command::
 
     spp-jax train --config nospp --workdir /tmp/spp_nospp
 
-About 9 minutes on 2 CPU cores (measured once here). A fixed-size head cannot take
+About as long as ``default`` on 2 CPU cores. A fixed-size head cannot take
 other sizes, so it trains on 112 crops only and is evaluated by centre crop at 112
 only; compare with ``default`` (and ``single``) for the paper's Table 2 trend.
 Optimiser and learning-rate schedule as in ``default`` (AdamW, 0.001, warm-up, cosine).

@@ -4,7 +4,7 @@ Command::
 
     spp-jax train --config single --workdir /tmp/spp_single
 
-About 11 minutes on 2 CPU cores (measured once here; epochs vary 23-41 s).
+About as long as ``default`` on 2 CPU cores.
 Optimiser and learning-rate schedule as in ``default`` (AdamW, 0.001, warm-up, cosine).
 """
 

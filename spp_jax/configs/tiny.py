@@ -4,7 +4,7 @@ Command::
 
     spp-jax train --config tiny --workdir /tmp/spp_tiny
 
-About 30 s on 2 CPU cores, mostly compiling. Not for results.
+Seconds on 2 CPU cores, mostly compiling. Not for results.
 
 Plain SGD (momentum 0.9, weight decay 1e-4 on kernels), learning rate 0.01 with
 cosine decay to 0 and no warm-up, 2 epochs of 5 steps (batch 8) at sizes 48 and 40.

@@ -46,12 +46,11 @@ tfds.builder('spp_scenes').download_and_prepare()"
 
 Configs (``tfds.builder("spp_scenes/<config>")``):
 
-* ``default``: 300 train, 100 validation and 300 test images (builds in about
-  20 s on two CPU cores). Sized for the detection system's default run (train a
-  backbone on ``spp_shapes``, selective search, fine-tuning, SVMs, evaluation)
-  in about 20 minutes on two CPU cores: selective search ("fast") costs 0.31 s
-  per image on one core here (images about 240 x 240), so the 700 images'
-  proposals take about 3 minutes on two cores, once (cached); the 300 test
+* ``default``: 300 train, 100 validation and 300 test images (builds in
+  seconds). Sized for the detection system's default run (train a backbone on
+  ``spp_shapes``, selective search, fine-tuning, SVMs, evaluation) in under 20
+  minutes on two CPU cores: images about 240 x 240 keep selective search to a
+  few minutes for the 700 images, once (cached); the 300 test
   images hold about 1,070 objects (1,019 not difficult), so each class's AP
   rests on about 100 ground truths, and the training images as many, enough for
   per-class SVMs and box regressors.

@@ -30,7 +30,7 @@ tfds.builder('spp_shapes').download_and_prepare()"
 Configs (``tfds.builder("spp_shapes/<config>")``):
 
 * ``default``: 3000 train and 1000 test examples (about 100 MB of PNGs; builds in
-  about 20 s on two CPU cores, TensorFlow's import included).
+  seconds).
 * ``tiny``: 40 train and 20 test examples, the first examples of the default
   config's splits; for tests.
 
@@ -466,6 +466,6 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
 
         for index in range(num_examples):
             image, label, meta = make_example(index, split)
-            # zlib level 1: about 4x faster than TFDS's default level, about 15% larger.
+            # zlib level 1: much faster to encode than TFDS's default level, a little larger.
             png = tf.io.encode_png(image, compression=1).numpy()
             yield index, {"image": png, "label": label, "index": index, "scale": meta["scale"]}

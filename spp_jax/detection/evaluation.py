@@ -323,7 +323,7 @@ def _stable_descending(scores: np.ndarray) -> np.ndarray:
     """``np.argsort(-scores, kind="stable")``, faster for float32 scores.
 
     float32 scores and their positions make unique int64 keys, which NumPy's
-    (SIMD) quicksort orders 2-3x faster than its stable sort orders the floats.
+    (SIMD) quicksort orders faster than its stable sort orders the floats.
     """
     if scores.dtype.itemsize > 4 or scores.size >= 2**31:
         return np.argsort(-scores, kind="stable")
