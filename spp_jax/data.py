@@ -50,6 +50,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from spp_jax._padding import pad_rows
+
 log = logging.getLogger("spp_jax.data")
 
 BUILTIN = "spp_shapes"
@@ -493,7 +495,8 @@ def _fill(batches: Iterator[Batch], size: int, min_batches: int) -> Iterator[Bat
     last: Batch | None = None
     for batch in batches:
         n = len(batch["label"])
-        batch = {k: _pad_rows(v, size) for k, v in batch.items()}
+        # Filler rows: zeros, and a 1x1 valid size (a size of 0 would be an error).
+        batch = {k: pad_rows(v, size, int(k == "valid_sizes")) for k, v in batch.items()}
         batch["mask"] = (np.arange(size) < n).astype(np.float32)
         last = batch
         count += 1
@@ -505,15 +508,6 @@ def _fill(batches: Iterator[Batch], size: int, min_batches: int) -> Iterator[Bat
         empty["valid_sizes"] = np.ones_like(last["valid_sizes"])
     for _ in range(min_batches - count):
         yield empty
-
-
-def _pad_rows(a: np.ndarray, size: int) -> np.ndarray:
-    if len(a) == size:
-        return a
-    pad = np.zeros((size - len(a), *a.shape[1:]), a.dtype)
-    if a.ndim == 2 and a.dtype.kind == "i":  # valid_sizes of filler rows: 1x1
-        pad += 1
-    return np.concatenate([a, pad])
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

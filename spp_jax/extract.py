@@ -36,6 +36,7 @@ import numpy as np
 
 from spp_jax import data as data_lib
 from spp_jax import train as train_lib
+from spp_jax._io import atomic_open, atomic_write_json
 
 log = logging.getLogger("spp_jax.extract")
 
@@ -206,9 +207,8 @@ def extract_features(
     if parts.resumed:
         log.info("%d image(s) from the parts of an earlier call", parts.resumed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, out)  # atomic: a reader never sees half a file
+    with atomic_open(out, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
     parts.remove()
     log.info("wrote %s: features %s", out, arrays["features"].shape)
     return arrays
@@ -246,10 +246,7 @@ class _Parts:
             self.resumed = len(self.done)
         else:
             os.makedirs(self.dir)
-            tmp = meta + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(settings, f)
-            os.replace(tmp, meta)
+            atomic_write_json(meta, settings)
         self._sizes: dict[str, tuple[int, int]] = {}
 
     def remember_size(self, name: str, hw: tuple[int, int]) -> None:
@@ -259,9 +256,8 @@ class _Parts:
         path = os.path.join(self.dir, f"{self._count:06d}.npz")
         self._count += 1
         sizes = np.array([self._sizes.pop(n) for n in names], np.int32)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, names=np.array(names), features=features, sizes=sizes)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, names=np.array(names), features=features, sizes=sizes)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from spp_jax._io import atomic_write_text
+
 __all__ = ["METRICS_FILE", "MetricsWriter", "plot_metrics", "read_metrics", "scalars"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -100,10 +102,7 @@ class MetricsWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [r for r in _records(self.path) if "final" not in r and r.get("step", 0) <= step]
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         """Flushes and closes the event file (the JSON file is closed after each line)."""

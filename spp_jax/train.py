@@ -50,6 +50,7 @@ from flax.training import train_state
 from spp_jax import configs, workdirs
 from spp_jax import data as data_lib
 from spp_jax import metrics as metrics_lib
+from spp_jax._io import atomic_write_text
 from spp_jax.models import SPPNet
 
 log = logging.getLogger("spp_jax.train")
@@ -394,10 +395,7 @@ def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
 def save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         path = os.path.join(workdir, "config.json")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, path)  # a run killed here leaves the old file or the new, whole
+        atomic_write_text(path, config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str):

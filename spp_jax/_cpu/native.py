@@ -58,7 +58,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +70,7 @@ import numpy as np
 from jax.interpreters import ad, mlir
 
 from spp_jax import _prims
+from spp_jax._io import atomic_path
 
 try:  # POSIX; elsewhere concurrent builders just race to an atomic rename
     import fcntl
@@ -240,21 +240,15 @@ def _build(cxx: str, flags: Sequence[str], library: Library = WINDOW_MAX) -> Pat
     with _file_lock(target.with_suffix(".lock")):
         if target.exists():  # another process built it while we waited
             return target
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        with atomic_path(target) as tmp:
             subprocess.run(
                 [*_command(cxx, flags, library), "-o", tmp],
                 check=True,
                 capture_output=True,
                 text=True,
             )
-            os.replace(tmp, target)  # atomic
-            log.info("compiled spp_jax CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        log.info("compiled spp_jax CPU kernels in %.1f s: %s", time.perf_counter() - t0, target)
     return target
 
 

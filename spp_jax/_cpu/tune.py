@@ -29,14 +29,14 @@ argument, on shapes of the built-in networks):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from spp_jax._io import atomic_write_json
 
 # _cases(family) gives (name, {"fwd": (jitted fn, args), "fwd_bwd": (jitted fn, args)}) pairs.
 ROUNDS = 2
@@ -189,10 +189,7 @@ def main(argv: list[str]) -> None:
         "cpu": cpu_description(),
         "families": {f: measure(f) for f in FAMILIES[library]},
     }
-    out_path = Path(out)
-    tmp = out_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_path)
+    atomic_write_json(out, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
+from spp_jax._io import atomic_open
+from spp_jax._padding import pad_rows, power_of_two
 from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 from spp_jax.detection.boxes import (
     box_iou,
@@ -168,8 +170,8 @@ def match_proposals(
     # Padded to powers of two (empty boxes, IoU 0 with everything; real columns
     # come first, so they win argmax ties): one compilation per bucket of sizes.
     r, g = proposals.shape[0], gt_boxes.shape[0]
-    padded_p = jnp.asarray(_pad(proposals, _bucket(r), 0.0), jnp.float32)
-    padded_g = jnp.asarray(_pad(gt_boxes, _bucket(g), 0.0), jnp.float32)
+    padded_p = jnp.asarray(pad_rows(proposals, power_of_two(r), 0.0), jnp.float32)
+    padded_g = jnp.asarray(pad_rows(gt_boxes, power_of_two(g), 0.0), jnp.float32)
     iou = np.asarray(box_iou(padded_p, padded_g))[:r, :g]
     best = np.argmax(iou, axis=1)
     best_iou = iou[np.arange(len(best)), best]
@@ -256,8 +258,8 @@ class BoxRegressors:
         if _traced(x, labels):
             return _deltas(self, x, labels)
         n = x.shape[0]
-        rows = _bucket(n)  # concrete calls: one compilation per bucket of R
-        return _deltas(self, _pad(x, rows), _pad(labels, rows, 1))[:n]
+        rows = power_of_two(n)  # concrete calls: one compilation per bucket of R
+        return _deltas(self, pad_rows(x, rows), pad_rows(labels, rows, 1))[:n]
 
     def apply(
         self,
@@ -303,12 +305,12 @@ class BoxRegressors:
         hw = np.asarray(size, np.float64)
         if not (np.isfinite(hw).all() and (hw >= 0).all()):
             raise ValueError(f"image_size (H, W) must be finite and >= 0, got {hw.tolist()}")
-        rows = _bucket(n)
+        rows = power_of_two(n)
         out = _apply(
             self,
-            _pad(x, rows),
-            _pad(boxes, rows, _UNIT_BOX),
-            _pad(labels, rows, 1),
+            pad_rows(x, rows),
+            pad_rows(boxes, rows, _UNIT_BOX),
+            pad_rows(labels, rows, 1),
             hw.astype(np.float32),
         )
         return out[:n]
@@ -331,18 +333,15 @@ class BoxRegressors:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes an ``.npz`` atomically (a temporary file, then ``os.replace``)."""
-        from spp_jax.detection.svm import _atomic_savez
-
-        _atomic_savez(
-            path,
-            {
-                "format": np.array(_FORMAT),
-                "weights": np.asarray(self.weights, np.float32),
-                "biases": np.asarray(self.biases, np.float32),
-                "scale": np.array(self.scale, np.float64),
-                "counts": np.array(self.counts, np.int64),
-            },
-        )
+        arrays = {
+            "format": np.array(_FORMAT),
+            "weights": np.asarray(self.weights, np.float32),
+            "biases": np.asarray(self.biases, np.float32),
+            "scale": np.array(self.scale, np.float64),
+            "counts": np.array(self.counts, np.int64),
+        }
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BoxRegressors:
@@ -382,14 +381,6 @@ def _traced(*arrays: Any) -> bool:
 
 
 _UNIT_BOX = np.array([0, 0, 1, 1], np.float32)
-
-
-def _pad(a: Any, rows: int, fill: Any = 0) -> np.ndarray:
-    """``a`` with rows of ``fill`` appended up to ``rows``."""
-    a = np.asarray(a)
-    out = np.full((rows, *a.shape[1:]), fill, a.dtype)
-    out[: a.shape[0]] = a
-    return out
 
 
 @jax.jit
@@ -433,11 +424,6 @@ def _accumulate(s1, s2, sxy, sy, xc, y):
         sxy + jnp.matmul(xc.T, y, precision=_HIGHEST),
         sy + jnp.sum(y, axis=0),
     )
-
-
-def _bucket(n: int) -> int:
-    """Rows padded to a power of two (>= 8): few shapes, few compilations."""
-    return max(8, 1 << (n - 1).bit_length())
 
 
 class RidgeAccumulator:
@@ -506,11 +492,11 @@ class RidgeAccumulator:
         labels = class_labels("labels", labels, n, self.num_classes)
         if n == 0:
             return
-        rows = _bucket(n)  # padded with unit boxes: one compilation per bucket
+        rows = power_of_two(n)  # padded with unit boxes: one compilation per bucket
         y = np.asarray(
             encode_boxes(
-                jnp.asarray(_pad(np.asarray(proposals, np.float32), rows, _UNIT_BOX)),
-                jnp.asarray(_pad(np.asarray(gt_boxes, np.float32), rows, _UNIT_BOX)),
+                jnp.asarray(pad_rows(np.asarray(proposals, np.float32), rows, _UNIT_BOX)),
+                jnp.asarray(pad_rows(np.asarray(gt_boxes, np.float32), rows, _UNIT_BOX)),
             )
         )[:n]
         x = x * np.float32(self.scale)
@@ -563,11 +549,9 @@ class RidgeAccumulator:
             )
             self._sums[k] = s
         n = x.shape[0]
-        rows = _bucket(n)
-        xc = np.zeros((rows, self.num_features), self.dtype)
-        xc[:n] = x.astype(self.dtype) - np.asarray(s.shift)
-        yy = np.zeros((rows, 4), self.dtype)
-        yy[:n] = y
+        rows = power_of_two(n)
+        xc = pad_rows(x.astype(self.dtype) - np.asarray(s.shift), rows)
+        yy = pad_rows(np.asarray(y, self.dtype), rows)
         s.s1, s.s2, s.sxy, s.sy = _accumulate(s.s1, s.s2, s.sxy, s.sy, xc, yy)
         s.n += n
 
@@ -682,11 +666,11 @@ def fit_box_regressors(
     gt_boxes = _boxes("gt_boxes", gt_boxes, n)
     min_iou = _iou_threshold(min_iou)
     if ious is None:
-        rows = _bucket(n)
+        rows = power_of_two(n)
         ious = np.asarray(
             _pair_iou(
-                jnp.asarray(_pad(proposals, rows, _UNIT_BOX), jnp.float32),
-                jnp.asarray(_pad(gt_boxes, rows, _UNIT_BOX), jnp.float32),
+                jnp.asarray(pad_rows(proposals, rows, _UNIT_BOX), jnp.float32),
+                jnp.asarray(pad_rows(gt_boxes, rows, _UNIT_BOX), jnp.float32),
             )
         )[:n]
         keep = ious > np.float32(min_iou)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax._padding import pad_rows, round_up
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.models import ConvSpec, ConvTrunk, PoolSpec
 from spp_jax.roi import project_boxes, roi_pyramid_pool
@@ -141,10 +142,6 @@ def with_context(boxes: np.ndarray, factor: float) -> np.ndarray:
     return np.concatenate([centre - half, centre + half], axis=1).astype(np.float32)
 
 
-def _bucket(n: int, bucket: int) -> int:
-    return -(-n // bucket) * bucket
-
-
 @dataclasses.dataclass(frozen=True)
 class ScaledMap:
     """The conv5 map of one image at one scale.
@@ -195,7 +192,7 @@ class Conv5Extractor:
         h0, w0 = image.shape[:2]
         h, w = resized_size((h0, w0), scale, self.max_side)
         x = resize(image[:, ::-1] if flip else image, (h, w))
-        hb, wb = _bucket(h, self.bucket), _bucket(w, self.bucket)
+        hb, wb = round_up(h, self.bucket), round_up(w, self.bucket)
         padded = np.zeros((1, hb, wb, 3), np.float32)
         padded[0, :h, :w] = x
         fmap, sizes = self._run(self.params, padded, np.asarray([[h, w]], np.int32))
@@ -256,11 +253,10 @@ class WindowPooler:
             return np.zeros((0, self.output_dim(c)), np.float32)
         fy, fx = scaled.factor
         at_scale = boxes * np.asarray([fx, fy, fx, fy], np.float32)
-        rb = _bucket(r, self.window_bucket)
-        padded_boxes = np.zeros((rb, 4), np.float32)
-        padded_boxes[:r] = at_scale
+        rb = round_up(r, self.window_bucket)
+        padded_boxes = pad_rows(at_scale, rb)
         valid = np.arange(rb) < r
-        hb, wb = _bucket(h5, self.map_bucket), _bucket(w5, self.map_bucket)
+        hb, wb = round_up(h5, self.map_bucket), round_up(w5, self.map_bucket)
         fmap = np.zeros((hb, wb, c), np.float32)
         fmap[:h5, :w5] = scaled.fmap
         out = self._pool(fmap, padded_boxes, valid, np.asarray([h5, w5], np.int32))

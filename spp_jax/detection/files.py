@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from spp_jax._io import atomic_write_json
+
 log = logging.getLogger("spp_jax")
 
 __all__ = ["RESULTS_FILE", "STREAM_FILE", "detect_files", "image_paths"]
@@ -155,10 +157,7 @@ def detect_files(
     }
     if not result["images"] and paths:
         log.warning("no image could be read")
-    tmp = os.path.join(out, f"{RESULTS_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out, RESULTS_FILE))
+    atomic_write_json(os.path.join(out, RESULTS_FILE), result, indent=1)
     if skipped:
         log.warning("skipped %d unreadable image(s): %s", len(skipped), skipped)
     n = len(result["images"])

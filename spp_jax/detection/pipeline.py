@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import configs, workdirs
+from spp_jax._io import atomic_write_bytes, atomic_write_json
+from spp_jax._padding import pad_rows, round_up
 from spp_jax.detection import bbox_regression, evaluation, features, finetune, svm
 from spp_jax.detection.boxes import box_iou
 from spp_jax.detection.suppression import multiclass_nms
@@ -56,10 +58,7 @@ WINDOW_BUCKET = 512  # windows per image are padded to a multiple (one fc compil
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True, default=float)
 
 
 def stage_done(workdir: str, name: str) -> dict | None:
@@ -218,9 +217,7 @@ class Detector:
     def head_outputs(self, pooled: np.ndarray, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(logits (R, K+1), fc7 (R, fc_dim))``, the rows padded to a bucket for jit."""
         r = len(pooled)
-        rb = max(WINDOW_BUCKET, -(-r // WINDOW_BUCKET) * WINDOW_BUCKET)
-        padded = np.zeros((rb, pooled.shape[1]), np.float32)
-        padded[:r] = pooled
+        padded = pad_rows(np.asarray(pooled, np.float32), round_up(r, WINDOW_BUCKET))
         params = self.head_params if params is None else params
         if self.svd is not None and params is self.head_params:
             logits, fc7 = finetune.svd_head_outputs(self.svd, jnp.asarray(padded))
@@ -320,11 +317,8 @@ def _softmax_classes(logits: jax.Array) -> jax.Array:
 def _padded(fn, x: np.ndarray) -> np.ndarray:
     """``fn(x)`` with the rows padded to a multiple of :data:`WINDOW_BUCKET` (one
     compile per bucket, not per window count)."""
-    r = len(x)
-    rb = max(WINDOW_BUCKET, -(-r // WINDOW_BUCKET) * WINDOW_BUCKET)
-    padded = np.zeros((rb, *x.shape[1:]), np.float32)
-    padded[:r] = x
-    return np.asarray(fn(jnp.asarray(padded)))[:r]
+    padded = pad_rows(np.asarray(x, np.float32), round_up(len(x), WINDOW_BUCKET))
+    return np.asarray(fn(jnp.asarray(padded)))[: len(x)]
 
 
 class _Clock:
@@ -366,12 +360,11 @@ def per_class_nms(
       ``boxes``, ``scores``, ``labels`` (class columns) and the proposal ``index``
       of each detection, by decreasing score.
     """
-    r, k = scores.shape
-    rb = max(256, -(-r // 256) * 256)  # padded: one compilation per 256 proposals
-    padded = np.zeros((rb, 4), np.float32)
-    padded[:r] = boxes
-    s = np.full((rb, k), np.nan, np.float32)
-    s[:r] = np.where(scores > thresh, scores, np.nan)
+    r = scores.shape[0]
+    rb = round_up(r, 256)  # padded: one compilation per 256 proposals
+    padded = pad_rows(np.asarray(boxes, np.float32), rb)
+    above = np.where(scores > thresh, scores, np.nan).astype(np.float32)
+    s = pad_rows(above, rb, np.nan)
     keep, classes, count = multiclass_nms(
         jnp.asarray(padded), jnp.asarray(s), iou, max_output=max_per_image
     )
@@ -570,10 +563,7 @@ def stage_finetune(
         blob = flax.serialization.msgpack_serialize(
             {"state": flax.serialization.to_state_dict(plain), "best": best}
         )
-        tmp = f"{ckpt}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(blob)
-        os.replace(tmp, ckpt)
+        atomic_write_bytes(ckpt, blob)
 
     start = int(state.step)
     bar = tqdm(range(start, ft.steps), desc="fine-tuning", initial=start, total=ft.steps)
@@ -591,10 +581,7 @@ def stage_finetune(
             val = _validation_map(det, state.params, data["val"], props["val"], val_maps)
             if val > best["map"]:
                 best = {"map": val, "step": done}
-                tmp = f"{best_path}.tmp"
-                with open(tmp, "wb") as out:
-                    out.write(flax.serialization.to_bytes(state.params))
-                os.replace(tmp, best_path)
+                atomic_write_bytes(best_path, flax.serialization.to_bytes(state.params))
             save(state, best)
             log.info(
                 "fine-tune step %d: loss %.3f, window accuracy %.3f, validation mAP %.4f",

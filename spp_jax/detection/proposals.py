@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from spp_jax._io import atomic_open, atomic_write_json
 from spp_jax.data import BadImageError
 
 __all__ = [
@@ -381,7 +382,7 @@ class ProposalCache:
             self.params = stored
         else:
             os.makedirs(os.path.join(self.cache_dir, "boxes"), exist_ok=True)
-            _atomic_write_text(path, json.dumps(self.params, indent=1, sort_keys=True))
+            atomic_write_json(path, self.params, indent=1, sort_keys=True)
         os.makedirs(os.path.join(self.cache_dir, "boxes"), exist_ok=True)
 
     @classmethod
@@ -595,24 +596,9 @@ def _compute_one(task: tuple[str, str, Any, str], params: dict[str, Any]):
     start = time.perf_counter()
     boxes = selective_search(image, **params)
     seconds = time.perf_counter() - start
-    _atomic_save(out_path, boxes)
+    with atomic_open(out_path, "wb") as f:
+        np.save(f, boxes)
     return image_id, name, seconds, None
-
-
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def compute_proposals(

@@ -58,7 +58,6 @@ import logging
 import math
 import numbers
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -67,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax._io import atomic_open
 from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 
 __all__ = [
@@ -390,7 +390,8 @@ class SVMs:
             for name in ("label", *_STAT_FIELDS):
                 arrays[f"stats_{name}"] = np.array([getattr(s, name) for s in self.stats])
             arrays["stats_objective"] = np.array([s.objective for s in self.stats])
-        _atomic_savez(path, arrays)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SVMs:
@@ -418,23 +419,6 @@ class SVMs:
 jax.tree_util.register_dataclass(
     SVMs, data_fields=["weights", "biases"], meta_fields=["scale", "stats"]
 )
-
-
-def _atomic_savez(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """``np.savez`` to a temporary file next to ``path``, then ``os.replace``."""
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------
