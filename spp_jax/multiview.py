@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -74,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax.models import ConvSpec, MLPHead, PoolSpec, SPPNet, feature_map_size
+from spp_jax.models import MLPHead, SPPNet, feature_map_size
 from spp_jax.roi import project_boxes, roi_pyramid_pool
 
 log = logging.getLogger("spp_jax.multiview")
@@ -238,8 +237,8 @@ def view_size_for(size: int, resize_ratio: float) -> int:
 
 
 def total_stride(model: SPPNet) -> int:
-    """The trunk's total stride (16 for ZF-5 and Convnet*-5, 12 for Overfeat)."""
-    return math.prod(s.stride for s in model.specs if isinstance(s, ConvSpec | PoolSpec))
+    """The total stride of ``model``'s trunk (:attr:`spp_jax.models.ConvTrunk.total_stride`)."""
+    return model.conv_trunk.total_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +353,7 @@ def feature_map_view_probs(
         tuple[jax.Array, jax.Array], model.conv_trunk.apply({"params": conv}, x, all_sizes)
     )
     n_maps = x.shape[0]
-    stride = total_stride(model)
+    stride = model.conv_trunk.total_stride
     m = feature_map_size(model.arch, view_size, view_size)
     cells = _view_cells(
         all_boxes.reshape(-1, 4), jnp.repeat(map_sizes, p, axis=0), m, stride, mapping

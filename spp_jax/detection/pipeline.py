@@ -157,9 +157,9 @@ class Detector:
         self.extractor = features.Conv5Extractor(
             self.trunk, self.trunk_params, bucket=c.image_bucket, max_side=c.max_side
         )
-        self.stride = features.total_stride(self.trunk)
+        self.stride = self.trunk.total_stride
         self.pooler = features.WindowPooler(c.levels, self.stride)
-        self.min_input = min_input_size(self.trunk)
+        self.min_input = self.trunk.min_input_size
 
     def scales(self, n: int) -> tuple[int, ...]:
         """The 1-scale or 5-scale setting."""
@@ -168,7 +168,7 @@ class Detector:
     def check_size(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
         """Raises ValueError if an image of ``image_size`` resized to one of ``scales``
         (shorter side ``s``, longer side capped at ``max_side``) is smaller than the
-        trunk's minimum input (:func:`min_input_size`): an image with an extreme aspect
+        trunk's minimum input (:attr:`ConvTrunk.min_input_size`): an image with an extreme aspect
         ratio. An image smaller than a conv5 cell is no problem: it is upscaled."""
         for s in scales:
             h, w = features.resized_size((image_size[0], image_size[1]), s, self.config.max_side)
@@ -291,20 +291,6 @@ class Detector:
                 )
         out.pop("index")
         return out
-
-
-def min_input_size(trunk: ConvTrunk) -> int:
-    """The smallest input side from which ``trunk`` gives a non-empty conv5 map (23
-    pixels for ZF-5): a resized image must be at least this on both sides."""
-    from spp_jax.models import feature_map_size
-
-    for n in range(1, 4097):
-        try:
-            feature_map_size(trunk.arch, n, n, depth=trunk.depth)
-        except ValueError:
-            continue
-        return n
-    raise ValueError(f"no input up to 4096 pixels gives {trunk.arch!r} a conv5 map")
 
 
 @jax.jit
