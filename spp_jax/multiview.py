@@ -655,22 +655,22 @@ def evaluate_workdir(
       FileNotFoundError: not a training workdir, or no checkpoint.
     """
     from spp_jax import data as data_lib
-    from spp_jax import train
+    from spp_jax import train, workdirs
 
     check_views(views)
     _check_mapping(mapping)
-    config = train.load_config(workdir)
-    if config.model.head != "spp":
+    head = workdirs.read_config(workdir).model.head
+    if head != "spp":
         raise ValueError(
             f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size); {workdir} has head={config.model.head!r}"
+            f"window of any size); {workdir} has head={head!r}"
         )
+    trained = workdirs.load_trained(workdir)
+    config, model = trained.config, trained.model
     if sizes is None:
         sizes = (round(config.crop_size * config.resize_ratio),)
     builder, info = train.load_dataset(config)
-    model = train.create_model(config, info.num_classes)
-    state = train.load_state(config, workdir, model, info.num_classes)
-    params = jax.device_put(state.params)
+    params = jax.device_put(trained.params)
     out: dict[str, dict[str, Any]] = {}
     for size in sizes:
         vs = view_size_for(size, config.resize_ratio)
@@ -696,7 +696,7 @@ def evaluate_workdir(
             limit=limit,
         )
     log.info(
-        "%d-view test accuracy (top-1) at step %d:\n%s", views, int(state.step), format_table(out)
+        "%d-view test accuracy (top-1) at step %d:\n%s", views, trained.step, format_table(out)
     )
     return out
 

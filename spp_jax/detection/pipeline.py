@@ -405,18 +405,13 @@ def stage_backbone(config, workdir: str) -> str:
 
 
 def load_backbone(path: str) -> tuple[ConvTrunk, Any, dict, Any]:
-    """``(trunk, trunk_params, fc_params {"fc6", "fc7"}, classification config)``."""
-    from spp_jax import train
-    from spp_jax.extract import checkpoint_num_classes
-
-    cls = train.load_config(path)
-    model = train.create_model(cls, checkpoint_num_classes(cls, path))
-    state = train.load_state(cls, path, model, checkpoint_num_classes(cls, path))
-    params = jax.device_get(state.params)
-    trunk = model.conv_trunk
+    """``(trunk, trunk_params, fc_params {"fc6", "fc7"}, classification config)`` of
+    the backbone workdir ``path`` (:func:`spp_jax.workdirs.load_trained`)."""
+    backbone = workdirs.load_trained(path)
+    params = jax.device_get(backbone.params)
     trunk_params = {k: v for k, v in params.items() if k.startswith("conv")}
     fc = {k: params[k] for k in ("fc6", "fc7")}
-    return trunk, trunk_params, fc, cls
+    return backbone.model.conv_trunk, trunk_params, fc, backbone.config
 
 
 def stage_proposals(config, workdir: str, splits: dict[str, Split]) -> dict[str, list[np.ndarray]]:
