@@ -64,7 +64,8 @@ def probe(variant: str, seed: int, epochs: int, overrides: list[str]) -> dict:
     _patch(variant)
     builder, info = train_lib.load_dataset(config)
     steps = data_lib.steps_per_epoch(info, config.train_split, config.batch_size)
-    model = train_lib.create_model(config, info.num_classes)
+    config = train_lib.with_num_classes(config, info.num_classes)
+    model = train_lib.create_model(config)
     schedule = train_lib.learning_rate_schedule(config, steps)
     state = train_lib.create_train_state(
         config, model, config.crop_size, train_lib.create_optimizer(config, schedule)

@@ -11,8 +11,8 @@ image, e.g. ``256 * 50 = 12,800`` for ZF-5 with levels (6, 3, 2, 1).
 
 A file that cannot be read or decoded raises :class:`spp_jax.data.BadImageError`,
 one line that names it, or (``on_bad_image="skip"``) is skipped with a warning and
-listed in the output's ``skipped``. No training data is read: the class count
-comes from the checkpoint.
+listed in the output's ``skipped``. No training data is read: the model comes from
+the workdir (:func:`spp_jax.workdirs.load_trained`).
 
 Images stream through (memory holds at most a batch per bucket), and every computed
 batch is saved at once to ``OUT.parts/`` (one ``.npz`` per batch, written atomically):
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import data as data_lib
-from spp_jax import train as train_lib
+from spp_jax import workdirs
 from spp_jax._io import atomic_open, atomic_write_json
 
 log = logging.getLogger("spp_jax.extract")
@@ -57,8 +57,8 @@ def extract_features(
 ) -> dict[str, np.ndarray]:
     """Writes SPP features of ``images`` with the latest checkpoint of ``workdir``.
 
-    Reads no training data: the class count comes from the checkpoint's arrays
-    (:func:`checkpoint_num_classes`).
+    Reads no training data: the model comes from the workdir
+    (:func:`spp_jax.workdirs.load_trained`).
 
     Args:
       workdir: a training workdir (``config.json`` and ``checkpoints/``).
@@ -95,22 +95,21 @@ def extract_features(
             f"on_bad_image {on_bad_image!r} not accepted; use one of "
             f"{', '.join(map(repr, ON_BAD_IMAGE))}"
         )
-    config = train_lib.load_config(workdir)
-    size = size or config.crop_size
-    if config.model.head != "spp":
+    head = workdirs.read_config(workdir).model.head
+    if head != "spp":
         raise ValueError(
             f"feature extraction needs an SPP head, the model in {workdir!r} has head "
-            f"{config.model.head!r}; accepted: 'spp'"
+            f"{head!r}; accepted: 'spp'"
         )
-    num_classes = checkpoint_num_classes(config, workdir)
-    model = train_lib.create_model(config, num_classes)
-    state = train_lib.load_state(config, workdir, model, num_classes)
-    log.info("restored step %d from %s", int(state.step), workdir)
+    trained = workdirs.load_trained(workdir)
+    config, model = trained.config, trained.model
+    size = size or config.crop_size
+    log.info("restored step %d from %s", trained.step, workdir)
     parts = _Parts(
         out,
         {
             "workdir": os.path.abspath(workdir),
-            "step": int(state.step),
+            "step": trained.step,
             "images": os.path.abspath(images) if os.path.isdir(images) else images,
             "split": split,
             "size": size,
@@ -141,7 +140,7 @@ def extract_features(
         for j, (_, img) in enumerate(items):
             x[j, : img.shape[0], : img.shape[1]] = img
             valid[j] = img.shape[:2]
-        f = np.asarray(features(state.params, jnp.asarray(x), jnp.asarray(valid)))
+        f = np.asarray(features(trained.params, jnp.asarray(x), jnp.asarray(valid)))
         for j, (i, _) in enumerate(items):
             feats[i] = f[j]
         parts.save([names[i] for i, _ in items], f[: len(items)])
@@ -268,65 +267,6 @@ SPPNET_FEATURES = "features"  # the SPPNet method that returns the SPP vector
 
 def _read_reduced(path: str, size: int) -> np.ndarray:
     return data_lib.read_image_reduced(path, size)[0]
-
-
-def checkpoint_num_classes(config, workdir: str) -> int:
-    """The class count of the model saved in ``workdir``'s latest checkpoint.
-
-    Read from the shapes of the checkpointed arrays (orbax metadata; no array
-    and no dataset is read): the parameters whose shapes change with
-    ``num_classes`` in the model that ``config`` describes (the classifier's
-    kernel and bias) give the count.
-
-    Raises:
-      FileNotFoundError: ``workdir`` has no checkpoint.
-      ValueError: the checkpoint's parameters do not fit the config's model.
-    """
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(create=False),
-    )
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-    saved = _shapes(manager.item_metadata(step)["params"])
-    one, two = _model_param_shapes(config, 1), _model_param_shapes(config, 2)
-    counts: dict[str, int] = {}
-    for path, shape in one.items():
-        if shape == two[path]:
-            continue
-        axis = next(a for a, (p, q) in enumerate(zip(shape, two[path], strict=True)) if p != q)
-        if path not in saved or len(saved[path]) != len(shape):
-            raise ValueError(
-                f"the checkpoint at step {step} under {directory} has no parameter {path} of "
-                f"rank {len(shape)}, which the config's model "
-                f"({config.model.arch}/{config.model.head}) has"
-            )
-        counts[path] = saved[path][axis]
-    if len(set(counts.values())) != 1:
-        raise ValueError(
-            f"cannot tell the class count from the checkpoint under {directory}: "
-            f"the classifier's shapes give {counts or 'nothing'}"
-        )
-    return next(iter(counts.values()))
-
-
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
-def _model_param_shapes(config, num_classes: int) -> dict[str, tuple[int, ...]]:
-    model = train_lib.create_model(config, num_classes)
-    x = jax.ShapeDtypeStruct((1, config.crop_size, config.crop_size, 3), jnp.float32)
-    init = functools.partial(model.init, train=False)
-    return _shapes(jax.eval_shape(init, jax.random.key(0), x)["params"])
 
 
 Loader = Callable[[], np.ndarray]

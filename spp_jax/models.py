@@ -54,6 +54,7 @@ alone, unpadded (see :class:`SPPNet`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, cast
@@ -532,9 +533,7 @@ class ConvTrunk(nn.Module):
     center_input: bool = False
 
     def __post_init__(self) -> None:
-        _check_arch(self.arch)
-        _check_scale("width", self.width)
-        _check_scale("depth", self.depth)
+        layer_specs(self.arch, width=self.width, depth=self.depth)  # checks all three
         super().__post_init__()
 
     @property
@@ -546,6 +545,28 @@ class ConvTrunk(nn.Module):
     def out_channels(self) -> int:
         """``C5``: channels of the last conv map."""
         return next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
+
+    @property
+    def total_stride(self) -> int:
+        """Input pixels per cell of the last conv map: the product of the conv and pool
+        strides (16 for ZF-5 and Convnet*-5, 12 for Overfeat). Windows in pixels map to
+        cells with it (:func:`spp_jax.roi_pyramid_pool`'s ``spatial_scale = 1 / stride``).
+        """
+        return math.prod(s.stride for s in self.specs if isinstance(s, ConvSpec | PoolSpec))
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side whose last conv map is not empty (23 for ZF-5): an
+        image resized for the trunk must be at least this on both sides.
+
+        >>> ConvTrunk("zf5").min_input_size, ConvTrunk("overfeat7").min_input_size
+        (23, 17)
+        """
+        return next(
+            n
+            for n in itertools.count(1)
+            if all(min(hw) >= 1 for hw in _walk_sizes(self.specs, n, n))
+        )
 
     @nn.compact
     def __call__(
@@ -729,22 +750,6 @@ class MLPHead(nn.Module):
 # The network.
 # --------------------------------------------------------------------------------------
 
-# Parameter counts of the docstring table of SPPNet (3 input channels), pinned by a test
-# against jax.eval_shape. Keys "{arch}/{head}" at num_classes=1000, width=depth=1,
-# fc_dim=4096, and "small": SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)
-# (SPP head, default levels) at a 112 x 112 input.
-_PARAM_COUNTS: dict[str, int] = {
-    "zf5/spp": 77_037_672,
-    "zf5/pool6": 62_357_608,
-    "convnet5/spp": 77_058_408,
-    "convnet5/pool6": 62_378_344,
-    "overfeat5/spp": 132_268_648,
-    "overfeat5/pool6": 102_908_520,
-    "overfeat7/spp": 136_988_264,
-    "overfeat7/pool6": 107_628_136,
-    "small": 2_142_506,
-}
-
 
 class SPPNet(nn.Module):
     """SPP-net classifier: :class:`ConvTrunk`, a pooling head, then :class:`MLPHead`.
@@ -771,21 +776,8 @@ class SPPNet(nn.Module):
     ``fc6``, ``fc7``, ``fc8``), so a :class:`ConvTrunk` of the same ``arch``, ``width``
     and ``depth`` takes ``{k: v for k, v in params.items() if k.startswith("conv")}``.
 
-    Parameter counts (3 input channels; ``num_classes=1000``, ``width=depth=1``,
-    ``fc_dim=4096``, default ``levels``):
-
-    =========  ===========  ============
-    arch       head="spp"   head="pool6"
-    =========  ===========  ============
-    zf5        77,037,672   62,357,608
-    convnet5   77,058,408   62,378,344
-    overfeat5  132,268,648  102,908,520
-    overfeat7  136,988,264  107,628,136
-    =========  ===========  ============
-
-    Small CPU variant (the default training config):
-    ``SPPNet(arch="zf5", width=0.25, fc_dim=512, num_classes=10)`` at a 112 x 112
-    input: 2,142,506 parameters (the SPP head's count does not depend on the input size).
+    The parameter count does not depend on the input size with either head (the SPP
+    vector's length is fixed by ``levels``; pool6 accepts one pooled size).
 
     Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input
     pixels, clipped into ``[1, H] x [1, W]``) example ``i`` gives the logits of the
@@ -845,57 +837,36 @@ class SPPNet(nn.Module):
     center_input: bool = False
 
     def __post_init__(self) -> None:
-        # Fail at construction, naming the bad value, rather than at first call (the
-        # parts are built in setup, i.e. lazily).
-        _check_arch(self.arch)
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; accepted: {', '.join(map(repr, HEADS))}")
-        _check_scale("width", self.width)
-        _check_scale("depth", self.depth)
-        _check_positive_int("num_classes", self.num_classes)
-        _check_positive_int("fc_dim", self.fc_dim)
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
-        normalize_levels(self.levels)
-        if self.head == "pool6":
-            pool6_window(self.arch, self.base_size)
+        # Each part checks its own arguments. Building the parts here, unbound, makes a bad
+        # value fail at construction rather than in setup, at the first call.
+        _parts(self, parent=None)
         super().__post_init__()
 
     def setup(self) -> None:
-        self.trunk = self.conv_trunk
-        self.pool = self._make_head()
-        self.classifier = MLPHead(self.num_classes, self.fc_dim, self.dropout_rate, self.dtype)
+        self.trunk, self.pool, self.classifier = _parts(self)
         # The trunk's and the classifier's parameters live in this module's scope
-        # (conv1 ..., fc6 ...), as before the network was split into parts: parameter
-        # paths and checkpoints are unchanged.
+        # (conv1 ..., fc6 ...): one flat tree, whose conv entries a ConvTrunk takes.
         nn.share_scope(self, self.trunk)
         nn.share_scope(self, self.classifier)
 
-    def _make_head(self) -> SPPHead | Pool6Head:
-        if self.head == "spp":
-            return SPPHead(self.levels)
-        window, stride = pool6_window(self.arch, self.base_size)
-        return Pool6Head(window, stride)
-
     @property
     def conv_trunk(self) -> ConvTrunk:
-        """A :class:`ConvTrunk` with this network's conv layers (unbound outside
-        ``setup``); it takes
+        """An unbound :class:`ConvTrunk` with this network's conv layers; it takes
         ``{k: v for k, v in params.items() if k.startswith("conv")}``."""
-        return ConvTrunk(self.arch, self.width, self.depth, self.dtype, self.center_input)
+        return _parts(self, parent=None)[0]
 
     @property
     def specs(self) -> tuple[LayerSpec, ...]:
         """The trunk's layer specs (:func:`layer_specs` with this width and depth)."""
-        return layer_specs(self.arch, width=self.width, depth=self.depth)
+        return self.conv_trunk.specs
 
     @property
     def output_dim(self) -> int:
         """Length of the vector fed to fc6 (:meth:`features`)."""
-        c5 = next(s.features for s in reversed(self.specs) if isinstance(s, ConvSpec))
-        if self.head == "pool6":
-            return POOL6_SIZE * POOL6_SIZE * c5
-        return c5 * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+        trunk, pool, _ = _parts(self, parent=None)
+        return pool.output_dim(trunk.out_channels)
 
     def __call__(
         self,
@@ -965,3 +936,17 @@ class SPPNet(nn.Module):
                 f"input sides: {accepted} (e.g. {self.base_size}x{self.base_size}). Use "
                 f'head="spp" for other sizes, or set base_size.'
             )
+
+
+def _parts(net: SPPNet, **parent: Any) -> tuple[ConvTrunk, SPPHead | Pool6Head, MLPHead]:
+    """The trunk, pooling head and classifier of ``net``; ``parent=None`` builds them
+    unbound (outside ``setup``, where they would otherwise attach to the module being
+    built)."""
+    trunk = ConvTrunk(net.arch, net.width, net.depth, net.dtype, net.center_input, **parent)
+    pool: SPPHead | Pool6Head
+    if net.head == "spp":
+        pool = SPPHead(net.levels, **parent)
+    else:
+        pool = Pool6Head(*pool6_window(net.arch, net.base_size), **parent)
+    classifier = MLPHead(net.num_classes, net.fc_dim, net.dropout_rate, net.dtype, **parent)
+    return trunk, pool, classifier

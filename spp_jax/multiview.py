@@ -64,7 +64,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -74,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from spp_jax.models import ConvSpec, MLPHead, PoolSpec, SPPNet, feature_map_size
+from spp_jax.models import MLPHead, SPPNet, feature_map_size
 from spp_jax.roi import project_boxes, roi_pyramid_pool
 
 log = logging.getLogger("spp_jax.multiview")
@@ -238,8 +237,8 @@ def view_size_for(size: int, resize_ratio: float) -> int:
 
 
 def total_stride(model: SPPNet) -> int:
-    """The trunk's total stride (16 for ZF-5 and Convnet*-5, 12 for Overfeat)."""
-    return math.prod(s.stride for s in model.specs if isinstance(s, ConvSpec | PoolSpec))
+    """The total stride of ``model``'s trunk (:attr:`spp_jax.models.ConvTrunk.total_stride`)."""
+    return model.conv_trunk.total_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -354,7 +353,7 @@ def feature_map_view_probs(
         tuple[jax.Array, jax.Array], model.conv_trunk.apply({"params": conv}, x, all_sizes)
     )
     n_maps = x.shape[0]
-    stride = total_stride(model)
+    stride = model.conv_trunk.total_stride
     m = feature_map_size(model.arch, view_size, view_size)
     cells = _view_cells(
         all_boxes.reshape(-1, 4), jnp.repeat(map_sizes, p, axis=0), m, stride, mapping
@@ -656,22 +655,22 @@ def evaluate_workdir(
       FileNotFoundError: not a training workdir, or no checkpoint.
     """
     from spp_jax import data as data_lib
-    from spp_jax import train
+    from spp_jax import train, workdirs
 
     check_views(views)
     _check_mapping(mapping)
-    config = train.load_config(workdir)
-    if config.model.head != "spp":
+    head = workdirs.read_config(workdir).model.head
+    if head != "spp":
         raise ValueError(
             f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size); {workdir} has head={config.model.head!r}"
+            f"window of any size); {workdir} has head={head!r}"
         )
+    trained = workdirs.load_trained(workdir)
+    config, model = trained.config, trained.model
     if sizes is None:
         sizes = (round(config.crop_size * config.resize_ratio),)
     builder, info = train.load_dataset(config)
-    model = train.create_model(config, info.num_classes)
-    state = train.load_state(config, workdir, model, info.num_classes)
-    params = jax.device_put(state.params)
+    params = jax.device_put(trained.params)
     out: dict[str, dict[str, Any]] = {}
     for size in sizes:
         vs = view_size_for(size, config.resize_ratio)
@@ -697,7 +696,7 @@ def evaluate_workdir(
             limit=limit,
         )
     log.info(
-        "%d-view test accuracy (top-1) at step %d:\n%s", views, int(state.step), format_table(out)
+        "%d-view test accuracy (top-1) at step %d:\n%s", views, trained.step, format_table(out)
     )
     return out
 

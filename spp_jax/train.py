@@ -29,9 +29,9 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
 
 from __future__ import annotations
 
+import copy
 import errno
 import functools
-import json
 import logging
 import os
 import shutil
@@ -67,12 +67,22 @@ class TrainState(train_state.TrainState):
 # --------------------------------------------------------------------------- building
 
 
-def create_model(config, num_classes: int) -> SPPNet:
-    """The :class:`spp_jax.models.SPPNet` that ``config.model`` describes."""
+def create_model(config) -> SPPNet:
+    """The :class:`spp_jax.models.SPPNet` that ``config.model`` describes.
+
+    Raises:
+      ValueError: ``config.model.num_classes`` is not set (:func:`with_num_classes`
+        sets it to the dataset's class count).
+    """
     m = config.model
+    if m.get("num_classes") is None:
+        raise ValueError(
+            "config.model.num_classes is None; give the class count, a positive int "
+            "(with_num_classes(config, info.num_classes) sets the dataset's)"
+        )
     return SPPNet(
         arch=m.arch,
-        num_classes=num_classes,
+        num_classes=m.num_classes,
         head=m.head,
         levels=tuple(m.levels),
         width=m.width,
@@ -81,7 +91,7 @@ def create_model(config, num_classes: int) -> SPPNet:
         dropout_rate=m.dropout_rate,
         base_size=m.base_size,
         dtype=jnp.dtype(m.dtype),
-        center_input=m.get("center_input", False),  # absent from older workdirs' configs
+        center_input=m.get("center_input", False),  # a config of your own may leave it out
     )
 
 
@@ -392,31 +402,28 @@ def load_dataset(config) -> tuple[Any, data_lib.DatasetInfo]:
     return builder, info
 
 
+def with_num_classes(config, num_classes: int):
+    """A copy of ``config`` whose ``model.num_classes`` is the dataset's ``num_classes``.
+
+    Raises:
+      ValueError: ``config.model.num_classes`` is set to another count.
+    """
+    given = config.model.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ValueError(
+            f"config.model.num_classes is {given}, but dataset {config.dataset!r} has "
+            f"{num_classes} classes; set it to {num_classes} or None"
+        )
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.num_classes = num_classes
+    return config
+
+
 def save_config(config, workdir: str) -> None:
     if jax.process_index() == 0:
         path = os.path.join(workdir, "config.json")
         atomic_write_text(path, config.to_json_best_effort(indent=2))
-
-
-def load_config(workdir: str):
-    """The config a training run saved in ``workdir/config.json``.
-
-    Keys the saved file lacks (a run from an older version) take their values from
-    :mod:`spp_jax.configs.default`, the one place defaults live.
-
-    Raises:
-      FileNotFoundError: ``workdir`` has no ``config.json``.
-    """
-    from spp_jax.configs import default
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-    with open(path) as f:
-        saved = json.load(f)
-    config = default.get_config()
-    config.update(saved)
-    return config
 
 
 # --------------------------------------------------------------------------- training
@@ -458,10 +465,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
             f"devices; use a multiple of {n_dev}"
         )
     os.makedirs(workdir, exist_ok=True)
-    save_config(config, workdir)
     local_batch = config.batch_size // n_proc
 
     builder, info = load_dataset(config)
+    config = with_num_classes(config, info.num_classes)
+    save_config(config, workdir)
     steps_per_epoch = data_lib.steps_per_epoch(info, config.train_split, config.batch_size)
     log.info(
         "dataset %s: %d classes, %s examples; %d process(es) x %d device(s), global batch %d, "
@@ -476,7 +484,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         config.num_epochs,
     )
 
-    model = create_model(config, info.num_classes)
+    model = create_model(config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     state = create_train_state(config, model, config.crop_size, create_optimizer(config, schedule))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -695,25 +703,14 @@ def format_final(final: dict) -> str:
 
 def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:
     """``spp-jax eval``: restores the latest checkpoint and runs the final evaluation."""
-    config = load_config(workdir)
+    trained = workdirs.load_trained(workdir)
+    config = trained.config
     if sizes is not None:
         config.eval_sizes = tuple(sizes)
     builder, info = load_dataset(config)
-    model = create_model(config, info.num_classes)
-    state = load_state(config, workdir, model, info.num_classes)
-    final = final_evaluation(config, builder, info, replicate(state.params), model)
-    log.info("test accuracy (top-1) at step %d:\n%s", int(state.step), format_final(final))
+    final = final_evaluation(config, builder, info, replicate(trained.params), trained.model)
+    log.info("test accuracy (top-1) at step %d:\n%s", trained.step, format_final(final))
     return final
-
-
-def load_state(config, workdir: str, model: SPPNet, num_classes: int) -> TrainState:
-    """The latest checkpointed state of a training workdir."""
-    manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    tx = create_optimizer(config, learning_rate_schedule(config, 1))
-    state = create_train_state(config, model, config.crop_size, tx)
-    return restore_checkpoint(manager, state)
 
 
 def flatten_params(params) -> dict[str, np.ndarray]:

@@ -6,22 +6,34 @@ with a ``model`` group, ``checkpoints/``) and ``"detection"`` (``spp-jax detect-
 ``config.json`` with ``backbone_config``, ``stages/``). The checks here turn a wrong path
 into one :class:`WorkdirError` that names the path, what is wrong and what is accepted,
 before any data is read or any program compiled.
+
+A trained classification workdir is read back in one place, :func:`load_trained`: its
+config, the model that config describes and the latest checkpoint's parameters, which
+``spp-jax eval``, ``extract``, multi-view testing and detection all start from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spp_jax.models import SPPNet
 
 __all__ = [
     "KINDS",
+    "Trained",
     "WorkdirError",
     "check_not_url",
     "check_output_dir",
     "check_output_file",
     "check_run_dir",
     "kind_of",
+    "load_trained",
+    "read_config",
     "require",
 ]
 
@@ -180,3 +192,100 @@ def _reason(e: OSError) -> str:
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC):
         return os.strerror(e.errno)
     return e.strerror or str(e)
+
+
+# --------------------------------------------------------------------------------------
+# Reading a trained classification workdir back.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A trained classification workdir, read back by :func:`load_trained`.
+
+    Attributes:
+      config: the run's ``ml_collections.ConfigDict`` (:func:`read_config`), with
+        ``model.num_classes`` set.
+      model: the :class:`spp_jax.models.SPPNet` that ``config.model`` describes.
+      params: the latest checkpoint's parameters, for
+        ``model.apply({"params": params}, ...)``.
+      step: the training step of that checkpoint.
+    """
+
+    config: Any
+    model: SPPNet
+    params: Any
+    step: int
+
+
+def read_config(workdir: str | os.PathLike) -> Any:
+    """The config a ``spp-jax train`` run saved in ``workdir/config.json``.
+
+    Keys the file lacks take their values from :mod:`spp_jax.configs.default`, the one
+    place defaults live. ``model.num_classes`` is ``None`` where the file does not hold
+    it; :func:`load_trained` then reads it from the checkpoint.
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no ``config.json``.
+    """
+    from spp_jax.configs import default
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {str(workdir)!r} a training workdir?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = default.get_config()
+    config.update(saved)
+    return config
+
+
+def load_trained(workdir: str | os.PathLike) -> Trained:
+    """The config, model and latest parameters of a ``spp-jax train`` workdir.
+
+    The class count is ``config.json``'s ``model.num_classes``; a file without it gives
+    the count of the checkpoint's classifier (fc8), so no training data is read.
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no ``config.json`` or no checkpoint.
+      WorkdirError: the checkpoint does not fit the model the config describes.
+    """
+    from spp_jax import train
+
+    workdir = str(workdir)
+    config = read_config(workdir)
+    manager = train.checkpoint_manager(workdir, config.keep_checkpoints)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    if config.model.num_classes is None:
+        config.model.num_classes = _checkpoint_num_classes(workdir, manager.latest_step())
+    model = train.create_model(config)
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1))
+    state = train.create_train_state(config, model, config.crop_size, tx)
+    state = train.restore_checkpoint(manager, state)
+    return Trained(config, model, state.params, int(state.step))
+
+
+def _checkpoint_num_classes(workdir: str, step: int) -> int:
+    """The length of fc8's bias in checkpoint ``step`` (orbax metadata: no array read).
+
+    Raises:
+      WorkdirError: the checkpoint holds no ``params/fc8/bias`` vector.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers=ocp.StandardCheckpointHandler(),
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
+    params = manager.item_metadata(step)["params"]
+    bias = params.get("fc8", {}).get("bias") if hasattr(params, "get") else None
+    shape = getattr(bias, "shape", None)
+    if shape is None or len(shape) != 1:
+        raise WorkdirError(
+            f"checkpoint {directory}/{step} has no classifier bias params/fc8/bias to count "
+            "the classes by: is it a checkpoint of `spp-jax train`?"
+        )
+    return int(shape[0])

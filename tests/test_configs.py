@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 import spp_jax
-from spp_jax import cli, configs
+from spp_jax import cli, configs, workdirs
 from spp_jax import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,14 +225,15 @@ def test_a_users_config_file_can_start_from_default(tmp_path):
         cli.load_config(str(tmp_path / "missing.py"))
 
 
-def test_load_config_of_a_workdir_fills_missing_keys_from_default(tmp_path):
+def test_read_config_of_a_workdir_fills_missing_keys_from_default(tmp_path):
     saved = json.loads(configs.get_config("tiny").to_json_best_effort())
-    del saved["full_image_bucket_steps"], saved["model"]["dtype"]
+    del saved["full_image_bucket_steps"], saved["model"]["dtype"], saved["model"]["num_classes"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    config = train_lib.load_config(str(tmp_path))
+    config = workdirs.read_config(str(tmp_path))
     default = configs.get_config("default")
     assert config.full_image_bucket_steps == default.full_image_bucket_steps
     assert config.model.dtype == default.model.dtype
+    assert config.model.num_classes is None  # load_trained reads it from the checkpoint
     assert config.crop_size == 48 and config.train_sizes == (48, 40)
 
 

@@ -43,7 +43,7 @@ def test_padded_map_and_pooling_equal_the_unpadded_ones(trunk, shape, scale):
     np.testing.assert_allclose(m.fmap, want, rtol=1e-5, atol=1e-5)
 
     boxes = _boxes(*shape, 40)
-    got = features.WindowPooler((3, 2, 1), features.total_stride(t)).pool(m, boxes)
+    got = features.WindowPooler((3, 2, 1), t.total_stride).pool(m, boxes)
     fy, fx = m.factor
     ref = spp_jax.roi_pyramid_pool(
         jnp.asarray(want[None]),

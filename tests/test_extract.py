@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ pytest.importorskip("orbax.checkpoint")
 import jax
 import jax.numpy as jnp
 
-from spp_jax import cli, data, extract, train
+from spp_jax import cli, data, extract, train, workdirs
 from tests.test_data import RenamedKeys, prepare_renamed, renamed_image
 
 NUM_CLASSES = 4  # not spp_shapes' 10: the count must come from the checkpoint
@@ -35,7 +37,8 @@ def run(tmp_path_factory):
     config.dataset = "spp_jax_no_such_dataset"
     config.data_dir = tfds_dir
     config.image_key, config.label_key = "picture", "y"
-    model = train.create_model(config, NUM_CLASSES)
+    config.model.num_classes = NUM_CLASSES
+    model = train.create_model(config)
     tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1))
     state = train.create_train_state(config, model, config.crop_size, tx)
     workdir = str(tmp_path_factory.mktemp("run"))
@@ -86,12 +89,27 @@ def images(tmp_path):
     return folder, sorted(good), sorted(bad)
 
 
-def test_class_count_from_the_checkpoint(run):
-    workdir, _, _ = run
-    assert extract.checkpoint_num_classes(train.load_config(workdir), workdir) == NUM_CLASSES
+def test_load_trained_reads_no_training_data(run, tmp_path):
+    """The workdir's config, model and parameters; with a config.json that lacks
+    ``model.num_classes`` (written before train recorded it), the class count is the
+    checkpoint's."""
+    workdir, _, params = run
+    trained = workdirs.load_trained(workdir)
+    assert trained.model.num_classes == trained.config.model.num_classes == NUM_CLASSES
+    assert trained.step == 0
+    jax.tree.map(np.testing.assert_array_equal, trained.params, jax.device_get(params))
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old)
+    saved = json.loads((old / "config.json").read_text())
+    del saved["model"]["num_classes"]
+    (old / "config.json").write_text(json.dumps(saved))
+    assert workdirs.read_config(old).model.num_classes is None
+    loaded = workdirs.load_trained(old)
+    assert loaded.model.num_classes == loaded.config.model.num_classes == NUM_CLASSES
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, trained.params)
     # The config's dataset does not exist: loading the training data would fail.
     with pytest.raises(ValueError, match="spp_jax_no_such_dataset"):
-        train.load_dataset(train.load_config(workdir))
+        train.load_dataset(loaded.config)
 
 
 def test_features_equal_the_model_on_each_image_alone(run, images, tmp_path):

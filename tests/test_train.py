@@ -22,7 +22,7 @@ pytest.importorskip("tensorflow_datasets")
 
 from flax import jax_utils
 
-from spp_jax import cli
+from spp_jax import cli, workdirs
 from spp_jax import metrics as metrics_lib
 from spp_jax import train as train_lib
 
@@ -68,8 +68,8 @@ def assert_params_equal(a, b, rtol=0.0, atol=0.0):
 
 def test_pmap_step_equals_single_device_on_same_global_batch():
     """4 devices x 2 examples == 1 device x 8 examples (no dropout)."""
-    config = tiny_config(**{"model.dropout_rate": 0.0})
-    model = train_lib.create_model(config, num_classes=10)
+    config = tiny_config(**{"model.dropout_rate": 0.0, "model.num_classes": 10})
+    model = train_lib.create_model(config)
     schedule = train_lib.learning_rate_schedule(config, 5)
     tx = train_lib.create_optimizer(config, schedule)
     state = train_lib.create_train_state(config, model, 48, tx)
@@ -117,8 +117,8 @@ def test_train_step_under_shard_map_equals_the_pmap_step(kernels, monkeypatch):
     families = ("spp", "roi", "max_pool", "conv")
     monkeypatch.setattr(native, "tuned", lambda library: dict.fromkeys(families, kernels))
     jax.clear_caches()
-    config = tiny_config(**{"model.dropout_rate": 0.0})
-    model = train_lib.create_model(config, num_classes=10)
+    config = tiny_config(**{"model.dropout_rate": 0.0, "model.num_classes": 10})
+    model = train_lib.create_model(config)
     schedule = train_lib.learning_rate_schedule(config, 5)
     state = train_lib.create_train_state(
         config, model, 48, train_lib.create_optimizer(config, schedule)
@@ -158,8 +158,8 @@ def test_train_step_under_shard_map_equals_the_pmap_step(kernels, monkeypatch):
 def test_pmapped_train_step_traces_once_per_shape():
     """A counter inside the traced function: new batch values, the donated state the
     step returned and its metrics never retrace; only a new shape does."""
-    config = tiny_config(**{"model.dropout_rate": 0.3})
-    model = train_lib.create_model(config, num_classes=10)
+    config = tiny_config(**{"model.dropout_rate": 0.3, "model.num_classes": 10})
+    model = train_lib.create_model(config)
     schedule = train_lib.learning_rate_schedule(config, 5)
     state = train_lib.create_train_state(
         config, model, 48, train_lib.create_optimizer(config, schedule)
@@ -323,7 +323,8 @@ def test_eval_step_traces_once_per_batch_shape(data_dir, monkeypatch):
     try:
         config = tiny_config(full_image_bucket_steps=2)
         builder, info = train_lib.load_dataset(config)
-        model = train_lib.create_model(config, info.num_classes)
+        config = train_lib.with_num_classes(config, info.num_classes)
+        model = train_lib.create_model(config)
         tx = train_lib.create_optimizer(config, train_lib.learning_rate_schedule(config, 5))
         p_params = train_lib.replicate(train_lib.create_train_state(config, model, 48, tx).params)
         for _ in range(2):
@@ -423,9 +424,9 @@ def test_two_processes_match_one_process_with_four_devices(data_dir, tmp_path):
 
     config = cli.load_config("tiny", TWO_PROC_SETTINGS)
     one = train_lib.train_and_evaluate(config, str(tmp_path / "one"))
-    model = train_lib.create_model(config, 10)
-    two = train_lib.load_state(config, workdir, model, 10)
-    assert int(two.step) == int(one["state"].step) == 10
+    two = workdirs.load_trained(workdir)
+    assert two.step == int(one["state"].step) == 10
+    assert two.config.model.num_classes == 10  # written into config.json by train
     assert_params_equal(train_lib.flatten_params(two.params), _params(one), rtol=1e-5, atol=1e-6)
     # Evaluation saw every test example once across the two processes.
     final = next(r["final"] for r in metrics_lib.read_metrics(workdir) if "final" in r)

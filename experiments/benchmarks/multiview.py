@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from spp_jax import multiview, train
+    from spp_jax import multiview, workdirs
 
     views_list = [int(v) for v in args.views.split(",")]
     for v in views_list:
         multiview.check_views(v)
-    config = train.load_config(args.workdir)
+    trained = workdirs.load_trained(args.workdir)
+    config = trained.config
     sizes = (
         [int(s) for s in args.sizes.split(",")]
         if args.sizes
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "meta": {
             "workdir": os.path.abspath(args.workdir),
-            "step": train.checkpoint_manager(args.workdir).latest_step(),
+            "step": trained.step,
             "dataset": config.dataset,
             "split": config.eval_split,
             "limit": args.limit,

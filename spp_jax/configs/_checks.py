@@ -113,6 +113,10 @@ CLASSIFICATION: dict[str, Rule] = {
     "model.dropout_rate": _fraction(open_high=True),
     "model.base_size": _positive_int(),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
+    "model.num_classes": (
+        lambda v: v is None or (_is_int(v) and v > 0),
+        "None (the dataset's class count) or a positive integer",
+    ),
     "crop_size": _positive_int(),
     "size_schedule": _one_of("single", "paper", "random"),
     "train_sizes": _sizes(),

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     # without this, training sat at chance for 2-7 of 16 epochs (README, "Why the loss
     # sat at chance"). The paper (ImageNet) does not: zf5_imagenet sets False.
     c.model.center_input = True
+    # Classes (fc8's outputs). None: the dataset's count, which train writes here in
+    # WORKDIR/config.json, so a trained workdir loads without reading the dataset.
+    c.model.num_classes = None
 
     # Multi-size training: crop at crop_size; the schedule picks each epoch's size.
     c.crop_size = 112

@@ -25,7 +25,6 @@ regression pool what they need from the cached maps.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,15 +34,10 @@ import numpy as np
 
 from spp_jax._padding import pad_rows, round_up
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.models import ConvSpec, ConvTrunk, PoolSpec
+from spp_jax.models import ConvTrunk
 from spp_jax.roi import project_boxes, roi_pyramid_pool
 
 WINDOW_RULES = ("paper", "code")
-
-
-def total_stride(trunk: ConvTrunk) -> int:
-    """The trunk's total stride (16 for ZF-5 and Convnet*-5, 12 for Overfeat)."""
-    return math.prod(s.stride for s in trunk.specs if isinstance(s, ConvSpec | PoolSpec))
 
 
 def resized_size(
@@ -205,7 +199,7 @@ class WindowPooler:
 
     Args:
       levels: the pyramid, e.g. ``(6, 3, 2, 1)``.
-      stride: the trunk's total stride (:func:`total_stride`).
+      stride: the trunk's total stride (:attr:`~spp_jax.models.ConvTrunk.total_stride`).
       map_bucket: maps are zero-padded to multiples of this (cells).
       window_bucket: window counts are padded to multiples of this.
     """

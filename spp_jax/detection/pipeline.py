@@ -156,9 +156,9 @@ class Detector:
         self.extractor = features.Conv5Extractor(
             self.trunk, self.trunk_params, bucket=c.image_bucket, max_side=c.max_side
         )
-        self.stride = features.total_stride(self.trunk)
+        self.stride = self.trunk.total_stride
         self.pooler = features.WindowPooler(c.levels, self.stride)
-        self.min_input = min_input_size(self.trunk)
+        self.min_input = self.trunk.min_input_size
 
     def scales(self, n: int) -> tuple[int, ...]:
         """The 1-scale or 5-scale setting."""
@@ -167,7 +167,7 @@ class Detector:
     def check_size(self, image_size: tuple[int, int], scales: Sequence[int]) -> None:
         """Raises ValueError if an image of ``image_size`` resized to one of ``scales``
         (shorter side ``s``, longer side capped at ``max_side``) is smaller than the
-        trunk's minimum input (:func:`min_input_size`): an image with an extreme aspect
+        trunk's minimum input (:attr:`ConvTrunk.min_input_size`): an image with an extreme aspect
         ratio. An image smaller than a conv5 cell is no problem: it is upscaled."""
         for s in scales:
             h, w = features.resized_size((image_size[0], image_size[1]), s, self.config.max_side)
@@ -290,20 +290,6 @@ class Detector:
         return out
 
 
-def min_input_size(trunk: ConvTrunk) -> int:
-    """The smallest input side from which ``trunk`` gives a non-empty conv5 map (23
-    pixels for ZF-5): a resized image must be at least this on both sides."""
-    from spp_jax.models import feature_map_size
-
-    for n in range(1, 4097):
-        try:
-            feature_map_size(trunk.arch, n, n, depth=trunk.depth)
-        except ValueError:
-            continue
-        return n
-    raise ValueError(f"no input up to 4096 pixels gives {trunk.arch!r} a conv5 map")
-
-
 @jax.jit
 def _svm_scores(svms: svm.SVMs, fc7: jax.Array) -> jax.Array:
     return svms.scores(fc7)
@@ -412,18 +398,13 @@ def stage_backbone(config, workdir: str) -> str:
 
 
 def load_backbone(path: str) -> tuple[ConvTrunk, Any, dict, Any]:
-    """``(trunk, trunk_params, fc_params {"fc6", "fc7"}, classification config)``."""
-    from spp_jax import train
-    from spp_jax.extract import checkpoint_num_classes
-
-    cls = train.load_config(path)
-    model = train.create_model(cls, checkpoint_num_classes(cls, path))
-    state = train.load_state(cls, path, model, checkpoint_num_classes(cls, path))
-    params = jax.device_get(state.params)
-    trunk = model.conv_trunk
+    """``(trunk, trunk_params, fc_params {"fc6", "fc7"}, classification config)`` of
+    the backbone workdir ``path`` (:func:`spp_jax.workdirs.load_trained`)."""
+    backbone = workdirs.load_trained(path)
+    params = jax.device_get(backbone.params)
     trunk_params = {k: v for k, v in params.items() if k.startswith("conv")}
     fc = {k: params[k] for k in ("fc6", "fc7")}
-    return trunk, trunk_params, fc, cls
+    return backbone.model.conv_trunk, trunk_params, fc, backbone.config
 
 
 def stage_proposals(config, workdir: str, splits: dict[str, Split]) -> dict[str, list[np.ndarray]]:
