@@ -392,7 +392,7 @@ def local_response_norm(
         pads,
     )
     d = k + (alpha / size) * sq
-    if beta == 0.75:  # every shipped net: d ** -0.75 as rsqrt, 3x faster than pow on CPU
+    if beta == 0.75:  # every shipped net: d ** -0.75 as rsqrt, faster than pow on CPU
         r = lax.rsqrt(d)
         scale = r * jnp.sqrt(r)
     else:
@@ -409,9 +409,9 @@ _RELU_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
     """NHWC max pool; ceil mode counts only the cells inside the map (-inf padding).
 
-    :func:`spp_jax.pooling.max_pool2d`: the window-max kernel on CPU (its
-    forward+backward measured 8x faster than XLA's ``reduce_window`` there, the
-    same values and gradients), ``lax.reduce_window`` elsewhere.
+    :func:`spp_jax.pooling.max_pool2d`: the window-max kernel on CPU where it measured
+    faster than XLA's ``reduce_window`` (the same values and gradients),
+    ``lax.reduce_window`` elsewhere.
     """
     return max_pool2d(x, spec.window, spec.stride, ceil=spec.ceil)
 
