@@ -211,7 +211,9 @@ def test_valid_sizes_pool_as_the_unpadded_maps(projection, mode):
         np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want), rtol=1e-6, atol=1e-6)
         if mode == "max":
             g = jax.grad(lambda f, rows=rows: jnp.sum(pool_alone(f) * cot[rows]))(alone)
-            np.testing.assert_array_equal(np.asarray(grad)[b, :h, :w], np.asarray(g)[0])
+            np.testing.assert_allclose(  # sums of cotangents: float rounding only
+                np.asarray(grad)[b, :h, :w], np.asarray(g)[0], rtol=1e-5, atol=1e-5
+            )
             assert not np.asarray(grad)[b, h:].any() and not np.asarray(grad)[b, :, w:].any()
 
 
