@@ -74,7 +74,7 @@ import numpy as np
 from jax import lax
 
 from spp_jax.models import MLPHead, SPPNet, feature_map_size
-from spp_jax.roi import project_boxes, roi_pyramid_pool
+from spp_jax.roi import roi_pyramid_pool
 
 log = logging.getLogger("spp_jax.multiview")
 
@@ -272,15 +272,12 @@ def _mirror_boxes(boxes: jax.Array, widths: jax.Array) -> jax.Array:
     return jnp.stack([wd - x2, y1, wd - x1, y2], axis=-1)
 
 
-def _view_cells(
-    boxes: jax.Array, map_sizes: jax.Array, m: tuple[int, int], stride: int, mapping: str
+def _aligned_cells(
+    boxes: jax.Array, map_sizes: jax.Array, m: tuple[int, int], stride: int
 ) -> jax.Array:
-    """Inclusive conv5 cells ``(x1', y1', x2', y2')`` of ``(R, 4)`` pixel boxes on maps
-    whose valid sizes are ``(R, 2)``."""
+    """Inclusive conv5 cells ``(x1', y1', x2', y2')`` of ``(R, 4)`` pixel views by the
+    ``"aligned"`` mapping (module docstring) on maps whose valid sizes are ``(R, 2)``."""
     h5, w5 = map_sizes[:, 0], map_sizes[:, 1]
-    if mapping == "paper":
-        valid_hw: Any = (h5, w5)  # traced, per box: project_boxes clamps with them
-        return project_boxes(boxes.astype(jnp.float32), 1 / stride, "sppnet", valid_hw)
     mh, mw = m
     left = (2 * boxes[:, 0] + stride) // (2 * stride)  # nearest cell, halves up
     top = (2 * boxes[:, 1] + stride) // (2 * stride)
@@ -354,19 +351,19 @@ def feature_map_view_probs(
     )
     n_maps = x.shape[0]
     stride = model.conv_trunk.total_stride
-    m = feature_map_size(model.arch, view_size, view_size)
-    cells = _view_cells(
-        all_boxes.reshape(-1, 4), jnp.repeat(map_sizes, p, axis=0), m, stride, mapping
-    )
-    # Pixel boxes that the sppnet projection maps exactly onto those cells.
-    snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * stride
+    windows = all_boxes.reshape(-1, 4)
+    if mapping == "aligned":
+        m = feature_map_size(model.arch, view_size, view_size)
+        windows = _aligned_cells(windows, jnp.repeat(map_sizes, p, axis=0), m, stride)
     pooled = roi_pyramid_pool(
         fmap,
-        snapped,
+        windows,
         jnp.repeat(jnp.arange(n_maps, dtype=jnp.int32), p),
         levels=model.levels,
         spatial_scale=1 / stride,
         projection="sppnet",
+        valid_sizes=map_sizes,
+        projected=mapping == "aligned",
     )
     head = MLPHead(model.num_classes, model.fc_dim, model.dropout_rate, model.dtype)
     logits = head.apply({"params": fc}, pooled)

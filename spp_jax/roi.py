@@ -2,8 +2,12 @@
 
 SPP-net computes the conv feature map of an image once and pools a fixed-length
 pyramid vector for each of ~2,000 candidate windows (paper section 4). Each
-window is projected onto the map (``projection``), split into the bins of every
-pyramid level, and every bin is max- (or average-) pooled.
+window is projected onto the map (``projection``; onto each map's valid region
+when ``valid_sizes`` says the maps are padded, or not at all when the caller
+gives cells: ``projected``), split into the bins of every pyramid level, and
+every bin is max- (or average-) pooled. :func:`select_scales` picks each
+window's scale and :func:`multiscale_roi_pyramid_pool` pools every window from
+its scale's map.
 
 Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
 built and it measures faster (``spp_jax/_cpu/native.py``): per box it pools the finest level of each
@@ -37,13 +41,24 @@ from jax import lax
 from spp_jax import _windows
 from spp_jax._cpu import native as _native
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import DATA_FORMATS, MODES, _flat_bins, _flatten_levels, _kernel_pyramid
+from spp_jax.pooling import (
+    DATA_FORMATS,
+    MODES,
+    _check_sizes,
+    _flat_bins,
+    _flatten_levels,
+    _kernel_pyramid,
+)
 
 PROJECTIONS = ("sppnet", "roi_pool")
 SCALES = (480, 576, 688, 864, 1200)
+SCALE_RULES = ("paper", "code")
+
+Size = int | jax.Array  # a map's valid height or width: static, or one per window
 
 __all__ = [
     "PROJECTIONS",
+    "SCALE_RULES",
     "multiscale_roi_pyramid_pool",
     "project_boxes",
     "roi_pyramid_pool",
@@ -112,20 +127,39 @@ def project_boxes(
     """
     check_projection(projection)
     boxes = _check_boxes(boxes)
+    _check_spatial_scale(spatial_scale)
+    if projection == "sppnet" and feature_size is None:
+        raise ValueError('projection="sppnet" needs feature_size=(H, W) to clamp the windows')
+    h, w = feature_size if feature_size is not None else (0, 0)
+    return _project(boxes, spatial_scale, projection, h, w)
+
+
+def _check_spatial_scale(spatial_scale: float) -> None:
     if not spatial_scale > 0:
         raise ValueError(
             f"spatial_scale must be a positive number (feature cells per image pixel, e.g. "
             f"1/16), got {spatial_scale!r}"
         )
+
+
+def _project(
+    boxes: jax.Array, spatial_scale: float, projection: str, h: Size, w: Size
+) -> jax.Array:
+    """:func:`project_boxes` on checked arguments; ``h``, ``w``: the map's valid size,
+    ints or ``(R,)`` arrays (each window's own map region)."""
     if projection == "roi_pool":
         return _to_int(_round_half_away(boxes * jnp.float32(spatial_scale)))
-    if feature_size is None:
-        raise ValueError('projection="sppnet" needs feature_size=(H, W) to clamp the windows')
-    h, w = feature_size
     s = _stride(spatial_scale)
     x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
     left, top = _floor_div(x1, s) + 1, _floor_div(y1, s) + 1
     right, bottom = -_floor_div(-x2, s) - 1, -_floor_div(-y2, s) - 1
+    return _clamp_cells(jnp.stack([left, top, right, bottom], axis=1), h, w)
+
+
+def _clamp_cells(cells: jax.Array, h: Size, w: Size) -> jax.Array:
+    """The paper's windows kept inside an ``h x w`` map: every side clamped into it, an
+    empty window collapsed to its midpoint (``h``, ``w``: ints or ``(R,)`` arrays)."""
+    left, top, right, bottom = (cells[:, i] for i in range(4))
     left, right = jnp.clip(left, 0, w - 1), jnp.clip(right, 0, w - 1)
     top, bottom = jnp.clip(top, 0, h - 1), jnp.clip(bottom, 0, h - 1)
     mid_x = (left + right) // 2  # floor: both are >= 0
@@ -135,9 +169,11 @@ def project_boxes(
     return jnp.stack([left, top, right, bottom], axis=1)
 
 
-def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
+def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
     """Per box: row bins ``(hs, he)`` of shape ``(R, n_h)`` and column bins
-    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells."""
+    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells. ``valid_hw``: the
+    map's valid size, ints or ``(R,)`` arrays; ``cap``: the longest roi_pool window
+    whose bins come from host tables."""
     x1, y1, x2, y2 = (proj[:, i] for i in range(4))
     if projection == "sppnet":
         # Adaptive bins of the inclusive window [left, right]: never empty.
@@ -156,8 +192,9 @@ def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: 
         # formula beyond it (windows over 4x the map: there the two can differ
         # only where p * L / n lies within an ulp of an integer).
         def roi_axis(lo, hi, n, size):
+            size = size[:, None] if isinstance(size, jax.Array) else size
             length = jnp.maximum(hi - lo + 1, 1)
-            starts, ends, cap = _roi_pool_tables(n, 4 * max(h, w))
+            starts, ends = _roi_pool_tables(n, cap)
             i = jnp.arange(n, dtype=jnp.int32)[None, :]
             big = length[:, None] > cap
             idx = jnp.minimum(length, cap)
@@ -165,15 +202,15 @@ def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: 
             end = jnp.where(big, -((-(i + 1) * length[:, None]) // n), jnp.asarray(ends)[idx])
             return jnp.clip(start + lo[:, None], 0, size), jnp.clip(end + lo[:, None], 0, size)
 
-        hs, he = roi_axis(y1, y2, n_h, h)
-        ws, we = roi_axis(x1, x2, n_w, w)
+        hs, he = roi_axis(y1, y2, n_h, valid_hw[0])
+        ws, we = roi_axis(x1, x2, n_w, valid_hw[1])
     return (hs, he), (ws, we)
 
 
-def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, h: int, w: int):
+def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
     """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
     ``empty`` mask (roi_pool bins clipped away by the map)."""
-    (hs, he), (ws, we) = _axis_bins(proj, n_h, n_w, projection, h, w)
+    (hs, he), (ws, we) = _axis_bins(proj, n_h, n_w, projection, valid_hw, cap)
     hs, he = hs[:, :, None], he[:, :, None]
     ws, we = ws[:, None, :], we[:, None, :]
     shape = (proj.shape[0], n_h, n_w)
@@ -192,7 +229,7 @@ def _roi_pool_tables(n: int, cap: int):
     p = np.arange(n, dtype=np.float32)[None, :]
     starts = np.floor(p * size).astype(np.int32)
     ends = np.ceil((p + 1) * size).astype(np.int32)
-    return starts, ends, cap
+    return starts, ends
 
 
 # --------------------------------------------------------------------------------------
@@ -272,12 +309,15 @@ def roi_pyramid_pool(
     data_format: str = "NHWC",
     valid: jax.Array | None = None,
     channel_major: bool = False,
+    valid_sizes: jax.Array | Sequence[Sequence[int]] | None = None,
+    projected: bool = False,
 ) -> jax.Array:
     """Pools a fixed-length pyramid vector for every window of a feature map.
 
     Args:
       features: ``(B, H, W, C)`` (``data_format="NHWC"``) or ``(B, C, H, W)``.
-      boxes: ``(R, 4)`` float ``(x1, y1, x2, y2)`` in image pixels.
+      boxes: ``(R, 4)`` float ``(x1, y1, x2, y2)`` in image pixels (or, with
+        ``projected``, inclusive feature cells).
       box_indices: ``(R,)`` int, the batch element of each box (default all 0).
       levels: ints ``n`` or pairs ``(n_h, n_w)``.
       spatial_scale: feature cells per image pixel (``1 / total stride``).
@@ -288,15 +328,25 @@ def roi_pyramid_pool(
       data_format: ``"NHWC"`` or ``"NCHW"``.
       valid: optional ``(R,)`` bool; False rows are padding: zeros, no gradient.
       channel_major: flatten order per level, as in ``spatial_pyramid_pool``.
+      valid_sizes: optional int ``(B, 2)``: the ``(h, w)`` of each map's valid
+        region, the rest being zero padding (e.g. the sizes
+        :class:`~spp_jax.models.ConvTrunk` returns for a padded batch). Each
+        window is projected onto its map's valid region, as if the map were
+        unpadded; default the whole ``H x W``.
+      projected: ``boxes`` are already inclusive feature cells ``(x1', y1', x2',
+        y2')`` (ints, e.g. from :func:`project_boxes` or a caller's own rule), not
+        pixels: ``spatial_scale`` is not used, and ``"sppnet"`` windows are only
+        kept inside the valid region (clamped, an empty window collapsed to its
+        midpoint).
 
     Returns:
       ``(R, C * sum(n_h * n_w))`` in the dtype of ``features``.
 
     R is static: pad the boxes to a bucket of R and pass ``valid``; box values
-    never recompile. Derivatives flow to ``features`` (boxes are not
-    differentiated), under every JAX transformation. Max routes each bin's
-    gradient to its first maximum in row-major order and reads tangents there.
-    A NaN box coordinate counts as 0.
+    and valid sizes never recompile. Derivatives flow to ``features`` (boxes
+    are not differentiated), under every JAX transformation. Max routes each
+    bin's gradient to its first maximum in row-major order and reads tangents
+    there. A NaN box coordinate counts as 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -328,14 +378,25 @@ def roi_pyramid_pool(
         if valid.shape != (r,):
             raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
         valid = valid.astype(bool)
-    proj = project_boxes(boxes, spatial_scale, projection, (h, w))
+    _check_spatial_scale(spatial_scale)
+    valid_hw: tuple[Size, Size] = (h, w)
+    if valid_sizes is not None:
+        sizes = _check_sizes(valid_sizes, b, h, w)[box_b]
+        valid_hw = (sizes[:, 0], sizes[:, 1])
+    if not projected:
+        proj = _project(boxes, spatial_scale, projection, *valid_hw)
+    elif projection == "sppnet":
+        proj = _clamp_cells(_to_int(boxes), *valid_hw)
+    else:
+        proj = _to_int(boxes)
+    cap = 4 * max(h, w)  # roi_pool windows up to 4x the map read host tables
     if r == 0 or c == 0:  # nothing to pool
         return jnp.zeros((r, c * sum(nh * nw for nh, nw in lv)), x.dtype)
 
     def pure_jax(x):
         outs = []
         for nh, nw in lv:
-            bins, empty = _level_bins(proj, nh, nw, projection, h, w)
+            bins, empty = _level_bins(proj, nh, nw, projection, valid_hw, cap)
             o = _windows.pool_max(x, box_b, bins) if mode == "max" else _roi_avg(x, bins, box_b)
             keep = ~empty
             if valid is not None:
@@ -347,7 +408,7 @@ def roi_pyramid_pool(
         return pure_jax(x)
 
     def cpu_kernel(x):
-        bins = [_axis_bins(proj, nh, nw, projection, h, w) for nh, nw in lv]
+        bins = [_axis_bins(proj, nh, nw, projection, valid_hw, cap) for nh, nw in lv]
         rows = _native.bounds([hs for (hs, _), _ in bins], [he for (_, he), _ in bins])
         cols = _native.bounds([ws for _, (ws, _) in bins], [we for _, (_, we) in bins])
         # sppnet windows have adaptive bins (never empty): a coarse level whose
@@ -367,61 +428,104 @@ def roi_pyramid_pool(
 
 
 def select_scales(
-    boxes: jax.Array,
+    boxes: Any,
     image_size: tuple[int, int],
     scales: Sequence[int] = SCALES,
     target: int = 224,
-) -> jax.Array:
-    """Index of the scale at which each box's area is closest to ``target**2``.
+    *,
+    rule: str = "paper",
+) -> Any:
+    """Index of the scale at which to pool each box.
 
-    Scale ``s`` resizes the image so its shorter side is ``s`` (paper section 7):
-    a box of area ``A`` in original pixels has area ``A * (s / min(image_size))**2``.
+    Scale ``s`` resizes the image so its shorter side is ``s`` (paper section 4.2):
+    a box of area ``A`` in original pixels has area ``A * (s / min(image_size))**2``
+    there. A side of no length counts as ``1e-6`` pixels.
 
-    >>> import jax.numpy as jnp
-    >>> select_scales(jnp.array([[0.0, 0.0, 100.0, 100.0]]), (480, 640)).tolist()
+    Args:
+      boxes: ``(R, 4)`` ``(x1, y1, x2, y2)`` in original-image pixels. A JAX array
+        is computed in float32 with ``jax.numpy`` (jit-able); anything else (NumPy,
+        lists) in float64 with NumPy on the host.
+      image_size: ``(height, width)`` of the original image.
+      scales: the shorter side of each scale.
+      target: the window side the network was trained on (224 in the paper).
+      rule: ``"paper"``: the scale where the box's area is closest to
+        ``target**2``; ``"code"``: the official SPP-net code's rule, the scale
+        nearest to ``round(target * 13/14 * min(image_size) / sqrt(area))`` (208 for
+        224), ties to the earlier scale.
+
+    Returns:
+      int32 ``(R,)``, a JAX array for JAX input, a NumPy array otherwise.
+
+    >>> select_scales([[0.0, 0.0, 100.0, 100.0]], (480, 640)).tolist()
     [4]
     """
-    boxes = _check_boxes(boxes)
+    if rule not in SCALE_RULES:
+        raise ValueError(f"unknown window scale rule {rule!r}; accepted: {SCALE_RULES}")
     if len(scales) == 0:
         raise ValueError("scales must name at least one scale")
     if len(image_size) != 2 or min(image_size) <= 0:
         raise ValueError(f"image_size must be a positive (height, width), got {image_size!r}")
+    xp: Any = jnp if isinstance(boxes, jax.Array) else np
+    dtype = jnp.float32 if xp is jnp else np.float64
+    boxes = xp.asarray(boxes, dtype).reshape(-1, 4)
     short = float(min(image_size))
-    area = jnp.maximum(boxes[:, 2] - boxes[:, 0], 0) * jnp.maximum(boxes[:, 3] - boxes[:, 1], 0)
-    factors = jnp.asarray([(s / short) ** 2 for s in scales], jnp.float32)
-    diff = jnp.abs(area[:, None] * factors[None, :] - float(target) ** 2)
-    return jnp.argmin(diff, axis=1).astype(jnp.int32)
+    width = xp.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+    area = width * xp.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    if rule == "paper":
+        factors = xp.asarray([(s / short) ** 2 for s in scales], dtype)
+        diff = xp.abs(area[:, None] * factors[None, :] - float(target) ** 2)
+    else:
+        expected = xp.round(target * 13 / 14 * short / xp.sqrt(area))
+        diff = xp.abs(expected[:, None] - xp.asarray(scales, dtype)[None, :])
+    return xp.argmin(diff, axis=1).astype(xp.int32)  # the first of equals: the earlier scale
 
 
 def multiscale_roi_pyramid_pool(
     features_per_scale: Sequence[jax.Array],
     boxes: jax.Array,
     scale_index: jax.Array,
-    image_size: tuple[int, int],
+    image_size: tuple[int, int] | None = None,
     scales: Sequence[int] = SCALES,
     box_indices: jax.Array | None = None,
+    *,
+    factors: Sequence[jax.Array] | None = None,
+    valid_sizes: Sequence[jax.Array] | None = None,
     **kwargs: Any,
 ) -> jax.Array:
     """Pools each box from the feature map of its own scale.
 
+    Every box is pooled at every scale with the boxes of other scales masked out
+    (``valid``), so the shapes are static and the op composes with ``jit``,
+    ``vmap`` and ``grad``; host code that knows the scales can instead pool each
+    scale's boxes alone with :func:`roi_pyramid_pool`.
+
     Args:
       features_per_scale: one feature map per scale (shapes may differ).
-      boxes: ``(R, 4)`` in original-image pixels; multiplied by
-        ``scales[k] / min(image_size)`` before projection onto map ``k``.
+      boxes: ``(R, 4)`` in original-image pixels; multiplied by scale ``k``'s
+        factor before projection onto map ``k``.
       scale_index: ``(R,)`` int, e.g. from :func:`select_scales`.
-      image_size: ``(height, width)`` of the original image.
+      image_size: ``(height, width)`` of the original image: scale ``k``'s factor
+        is ``scales[k] / min(image_size)``. Give it or ``factors``.
       scales: the shorter side of each scale.
       box_indices: ``(R,)`` batch element of each box.
+      factors: per scale, float ``(B, 2)``: ``(fy, fx)``, resized pixels per
+        original pixel of each batch element's image (for resized sizes that are
+        rounded or capped, or images of different sizes).
+      valid_sizes: per scale, the ``valid_sizes`` of :func:`roi_pyramid_pool`
+        (each map's valid region), or None.
       **kwargs: as :func:`roi_pyramid_pool` (``valid`` included).
 
     Returns:
       ``(R, C * sum(n_h * n_w))``.
     """
-    if len(features_per_scale) != len(scales):
-        raise ValueError(
-            f"got {len(features_per_scale)} feature maps for {len(scales)} scales; "
-            "give one map per scale"
-        )
+    n = len(features_per_scale)
+    if (factors is None) == (image_size is None):
+        raise ValueError("give image_size (with scales) or factors (one per scale), not both")
+    if factors is None and len(scales) != n:
+        raise ValueError(f"got {n} feature maps for {len(scales)} scales; give one map per scale")
+    for name, per_scale in (("factors", factors), ("valid_sizes", valid_sizes)):
+        if per_scale is not None and len(per_scale) != n:
+            raise ValueError(f"got {n} feature maps and {len(per_scale)} {name}; give one per map")
     boxes = _check_boxes(boxes)
     scale_index = jnp.asarray(scale_index)
     if scale_index.shape != (boxes.shape[0],):
@@ -429,15 +533,27 @@ def multiscale_roi_pyramid_pool(
             f"scale_index must have shape (R,) = ({boxes.shape[0]},), got {scale_index.shape}"
         )
     valid = kwargs.pop("valid", None)
-    short = float(min(image_size))
+    bidx = None if box_indices is None else jnp.asarray(box_indices)
     pooled = []
-    for k, (feat, s) in enumerate(zip(features_per_scale, scales, strict=True)):
+    for k, feat in enumerate(features_per_scale):
+        if factors is None:
+            assert image_size is not None
+            at_scale = boxes * jnp.float32(scales[k] / min(image_size))
+        else:
+            f = jnp.asarray(factors[k], jnp.float32)
+            f = f[jnp.zeros(len(boxes), jnp.int32) if bidx is None else bidx]
+            at_scale = boxes * f[:, jnp.asarray([1, 0, 1, 0])]  # (fx, fy, fx, fy)
         here = scale_index == k
         if valid is not None:
             here = here & jnp.asarray(valid, bool)
         pooled.append(
             roi_pyramid_pool(
-                feat, boxes * jnp.float32(s / short), box_indices, valid=here, **kwargs
+                feat,
+                at_scale,
+                box_indices,
+                valid=here,
+                valid_sizes=None if valid_sizes is None else valid_sizes[k],
+                **kwargs,
             )
         )
     return functools.reduce(jnp.add, pooled)  # each box is non-zero at one scale only

@@ -149,6 +149,17 @@ def test_select_scales_hand_cases():
     assert spp_jax.select_scales([[0, 0, 300, 300]], image, scales=(360, 480)).tolist() == [0]
     with pytest.raises(ValueError, match=r"image_size.*\(0, 640\)"):
         spp_jax.select_scales(boxes, (0, 640))
+    # NumPy boxes are computed in float64 on the host, JAX boxes in float32 under jit;
+    # both rules give the same indices on these boxes.
+    for rule in ("paper", "code"):
+        host = spp_jax.select_scales(boxes, image, rule=rule)
+        traced = jax.jit(lambda b, rule=rule: spp_jax.select_scales(b, image, rule=rule))(
+            jnp.asarray(boxes, jnp.float32)
+        )
+        assert isinstance(host, np.ndarray) and isinstance(traced, jax.Array)
+        assert host.tolist() == np.asarray(traced).tolist()
+    with pytest.raises(ValueError, match=r"'nope'.*paper"):
+        spp_jax.select_scales(boxes, image, rule="nope")
 
 
 @pytest.mark.usefixtures("impl")
@@ -164,6 +175,66 @@ def test_multiscale_pools_each_box_at_its_scale():
             feats[k], boxes[r : r + 1] * (scales[k] / 96), levels=(2, 1)
         )
         np.testing.assert_array_equal(np.asarray(y[r]), np.asarray(want[0]))
+    # The same scales as per-image factors (fy, fx).
+    factors = [np.full((1, 2), s / 96, np.float32) for s in scales]
+    y2 = spp_jax.multiscale_roi_pyramid_pool(feats, boxes, idx, factors=factors, levels=(2, 1))
+    np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
+    with pytest.raises(ValueError, match=r"image_size.*or factors"):
+        spp_jax.multiscale_roi_pyramid_pool(feats, boxes, idx, image, factors=factors)
+
+
+@pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.usefixtures("impl")
+def test_valid_sizes_pool_as_the_unpadded_maps(projection, mode):
+    # Element 1 is a 6 x 8 map zero-padded to 9 x 11: with valid_sizes its windows are
+    # projected onto (and clipped by) the 6 x 8 region, as if the map were unpadded.
+    x = _features(20)
+    x[1, 6:], x[1, :, 8:] = 0.0, 0.0
+    sizes = np.array([[9, 11], [6, 8]], np.int32)
+    kw = {"levels": LEVELS, "projection": projection, "mode": mode}
+
+    def pool(f):
+        return spp_jax.roi_pyramid_pool(f, BOXES, BOX_B, valid_sizes=sizes, **kw)
+
+    got = jax.jit(pool)(x)
+    cot = np.random.default_rng(21).standard_normal(got.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda f: jnp.sum(pool(f) * cot)))(x)
+    for b, (h, w) in enumerate(sizes):
+        rows = np.equal(BOX_B, b)
+        alone = x[b : b + 1, :h, :w]
+
+        def pool_alone(f, rows=rows):
+            return spp_jax.roi_pyramid_pool(f, BOXES[rows], **kw)
+
+        want = pool_alone(alone)
+        np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want), rtol=1e-6, atol=1e-6)
+        if mode == "max":
+            g = jax.grad(lambda f, rows=rows: jnp.sum(pool_alone(f) * cot[rows]))(alone)
+            np.testing.assert_allclose(  # sums of cotangents: float rounding only
+                np.asarray(grad)[b, :h, :w], np.asarray(g)[0], rtol=1e-5, atol=1e-5
+            )
+            assert not np.asarray(grad)[b, h:].any() and not np.asarray(grad)[b, :, w:].any()
+
+
+@pytest.mark.parametrize("projection", ["sppnet", "roi_pool"])
+@pytest.mark.usefixtures("impl")
+def test_projected_cells_pool_as_their_pixel_boxes(projection):
+    x = _features(22)
+    size = None if projection == "roi_pool" else (9, 11)
+    cells = spp_jax.project_boxes(BOXES, 1 / 16, projection, size)
+    kw = {"levels": LEVELS, "projection": projection}
+    want = spp_jax.roi_pyramid_pool(x, BOXES, BOX_B, **kw)
+    got = jax.jit(lambda c: spp_jax.roi_pyramid_pool(x, c, BOX_B, projected=True, **kw))(cells)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if projection == "sppnet":
+        # Cells outside the map are clamped into it, an empty window collapsed.
+        wild = np.array([[-3, 2, 40, 1], [20, 20, 30, 30]], np.int32)
+        kept = np.array([[0, 1, 10, 1], [10, 8, 10, 8]], np.int32)
+        np.testing.assert_array_equal(
+            np.asarray(spp_jax.roi_pyramid_pool(x, wild, projected=True, **kw)),
+            np.asarray(spp_jax.roi_pyramid_pool(x, kept, projected=True, **kw)),
+        )
 
 
 @pytest.mark.usefixtures("impl")
@@ -206,6 +277,8 @@ def test_nchw_and_channel_major_match_nhwc():
         ({"valid": np.ones(2, bool)}, ValueError, r"\(3,\)"),
         ({"spatial_scale": 0.0}, ValueError, "spatial_scale.*0.0"),
         ({"levels": ()}, ValueError, "empty"),
+        ({"valid_sizes": np.array([[5, 5]])}, ValueError, r"valid_sizes.*\(2, 2\).*\(1, 2\)"),
+        ({"valid_sizes": np.ones((2, 2), np.float32)}, TypeError, "valid_sizes.*float32"),
     ],
 )
 def test_errors(kwargs, error, match):

@@ -8,7 +8,8 @@ scale) and pools each window's fixed-length pyramid vector from that map with
   at ``max_side`` pixels on the longer side, so that a huge image cannot exhaust
   memory (the cap shrinks the scale, and says so in the returned factor).
 * :func:`assign_scales`: each window's scale, by the paper's rule (the scale where
-  the window's area is closest to ``target**2``) or the official code's.
+  the window's area is closest to ``target**2``) or the official code's
+  (:func:`spp_jax.select_scales` under its detection name).
 * :class:`Conv5Extractor`: resizes an image (:func:`resize`: OpenCV, bilinear or
   area, and the classifier's normalisation) and runs the
   :class:`~spp_jax.models.ConvTrunk`, jitted once per padded size bucket
@@ -29,15 +30,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from spp_jax._padding import pad_rows, round_up
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.models import ConvTrunk
-from spp_jax.roi import project_boxes, roi_pyramid_pool
+from spp_jax.roi import roi_pyramid_pool, select_scales
 
-WINDOW_RULES = ("paper", "code")
+#: Each window's scale index: :func:`spp_jax.select_scales` under its detection name.
+assign_scales = select_scales
 
 
 def resized_size(
@@ -58,43 +59,6 @@ def resized_size(
     if max_side is not None and max(h, w) * f > max_side:
         f = max_side / max(h, w)
     return max(1, round(h * f)), max(1, round(w * f))
-
-
-def assign_scales(
-    boxes: np.ndarray,
-    image_size: tuple[int, int],
-    scales: Sequence[int],
-    *,
-    target: int = 224,
-    rule: str = "paper",
-) -> np.ndarray:
-    """The scale index of each window.
-
-    Args:
-      boxes: ``(R, 4)`` ``(x1, y1, x2, y2)`` in original-image pixels.
-      image_size: ``(H, W)`` of the original image.
-      scales: the shorter side of each scale.
-      target: the window side the network was trained on (224 in the paper).
-      rule: ``"paper"``: the scale where the window's area is closest to
-        ``target**2`` (section 4, default); ``"code"``: the official code's
-        ``round(target * 13/14 * min(H, W) / sqrt(area))`` (208 for 224), nearest
-        scale, ties to the smaller.
-
-    Returns:
-      int32 ``(R,)``.
-    """
-    if rule not in WINDOW_RULES:
-        raise ValueError(f"unknown window scale rule {rule!r}; accepted: {WINDOW_RULES}")
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    short = float(min(image_size))
-    area = np.maximum(boxes[:, 2] - boxes[:, 0], 1e-6) * np.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
-    s = np.asarray(scales, np.float64)
-    if rule == "paper":
-        diff = np.abs(area[:, None] * (s[None, :] / short) ** 2 - float(target) ** 2)
-    else:
-        expected = np.round(target * 13 / 14 * short / np.sqrt(area))
-        diff = np.abs(expected[:, None] - s[None, :])
-    return np.argmin(diff, axis=1).astype(np.int32)  # argmin takes the first: the smaller
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -217,20 +181,16 @@ class WindowPooler:
 
         @jax.jit
         def pool(fmap, boxes, valid, hw):
-            # The map is zero-padded to a bucket: project the windows onto the valid
-            # region (hw, traced: no recompile per size), then hand the pooling op
-            # pixel boxes that project exactly onto those cells.
-            s = float(stride)
-            valid_hw: Any = (hw[0], hw[1])  # traced: project_boxes clamps with them
-            cells = project_boxes(boxes, 1 / s, "sppnet", feature_size=valid_hw)
-            snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
+            # The map is zero-padded to a bucket; the windows are projected onto its
+            # valid region (hw, traced: no recompile per size).
             return roi_pyramid_pool(
                 fmap[None],
-                snapped,
+                boxes,
                 levels=self.levels,
-                spatial_scale=1 / s,
+                spatial_scale=1 / float(stride),
                 projection="sppnet",
                 valid=valid,
+                valid_sizes=hw[None],
             )
 
         self._pool = pool
@@ -259,7 +219,12 @@ class WindowPooler:
     def pool_multiscale(
         self, maps: Sequence[ScaledMap], boxes: np.ndarray, scale_index: np.ndarray
     ) -> np.ndarray:
-        """Pools each window from the map of its own scale (``scale_index``)."""
+        """Pools each window from the map of its own scale (``scale_index``).
+
+        The windows are grouped by scale on the host, so each is pooled once (the
+        traced :func:`spp_jax.multiscale_roi_pyramid_pool` pools every window at
+        every scale and masks, which costs a factor of the number of scales here).
+        """
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         scale_index = np.asarray(scale_index).reshape(-1)
         c = maps[0].fmap.shape[-1]

@@ -12,8 +12,8 @@ gigabytes).
 
 * :func:`stack_maps`, :class:`MapStack`: the padded maps of a split at one scale.
 * :func:`pool_stacks`: pools windows of many images, each at its own scale,
-  from the stacks (``roi_pyramid_pool``, ``projection="sppnet"``, onto each map's
-  valid region).
+  from the stacks (:func:`spp_jax.multiscale_roi_pyramid_pool`,
+  ``projection="sppnet"``, onto each map's valid region).
 * :class:`WindowSampler`: the foreground and background windows of a split, and
   seeded batches of them (random scale per window and mirroring as options).
 * :func:`make_step`: the jitted training step (softmax cross-entropy, the
@@ -35,9 +35,9 @@ import optax
 
 from spp_jax.detection.boxes import box_iou
 from spp_jax.detection.features import ScaledMap, with_context
-from spp_jax.geometry import LevelsLike, normalize_levels
+from spp_jax.geometry import LevelsLike
 from spp_jax.models import MLPHead
-from spp_jax.roi import project_boxes, roi_pyramid_pool
+from spp_jax.roi import multiscale_roi_pyramid_pool
 
 
 class MapStack(NamedTuple):
@@ -81,6 +81,10 @@ def pool_stacks(
 ) -> jax.Array:
     """Pools each window from its image's map at its scale.
 
+    :func:`spp_jax.multiscale_roi_pyramid_pool` on the stacks: each window is
+    scaled by its image's factors and projected with the paper's rule onto its
+    map's valid region, never onto the padding.
+
     Args:
       stacks: one :class:`MapStack` per scale (the same images in each).
       boxes: float32 ``(R, 4)`` in original-image pixels.
@@ -91,35 +95,20 @@ def pool_stacks(
       valid: optional bool ``(R,)``; False rows give zeros.
 
     Returns:
-      float32 ``(R, C * sum(n_h * n_w))``; every window is projected with the
-      paper's rule onto its map's valid region, never onto the padding.
+      float32 ``(R, C * sum(n_h * n_w))``.
     """
-    levels = normalize_levels(levels)
-    s = float(stride)
-    out = None
-    for k, st in enumerate(stacks):
-        fy, fx = st.factors[image_index, 0], st.factors[image_index, 1]
-        scaled = boxes * jnp.stack([fx, fy, fx, fy], axis=1)
-        size = st.sizes[image_index]
-        # Per-window valid map sizes (traced): project_boxes clamps elementwise.
-        valid_hw: Any = (size[:, 0], size[:, 1])
-        cells = project_boxes(scaled, 1 / s, "sppnet", feature_size=valid_hw)
-        snapped = (cells + jnp.asarray([[-1, -1, 1, 1]], jnp.int32)).astype(jnp.float32) * s
-        here = scale_index == k
-        if valid is not None:
-            here = here & valid
-        pooled = roi_pyramid_pool(
-            st.maps,
-            snapped,
-            image_index,
-            levels=levels,
-            spatial_scale=1 / s,
-            projection="sppnet",
-            valid=here,
-        )
-        out = pooled if out is None else out + pooled  # each window is non-zero at one scale
-    assert out is not None
-    return out
+    return multiscale_roi_pyramid_pool(
+        [st.maps for st in stacks],
+        boxes,
+        scale_index,
+        box_indices=image_index,
+        factors=[st.factors for st in stacks],
+        valid_sizes=[st.sizes for st in stacks],
+        levels=levels,
+        spatial_scale=1 / float(stride),
+        projection="sppnet",
+        valid=valid,
+    )
 
 
 @dataclasses.dataclass
