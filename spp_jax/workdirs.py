@@ -218,24 +218,28 @@ class Trained:
     step: int
 
 
-def read_config(workdir: str | os.PathLike) -> Any:
-    """The config a ``spp-jax train`` run saved in ``workdir/config.json``.
+def read_config(workdir: str | os.PathLike, kind: str = "classification") -> Any:
+    """The config a run saved in ``workdir/config.json``.
 
-    Keys the file lacks take their values from :mod:`spp_jax.configs.default`, the one
-    place defaults live. ``model.num_classes`` is ``None`` where the file does not hold
-    it; :func:`load_trained` then reads it from the checkpoint.
+    Keys the file lacks take their values from the kind's default config
+    (:mod:`spp_jax.configs.default` for ``spp-jax train``, :mod:`spp_jax.configs.detection`
+    for ``spp-jax detect-train``), the one place defaults live. ``model.num_classes`` is
+    ``None`` where a classification file does not hold it; :func:`load_trained` then reads
+    it from the checkpoint.
 
     Raises:
       FileNotFoundError: ``workdir`` has no ``config.json``.
     """
-    from spp_jax.configs import default
+    from spp_jax.configs import default, detection
 
+    defaults = {"classification": default, "detection": detection}[kind]
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {str(workdir)!r} a training workdir?")
+        command = "training" if kind == "classification" else "detect-train"
+        raise FileNotFoundError(f"{path} not found: is {str(workdir)!r} a {command} workdir?")
     with open(path) as f:
         saved = json.load(f)
-    config = default.get_config()
+    config = defaults.get_config()
     config.update(saved)
     return config
 

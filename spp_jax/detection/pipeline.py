@@ -820,18 +820,13 @@ def write_metrics(workdir: str, metrics: dict) -> None:
 
 
 def load_run_config(workdir: str) -> Any:
-    """The detection config a run saved (``WORKDIR/config.json``), defaults filled in."""
-    from spp_jax.configs import detection
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a detect-train workdir?")
-    with open(path) as f:
-        saved = json.load(f)
-    config = detection.get_config()
-    config.update(saved)
-    if "max_side" not in saved.get("proposals", {}):
-        config.proposals.max_side = None  # runs from before the key searched full-size images
+    """The detection config a run saved (``WORKDIR/config.json``), defaults filled in
+    (:func:`spp_jax.workdirs.read_config`). A file without ``proposals.max_side`` reads
+    as ``None``: such a run's proposals were searched on full-size images."""
+    config = workdirs.read_config(workdir, "detection")
+    with open(os.path.join(workdir, "config.json")) as f:
+        if "max_side" not in json.load(f).get("proposals", {}):
+            config.proposals.max_side = None
     return config
 
 
