@@ -193,7 +193,8 @@ def test_a_run_dir_of_other_settings_is_never_reused(swept):
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
-    rc, out = _main(["--grid", "paper", "--workdir", str(tmp_path / "w"), "--dry-run"])
+    argv = ["--grid", "paper", "--workdir", str(tmp_path / "w"), "--dry-run"]
+    rc, out = _main([*argv, "--results", str(tmp_path / "none.json")])
     assert rc == 0
     assert "25 run(s), 0 finished, 25 to run" in out
     assert "--config single --workdir" in out and "'model.levels=(4, 3, 2, 1)'" in out
