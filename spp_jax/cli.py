@@ -15,6 +15,8 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -337,7 +339,9 @@ def _views_arg(text: str) -> int:
     return views
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spp-jax`` argument parser: one subcommand per job, each with its handler as
+    ``func``."""
     from spp_jax import configs
 
     parser = argparse.ArgumentParser(prog="spp-jax", description=__doc__.split("\n\n")[0])
@@ -407,6 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         "output's 'skipped') instead of stopping at the first with an error naming it",
     )
 
+    handlers = {d: _demo_command, t: _train_command, e: _eval_command, x: _extract_command}
+    for sub_parser, handler in handlers.items():
+        sub_parser.set_defaults(func=handler)
+    _add_detection_commands(sub, configs.available("detection"))
+    return parser
+
+
+def _add_detection_commands(sub: Any, detection_configs: Sequence[str]) -> None:
+    """``detect-train``, ``detect-eval`` and ``detect``."""
     dt = sub.add_parser(
         "detect-train",
         help="train an SPP-net object detector (every stage, resumable) and evaluate it",
@@ -414,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     dt.add_argument(
         "--config",
         default="detection",
-        help=f"a shipped detection config ({', '.join(configs.available('detection'))}) or "
+        help=f"a shipped detection config ({', '.join(detection_configs)}) or "
         "the path of a .py file with get_config()",
     )
     dt.add_argument("--workdir", required=True)
@@ -471,15 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         "detections.json's 'skipped') instead of stopping at the first with an error naming it",
     )
     for sub_parser, handler in (
-        (d, _demo_command),
-        (t, _train_command),
-        (e, _eval_command),
-        (x, _extract_command),
         (dt, _detect_train_command),
         (de, _detect_eval_command),
         (dd, _detect_command),
     ):
         sub_parser.set_defaults(func=handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses ``argv`` and runs the subcommand; a user's mistake ends in one line,
+    ``spp-jax CMD: error: ...``, with exit status 1 (``SPP_JAX_TRACEBACK=1``: the
+    traceback)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging()
     if args.command is None:
