@@ -365,3 +365,24 @@ def test_bfloat16_features(mode):
     y32 = spp_jax.roi_pyramid_pool(x, BOXES, BOX_B, levels=(2, 1), mode=mode)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), np.asarray(y32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.usefixtures("impl")
+def test_valid_sizes_and_projected_compose_with_transformations():
+    # jvp, grad-of-grad (check_grads order 2, both modes) and vmap with the valid-region
+    # and projected-cells arguments, on generic inputs (distinct values: no ties).
+    from jax.test_util import check_grads
+
+    x = jnp.asarray(np.random.default_rng(23).standard_normal((2, 9, 11, 3)), jnp.float32)
+    sizes = np.array([[9, 11], [6, 8]], np.int32)
+    cells = spp_jax.project_boxes(BOXES, 1 / 16, "sppnet", (6, 8))
+
+    def pool(f):
+        a = spp_jax.roi_pyramid_pool(f, BOXES, BOX_B, levels=LEVELS, valid_sizes=sizes)
+        b = spp_jax.roi_pyramid_pool(f, cells, BOX_B, levels=LEVELS, projected=True)
+        return jnp.concatenate([a, b], axis=1)
+
+    check_grads(pool, (x,), order=2, modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+    batched = jax.vmap(pool)(jnp.stack([x, 2.0 * x]))
+    np.testing.assert_array_equal(np.asarray(batched[1]), np.asarray(pool(2.0 * x)))
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(pool(x)))
