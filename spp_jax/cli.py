@@ -570,7 +570,7 @@ def _detect_eval_command(args) -> int:
     from spp_jax.detection import pipeline
 
     workdirs.require(args.workdir, "detection")
-    res = pipeline.evaluate_workdir(
+    res = pipeline.evaluate_detector_workdir(
         args.workdir,
         scales=args.scales,
         split=args.split,
