@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import workdirs
-from spp_jax.detection.files import detect_files as detect_images
 from spp_jax.geometry import output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
 
@@ -206,58 +205,24 @@ def _indented(text: str) -> str:
     return "\n".join("  " + line for line in text.rstrip("\n").splitlines())
 
 
-def detect_train(config, workdir: str) -> dict:
-    """``spp-jax detect-train``: runs (or resumes) every stage of
-    :func:`spp_jax.detection.pipeline.detect_train`, then logs the AP table and the
-    main mAP. Returns the metrics."""
-    from spp_jax.detection import pipeline, report
+def _log_detection_result(result: dict, where: str, name: str, report_path: str) -> None:
+    """Logs a detection evaluation's per-class AP table (``result["table"]``) and its
+    mAP line: on ``where`` (a split), of variant ``name``, written to ``report_path``."""
+    from spp_jax.detection import report
 
-    metrics = pipeline.detect_train(config, workdir)
-    k = len(metrics["ap_voc07"])
+    k = len(result["ap_voc07"])
     log.info(
-        "average precision (%%) on the test split:\n%s",
-        _indented(report.ap_table(metrics["table"], k)),
-    )
-    log.info(
-        "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
-        metrics["map_voc07"],
-        metrics["map_area"],
-        metrics["main"],
-        os.path.join(workdir, "eval", "ap_table.md"),
-    )
-    return metrics
-
-
-def detect_eval(
-    workdir: str,
-    *,
-    scales: int = 1,
-    split: str = "test",
-    scorer: str | None = None,
-    regress: bool = True,
-) -> dict:
-    """``spp-jax detect-eval``: :func:`spp_jax.detection.pipeline.evaluate_workdir`,
-    then logs the per-class AP table and the mAP. Returns its result."""
-    from spp_jax.detection import pipeline, report
-
-    res = pipeline.evaluate_workdir(
-        workdir, scales=scales, split=split, scorer=scorer, regress=regress
-    )
-    k = len(res["ap_voc07"])
-    log.info(
-        "average precision (%%) on the %s split (%d images):\n%s",
-        res["split"],
-        res["num_images"],
-        _indented(report.ap_table(res["table"], k)),
+        "average precision (%%) on %s:\n%s",
+        where,
+        _indented(report.ap_table(result["table"], k)),
     )
     log.info(
         "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
-        res["map_voc07"],
-        res["map_area"],
-        res["name"],
-        res["report"],
+        result["map_voc07"],
+        result["map_area"],
+        name,
+        report_path,
     )
-    return res
 
 
 # Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:
@@ -591,28 +556,38 @@ def _extract_command(args) -> int:
 
 
 def _detect_train_command(args) -> int:
+    from spp_jax.detection import pipeline
+
     config = load_config(args.config, args.set, kind="detection")
     workdirs.check_run_dir(args.workdir, "detection")
-    detect_train(config, args.workdir)
+    metrics = pipeline.detect_train(config, args.workdir)
+    report_path = os.path.join(args.workdir, "eval", "ap_table.md")
+    _log_detection_result(metrics, "the test split", metrics["main"], report_path)
     return 0
 
 
 def _detect_eval_command(args) -> int:
+    from spp_jax.detection import pipeline
+
     workdirs.require(args.workdir, "detection")
-    detect_eval(
+    res = pipeline.evaluate_detector_workdir(
         args.workdir,
         scales=args.scales,
         split=args.split,
         scorer=args.scorer,
         regress=not args.no_bbox,
     )
+    where = f"the {res['split']} split ({res['num_images']} images)"
+    _log_detection_result(res, where, res["name"], res["report"])
     return 0
 
 
 def _detect_command(args) -> int:
+    from spp_jax.detection.files import detect_files
+
     workdirs.require(args.workdir, "detection")
     workdirs.check_output_dir(args.out)
-    detect_images(
+    detect_files(
         args.workdir,
         args.images,
         args.out,
