@@ -244,8 +244,9 @@ def evaluate_detections(
     ndet = np.zeros(num_classes, np.int64)
     precisions: list[np.ndarray] = []
     recalls: list[np.ndarray] = []
-    groups = zip(_by_class(det["labels"], num_classes), _by_class(gt["labels"], num_classes))
-    for c, (d, g) in enumerate(groups):
+    det_groups = _by_class(det["labels"], num_classes)
+    gt_groups = _by_class(gt["labels"], num_classes)
+    for c, (d, g) in enumerate(zip(det_groups, gt_groups, strict=True)):
         tp, fp = _match_class(
             det["boxes"][d],
             det["scores"][d],
