@@ -273,7 +273,7 @@ class ClassStats:
     objective: float
 
 
-_STAT_FIELDS = ("positives", "negatives", "mined", "evicted", "retrains")
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(ClassStats))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -351,9 +351,8 @@ class SVMs:
             "scale": np.array(self.scale, np.float64),
         }
         if self.stats:
-            for name in ("label", *_STAT_FIELDS):
+            for name in _STAT_FIELDS:
                 arrays[f"stats_{name}"] = np.array([getattr(s, name) for s in self.stats])
-            arrays["stats_objective"] = np.array([s.objective for s in self.stats])
         with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
 
@@ -369,13 +368,9 @@ class SVMs:
                 raise ValueError(f"{os.fspath(path)!r} is not an SVMs file ({_FORMAT})")
             stats: tuple[ClassStats, ...] = ()
             if "stats_label" in f:
-                cols = {n: f[f"stats_{n}"] for n in ("label", *_STAT_FIELDS, "objective")}
+                cols = [f[f"stats_{n}"] for n in _STAT_FIELDS]  # ints, then the objective
                 stats = tuple(
-                    ClassStats(
-                        **{n: int(cols[n][i]) for n in ("label", *_STAT_FIELDS)},
-                        objective=float(cols["objective"][i]),
-                    )
-                    for i in range(len(cols["label"]))
+                    ClassStats(*(col[i].item() for col in cols)) for i in range(len(cols[0]))
                 )
             return cls(f["weights"], f["biases"], float(f["scale"]), stats)
 
@@ -719,13 +714,7 @@ class HardNegativeMiner:
                 self._log_level,
                 "SVM class %d: %d positives, %d negatives cached (%d mined, %d evicted), "
                 "%d trainings, objective %.4f",
-                s.label,
-                s.positives,
-                s.negatives,
-                s.mined,
-                s.evicted,
-                s.retrains,
-                s.objective,
+                *dataclasses.astuple(s),
             )
         assert self._scale is not None
         self._result = SVMs(self.weights.copy(), self.biases.copy(), self._scale, stats)
