@@ -87,16 +87,19 @@ def detect_files(
 ) -> dict:
     """The detections of a ``detect-train`` workdir's detector on image files.
 
-    Each image gets selective-search proposals with the run's settings
-    (``config.proposals``), :meth:`~spp_jax.detection.pipeline.Detector.detect` at
-    ``scales`` (1: the single scale; 5: every scale of the config) with the run's
-    scorer, and a PNG with its labelled boxes, ``OUT/<name>_detections.png``. At the
-    end ``OUT/detections.json`` holds the run's settings, every image's record
-    (``path``, ``size`` of the original image, ``num_proposals``, ``boxes``
-    ``[x1, y1, x2, y2]`` in the original image's pixels, ``scores``, ``labels``
-    0..K-1, ``class_names``, best first, those below ``min_score`` dropped) and
-    ``skipped``, the unreadable files. An image already in ``OUT/detections.jsonl``
-    (same path, size and modification time, PNG present) is not run again.
+    Each image (decoded as :func:`spp_jax.data.read_image_reduced` does: grayscale
+    repeated to RGB, alpha dropped) gets selective-search proposals with the run's
+    settings (``config.proposals``),
+    :meth:`~spp_jax.detection.pipeline.Detector.detect` at ``scales`` (1: the single
+    scale; 5: every scale of the config) with the run's scorer, and a PNG with its
+    labelled boxes, ``OUT/<name>_detections.png``. Each finished image appends its
+    record to ``OUT/detections.jsonl``; at the end ``OUT/detections.json`` holds the
+    run's settings, every image's record (``path``, ``size`` of the original image,
+    ``num_proposals``, ``boxes`` ``[x1, y1, x2, y2]`` in the original image's pixels,
+    ``scores``, ``labels`` 0..K-1, ``class_names``, best first, those below
+    ``min_score`` dropped) and ``skipped``, the unreadable files. Images already in
+    ``OUT/detections.jsonl`` (same path, size and modification time, PNG present) are
+    not run again.
 
     Args:
       on_bad_image: ``"raise"``: a file that cannot be read or decoded, or an image
