@@ -1,23 +1,14 @@
 """PASCAL VOC detection evaluation: average precision per class and mAP (NumPy).
 
-The default protocol is the VOC2007 devkit's ``VOCevaldet.m``
-(``docs/detection-reference.md`` section 8), per class: the detections of all
-images in decreasing score (a stable sort: ties in image order, then each image's
-order); each takes the ground truth of its class in its image with the highest IoU
-(ties: the first; boxes without a positive width and height in common never
-count). At IoU ``>= iou_threshold`` (0.5) a difficult ground truth makes the
-detection ignored, an unmatched one a true positive (and matched), a matched one a
-false positive (no fall-back to another); below, it is a false positive.
-``recall = cumTP / num_positives`` (the non-difficult ground truths),
-``precision = cumTP / (cumTP + cumFP)``, 0 where both counts are 0 (the devkit's
-NaN there is skipped by its ``max``: the same AP, except for a class whose every
-detection is ignored, AP 0 here, NaN in the devkit); the AP is :func:`voc_ap`'s. A
-class without a non-difficult ground truth has AP NaN; ``map`` is the mean over the
-other classes.
-
-IoU: boxes are continuous pixel edges (``(xmin - 1, ymin - 1, xmax, ymax)`` for
-VOC's 1-based inclusive pixels), so ``inter / union`` without "+1" equals the
-devkit's IoU with "+1" on the raw annotation; computed in float64.
+The default protocol is the VOC2007 devkit's ``VOCevaldet.m``, as
+``docs/detection-reference.md`` section 8 states it. Where that leaves a choice:
+detections of equal score keep their input order (image, then detection); of ground
+truths with equal IoU the first is taken; boxes without a positive width and height
+in common never match; the precision is 0 where no detection counts yet (the
+devkit's NaN there is skipped by its ``max``: the same AP, except for a class whose
+every detection is ignored, AP 0 here and NaN in the devkit). A class without a
+non-difficult ground truth has AP NaN; ``map`` is the mean over the other classes.
+IoU is computed in float64 on continuous pixel edges, without "+1" (section 1).
 
 ``protocol="py-faster-rcnn"`` reproduces py-faster-rcnn's ``voc_eval.py``: IoU
 ``> iou_threshold`` (strict), the 11 points ``np.arange(0., 1.1, 0.1)``, and
@@ -72,13 +63,9 @@ def voc_ap(
       recall: ``(D,)`` recall after each detection in score order
         (non-decreasing), in ``[0, 1]``.
       precision: ``(D,)`` precision after each detection, in ``[0, 1]``.
-      metric: ``"voc07"``: VOC2007's 11-point AP, the mean over ``t = k / 10``
-        (``k = 0..10``) of the highest precision at a recall ``>= t`` (0 if none);
-        ``k / 10`` exactly, where the usual Python ports'
-        ``np.arange(0., 1.1, 0.1)`` holds 0.30000000000000004 and
-        0.7000000000000001 and misses recalls of exactly 0.3 and 0.7. ``"area"``
-        (VOC2010+): the area under the precision envelope (precision made
-        non-increasing from the right), summed where the recall changes.
+      metric: ``"voc07"`` (VOC2007's 11-point AP, at recalls exactly ``k / 10``)
+        or ``"area"`` (VOC2010+), as ``docs/detection-reference.md`` section 8
+        defines them.
 
     Returns:
       The AP, a float in ``[0, 1]`` (0 for an empty curve).
