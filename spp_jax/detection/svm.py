@@ -409,28 +409,24 @@ class _Cache:
 class HardNegativeMiner:
     """Trains the K SVMs from a stream of images, one image at a time.
 
-    Call :meth:`add_image` once per training image (any order), then
-    :meth:`finish`; :func:`train_svms` does this for an iterable. Each image's
-    features serve all classes at once, then are dropped. A class with no model
-    yet takes all its negatives of the image; a trained class takes those that
-    score ``> hard_thresh`` and are not cached yet (keys ``(image id, row)``: a
-    repeated ``image_id`` is the same image). A class is trained when it first has
-    negatives, when more than ``retrain_every`` were added since its last
-    training, and at :meth:`finish` if the last image did not train it; each
-    training drops the cached negatives that score ``< evict_thresh``. Scores are
-    float32 ``(features * scale) @ w + b``, compared with the thresholds rounded
-    to float32 (a score equal to ``float32(-1.0001)`` is not hard, one equal to
-    ``float32(-1.2)`` is kept).
+    Call :meth:`add_image` once per training image (any order), then :meth:`finish`;
+    :func:`train_svms` does this for an iterable. The mining is R-CNN's
+    (``docs/detection-reference.md`` section 5), per class: an image's negatives join
+    the class's cache (all of them before its first training, then those that score
+    ``> hard_thresh`` and are not cached yet, keyed ``(image id, row)``: a repeated
+    ``image_id`` is the same image); the class is retrained after more than
+    ``retrain_every`` new ones and at :meth:`finish`, each training dropping those
+    that score ``< evict_thresh``. Scores are float32, compared with the thresholds
+    rounded to float32 (a score equal to ``float32(-1.0001)`` is not hard, one equal
+    to ``float32(-1.2)`` is kept).
 
     R-CNN trains "the first time" after its first image only, so a class without
-    negatives in that image (its untrained model scores 0, so it then takes every
-    negative) waits for 2,000 of them; here each class trains after its own first
-    image with negatives. A class without positives is an error here at once, and
-    one that never had a negative at the end (R-CNN does not check).
-
-    Memory: a class's cache holds its mined rows (scaled float32, ``D`` each) and
-    their keys, never a whole image's features; each training copies it to
-    float64 (liblinear's input).
+    negatives there (its untrained model scores 0, so it then takes every negative)
+    waits for 2,000 of them; here each class trains after its own first image with
+    negatives. A class without positives is an error at once, one that never had a
+    negative at the end (R-CNN does not check). A class's cache holds its mined rows
+    (scaled float32) and their keys, never a whole image's features; each training
+    copies it to float64 (liblinear's input).
 
     Args:
       positives: ``(P, D)`` features of the ground-truth boxes (unscaled).
