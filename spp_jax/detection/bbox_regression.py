@@ -61,8 +61,7 @@ DEFAULT_MIN_IOU = 0.5
 """SPP-net's code: IoU ``> 0.5`` (R-CNN's: 0.6)."""
 
 _FORMAT = "spp_jax.detection.bbox_regression/2"
-_FORMAT_WHITENED = "spp_jax.detection.bbox_regression/1"
-"""Files that keep the targets' whitening (``target_mean``, ``target_unwhitening``)."""
+_FORMAT_WHITENED = "spp_jax.detection.bbox_regression/1"  # see BoxRegressors.load
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -85,11 +84,6 @@ def _boxes(name: str, boxes: Any, n: int | None = None) -> np.ndarray:
         want = f"({n}, 4)" if n is not None else "(N, 4)"
         raise ValueError(f"{name} must have shape {want} holding (x1, y1, x2, y2), got {arr.shape}")
     return arr
-
-
-def _acc_dtype() -> Any:
-    """float64 when JAX's x64 is enabled, else float32."""
-    return jax.dtypes.canonicalize_dtype(np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -435,7 +429,7 @@ class RidgeAccumulator:
             cls = sorted(classes)
             class_labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
             self.classes = frozenset(int(c) for c in cls)
-        self.dtype = _acc_dtype()
+        self.dtype = jax.dtypes.canonicalize_dtype(np.float64)  # float32 unless x64 is on
         self._sums: dict[int, _Sums] = {}
 
     @property

@@ -10,10 +10,8 @@ Bad input: shapes that do not fit raise ``ValueError`` at once. Where the values
 are concrete (not traced by ``jit`` / ``vmap``), boxes with a non-finite
 coordinate or with ``x2 < x1`` or ``y2 < y1`` ("inverted") raise ``ValueError``
 naming the first bad row. Under ``jit`` values are not checked and each function
-applies its formula as it stands: in :func:`box_iou` a box with a NaN
-coordinate has IoU 0 with every box (its union is not > 0) and an inverted box
-intersects nothing; :func:`clip_boxes`, :func:`encode_boxes` and
-:func:`decode_boxes` give NaN where a coordinate is NaN.
+applies its formula as it stands (a NaN coordinate gives NaN, or in :func:`box_iou`
+IoU 0; an inverted box intersects nothing).
 
 >>> import jax.numpy as jnp
 >>> a = jnp.array([[0.0, 0.0, 2.0, 2.0]])

@@ -148,12 +148,6 @@ def selective_search(
 ) -> np.ndarray:
     """Selective-search proposals of one image (OpenCV contrib), deterministic.
 
-    Selective search's time and memory grow with the pixel count (a 12-megapixel photo
-    takes minutes), while its boxes depend little on detail finer than the objects;
-    R-CNN and SPP-net ran it on images about 500 px on a side. ``max_side`` runs it on
-    a copy whose longer side is at most ``max_side`` (area-averaged) and maps the boxes
-    back to the image's pixels.
-
     Args:
       image: RGB ``(H, W, 3)`` uint8; ``(H, W)``, ``(H, W, 1)``, ``(H, W, 4)``
         and uint16 are converted by :func:`to_rgb8`.
@@ -163,8 +157,11 @@ def selective_search(
         the module docstring), after the size filter; ``None`` keeps all.
       min_size: drop boxes whose width or height is below this, in pixels.
       seed: seeds C's ``rand()``, which orders OpenCV's boxes.
-      max_side: search a copy downscaled to this longer side (``None``, or an image
-        no larger: the image itself).
+      max_side: search a copy whose longer side is this (area-averaged; ``None``, or
+        an image no larger: the image itself) and map its boxes back: the time and
+        memory grow with the pixel count (a 12-megapixel photo takes minutes), the
+        boxes depend little on detail finer than the objects (R-CNN and SPP-net
+        searched images about 500 px on a side).
 
     Returns:
       float32 ``(n, 4)`` ``(x1, y1, x2, y2)`` boxes in continuous pixel edges of the
@@ -306,8 +303,8 @@ def _filename(image_id: str) -> str:
 class ProposalCache:
     """Selective-search proposals of many images, one ``.npy`` file per image id.
 
-    The directory holds ``params.json`` (the selective search settings and the
-    OpenCV version that computed it) and ``boxes/<id>.npy`` (float32 ``(n, 4)``).
+    The directory holds ``params.json`` (the selective search settings) and
+    ``boxes/<id>.npy`` (float32 ``(n, 4)``).
     Opening an existing directory with other settings raises ``ValueError``
     rather than mixing proposals; ``ProposalCache.open(dir)`` takes the settings
     from the directory.
