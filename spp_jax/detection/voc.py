@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from spp_jax import data as data_lib
 from spp_jax.data import BadImageError
 
 __all__ = [
@@ -259,8 +260,6 @@ def read_voc_devkit(
         raise FileNotFoundError(f"no image list {list_path!r} for split {split!r}")
     with open(list_path) as f:
         ids = [line.split()[0] for line in f if line.strip()]
-    from spp_jax import data as data_lib
-
     for image_name in ids:
         xml_path = os.path.join(base, "Annotations", f"{image_name}.xml")
         if not os.path.exists(xml_path):
@@ -290,16 +289,8 @@ def read_voc_devkit(
 # ---------------------------------------------------------------------------
 
 
-def _tfds():
-    from spp_jax import data as data_lib
-
-    return data_lib._tfds()  # registers the built-in datasets
-
-
 def _builder(name: str, data_dir: str | None):
-    from spp_jax import data as data_lib
-
-    tfds = _tfds()
+    tfds = data_lib._tfds()  # registers the built-in datasets
     data_dir = data_dir or data_lib.default_data_dir()
     builder = tfds.builder(name, data_dir=data_dir)
     if data_lib._is_prepared(builder):
@@ -336,7 +327,7 @@ def tfds_examples(
     Raises:
       FileNotFoundError: ``voc`` not prepared; the message says how to prepare it.
     """
-    tfds = _tfds()
+    tfds = data_lib._tfds()
     builder = _builder(name, data_dir)
     decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(split=_tfds_split(name, split), shuffle_files=False, decoders=decoders)
@@ -369,8 +360,6 @@ def prepare_voc2007(manual_dir: str | os.PathLike, data_dir: str | None = None) 
       FileNotFoundError: a tarball is missing (nothing is downloaded).
       tfds.download.NonMatchingChecksumError: a tarball is not the official file.
     """
-    from spp_jax import data as data_lib
-
     manual_dir = os.fspath(manual_dir)
     missing = [n for n in VOC2007_TARBALLS if not os.path.isfile(os.path.join(manual_dir, n))]
     if missing:
@@ -379,7 +368,7 @@ def prepare_voc2007(manual_dir: str | os.PathLike, data_dir: str | None = None) 
             f"{manual_dir!r} lacks {missing} (found: {found}); VOC 2007 needs both "
             f"{list(VOC2007_TARBALLS)}"
         )
-    tfds = _tfds()
+    tfds = data_lib._tfds()
     builder = tfds.builder("voc/2007", data_dir=data_dir or data_lib.default_data_dir())
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
