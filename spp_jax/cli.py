@@ -562,11 +562,11 @@ def _eval_command(args) -> int:
     workdirs.require(args.workdir, "classification")
     sizes = _sizes_arg(args.sizes) if args.sizes else None
     if args.views == 1 and not args.compare_whole_net:
-        train.evaluate_workdir(args.workdir, sizes)
+        train.evaluate_single_view(args.workdir, sizes)
         return 0
     from spp_jax import multiview
 
-    multiview.evaluate_workdir(
+    multiview.evaluate_multiview(
         args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
     )
     return 0

@@ -65,6 +65,7 @@ import dataclasses
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -84,11 +85,10 @@ __all__ = [
     "batch_view_boxes",
     "check_views",
     "evaluate_batches",
-    "evaluate_workdir",
+    "evaluate_multiview",
     "feature_map_view_probs",
-    "flips",
+    "has_flipped_views",
     "multiview_scores",
-    "total_stride",
     "view_boxes",
     "view_size_for",
     "whole_net_view_probs",
@@ -132,7 +132,7 @@ def _check_model(model: SPPNet) -> None:
         )
 
 
-def flips(views: int) -> bool:
+def has_flipped_views(views: int) -> bool:
     """Whether ``views`` includes the mirrored views (10 and 18 do, 1 does not)."""
     check_views(views)
     return views > 1
@@ -152,7 +152,7 @@ def view_boxes(h: int, w: int, view_size: int, views: int = 10) -> tuple[Box, ..
     - 5-8: the top, bottom, left and right edge centres (18 views).
 
     ``views`` counts the flipped views too (10 = these 5 windows and their 5
-    mirrors, 18 = 9 + 9; :func:`flips`): the mirror of window ``k`` is view
+    mirrors, 18 = 9 + 9; :func:`has_flipped_views`): the mirror of window ``k`` is view
     ``len(boxes) + k`` of the jitted functions. Windows may coincide (e.g. when
     ``view_size == min(h, w)``); they are kept, so every image has the same number
     of views.
@@ -234,11 +234,6 @@ def view_size_for(size: int, resize_ratio: float) -> int:
     if not resize_ratio > 0:
         raise ValueError(f"resize_ratio must be positive, got {resize_ratio!r}")
     return min(int(size), round(size / resize_ratio))
-
-
-def total_stride(model: SPPNet) -> int:
-    """The total stride of ``model``'s trunk (:attr:`spp_jax.models.ConvTrunk.total_stride`)."""
-    return model.conv_trunk.total_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -477,12 +472,12 @@ def multiview_scores(
             boxes,
             None if valid_sizes is None else sizes.astype(np.int32),
             view_size=view_size,
-            flip=flips(views),
+            flip=has_flipped_views(views),
             mapping=mapping,
         )
     else:
         probs = whole_net_view_probs(
-            model, params, images, boxes, view_size=view_size, flip=flips(views)
+            model, params, images, boxes, view_size=view_size, flip=has_flipped_views(views)
         )
     return probs if per_view else jnp.mean(probs, axis=1)
 
@@ -549,7 +544,7 @@ def evaluate_batches(
     _check_model(model)
     check_views(views)
     _check_mapping(mapping)
-    flip = flips(views)
+    flip = has_flipped_views(views)
     paths = ["feature_map"] + (["whole_net"] if compare_whole_net else [])
     stats = {name: _PathStats() for name in paths}
     count, agree, max_diff = 0, 0, 0.0
@@ -615,7 +610,7 @@ def evaluate_batches(
     return out
 
 
-def evaluate_workdir(
+def evaluate_multiview(
     workdir: str,
     sizes: Sequence[int] | None = None,
     *,
@@ -699,7 +694,7 @@ def evaluate_workdir(
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A text table of :func:`evaluate_workdir` results.
+    """A text table of :func:`evaluate_multiview` results.
 
     >>> r = {"128": {"view_size": 112, "count": 2,
     ...              "feature_map": {"top1": 0.5, "seconds_per_image": 0.001}}}
@@ -717,3 +712,29 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{fm['seconds_per_image']:7.4f}  {whole}"
         )
     return "\n".join(lines)
+
+
+#: Exported names of the previous version and what replaces each.
+_RENAMED = {
+    "evaluate_workdir": "evaluate_multiview",
+    "flips": "has_flipped_views",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The previous version's exported names keep working, with a DeprecationWarning.
+    if name in _RENAMED:
+        warnings.warn(
+            f"spp_jax.multiview.{name} is renamed {_RENAMED[name]}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    if name == "total_stride":
+        warnings.warn(
+            "spp_jax.multiview.total_stride(model) is model.conv_trunk.total_stride",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return lambda model: model.conv_trunk.total_stride
+    raise AttributeError(f"module 'spp_jax.multiview' has no attribute {name!r}")

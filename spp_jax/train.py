@@ -701,8 +701,13 @@ def format_final(final: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:
-    """``spp-jax eval``: restores the latest checkpoint and runs the final evaluation."""
+def evaluate_single_view(workdir: str, sizes: Iterable[int] | None = None) -> dict:
+    """``spp-jax eval``: single-view accuracy of a workdir's latest checkpoint.
+
+    The :func:`final_evaluation` (centre crop, and full image for the SPP head) at the
+    config's ``eval_sizes``, or at ``sizes``; :func:`spp_jax.multiview.evaluate_multiview`
+    is the multi-view test.
+    """
     trained = workdirs.load_trained(workdir)
     config = trained.config
     if sizes is not None:
