@@ -66,7 +66,7 @@ import functools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import jax
@@ -503,6 +503,44 @@ class _PathStats:
     compile_seconds: float = 0.0
     shapes: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
 
+    def timed(self, run: Callable[[], jax.Array], shape: tuple[int, ...]) -> np.ndarray:
+        """``run()``, timed into ``seconds``; the first call per batch ``shape`` runs it
+        once before, untimed but for ``compile_seconds``."""
+        if shape not in self.shapes:
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            self.compile_seconds += time.perf_counter() - t0
+            self.shapes.add(shape)
+        t0 = time.perf_counter()
+        probs = jax.block_until_ready(run())
+        self.seconds += time.perf_counter() - t0
+        return np.asarray(probs)
+
+    def count_hits(self, mean_probs: np.ndarray, labels: np.ndarray) -> None:
+        self.top1 += int(_topk_hits(mean_probs, labels, 1).sum())
+        self.top5 += int(_topk_hits(mean_probs, labels, 5).sum())
+
+    def summary(self, count: int) -> dict[str, Any]:
+        """The path's entry of :func:`evaluate_batches`'s result over ``count`` images."""
+        return {
+            "top1": self.top1 / count,
+            "top5": self.top5 / count,
+            "seconds_per_image": self.seconds / count,
+            "compile_seconds": self.compile_seconds,
+            "programs": len(self.shapes),
+        }
+
+
+def _batch_views(
+    batch: dict[str, np.ndarray], view_size: int, views: int, mask: np.ndarray
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A batch's images, view windows (:func:`batch_view_boxes`) and valid sizes."""
+    images = jnp.asarray(batch["image"])
+    b, h, w, _ = images.shape
+    sizes = np.asarray(batch.get("valid_sizes", np.tile([[h, w]], (b, 1))), np.int32)
+    boxes = jnp.asarray(batch_view_boxes(sizes, view_size, views, mask))
+    return images, boxes, jnp.asarray(sizes)
+
 
 def evaluate_batches(
     model: SPPNet,
@@ -564,27 +602,15 @@ def evaluate_batches(
             if limit is not None and count >= limit:
                 break
             continue
-        images = jnp.asarray(batch["image"])
-        b, h, w, _ = images.shape
-        sizes = np.asarray(batch.get("valid_sizes", np.tile([[h, w]], (b, 1))), np.int32)
-        boxes = jnp.asarray(batch_view_boxes(sizes, view_size, views, mask))
-        sizes_j = jnp.asarray(sizes)
+        images, boxes, sizes = _batch_views(batch, view_size, views, mask)
         labels = np.asarray(batch["label"])[mask]
         means = {}
         for name in paths:
-            st = stats[name]
-            if images.shape not in st.shapes:
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(name, images, boxes, sizes_j))
-                st.compile_seconds += time.perf_counter() - t0
-                st.shapes.add(images.shape)
-            t0 = time.perf_counter()
-            probs = jax.block_until_ready(run(name, images, boxes, sizes_j))
-            st.seconds += time.perf_counter() - t0
-            mean = np.asarray(probs).mean(axis=1)[mask]
-            st.top1 += int(_topk_hits(mean, labels, 1).sum())
-            st.top5 += int(_topk_hits(mean, labels, 5).sum())
-            means[name] = mean
+            probs = stats[name].timed(
+                functools.partial(run, name, images, boxes, sizes), images.shape
+            )
+            means[name] = probs.mean(axis=1)[mask]
+            stats[name].count_hits(means[name], labels)
         count += int(mask.sum())
         if compare_whole_net:
             fm, wn = means["feature_map"], means["whole_net"]
@@ -596,14 +622,7 @@ def evaluate_batches(
     n = max(count, 1)
     out: dict[str, Any] = {"views": views, "view_size": view_size, "count": count}
     for name in paths:
-        st = stats[name]
-        out[name] = {
-            "top1": st.top1 / n,
-            "top5": st.top5 / n,
-            "seconds_per_image": st.seconds / n,
-            "compile_seconds": st.compile_seconds,
-            "programs": len(st.shapes),
-        }
+        out[name] = stats[name].summary(n)
     if compare_whole_net:
         out["agreement"] = agree / n
         out["max_abs_diff"] = max_diff
