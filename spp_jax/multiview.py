@@ -124,11 +124,12 @@ def _check_mapping(mapping: str) -> None:
         raise ValueError(f"unknown mapping {mapping!r}; accepted: {', '.join(map(repr, MAPPINGS))}")
 
 
-def _check_model(model: SPPNet) -> None:
-    if model.head != "spp":
+def _check_head(head: str, where: str = "") -> None:
+    """Raises a ValueError unless ``head`` is ``"spp"`` (``where``: whose head it is)."""
+    if head != "spp":
         raise ValueError(
             f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size), got head={model.head!r}"
+            f"window of any size), got head={head!r}{where}"
         )
 
 
@@ -328,7 +329,7 @@ def feature_map_view_probs(
       >>> feature_map_view_probs(net, params, x, boxes, view_size=64, flip=True).shape
       (1, 10, 3)
     """
-    _check_model(model)
+    _check_head(model.head)
     _check_mapping(mapping)
     b = images.shape[0]
     p = boxes.shape[1]
@@ -456,7 +457,7 @@ def multiview_scores(
       >>> multiview_scores(net, params, x, view_size=64, views=10).shape
       (2, 3)
     """
-    _check_model(model)
+    _check_head(model.head)
     check_views(views)
     _check_mapping(mapping)
     if method not in METHODS:
@@ -579,7 +580,7 @@ def evaluate_batches(
     Raises:
       ValueError: as :func:`multiview_scores`.
     """
-    _check_model(model)
+    _check_head(model.head)
     check_views(views)
     _check_mapping(mapping)
     flip = has_flipped_views(views)
@@ -670,12 +671,7 @@ def evaluate_multiview(
 
     check_views(views)
     _check_mapping(mapping)
-    head = workdirs.read_config(workdir).model.head
-    if head != "spp":
-        raise ValueError(
-            f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size); {workdir} has head={head!r}"
-        )
+    _check_head(workdirs.read_config(workdir).model.head, f" in {workdir}")
     trained = workdirs.load_trained(workdir)
     config, model = trained.config, trained.model
     if sizes is None:
@@ -733,27 +729,18 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-#: Exported names of the previous version and what replaces each.
-_RENAMED = {
-    "evaluate_workdir": "evaluate_multiview",
-    "flips": "has_flipped_views",
+#: Exported names of the previous version: what replaces each, and what it still gives.
+_PREVIOUS_NAMES = {
+    "evaluate_workdir": ("evaluate_multiview", evaluate_multiview),
+    "flips": ("has_flipped_views", has_flipped_views),
+    "total_stride": ("model.conv_trunk.total_stride", lambda model: model.conv_trunk.total_stride),
 }
 
 
 def __getattr__(name: str) -> Any:
     # The previous version's exported names keep working, with a DeprecationWarning.
-    if name in _RENAMED:
-        warnings.warn(
-            f"spp_jax.multiview.{name} is renamed {_RENAMED[name]}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[_RENAMED[name]]
-    if name == "total_stride":
-        warnings.warn(
-            "spp_jax.multiview.total_stride(model) is model.conv_trunk.total_stride",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return lambda model: model.conv_trunk.total_stride
-    raise AttributeError(f"module 'spp_jax.multiview' has no attribute {name!r}")
+    if name not in _PREVIOUS_NAMES:
+        raise AttributeError(f"module 'spp_jax.multiview' has no attribute {name!r}")
+    now, value = _PREVIOUS_NAMES[name]
+    warnings.warn(f"spp_jax.multiview.{name} is now {now}", DeprecationWarning, stacklevel=2)
+    return value

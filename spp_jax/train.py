@@ -8,7 +8,7 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
 * **Multi-size training.** The size schedule (:func:`spp_jax.data.train_size_for_epoch`)
   gives each epoch one input size; every epoch is one static batch shape, so the
   pmapped step compiles once per size and is reused whenever that size comes
-  back. Compiles are logged (``compiled train step for bucket ...``) and counted
+  back. Compiles are logged (``train step for bucket ... ready in ...``) and counted
   in ``metrics.jsonl``.
 * **Devices and hosts.** The global batch is split over all devices of all
   processes; ``train_step`` averages gradients with ``lax.pmean`` over the axis

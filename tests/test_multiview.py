@@ -219,9 +219,9 @@ def test_errors():
 
 def test_previous_names_still_work_with_a_warning():
     net = SPPNet(**TINY)
-    with pytest.warns(DeprecationWarning, match="renamed has_flipped_views"):
+    with pytest.warns(DeprecationWarning, match="is now has_flipped_views"):
         assert multiview.flips(10) is multiview.has_flipped_views(10) is True
-    with pytest.warns(DeprecationWarning, match="renamed evaluate_multiview"):
+    with pytest.warns(DeprecationWarning, match="is now evaluate_multiview"):
         assert multiview.evaluate_workdir is multiview.evaluate_multiview
     with pytest.warns(DeprecationWarning, match=r"model.conv_trunk.total_stride"):
         assert multiview.total_stride(net) == net.conv_trunk.total_stride == 16
