@@ -97,7 +97,21 @@ def load_config(
         override of a key the config does not have, or a value the key does not accept
         (:func:`spp_jax.configs.check`); the message names it.
     """
-    import ast
+    from spp_jax import configs
+
+    config = _base_config(name_or_path, kind)
+    for item in overrides or []:
+        _apply_override(config, item)
+    try:
+        configs.check(config, kind)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return config
+
+
+def _base_config(name_or_path: str, kind: str):
+    """The shipped config ``name_or_path`` of ``kind``, or the ``get_config()`` of the
+    ``.py`` file at that path (:func:`load_config`)."""
     from pathlib import Path
 
     from spp_jax import configs
@@ -105,8 +119,8 @@ def load_config(
     names = configs.available(kind)
     path = Path(name_or_path)
     if name_or_path in names:
-        config = configs.get_config(name_or_path, kind)
-    elif path.suffix == ".py" and path.is_file():
+        return configs.get_config(name_or_path, kind)
+    if path.suffix == ".py" and path.is_file():
         spec = importlib.util.spec_from_file_location(f"spp_config_{path.stem}", path)
         if spec is None or spec.loader is None:
             raise SystemExit(f"cannot import config file {path}")
@@ -114,55 +128,69 @@ def load_config(
         spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise SystemExit(f"config file {path} has no get_config() function")
-        config = module.get_config()
-    else:
+        return module.get_config()
+    raise SystemExit(
+        f"config {name_or_path!r} not found; give one of {list(names)} or the path of a "
+        ".py file with get_config()"
+    )
+
+
+def _apply_override(config, item: str) -> None:
+    """Sets the ``--set`` item ``key=value`` in ``config`` (:func:`load_config`)."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes key=value, got {item!r}")
+    *parents, leaf = key.split(".")
+    node, is_open = _override_group(config, item, parents)
+    if leaf not in node and not is_open:
         raise SystemExit(
-            f"config {name_or_path!r} not found; give one of {list(names)} or the path of a "
-            ".py file with get_config()"
+            f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
         )
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node, is_open = config, False
-        for part in parents:
-            if is_open and part not in node:
-                with config.unlocked():
-                    node[part] = {}
-            if part not in node or not hasattr(node[part], "keys"):
-                raise SystemExit(
-                    f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
-                )
-            is_open = is_open or (node is config and part in _OPEN_GROUPS)
-            node = node[part]
-        if leaf not in node and not is_open:
-            raise SystemExit(
-                f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
-            )
-        if isinstance(value, list):
-            value = tuple(value)
-        if leaf in node and isinstance(node[leaf], float) and isinstance(value, int):
-            value = float(value)
-        if leaf in node and isinstance(node[leaf], bool) and text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        try:
-            with config.unlocked():
-                node[leaf] = value
-        except TypeError as e:
-            raise SystemExit(
-                f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
-                f"(now {node[leaf]!r}), got {value!r}"
-            ) from e
+    value = _override_value(text, node.get(leaf))
     try:
-        configs.check(config, kind)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return config
+        with config.unlocked():
+            node[leaf] = value
+    except TypeError as e:
+        raise SystemExit(
+            f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
+            f"(now {node[leaf]!r}), got {value!r}"
+        ) from e
+
+
+def _override_group(config, item: str, parents: list[str]) -> tuple[Any, bool]:
+    """The group that the dotted ``parents`` name in ``config``, and whether it takes new
+    keys (it lies in one of :data:`_OPEN_GROUPS`, where missing groups are created)."""
+    node, is_open = config, False
+    for part in parents:
+        if is_open and part not in node:
+            with config.unlocked():
+                node[part] = {}
+        if part not in node or not hasattr(node[part], "keys"):
+            raise SystemExit(
+                f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
+            )
+        is_open = is_open or (node is config and part in _OPEN_GROUPS)
+        node = node[part]
+    return node, is_open
+
+
+def _override_value(text: str, current: Any) -> Any:
+    """``text`` as a Python literal when it is one (a list as a tuple), else the string;
+    for a key whose ``current`` value is a float an int becomes a float, and for a bool
+    ``true`` or ``false`` (any case) a bool."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, bool) and text.lower() in ("true", "false"):
+        value = text.lower() == "true"
+    return value
 
 
 #: Config groups that ``--set`` may add keys to: a detection config's overrides of its
@@ -527,11 +555,11 @@ def _eval_command(args) -> int:
     workdirs.require(args.workdir, "classification")
     sizes = _sizes_arg(args.sizes) if args.sizes else None
     if args.views == 1 and not args.compare_whole_net:
-        train.evaluate_workdir(args.workdir, sizes)
+        train.evaluate_single_view(args.workdir, sizes)
         return 0
     from spp_jax import multiview
 
-    multiview.evaluate_workdir(
+    multiview.evaluate_multiview(
         args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
     )
     return 0

@@ -169,9 +169,10 @@ def _clamp_cells(cells: jax.Array, h: Size, w: Size) -> jax.Array:
     return jnp.stack([left, top, right, bottom], axis=1)
 
 
-def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
+def _box_axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
     """Per box: row bins ``(hs, he)`` of shape ``(R, n_h)`` and column bins
-    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells. ``valid_hw``: the
+    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells (traced, one set per
+    box, where :func:`spp_jax.geometry.axis_bins` gives one static axis). ``valid_hw``: the
     map's valid size, ints or ``(R,)`` arrays; ``cap``: the longest roi_pool window
     whose bins come from host tables."""
     x1, y1, x2, y2 = (proj[:, i] for i in range(4))
@@ -207,10 +208,10 @@ def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: t
     return (hs, he), (ws, we)
 
 
-def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
-    """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
-    ``empty`` mask (roi_pool bins clipped away by the map)."""
-    (hs, he), (ws, we) = _axis_bins(proj, n_h, n_w, projection, valid_hw, cap)
+def _box_bin_grid(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
+    """Per box, the ``n_h x n_w`` grid of bins: ``(hs, he, ws, we)`` of shape
+    ``(R, n_h, n_w)`` and an ``empty`` mask (roi_pool bins clipped away by the map)."""
+    (hs, he), (ws, we) = _box_axis_bins(proj, n_h, n_w, projection, valid_hw, cap)
     hs, he = hs[:, :, None], he[:, :, None]
     ws, we = ws[:, None, :], we[:, None, :]
     shape = (proj.shape[0], n_h, n_w)
@@ -396,7 +397,7 @@ def roi_pyramid_pool(
     def pure_jax(x):
         outs = []
         for nh, nw in lv:
-            bins, empty = _level_bins(proj, nh, nw, projection, valid_hw, cap)
+            bins, empty = _box_bin_grid(proj, nh, nw, projection, valid_hw, cap)
             o = _windows.pool_max(x, box_b, bins) if mode == "max" else _roi_avg(x, bins, box_b)
             keep = ~empty
             if valid is not None:
@@ -408,7 +409,7 @@ def roi_pyramid_pool(
         return pure_jax(x)
 
     def cpu_kernel(x):
-        bins = [_axis_bins(proj, nh, nw, projection, valid_hw, cap) for nh, nw in lv]
+        bins = [_box_axis_bins(proj, nh, nw, projection, valid_hw, cap) for nh, nw in lv]
         rows = _native.bounds([hs for (hs, _), _ in bins], [he for (_, he), _ in bins])
         cols = _native.bounds([ws for _, (ws, _) in bins], [we for _, (_, we) in bins])
         # sppnet windows have adaptive bins (never empty): a coarse level whose
