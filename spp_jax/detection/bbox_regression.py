@@ -426,9 +426,9 @@ class RidgeAccumulator:
         if classes is None:
             self.classes = frozenset(range(1, self.num_classes + 1))
         else:
-            cls = sorted(classes)
-            class_labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
-            self.classes = frozenset(int(c) for c in cls)
+            labels = sorted(classes)
+            class_labels("classes", np.asarray(labels, np.int64), len(labels), self.num_classes)
+            self.classes = frozenset(int(c) for c in labels)
         self.dtype = jax.dtypes.canonicalize_dtype(np.float64)  # float32 unless x64 is on
         self._sums: dict[int, _Sums] = {}
 

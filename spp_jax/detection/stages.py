@@ -154,11 +154,11 @@ def backbone_config(config) -> Any:
     updated by ``backbone_overrides`` (and the run's ``data_dir``)."""
     from spp_jax import configs
 
-    cls = configs.get_config(config.backbone_config)
-    cls.update(config.backbone_overrides.to_dict())
+    backbone = configs.get_config(config.backbone_config)
+    backbone.update(config.backbone_overrides.to_dict())
     if config.data_dir is not None:
-        cls.data_dir = config.data_dir
-    return cls
+        backbone.data_dir = config.data_dir
+    return backbone
 
 
 def stage_backbone(config, workdir: str) -> str:
@@ -202,8 +202,8 @@ def build_detector(config, workdir: str) -> tuple[Detector, Any]:
     """The detector with the backbone's trunk and fc6/fc7 (fc8 new), and the
     pre-trained head params (for the "no fine-tuning" row)."""
     k = num_classes_of(config.dataset, config.data_dir)
-    trunk, trunk_params, fc, cls = load_backbone(stage_backbone(config, workdir))
-    head, params = _initial_head(config, k, fc, cls.model.fc_dim)
+    trunk, trunk_params, fc, backbone = load_backbone(stage_backbone(config, workdir))
+    head, params = _initial_head(config, k, fc, backbone.model.fc_dim)
     return Detector(trunk, trunk_params, head, params, k, config), params
 
 
