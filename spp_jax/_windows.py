@@ -221,9 +221,10 @@ def _pool_max_jvp(primals, tangents):
 
 
 def pool_bounds(
-    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, levels
+    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, levels, pool=pool_max
 ) -> jax.Array:
-    """:func:`pool_max` of every level's bins given as the CPU kernel takes them.
+    """``pool`` (:func:`pool_max`, or a function of the same arguments) of every
+    level's bins given as the CPU kernel takes them.
 
     The pure-JAX code of :func:`spp_jax._cpu.native.window_max` for windows whose
     bins are data (RoI pooling): ``rows`` ``(R, sum n_h, 2)`` and ``cols``
@@ -241,7 +242,7 @@ def pool_bounds(
         parts = (rb[:, :, None, 0], rb[:, :, None, 1], cb[:, None, :, 0], cb[:, None, :, 1])
         hs, he, ws, we = (jnp.broadcast_to(a, (r, nh, nw)) for a in parts)
         bins = (hs, he, ws, we)
-        v = jnp.where(empty_bins(bins)[..., None], 0.0, pool_max(x, bidx, bins))
+        v = jnp.where(empty_bins(bins)[..., None], 0.0, pool(x, bidx, bins))
         outs.append(v.reshape(r, -1, c))
         r0, c0 = r0 + nh, c0 + nw
     return jnp.concatenate(outs, axis=1)

@@ -61,6 +61,11 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def normalize_levels(levels: LevelsLike) -> tuple[Level, ...]:
     """Turns a levels argument into a tuple of ``(n_h, n_w)`` pairs.
 
@@ -203,8 +208,7 @@ def output_dim(channels: int, levels: LevelsLike = (6, 3, 2, 1)) -> int:
     >>> output_dim(256, (6, 3, 2, 1))
     12800
     """
-    if not _is_int(channels) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    _check_positive_int("channels", channels)
     return int(channels) * sum(nh * nw for nh, nw in normalize_levels(levels))
 
 

@@ -1,12 +1,9 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
-Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster on the CPU at hand (``spp_jax/_cpu/native.py``: every
-bin of every example in one pass, and a gradient that recomputes the winners
-instead of saving them; the README has the figures). Everything below describes
-the pure-JAX code, which GPU and TPU run, average pooling uses, and CPU falls
-back to; both give the same results and both are tested against the same NumPy
-references.
+On CPU, max pooling may run the compiled kernel of ``spp_jax/_cpu/native.py``
+instead (``docs/pooling.md``, "How it is computed"). What follows is the pure-JAX
+code, which GPU and TPU run, average pooling uses and CPU falls back to; both are
+tested against the same NumPy references.
 
 How the pure-JAX code computes (each choice measured on CPU with
 ``experiments/benchmarks/spp_layer.py``; XLA's CPU backend decides most of it):
@@ -25,20 +22,16 @@ How the pure-JAX code computes (each choice measured on CPU with
 * **Max derivatives** (``custom_jvp`` on the whole pyramid). The forward pass
   computes values only. Under differentiation every stage also finds, per bin,
   the winner's key (its row-major input cell index) and its position along the
-  stage's axis: the largest value, then the smallest key, NaN counting as the
-  largest. That order is total, so stages and levels can combine in any order and
-  still pick the first maximum in row-major order (PyTorch's rule, ties
-  included). The tangent of each stage reads the input tangent at the winner
-  (``_pick``); reverse mode transposes that into ``_route``, which sends each
-  bin's cotangent to its winner with one elementwise term per cell, no scatter.
-  Both are primitives (``_prims.py``) registered as each other's transpose, and
-  the winners come from a primitive whose own derivative is the same rule, so
-  ``jvp``, ``grad``, ``jacfwd``, ``hessian``, gradients of gradients and ``vmap``
-  of all of them follow the first maximum at every order (second derivatives are
-  zero, as for ``lax.reduce_window``). Winners are found by an XLA reduction
-  where bins are strided, and by two elementwise folds (the max, then the
-  smallest key among cells equal to it) where they are not; reductions also
-  keep XLA from recomputing a stage inside every term of the backward pass.
+  stage's axis, in the total order of :func:`spp_jax._windows.better` (largest
+  value, then smallest key, NaN largest), so stages and levels combine in any
+  order and still pick PyTorch's first maximum, ties included. The tangent of
+  each stage reads the input tangent at the winner (``_pick``); reverse mode
+  transposes that into ``_route``, one elementwise term per cell, no scatter.
+  Both are linear primitives (``_prims.py`` says how they compose with every
+  transformation, at every order). Winners are found by an XLA reduction where
+  bins are strided, and by two elementwise folds (the max, then the smallest key
+  among cells equal to it) where they are not; reductions also keep XLA from
+  recomputing a stage inside every term of the backward pass.
 * **Average pooling** accumulates in float32. A stage sum is a linear primitive
   whose transpose spreads each bin's cotangent over the bin's cells (autodiff
   of the slices would not fuse), and vice versa.
@@ -46,9 +39,6 @@ How the pure-JAX code computes (each choice measured on CPU with
   computed in-graph from its size; a stage folds over a static window that holds
   a bin at every size, and cells outside the example's bin are masked. Changing
   the sizes never recompiles and padding (even inf or NaN) never leaks in.
-
-Under ``vmap`` every primitive folds the mapped axis into the batch axis: one
-call, not one per mapped element.
 """
 
 from __future__ import annotations
@@ -67,6 +57,7 @@ from jax.interpreters import ad
 
 from spp_jax import _prims, geometry
 from spp_jax._cpu import native
+from spp_jax._windows import better
 from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
@@ -357,17 +348,10 @@ def _gather_cells(g: jax.Array, st: _Stage, term) -> jax.Array:
 
 
 def _first_max(a: Carry, b: Carry) -> Carry:
-    """Reduction step on (value, key): larger value, then smaller key.
-
-    NaN counts as the largest value. The order is total, so the result is the
-    first maximum in row-major order whatever order XLA reduces in.
-    """
-    va, ka = a
-    vb, kb = b
-    a_nan, b_nan = va != va, vb != vb
-    smaller = kb < ka
-    take = (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
-    return jnp.where(take, vb, va), jnp.where(take, kb, ka)
+    """Reduction step on (value, key): the winner by :func:`~spp_jax._windows.better`,
+    a total order, so the first maximum whatever order XLA reduces in."""
+    take = better(*a, *b)
+    return jnp.where(take, b[0], a[0]), jnp.where(take, b[1], a[1])
 
 
 def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
@@ -698,18 +682,22 @@ def check_options(mode: str, rule: str, data_format: str) -> None:
         )
 
 
-def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
-    check_options(mode, rule, data_format)
+def as_nhwc(x: Any, name: str, data_format: str) -> jax.Array:
+    """``x`` as an NHWC array; raises naming ``name`` unless it is a rank-4 float array."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be an array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if x.ndim != 4:
         layout = "(B, H, W, C)" if data_format == "NHWC" else "(B, C, H, W)"
         raise ValueError(
-            f"x must have rank 4, {layout} for data_format={data_format!r}; "
+            f"{name} must have rank 4, {layout} for data_format={data_format!r}; "
             f"got shape {tuple(x.shape)} (rank {x.ndim})"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must have a floating dtype (float32, bfloat16, float16), got {x.dtype}")
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, bfloat16, float16), got {x.dtype}"
+        )
+    x = jnp.asarray(x)
+    return jnp.transpose(x, (0, 2, 3, 1)) if data_format == "NCHW" else x
 
 
 def spatial_pyramid_pool(
@@ -761,11 +749,9 @@ def spatial_pyramid_pool(
       >>> spatial_pyramid_pool(x, (2, 1)).shape  # 3 * (4 + 1)
       (2, 15)
     """
-    _check_args(x, mode, rule, data_format)
+    check_options(mode, rule, data_format)
+    x = as_nhwc(x, "x", data_format)
     lv = geometry.normalize_levels(levels)
-    x = jnp.asarray(x)
-    if data_format == "NCHW":
-        x = jnp.transpose(x, (0, 2, 3, 1))
     b, h, w, c = x.shape
     if h < 1 or w < 1:
         raise ValueError(f"cannot pool an empty feature map: H={h}, W={w} (both must be >= 1)")
@@ -813,12 +799,9 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
             jnp.broadcast_to(jnp.asarray(rows), (b, *rows.shape)),
             jnp.broadcast_to(jnp.asarray(cols), (b, *cols.shape)),
         )
-    row_bins = [_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]
-    col_bins = [_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]
-    return (
-        native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
-        native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
-    )
+    rows = native.bounds([_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels])
+    cols = native.bounds([_dynamic_bins(sizes[:, 1], nw) for _, nw in levels])
+    return rows, cols
 
 
 def _windows_first(x: jax.Array, bidx: jax.Array) -> jax.Array:
@@ -890,8 +873,8 @@ def _check_sizes(valid_sizes: Any, b: int, h: int, w: int) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def pool_output_size(n: int, window: int, stride: int, ceil: bool = False) -> int:
-    """Output length of a max pool over ``n`` cells.
+def pool_output_size(n: Any, window: int, stride: int, ceil: bool = False) -> Any:
+    """Output length of a max pool over ``n`` cells (an int, or an integer array).
 
     Floor mode: ``(n - window) // stride + 1``. Ceil mode (Caffe, PyTorch
     ``ceil_mode=True``): ``ceil((n - window) / stride) + 1``, less one if the last
@@ -903,7 +886,8 @@ def pool_output_size(n: int, window: int, stride: int, ceil: bool = False) -> in
     if not ceil:
         return (n - window) // stride + 1
     out = -((window - n) // stride) + 1
-    return out - int((out - 1) * stride >= n)
+    outside = (out - 1) * stride >= n
+    return out - (outside.astype(out.dtype) if hasattr(outside, "astype") else int(outside))
 
 
 def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) -> jax.Array:
@@ -913,11 +897,8 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
     window may stick out of the map, and only its cells inside count (padding with
     ``-inf``). The gradient of each output goes to the first maximum of its window
     in row-major order, like ``lax.reduce_window``'s (tested equal, ties included).
-
-    On CPU this runs the compiled window-max kernel (each output cell is one bin),
-    whose forward+backward is several times faster than XLA's ``reduce_window`` /
-    ``select_and_scatter`` there; other platforms lower ``lax.reduce_window``. Every
-    JAX transformation applies.
+    On CPU the window-max kernel runs it (each output cell is one bin), elsewhere
+    ``lax.reduce_window`` (``docs/performance.md``). Every JAX transformation applies.
 
     Args:
       x: ``(B, H, W, C)`` float.
@@ -934,9 +915,8 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
     """
     if x.ndim != 4:
         raise ValueError(f"x must be (B, H, W, C), got shape {tuple(x.shape)}")
-    for name, v in (("window", window), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    geometry._check_positive_int("window", window)
+    geometry._check_positive_int("stride", stride)
     b, h, w, c = x.shape
     if h < window or w < window:
         raise ValueError(f"a {window}x{window} window does not fit in a {h}x{w} map")

@@ -578,8 +578,8 @@ def window_max(
     return _values(x, bidx, rows, cols, pyr=pyr, pure=pure)
 
 
-def bounds(starts: Sequence[jax.Array], ends: Sequence[jax.Array]) -> jax.Array:
-    """Stacks per-level ``(R, n)`` starts and ends into ``(R, sum n, 2)`` int32."""
-    return jnp.stack(
-        [jnp.concatenate(starts, axis=1), jnp.concatenate(ends, axis=1)], axis=2
-    ).astype(jnp.int32)
+def bounds(bins: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Stacks per-level ``(start, end)`` pairs, each ``(R, n)``, into ``(R, sum n, 2)`` int32."""
+    starts = jnp.concatenate([s for s, _ in bins], axis=1)
+    ends = jnp.concatenate([e for _, e in bins], axis=1)
+    return jnp.stack([starts, ends], axis=2).astype(jnp.int32)
