@@ -6,8 +6,9 @@ import jax
 from flax import nnx
 
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import check_options, spatial_pyramid_pool
-from spp_jax.roi import check_projection, roi_pyramid_pool
+from spp_jax.linen import _pool_roi, _pool_spp
+from spp_jax.pooling import check_options
+from spp_jax.roi import check_projection
 
 __all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
 
@@ -42,15 +43,7 @@ class SpatialPyramidPooling(nnx.Module):
         self.channel_major = bool(channel_major)
 
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
-        return spatial_pyramid_pool(
-            x,
-            self.levels,
-            mode=self.mode,
-            rule=self.rule,
-            data_format=self.data_format,
-            valid_sizes=valid_sizes,
-            channel_major=self.channel_major,
-        )
+        return _pool_spp(self, x, valid_sizes)
 
 
 class RoIPyramidPooling(nnx.Module):
@@ -80,15 +73,4 @@ class RoIPyramidPooling(nnx.Module):
         self.channel_major = bool(channel_major)
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return roi_pyramid_pool(
-            features,
-            boxes,
-            box_indices,
-            levels=self.levels,
-            spatial_scale=self.spatial_scale,
-            projection=self.projection,
-            mode=self.mode,
-            data_format=self.data_format,
-            valid=valid,
-            channel_major=self.channel_major,
-        )
+        return _pool_roi(self, features, boxes, box_indices, valid)
