@@ -22,16 +22,13 @@ How the pure-JAX code computes (each choice measured on CPU with
 * **Max derivatives** (``custom_jvp`` on the whole pyramid). The forward pass
   computes values only. Under differentiation every stage also finds, per bin,
   the winner's key (its row-major input cell index) and its position along the
-  stage's axis, in the total order of :func:`spp_jax._windows.better` (largest
-  value, then smallest key, NaN largest), so stages and levels combine in any
-  order and still pick PyTorch's first maximum, ties included. The tangent of
-  each stage reads the input tangent at the winner (``_pick``); reverse mode
-  transposes that into ``_route``, one elementwise term per cell, no scatter.
-  Both are linear primitives (``_prims.py`` says how they compose with every
-  transformation, at every order). Winners are found by an XLA reduction where
-  bins are strided, and by two elementwise folds (the max, then the smallest key
-  among cells equal to it) where they are not; reductions also keep XLA from
-  recomputing a stage inside every term of the backward pass.
+  stage's axis (``_stage_argmax``), in the total order of
+  :func:`spp_jax._windows.better` (largest value, then smallest key, NaN largest),
+  so stages and levels combine in any order and still pick PyTorch's first
+  maximum, ties included. The tangent of each stage reads the input tangent at
+  the winner (``_pick``); reverse mode transposes that into ``_route``, one
+  elementwise term per cell, no scatter. Both are linear primitives (``_prims.py``
+  says how they compose with every transformation, at every order).
 * **Average pooling** accumulates in float32. A stage sum is a linear primitive
   whose transpose spreads each bin's cotangent over the bin's cells (autodiff
   of the slices would not fuse), and vice versa.
@@ -230,11 +227,9 @@ def _fold(
     ``candidates`` are ``arrays`` sliced at one candidate cell of each bin,
     ``cell`` that cell's index (an int, or an array along the axis) and
     ``extras`` arrays aligned with the bins (a bin's max, per-example limits).
-    Strided stages take one strided slice per offset and need no concatenate;
-    others fold each bin's cells and concatenate. XLA fuses either into one loop
-    (measured on CPU: several times faster than reducing stacked candidates).
-    ``strided_extras``: take the strided path with extras too (they are then
-    passed whole: each holds every bin along the axis).
+    Strided stages take one strided slice per offset, others fold each bin's cells
+    and concatenate (module docstring). ``strided_extras``: take the strided path
+    with extras too (they are then passed whole: each holds every bin along the axis).
     """
     ax = st.axis
     if st.strided and (strided_extras or not extras):
@@ -300,15 +295,11 @@ _stage_sum_op = _prims.Op(
     "spp_jax_stage_sum",
     _sum_impl,
     lambda v, *b, st: (_with_axis(v.shape, st.axis, len(st.ranges)), v.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _stage_spread_op = _prims.Op(
     "spp_jax_stage_spread",
     _spread_impl,
     lambda g, *b, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _prims.linear_pair(_stage_sum_op, _stage_spread_op)
 
@@ -364,7 +355,8 @@ def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
     Strided static stages: one variadic XLA reduction over stacked strided
     candidates. Others: a max fold, then a min fold of ``key`` (packed with the
     position when both fit in 31 bits) over the cells equal to the max. The
-    order is total, so both give the same winner.
+    order is total, so both give the same winner. (A reduction also keeps XLA from
+    recomputing a stage inside every term of the backward pass.)
     """
     shift = max(st.length - 1, 1).bit_length()
     packable = key_bound << shift < _PACK_LIMIT
@@ -446,15 +438,11 @@ _pick = _prims.Op(
     "spp_jax_stage_pick",
     _pick_impl,
     lambda t, pos, *, st: (pos.shape, t.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _route = _prims.Op(
     "spp_jax_stage_route",
     _route_impl,
     lambda g, pos, *, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _prims.linear_pair(_pick, _route)
 
@@ -478,14 +466,15 @@ def _level_stages(plan, h: int, w: int, levels: tuple[Level, ...]):
 
 
 def _eval_levels(plan, stages, from_input, from_base):
-    """Evaluates the levels: the base level first, then the rest."""
+    """Evaluates the levels, ``from_input(i)`` or ``from_base(base_output, i)``: the
+    base level first, then the rest."""
     base = plan[0]
     outs: list[Any] = [None] * len(stages)
     if base is not None:
         outs[base] = from_input(base)
-    for i, (source, cols, rows) in enumerate(stages):
+    for i, (source, _, _) in enumerate(stages):
         if outs[i] is None:
-            outs[i] = from_base(outs[base], cols, rows) if source == "base" else from_input(i)
+            outs[i] = from_base(outs[base], i) if source == "base" else from_input(i)
     return outs
 
 
@@ -519,7 +508,8 @@ def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
         cb, rb = _level_bounds(sizes, levels[i])
         return apply(apply(x, cols, cb), rows, rb)
 
-    def from_base(b, cols, rows):
+    def from_base(b, i):
+        _, cols, rows = stages[i]
         return apply(apply(b, cols), rows)
 
     return tuple(_eval_levels(plan, stages, from_input, from_base))
@@ -544,7 +534,8 @@ def _max_winners(x, sizes, plan, levels):
         _, cols, rows = stages[i]
         return level((x, _InputKeys(x.shape)), cols, rows, _level_bounds(sizes, levels[i]))
 
-    def from_base(b, cols, rows):
+    def from_base(b, i):
+        _, cols, rows = stages[i]
         return level(b[0], cols, rows)
 
     outs = _eval_levels(plan, stages, from_input, from_base)
@@ -580,8 +571,6 @@ _winners = _prims.Op(
     lambda x, *sizes, plan, levels: _winners_shapes(
         x.shape, x.dtype, sizes[0].shape if sizes else None, plan, levels
     ),
-    _prims.IMAGE,
-    _prims.IMAGE,
     multiple_results=True,
 )
 
@@ -591,23 +580,15 @@ def _pick_levels(t, positions, plan, levels):
     (``_pick``; reverse mode transposes it into ``_route``)."""
     stages = _level_stages(plan, t.shape[1], t.shape[2], levels)
 
-    def pick(v, cols, rows, pos):
+    def pick(v, i):
+        (_, cols, rows), (pos_cols, pos_rows) = stages[i], positions[i]
         if cols is not None:
-            v = _pick(v, pos[0], st=cols)
+            v = _pick(v, pos_cols, st=cols)
         if rows is not None:
-            v = _pick(v, pos[1], st=rows)
+            v = _pick(v, pos_rows, st=rows)
         return v
 
-    base = plan[0]
-    t_base = None if base is None else pick(t, stages[base][1], stages[base][2], positions[base])
-    t_outs = []
-    for i, (source, cols, rows) in enumerate(stages):
-        if i == base:
-            t_outs.append(t_base)
-        else:
-            src = t_base if source == "base" else t
-            t_outs.append(pick(src, cols, rows, positions[i]))
-    return tuple(t_outs)
+    return tuple(_eval_levels(plan, stages, lambda i: pick(t, i), pick))
 
 
 def _winners_jvp(primals, tangents, *, plan, levels):
@@ -799,9 +780,10 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
             jnp.broadcast_to(jnp.asarray(rows), (b, *rows.shape)),
             jnp.broadcast_to(jnp.asarray(cols), (b, *cols.shape)),
         )
-    rows = native.bounds([_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels])
-    cols = native.bounds([_dynamic_bins(sizes[:, 1], nw) for _, nw in levels])
-    return rows, cols
+    return (
+        native.bounds([_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]),
+        native.bounds([_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]),
+    )
 
 
 def _windows_first(x: jax.Array, bidx: jax.Array) -> jax.Array:
