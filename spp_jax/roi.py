@@ -276,12 +276,18 @@ def _check_boxes(boxes: Any) -> jax.Array:
     return jnp.asarray(boxes, jnp.float32)
 
 
+def _per_window(value: Any, name: str, r: int) -> Any:
+    """``value`` (an array, or as a NumPy array) after checking its shape is ``(R,)``."""
+    value = value if hasattr(value, "shape") else np.asarray(value)
+    if value.shape != (r,):
+        raise ValueError(f"{name} must have shape (R,) = ({r},), got {tuple(value.shape)}")
+    return value
+
+
 def _check_indices(box_indices: Any, r: int, b: int) -> jax.Array:
     if box_indices is None:
         return jnp.zeros((r,), jnp.int32)
-    idx = box_indices if hasattr(box_indices, "shape") else np.asarray(box_indices)
-    if idx.shape != (r,):
-        raise ValueError(f"box_indices must have shape (R,) = ({r},), got {tuple(idx.shape)}")
+    idx = _per_window(box_indices, "box_indices", r)
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"box_indices must be an integer array, got dtype {idx.dtype}")
     if not isinstance(idx, jax.core.Tracer):
@@ -292,15 +298,6 @@ def _check_indices(box_indices: Any, r: int, b: int) -> jax.Array:
                 f"box_indices must lie in [0, {b}) (the batch size); got {bad[:5].tolist()}"
             )
     return jnp.clip(jnp.asarray(idx, jnp.int32), 0, b - 1)
-
-
-def _check_valid(valid: Any, r: int) -> jax.Array | None:
-    if valid is None:
-        return None
-    valid = jnp.asarray(valid)
-    if valid.shape != (r,):
-        raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
-    return valid.astype(bool)
 
 
 def roi_pyramid_pool(
@@ -367,7 +364,7 @@ def roi_pyramid_pool(
     boxes = _check_boxes(boxes)
     r = boxes.shape[0]
     box_b = _check_indices(box_indices, r, b)
-    valid = _check_valid(valid, r)
+    valid = None if valid is None else jnp.asarray(_per_window(valid, "valid", r), bool)
     _check_spatial_scale(spatial_scale)
     valid_hw: tuple[Size, Size] = (h, w)
     if valid_sizes is not None:
@@ -494,11 +491,7 @@ def multiscale_roi_pyramid_pool(
         if per_scale is not None and len(per_scale) != n:
             raise ValueError(f"got {n} feature maps and {len(per_scale)} {name}; give one per map")
     boxes = _check_boxes(boxes)
-    scale_index = jnp.asarray(scale_index)
-    if scale_index.shape != (boxes.shape[0],):
-        raise ValueError(
-            f"scale_index must have shape (R,) = ({boxes.shape[0]},), got {scale_index.shape}"
-        )
+    scale_index = jnp.asarray(_per_window(scale_index, "scale_index", boxes.shape[0]))
     valid = kwargs.pop("valid", None)
     bidx = None if box_indices is None else jnp.asarray(box_indices)
     pooled = []
