@@ -457,11 +457,8 @@ class ConvTrunk(nn.Module):
     Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
     ``center_input=True`` subtracts each example's mean colour (over its valid region)
-    before conv1. The paper's networks see dataset-normalised pixels (the default,
-    ``False``); centring helps data whose images differ mainly by a random, label-free
-    colour cast, as the built-in ``spp_shapes`` and ``spp_scenes``. There the cast
-    dominates conv1's responses at initialisation and training sits at chance until the
-    network has learnt to cancel it (see the README's "Why the loss sat at chance").
+    before conv1: for data whose images differ mainly by a random, label-free colour
+    cast, as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
 
     Attributes:
       arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
@@ -678,9 +675,8 @@ class MLPHead(nn.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, hidden: bool = False
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """``(B, D)`` features -> ``(B, num_classes)`` float32 logits; with ``hidden``
-        also fc7's activations ``(B, fc_dim)`` (after ReLU and dropout), for detection's
-        SVMs: ``(logits, fc7)``."""
+        """The logits; with ``hidden``, ``(logits, fc7)``: also fc7's activations
+        ``(B, fc_dim)`` (after ReLU and dropout), for detection's SVMs."""
         for name in ("fc6", "fc7"):
             x = nn.Dense(
                 self.fc_dim,

@@ -14,10 +14,7 @@ __all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nnx.Module):
-    """Spatial pyramid pooling layer (no parameters, no state).
-
-    Maps ``(B, H, W, C)`` (or ``(B, C, H, W)`` with ``data_format="NCHW"``) of any
-    ``H, W`` to ``(B, C * sum(n_h * n_w))``. See :func:`spp_jax.spatial_pyramid_pool`.
+    """:class:`spp_jax.linen.SpatialPyramidPooling` as an NNX module (no state).
 
     Example:
       >>> import jax.numpy as jnp
@@ -47,11 +44,7 @@ class SpatialPyramidPooling(nnx.Module):
 
 
 class RoIPyramidPooling(nnx.Module):
-    """Window (RoI) pyramid pooling layer (no parameters, no state).
-
-    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
-    ``(R, C * sum(n_h * n_w))``. See :func:`spp_jax.roi_pyramid_pool`.
-    """
+    """:class:`spp_jax.linen.RoIPyramidPooling` as an NNX module (no state)."""
 
     def __init__(
         self,
