@@ -38,11 +38,8 @@ Annotations follow TFDS ``voc`` (features ``image``, ``image/filename``,
 
 Nothing is downloaded: every example is a function of its split and index
 (:func:`make_scene`, seeded by ``np.random.default_rng([DATASET_SEED, 1,
-SPLIT_IDS[split], index])``), so every build holds the same examples. Build it
-into ``$TFDS_DATA_DIR`` (default ``~/tensorflow_datasets``) with::
-
-    python -c "import spp_jax.datasets, tensorflow_datasets as tfds; \
-tfds.builder('spp_scenes').download_and_prepare()"
+SPLIT_IDS[split], index])``), so every build holds the same examples. It is built as
+:mod:`~spp_jax.datasets.spp_shapes` is, with ``tfds.builder('spp_scenes')``.
 
 Configs (``tfds.builder("spp_scenes/<config>")``):
 
@@ -490,9 +487,7 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 3), dtype=np.uint8, encoding_format="png"
-                    ),
+                    "image": _shapes._png_feature(),
                     "image/filename": tfds.features.Text(),
                     "objects": tfds.features.Sequence(
                         {
@@ -515,8 +510,6 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(s, getattr(config, f"num_{s}")) for s in SPLIT_IDS}
 
     def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[str, dict]]:
-        import tensorflow as tf  # TFDS imports it anyway; PNG-encode here, fast
-
         for index in range(num_examples):
             image, objects, _ = make_scene(index, split)
             filename = f"{split}_{index:05d}.png"
@@ -525,7 +518,7 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
             yield (
                 filename,
                 {
-                    "image": tf.io.encode_png(image, compression=1).numpy(),
+                    "image": _shapes._encode_png(image),
                     "image/filename": filename,
                     "objects": {
                         "label": labels,

@@ -453,9 +453,7 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 3), dtype=np.uint8, encoding_format="png"
-                    ),
+                    "image": _png_feature(),
                     "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
                     "index": tfds.features.Scalar(
                         dtype=np.int64, doc="Index of the example within its split."
@@ -476,10 +474,18 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
         return {s: self._generate_examples(s, getattr(config, f"num_{s}")) for s in SPLIT_IDS}
 
     def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
-        import tensorflow as tf  # TFDS imports it anyway; PNG-encode here, fast
-
         for index in range(num_examples):
             image, label, meta = make_example(index, split)
-            # zlib level 1: much faster to encode than TFDS's default level, a little larger.
-            png = tf.io.encode_png(image, compression=1).numpy()
+            png = _encode_png(image)
             yield index, {"image": png, "label": label, "index": index, "scale": meta["scale"]}
+
+
+def _png_feature() -> tfds.features.Image:
+    return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png")
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    import tensorflow as tf  # TFDS imports it anyway
+
+    # zlib level 1: much faster to encode than TFDS's default level, a little larger.
+    return tf.io.encode_png(image, compression=1).numpy()
