@@ -289,24 +289,32 @@ def tuned(library: str) -> dict[str, bool]:
     the first process to need it runs the measurement in a child process (a few
     seconds), holding a lock so that concurrent processes wait for it and read the
     same file. If the measurement fails, the kernels are used and a warning says why.
+    A measurement taken on a busy machine (:func:`measured_busy`) is used but not
+    kept: the first process that starts on a machine that is not busy measures again,
+    since other processes competing for the cores slow the multi-threaded kernels
+    more than their fallbacks and can turn the choice around.
     """
     from spp_jax._cpu import tune
 
     families = tune.FAMILIES[library]
     path = _built[library].with_suffix(".tune.json")
 
-    def read() -> dict[str, bool] | None:
+    def read(remeasure_busy: bool = False) -> dict[str, bool] | None:
         try:
-            got = json.loads(path.read_text())["families"]
-            return {f: bool(got[f]["kernel"]) for f in families}
+            record = json.loads(path.read_text())
+            got = record["families"]
+            choice = {f: bool(got[f]["kernel"]) for f in families}
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if remeasure_busy and measured_busy(record.get("cpu"), _load_now()):
+            return None
+        return choice
 
-    choice = read()
+    choice = read(remeasure_busy=True)
     if choice is not None:
         return choice
     with _file_lock(path.with_suffix(".lock")):
-        choice = read()
+        choice = read(remeasure_busy=True)
         if choice is not None:
             return choice
         # One CPU device (the choice is about one device using every core), the
@@ -348,6 +356,29 @@ def tuned(library: str) -> dict[str, bool]:
         ", ".join(f"{f}: {'kernel' if k else 'fallback'}" for f, k in choice.items()),
     )
     return choice
+
+
+def _load_now() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def measured_busy(cpu: dict | None, load_now: float | None) -> bool:
+    """Whether a kernel measurement recorded on ``cpu`` (``tune.cpu_description()``:
+    ``cores``, ``load_1min``) was taken on a busy machine that is not busy now: its
+    1-minute load was above the core count, and the load ``load_now`` is not.
+
+    >>> measured_busy({"cores": 2, "load_1min": 9.3}, 0.4)
+    True
+    >>> measured_busy({"cores": 2, "load_1min": 9.3}, 8.0)  # still busy: keep it
+    False
+    >>> measured_busy({"cores": 2, "load_1min": 0.2}, 0.4)
+    False
+    """
+    try:
+        cores, load = float(cpu["cores"]), float(cpu["load_1min"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return load > cores and load_now is not None and load_now <= cores
 
 
 def kernel_chosen(family: str) -> bool:
