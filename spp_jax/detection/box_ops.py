@@ -81,7 +81,7 @@ def _float_dtype(*arrays: Any) -> Any:
     # torchvision's _upcast_non_float: float32 and float64 stay, the rest is float32.
     dtypes = {np.dtype(a.dtype) for a in arrays}
     if np.dtype(np.float64) in dtypes:
-        return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+        return jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless x64 is enabled
     return jnp.float32
 
 
