@@ -437,16 +437,14 @@ class ConvTrunk(nn.Module):
     The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
     Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
-    ``center_input=True`` subtracts each example's mean colour (over its valid region)
-    before conv1: for data whose images differ mainly by a random, label-free colour
-    cast, as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
-
     Attributes:
       arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
       width: conv channel multiplier (:func:`layer_specs`).
       depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
       dtype: computation dtype (params are float32).
-      center_input: subtract each example's mean colour before conv1.
+      center_input: subtract each example's mean colour (over its valid region) before
+        conv1: for data whose images differ mainly by a random, label-free colour cast,
+        as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
 
     Example:
       >>> import jax, jax.numpy as jnp
