@@ -344,29 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--channels", type=int, default=256)
 
     t = sub.add_parser("train", help="train an SPP net (multi-size), checkpoint, evaluate")
+    _add_config_arguments(t, "default", configs.available(), "model.width=0.5")
     t.add_argument(
-        "--config",
-        default="default",
-        help=f"a shipped config ({', '.join(configs.available())}) or the path of a .py file "
-        "with get_config()",
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() with auto-detection (TPU, SLURM)",
     )
-    t.add_argument("--workdir", required=True)
-    t.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.width=0.5 (repeatable)",
-    )
-    for p in (t,):
-        p.add_argument(
-            "--distributed",
-            action="store_true",
-            help="jax.distributed.initialize() with auto-detection (TPU, SLURM)",
-        )
-        p.add_argument("--coordinator-address", help="host:port of process 0 (several hosts)")
-        p.add_argument("--num-processes", type=int)
-        p.add_argument("--process-id", type=int)
+    t.add_argument("--coordinator-address", help="host:port of process 0 (several hosts)")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
     e = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     e.add_argument("--workdir", required=True)
     e.add_argument(
@@ -397,12 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--split", default="test", help="TFDS split (default: test)")
     x.add_argument("--batch-size", type=int, default=32)
     x.add_argument("--limit", type=int, help="at most this many images")
-    x.add_argument(
-        "--skip-bad-images",
-        action="store_true",
-        help="skip files that cannot be read as images (each with a warning; listed in the "
-        "output's 'skipped') instead of stopping at the first with an error naming it",
-    )
+    _add_skip_bad_images_argument(x, "the output's 'skipped'")
 
     handlers = {d: _demo_command, t: _train_command, e: _eval_command, x: _extract_command}
     for sub_parser, handler in handlers.items():
@@ -417,32 +398,17 @@ def _add_detection_commands(sub: Any, detection_configs: Sequence[str]) -> None:
         "detect-train",
         help="train an SPP-net object detector (every stage, resumable) and evaluate it",
     )
-    dt.add_argument(
-        "--config",
-        default="detection",
-        help=f"a shipped detection config ({', '.join(detection_configs)}) or "
-        "the path of a .py file with get_config()",
-    )
-    dt.add_argument("--workdir", required=True)
-    dt.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set finetune.steps=500 or "
-        "--set backbone_overrides.num_epochs=4 (repeatable)",
+    _add_config_arguments(
+        dt,
+        "detection",
+        detection_configs,
+        "finetune.steps=500 or --set backbone_overrides.num_epochs=4",
     )
     de = sub.add_parser(
         "detect-eval", help="evaluate a detect-train workdir's detector on a split (AP table)"
     )
     de.add_argument("--workdir", required=True)
-    de.add_argument(
-        "--scales",
-        type=int,
-        choices=(1, 5),
-        default=1,
-        help="1: the single scale; 5: every scale of the config (default: 1)",
-    )
+    _add_scales_argument(de)
     de.add_argument(
         "--split",
         default="test",
@@ -460,28 +426,52 @@ def _add_detection_commands(sub: Any, detection_configs: Sequence[str]) -> None:
         "--images", required=True, nargs="+", metavar="PATH", help="image files or folders"
     )
     dd.add_argument("--out", required=True, help="output folder (PNGs and detections.json)")
+    _add_scales_argument(dd)
     dd.add_argument(
+        "--min-score", type=float, help="drop detections scoring below (default: keep all)"
+    )
+    _add_skip_bad_images_argument(dd, "detections.json's 'skipped'")
+    dt.set_defaults(func=_detect_train_command)
+    de.set_defaults(func=_detect_eval_command)
+    dd.set_defaults(func=_detect_command)
+
+
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, default: str, names: Sequence[str], example: str
+) -> None:
+    """``--config`` (a shipped name in ``names``, or a ``.py`` path) and ``--set``."""
+    parser.add_argument(
+        "--config",
+        default=default,
+        help=f"a shipped config ({', '.join(names)}) or the path of a .py file with get_config()",
+    )
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+
+
+def _add_scales_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--scales",
         type=int,
         choices=(1, 5),
         default=1,
         help="1: the single scale; 5: every scale of the config (default: 1)",
     )
-    dd.add_argument(
-        "--min-score", type=float, help="drop detections scoring below (default: keep all)"
-    )
-    dd.add_argument(
+
+
+def _add_skip_bad_images_argument(parser: argparse.ArgumentParser, listed_in: str) -> None:
+    parser.add_argument(
         "--skip-bad-images",
         action="store_true",
-        help="skip files that cannot be read as images (each with a warning; listed in "
-        "detections.json's 'skipped') instead of stopping at the first with an error naming it",
+        help=f"skip files that cannot be read as images (each with a warning; listed in "
+        f"{listed_in}) instead of stopping at the first with an error naming it",
     )
-    for sub_parser, handler in (
-        (dt, _detect_train_command),
-        (de, _detect_eval_command),
-        (dd, _detect_command),
-    ):
-        sub_parser.set_defaults(func=handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,9 @@
 """TFDS input pipelines with resolution buckets, for SPP-net training and evaluation.
 
 Every batch has one static shape (a "bucket"), so the jitted/pmapped step compiles
-once per bucket and never per image: :func:`train_batches` yields one epoch of the
-paper's crops, resized to the epoch's size (multi-size training, paper section
-3.2); :func:`eval_batches` a centre crop, or the FULL image padded to an
-aspect-ratio bucket with ``valid_sizes``, so that the model's SPP layer pools each
-image over its own pixels only.
+once per bucket and never per image: :func:`train_batches` (multi-size training, paper
+section 3.2) and :func:`eval_batches` (a centre crop, or the full image padded to an
+aspect-ratio bucket with ``valid_sizes``).
 
 The order of an epoch is a function of ``(seed, epoch)`` only, and process ``p`` of
 ``P`` keeps positions ``p, p+P, ...`` of it, before decoding: the union of the

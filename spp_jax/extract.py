@@ -1,13 +1,9 @@
 """Jit-compiled SPP feature extraction for images of any size (``spp-jax extract``).
 
-Each image keeps its aspect ratio (short side resized to ``size``, long side capped
-at ``max_aspect * size``), is padded with zeros to an aspect-ratio bucket, and is
-pooled by the trained network's SPP layer over its own pixels only
-(``valid_sizes``). So a feature never depends on the other images of its batch,
-and the network compiles once per bucket, not once per image size.
-
-The features are the SPP vectors (the input of fc6): ``C * sum(n * n)`` floats per
-image, e.g. ``256 * 50 = 12,800`` for ZF-5 with levels (6, 3, 2, 1).
+Each image keeps its aspect ratio, is padded to an aspect-ratio bucket and is pooled
+over its own pixels only (``valid_sizes``), so a feature never depends on the other
+images of its batch and the network compiles once per bucket
+(:func:`extract_features` says what is written).
 
 Images stream through (memory holds at most a batch per bucket), and every computed
 batch is saved at once to ``OUT.parts/`` (one ``.npz`` per batch, written atomically):

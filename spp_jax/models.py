@@ -1,34 +1,15 @@
 """The SPP-net classification networks (He et al., arXiv 1406.4729, Table 1) in Flax linen.
 
 Four conv trunks, each followed by a spatial pyramid pooling head (``head="spp"``) or
-by the paper's no-SPP baseline (``head="pool6"``). Every conv is followed by a ReLU;
+by the paper's no-SPP baseline (``head="pool6"``): ``"zf5"`` (ZF-5, total stride 16,
+conv5 13 x 13 at a 224 input, 10 x 10 at 180), ``"convnet5"`` (Convnet*-5, stride 16,
+13 x 13 at 224), ``"overfeat5"`` and ``"overfeat7"`` (Overfeat-5/7, stride 12, 18 x 18 at
+224, with 3 or 5 512-channel 3x3 convs after conv2). Every conv is followed by a ReLU;
 "ceil" pools use Caffe's rounding (:func:`spp_jax.pooling.pool_output_size`), LRN is
-:func:`local_response_norm`. Sizes are for a 224 x 224 input:
-
-* ``"zf5"`` (ZF-5, total stride 16)::
-
-    conv1 96x7x7 s2 pad 1, LRN, pool 3 s2 ceil   224 -> 110 -> 55
-    conv2 256x5x5 s2 pad 1, LRN, pool 3 s2 ceil   55 -> 27 -> 13
-    conv3 384x3x3, conv4 384x3x3, conv5 256x3x3 (pad 1)   13 -> 13
-
-  (10 x 10 at a 180 input.)
-* ``"convnet5"`` (Convnet*-5)::
-
-    conv1 96x11x11 s4 pad 2, LRN                  224 -> 55
-    conv2 256x5x5 pad 2, LRN, pool 3 s2 ceil      55 -> 27
-    conv3 384x3x3 pad 1, pool 3 s2 ceil           27 -> 13
-    conv4 384x3x3, conv5 256x3x3 (pad 1)          13 -> 13
-
-* ``"overfeat5"`` / ``"overfeat7"`` (Overfeat-5/7, total stride 12)::
-
-    conv1 96x7x7 s2 no pad, pool 3 s3 floor, LRN  224 -> 109 -> 36
-    conv2 256x5x5 pad 2, pool 2 s2 floor          36 -> 18
-    3 (overfeat5) or 5 (overfeat7) x 512x3x3 pad 1  18 -> 18
-
-The paddings are the ones that give the paper's map sizes; they are pinned by tests.
-Each architecture is a static tuple of layer specs (:func:`layer_specs`); the module
-and the size arithmetic (:func:`feature_map_size`) both walk that tuple, so they
-cannot disagree.
+:func:`local_response_norm`. The layers (kernels, strides, paddings, LRNs and pools) are
+written once, as static tuples of layer specs (:func:`layer_specs`); the module and the
+size arithmetic (:func:`feature_map_size`) both walk them, so they cannot disagree. The
+paddings are the ones that give the paper's map sizes; they are pinned by tests.
 
 The network is built from parts: :class:`ConvTrunk` (images to the last conv map,
 reusable on its own, e.g. for detection), a pooling head (:class:`SPPHead` or
@@ -456,16 +437,14 @@ class ConvTrunk(nn.Module):
     The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
     Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
-    ``center_input=True`` subtracts each example's mean colour (over its valid region)
-    before conv1: for data whose images differ mainly by a random, label-free colour
-    cast, as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
-
     Attributes:
       arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
       width: conv channel multiplier (:func:`layer_specs`).
       depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
       dtype: computation dtype (params are float32).
-      center_input: subtract each example's mean colour before conv1.
+      center_input: subtract each example's mean colour (over its valid region) before
+        conv1: for data whose images differ mainly by a random, label-free colour cast,
+        as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -1,22 +1,12 @@
 """Multi-view testing on the feature map (SPP-net, He et al. 2014, section 3.1.2).
 
 At test time SPP-net computes the conv5 map ONCE per image (and once for its mirror
-image), maps each test view (a square window on the image) onto that map, pools the
-window with spatial pyramid pooling and runs fc6-fc8 on the pooled vector; the
-softmax scores of the views are averaged. The baseline it replaces crops the same
-views from the image and runs the WHOLE network on each crop.
-
-Views (:func:`view_boxes`), for an ``h x w`` image and ``s x s`` views:
-
-* ``views=1``: the centre view;
-* ``views=10`` (the standard 10-view test): centre and the 4 corners, each also
-  flipped horizontally;
-* ``views=18`` (the paper's 18 views per scale, ILSVRC 2014 entry): centre, 4
-  corners and the centres of the 4 edges, each also flipped.
-
-A flipped view is the mirror of the window's crop; on the feature map it is the
-mirrored window on the conv5 map of the mirrored image, so both maps are computed
-once per image and every view is a pooling window on one of them.
+image), maps each test view (a square window on the image, :func:`view_boxes`) onto
+that map, pools the window with spatial pyramid pooling and runs fc6-fc8 on the
+pooled vector; the softmax scores of the views are averaged. The baseline it replaces
+crops the same views from the image and runs the WHOLE network on each crop
+(:func:`whole_net_view_probs`; ``docs/training.md`` compares the two). A flipped view
+is the mirrored window on the conv5 map of the mirrored image.
 
 Window -> conv5 cells (``mapping``):
 
@@ -29,34 +19,17 @@ Window -> conv5 cells (``mapping``):
   those ``m x m`` cells, its corner rounded to the nearest cell (halves up) and
   shifted to stay inside the image's map. The whole image as a view is the whole
   map, i.e. exactly the network's full-image prediction.
-* ``"paper"``: the paper's Appendix projection of the window's corners,
-  ``floor(x1 / S) + 1`` and ``ceil(x2 / S) - 1``
+* ``"paper"``: the paper's Appendix projection of the window's corners
   (:func:`spp_jax.roi.project_boxes`, ``projection="sppnet"``), calibrated for the
   paddings of the paper's Caffe networks. On this repository's trunks (ZF-5's conv5
   cell ``j`` is centred on pixel ``16 (j + 1)``) its windows start about one cell
   later than the crop's cells, and the whole image misses the map's first row and
   column.
 
-Either way the window is pooled by :func:`spp_jax.roi_pyramid_pool`
-(``projection="sppnet"``, the model's ``levels``) with the SPP head's bins, so the
-pooled vector of a whole-map window equals the SPP head's output.
-
-Where the two paths differ: a crop run alone sees zero padding at its border where
-the feature map has the image around the view (the conv5 cells within about two
-cells of the crop's border differ), its ceil-mode pools stop at the crop, and with
-``center_input=True`` the crop is centred on its own mean colour rather than the
-image's. The paper reports the two 10-view tests within 0.1 % (top-5 error) of
-each other on ImageNet.
-
-Test size (:func:`view_size_for`): like the full-image evaluation, the image's
-short side is resized to ``size`` (the long side capped at ``max_aspect * size``);
-the views have side ``round(size / resize_ratio)``, the training crop's share of the
-image: at ``size = round(crop_size * resize_ratio)`` (128 for the default config,
-256 in the paper) the views are ``crop_size`` squares, as the paper's 224 views
-of 256 images.
-
-Every jitted function compiles once per (padded image shape, number of views):
-image sizes inside a padded bucket (``valid_sizes``) and view positions are traced.
+Either way the window is pooled by :func:`spp_jax.roi_pyramid_pool` with the SPP
+head's bins, so the pooled vector of a whole-map window equals the SPP head's output.
+Every jitted function compiles once per (padded image shape, number of views): image
+sizes inside a padded bucket (``valid_sizes``) and view positions are traced.
 """
 
 from __future__ import annotations
@@ -119,13 +92,14 @@ def check_views(views: Any) -> None:
         )
 
 
-def _check_mapping(mapping: str) -> None:
+def _check_settings(head: str, mapping: str, views: int | None = None, where: str = "") -> None:
+    """Raises a ValueError naming ``views`` (unless None) not in :data:`VIEW_COUNTS`, a
+    ``mapping`` not in :data:`MAPPINGS`, or a ``head`` other than ``"spp"`` (``where``:
+    whose head it is)."""
+    if views is not None:
+        check_views(views)
     if mapping not in MAPPINGS:
         raise ValueError(f"unknown mapping {mapping!r}; accepted: {', '.join(map(repr, MAPPINGS))}")
-
-
-def _check_head(head: str, where: str = "") -> None:
-    """Raises a ValueError unless ``head`` is ``"spp"`` (``where``: whose head it is)."""
     if head != "spp":
         raise ValueError(
             f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
@@ -329,8 +303,7 @@ def feature_map_view_probs(
       >>> feature_map_view_probs(net, params, x, boxes, view_size=64, flip=True).shape
       (1, 10, 3)
     """
-    _check_head(model.head)
-    _check_mapping(mapping)
+    _check_settings(model.head, mapping)
     b = images.shape[0]
     p = boxes.shape[1]
     sizes = _full_sizes(images, valid_sizes)
@@ -457,30 +430,36 @@ def multiview_scores(
       >>> multiview_scores(net, params, x, view_size=64, views=10).shape
       (2, 3)
     """
-    _check_head(model.head)
-    check_views(views)
-    _check_mapping(mapping)
+    _check_settings(model.head, mapping, views)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(map(repr, METHODS))}")
     b, h, w, _ = images.shape
     sizes = np.tile([[h, w]], (b, 1)) if valid_sizes is None else np.asarray(valid_sizes)
     boxes = batch_view_boxes(sizes, view_size, views)
-    if method == "feature_map":
-        probs = feature_map_view_probs(
-            model,
-            params,
-            images,
-            boxes,
-            None if valid_sizes is None else sizes.astype(np.int32),
-            view_size=view_size,
-            flip=has_flipped_views(views),
-            mapping=mapping,
-        )
-    else:
-        probs = whole_net_view_probs(
-            model, params, images, boxes, view_size=view_size, flip=has_flipped_views(views)
-        )
+    probs = _view_probs(
+        method, model, params, images, boxes, sizes.astype(np.int32), view_size, views, mapping
+    )
     return probs if per_view else jnp.mean(probs, axis=1)
+
+
+def _view_probs(
+    method: str,
+    model: SPPNet,
+    params: Any,
+    images,
+    boxes,
+    sizes,
+    view_size: int,
+    views: int,
+    mapping: str,
+) -> jax.Array:
+    """:func:`feature_map_view_probs` or :func:`whole_net_view_probs`, by ``method``."""
+    flip = has_flipped_views(views)
+    if method == "feature_map":
+        return feature_map_view_probs(
+            model, params, images, boxes, sizes, view_size=view_size, flip=flip, mapping=mapping
+        )
+    return whole_net_view_probs(model, params, images, boxes, view_size=view_size, flip=flip)
 
 
 # --------------------------------------------------------------------------------------
@@ -580,20 +559,10 @@ def evaluate_batches(
     Raises:
       ValueError: as :func:`multiview_scores`.
     """
-    _check_head(model.head)
-    check_views(views)
-    _check_mapping(mapping)
-    flip = has_flipped_views(views)
+    _check_settings(model.head, mapping, views)
     paths = ["feature_map"] + (["whole_net"] if compare_whole_net else [])
     stats = {name: _PathStats() for name in paths}
     count, agree, max_diff = 0, 0, 0.0
-
-    def run(name, images, boxes, sizes):
-        if name == "feature_map":
-            return feature_map_view_probs(
-                model, params, images, boxes, sizes, view_size=view_size, flip=flip, mapping=mapping
-            )
-        return whole_net_view_probs(model, params, images, boxes, view_size=view_size, flip=flip)
 
     for batch in batches:
         mask = np.asarray(batch["mask"]) > 0
@@ -607,9 +576,10 @@ def evaluate_batches(
         labels = np.asarray(batch["label"])[mask]
         means = {}
         for name in paths:
-            probs = stats[name].timed(
-                functools.partial(run, name, images, boxes, sizes), images.shape
+            run = functools.partial(
+                _view_probs, name, model, params, images, boxes, sizes, view_size, views, mapping
             )
+            probs = stats[name].timed(run, images.shape)
             means[name] = probs.mean(axis=1)[mask]
             stats[name].count_hits(means[name], labels)
         count += int(mask.sum())
@@ -669,9 +639,8 @@ def evaluate_multiview(
     from spp_jax import data as data_lib
     from spp_jax import train, workdirs
 
-    check_views(views)
-    _check_mapping(mapping)
-    _check_head(workdirs.read_config(workdir).model.head, f" in {workdir}")
+    _check_settings("spp", mapping, views)  # before reading the workdir
+    _check_settings(workdirs.read_config(workdir).model.head, mapping, where=f" in {workdir}")
     trained = workdirs.load_trained(workdir)
     config, model = trained.config, trained.model
     if sizes is None:

@@ -1,41 +1,12 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
 On CPU, max pooling may run the compiled kernel of ``spp_jax/_cpu/native.py``
-instead (``docs/pooling.md``, "How it is computed"). What follows is the pure-JAX
-code, which GPU and TPU run, average pooling uses and CPU falls back to; both are
-tested against the same NumPy references.
-
-How the pure-JAX code computes (each choice measured on CPU with
-``experiments/benchmarks/spp_layer.py``; XLA's CPU backend decides most of it):
-
-* **Separable stages.** A 2-D bin is a product of a row range and a column
-  range, so each level is reduced over columns (a "stage" along axis 2), then
-  over rows (axis 1). A stage is a chain of elementwise ops over static slices,
-  which XLA fuses into one loop. Where all bins of a stage have one width and a
-  fixed stride (13 cells into 6 bins: width 3, stride 2) each offset is one
-  strided slice and no ``concatenate`` is needed.
-* **Coarse levels from the finest.** For max pooling, a coarse bin that is the
-  union of a run of fine bins (always so for the adaptive rule when the coarse
-  count divides the fine count, as in (6, 3, 2, 1)) is reduced from the fine
-  level's small output, so the input is read about once for all levels. Other
-  levels, and every level of average pooling, are reduced from the input.
-* **Max derivatives** (``custom_jvp`` on the whole pyramid). The forward pass
-  computes values only. Under differentiation every stage also finds, per bin,
-  the winner's key (its row-major input cell index) and its position along the
-  stage's axis (``_stage_argmax``), in the total order of
-  :func:`spp_jax._windows.better` (largest value, then smallest key, NaN largest),
-  so stages and levels combine in any order and still pick PyTorch's first
-  maximum, ties included. The tangent of each stage reads the input tangent at
-  the winner (``_pick``); reverse mode transposes that into ``_route``, one
-  elementwise term per cell, no scatter. Both are linear primitives (``_prims.py``
-  says how they compose with every transformation, at every order).
-* **Average pooling** accumulates in float32. A stage sum is a linear primitive
-  whose transpose spreads each bin's cotangent over the bin's cells (autodiff
-  of the slices would not fuse), and vice versa.
-* **Padded batches** (``valid_sizes``). Each example's adaptive bins are
-  computed in-graph from its size; a stage folds over a static window that holds
-  a bin at every size, and cells outside the example's bin are masked. Changing
-  the sizes never recompiles and padding (even inf or NaN) never leaks in.
+instead. What follows is the pure-JAX code, which GPU and TPU run, average pooling
+uses and CPU falls back to: separable stages over static slices, coarse levels
+reduced from the finest, first-maximum derivatives by linear primitives
+(``_prims.py``), and masks for padded batches. ``docs/pooling.md`` ("How it is
+computed") describes each choice; both paths are tested against the same NumPy
+references.
 """
 
 from __future__ import annotations
@@ -228,7 +199,7 @@ def _fold(
     ``cell`` that cell's index (an int, or an array along the axis) and
     ``extras`` arrays aligned with the bins (a bin's max, per-example limits).
     Strided stages take one strided slice per offset, others fold each bin's cells
-    and concatenate (module docstring). ``strided_extras``: take the strided path
+    and concatenate (``docs/pooling.md``). ``strided_extras``: take the strided path
     with extras too (they are then passed whole: each holds every bin along the axis).
     """
     ax = st.axis

@@ -2,29 +2,15 @@
 
 Shaped like the Flax ImageNet example: small typed functions, a pure
 ``train_step(state, batch) -> (state, metrics)`` and ``train_and_evaluate(config,
-workdir)``. The config is an ``ml_collections.ConfigDict`` (see
-``spp_jax/configs/default.py`` for every key, its meaning and its default).
-
-* **Multi-size training.** The size schedule (:func:`spp_jax.data.train_size_for_epoch`)
-  gives each epoch one input size; every epoch is one static batch shape, so the
-  pmapped step compiles once per size and is reused whenever that size comes
-  back. Compiles are logged (``train step for bucket ... ready in ...``) and counted
-  in ``metrics.jsonl``.
-* **Devices and hosts.** The global batch is split over all devices of all
-  processes; ``train_step`` averages gradients with ``lax.pmean`` over the axis
-  ``"batch"`` and knows nothing else about pmap, so it also runs under
-  ``jax.jit``/``shard_map`` with a mesh axis of that name. With several
-  processes (``jax.distributed.initialize``), each process reads its own share
-  of every batch (:mod:`spp_jax.data`).
-* **Checkpoints.** orbax writes each checkpoint to a temporary directory and
-  renames it when complete, so a crash never leaves a half-written one. The
-  data order, crops, size schedule and dropout keys are all functions of
-  ``(seed, epoch, step)``, so a run killed and resumed from its last
-  checkpoint ends with the same parameters as an uninterrupted run.
-* **Outputs** under ``workdir``: ``config.json``, ``checkpoints/``, and
-  (:mod:`spp_jax.metrics`) ``metrics.jsonl`` (one line per epoch, then the final
-  evaluation: ``"final"`` and its top-1 flattened, :func:`flat_metrics`), TensorBoard
-  event files beside it, ``curves.png``.
+workdir)``. The config is an ``ml_collections.ConfigDict`` (``spp_jax/configs/default.py``
+holds every key, its meaning and its default). Each epoch has one input size
+(:func:`spp_jax.data.train_size_for_epoch`) and so one static batch shape: the pmapped
+step compiles once per size. The data order, crops, size schedule and dropout keys are
+functions of ``(seed, epoch, step)``, so a run killed and resumed from its last
+(atomic) checkpoint ends with the same parameters as an uninterrupted run. A run writes
+``config.json``, ``checkpoints/`` and (:mod:`spp_jax.metrics`) ``metrics.jsonl``,
+TensorBoard event files and ``curves.png`` under ``workdir``. Devices and hosts:
+``docs/scale_out.md``.
 """
 
 from __future__ import annotations

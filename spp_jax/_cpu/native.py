@@ -285,14 +285,12 @@ def tuned(library: str) -> dict[str, bool]:
     """Per op family of the built ``library``, whether its kernel is at least as fast
     as the fallback on this machine (:mod:`spp_jax._cpu.tune`).
 
-    Measured once per build and kept beside the library (``<library>.tune.json``):
-    the first process to need it runs the measurement in a child process (a few
-    seconds), holding a lock so that concurrent processes wait for it and read the
-    same file. If the measurement fails, the kernels are used and a warning says why.
-    A measurement taken on a busy machine (:func:`measured_busy`) is used but not
-    kept: the first process that starts on a machine that is not busy measures again,
-    since other processes competing for the cores slow the multi-threaded kernels
-    more than their fallbacks and can turn the choice around.
+    Measured once per build and kept beside the library (``docs/install.md``, "Kernel or
+    pure JAX"), holding a lock so that concurrent processes wait for the measurement and
+    read the same file; if it fails, the kernels are used and a warning says why. A
+    measurement taken on a busy machine (:func:`measured_busy`) is used but not kept:
+    other processes competing for the cores slow the multi-threaded kernels more than
+    their fallbacks and can turn the choice around.
     """
     from spp_jax._cpu import tune
 
