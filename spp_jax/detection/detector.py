@@ -21,6 +21,7 @@ import numpy as np
 
 from spp_jax._padding import pad_rows, round_up
 from spp_jax.detection import bbox_regression, features, finetune, svm
+from spp_jax.detection._checks import choice
 from spp_jax.detection.suppression import multiclass_nms
 from spp_jax.models import ConvTrunk, MLPHead
 
@@ -143,8 +144,7 @@ class Detector:
         """
         c = self.config
         scorer = scorer or c.test.scorer
-        if scorer not in ("svm", "softmax"):
-            raise ValueError(f"unknown scorer {scorer!r}; accepted: 'svm', 'softmax'")
+        choice("scorer", scorer, ("svm", "softmax"))
         if scorer == "svm" and self.svms is None:
             raise ValueError('scorer="svm" needs trained SVMs (stage svm)')
         clock = _Clock(timings)

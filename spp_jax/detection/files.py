@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from spp_jax._io import atomic_write_json
+from spp_jax.detection._checks import choice
 
 log = logging.getLogger("spp_jax")
 
@@ -119,8 +120,7 @@ def detect_files(
 
     from spp_jax.detection import pipeline, report
 
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
+    choice("on_bad_image", on_bad_image, ("raise", "skip"))
     paths = image_paths(inputs)
     det = pipeline.load_detector(workdir)
     names = report.class_names(det.num_classes)

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 
 from spp_jax._io import atomic_open, atomic_write_json
-from spp_jax.data import BadImageError
+from spp_jax.data import BadImageError, read_bytes
+from spp_jax.detection._checks import choice
 
 __all__ = [
     "MODES",
@@ -459,8 +460,7 @@ class ProposalCache:
           spp_jax.data.BadImageError: an unreadable image, with ``on_bad_image="raise"``.
           ValueError: a repeated id, a bad argument.
         """
-        if on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
+        choice("on_bad_image", on_bad_image, ("raise", "skip"))
         if num_workers is None:
             num_workers = os.cpu_count() or 1
         if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
@@ -554,11 +554,7 @@ def _compute_one(task: tuple[str, str, Any, str], params: dict[str, Any]):
     image_id, name, image, out_path = task
     try:
         if isinstance(image, str | os.PathLike):
-            try:
-                with open(image, "rb") as f:
-                    image = f.read()
-            except OSError as e:
-                raise BadImageError(name, e.strerror or str(e)) from None
+            image = read_bytes(image)
         if isinstance(image, bytes | bytearray | memoryview):
             image = decode(bytes(image), name)
         else:

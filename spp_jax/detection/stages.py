@@ -23,7 +23,7 @@ import numpy as np
 
 from spp_jax import workdirs
 from spp_jax._io import atomic_write_bytes, atomic_write_json
-from spp_jax.detection import bbox_regression, evaluation, features, finetune, svm
+from spp_jax.detection import bbox_regression, evaluation, features, finetune, proposals, svm, voc
 from spp_jax.detection.boxes import box_iou
 from spp_jax.detection.detector import Detector
 from spp_jax.models import ConvTrunk, MLPHead
@@ -95,8 +95,6 @@ class Split:
 
 def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
     """Reads a TFDS VOC-format split (``spp_scenes``, ``voc/2007``) into memory."""
-    from spp_jax.detection import proposals, voc
-
     out = Split([], [], [], [], [])
     for ex in voc.tfds_examples(dataset, split, data_dir=data_dir):
         image = proposals.to_rgb8(ex["image"], voc.image_id(ex))
@@ -108,14 +106,6 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
         out.difficult.append(gt["difficult"])
     log.info("read %s/%s: %d images", dataset, split, len(out))
     return out
-
-
-def num_classes_of(dataset: str, data_dir: str | None = None) -> int:
-    """The number of object classes of a TFDS VOC-format dataset."""
-    from spp_jax.detection import voc
-
-    builder = voc._builder(dataset, data_dir)
-    return int(builder.info.features["objects"]["label"].num_classes)
 
 
 def evaluate(dets: Sequence[dict], split: Split, k: int, metric: str = "voc07") -> dict:
@@ -201,7 +191,7 @@ def _initial_head(config, k: int, fc: dict, fc_dim: int) -> tuple[MLPHead, Any]:
 def build_detector(config, workdir: str) -> tuple[Detector, Any]:
     """The detector with the backbone's trunk and fc6/fc7 (fc8 new), and the
     pre-trained head params (for the "no fine-tuning" row)."""
-    k = num_classes_of(config.dataset, config.data_dir)
+    k = voc.num_classes(config.dataset, config.data_dir)
     trunk, trunk_params, fc, backbone = load_backbone(stage_backbone(config, workdir))
     head, params = _initial_head(config, k, fc, backbone.model.fc_dim)
     return Detector(trunk, trunk_params, head, params, k, config), params
@@ -217,13 +207,11 @@ def _proposal_cache(config, workdir: str, *, as_stored: bool = False):
     (``WORKDIR/proposals`` or ``config.proposals.cache_dir``): with the settings it
     holds if ``as_stored`` and it exists, else with the config's selective search
     settings (an existing cache with other settings is a ``ValueError``)."""
-    from spp_jax.detection.proposals import ProposalCache
-
     p = config.proposals
     cache_dir = p.cache_dir or os.path.join(workdir, "proposals")
     if as_stored and os.path.exists(os.path.join(cache_dir, "params.json")):
-        return ProposalCache.open(cache_dir)
-    return ProposalCache(
+        return proposals.ProposalCache.open(cache_dir)
+    return proposals.ProposalCache(
         cache_dir,
         mode=p.mode,
         max_boxes=p.max_boxes,
