@@ -45,7 +45,6 @@ __all__ = [
     "ProposalStats",
     "compute_proposals",
     "decode",
-    "load_proposals",
     "selective_search",
     "to_rgb8",
 ]
@@ -384,14 +383,8 @@ class ProposalCache:
                 f"{os.fspath(cache_dir)!r} is not a proposal cache (no {_PARAMS_FILE}); "
                 "create one with ProposalCache(dir, ...) or compute_proposals(...)"
             ) from None
-        return cls(
-            cache_dir,
-            mode=p["mode"],
-            max_boxes=p["max_boxes"],
-            min_size=p["min_size"],
-            seed=p["seed"],
-            max_side=p.get("max_side"),
-        )
+        keys = ("mode", "max_boxes", "min_size", "seed", "max_side")
+        return cls(cache_dir, **{k: p.get(k) for k in keys})
 
     def path(self, image_id: str) -> str:
         """The file that holds ``image_id``'s boxes."""
@@ -580,28 +573,22 @@ def compute_proposals(
     max_boxes: int | None = 2000,
     min_size: float = DEFAULT_MIN_SIZE,
     seed: int = 0,
+    max_side: int | None = None,
     num_workers: int | None = None,
     progress: bool = True,
     total: int | None = None,
     on_bad_image: Literal["raise", "skip"] = "raise",
 ) -> ProposalCache:
-    """Computes (or completes) a proposal cache; see :class:`ProposalCache`.
+    """Computes (or completes) a proposal cache: :class:`ProposalCache` with the
+    selective search settings, then :meth:`ProposalCache.compute` with the others.
 
     Returns:
       The cache, to read back with :meth:`ProposalCache.get`.
     """
-    cache = ProposalCache(cache_dir, mode=mode, max_boxes=max_boxes, min_size=min_size, seed=seed)
+    cache = ProposalCache(
+        cache_dir, mode=mode, max_boxes=max_boxes, min_size=min_size, seed=seed, max_side=max_side
+    )
     cache.compute(
         images, num_workers=num_workers, progress=progress, total=total, on_bad_image=on_bad_image
     )
     return cache
-
-
-def load_proposals(cache_dir: str | os.PathLike, image_id: str) -> np.ndarray:
-    """Reads one image's cached proposals: float32 ``(n, 4)`` ``(x1, y1, x2, y2)``.
-
-    Raises:
-      FileNotFoundError: ``cache_dir`` is not a proposal cache.
-      KeyError: ``image_id`` is not in it.
-    """
-    return ProposalCache.open(cache_dir).get(image_id)

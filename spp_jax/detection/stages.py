@@ -1,6 +1,6 @@
 """The stages of ``spp-jax detect-train`` that train the detector, and the data they read.
 
-Each stage (:mod:`~spp_jax.detection.pipeline` lists them in order) writes
+Each stage (:func:`~spp_jax.detection.pipeline.detect_train` runs them in order) writes
 ``WORKDIR/stages/<name>.json`` when done, with its seconds, so a rerun skips it
 (:func:`stage_done`); fine-tuning also resumes from its last saved step.
 """
