@@ -1,9 +1,8 @@
 """Detection on image files of any size and number (``spp-jax detect``).
 
-Images stream one at a time (memory does not grow with their number), results are
-written as each image finishes (``OUT/detections.jsonl``, one line per image, and its
-PNG), and a rerun with the same output folder skips the images it finished, so an
-interrupted call loses at most the image in progress. Large photos cost about what a
+Images stream one at a time (memory does not grow with their number), and each
+finished image is written at once (:func:`detect_files`), so an interrupted call
+loses at most the image in progress. Large photos cost about what a
 VOC-sized image costs: a JPEG is decoded at a reduced size (1/2, 1/4 or 1/8, no smaller
 than the detector's largest scale; :func:`spp_jax.data.read_image_reduced`), selective
 search runs on a copy at most ``config.proposals.max_side`` on a side, and the conv
