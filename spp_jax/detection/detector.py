@@ -96,14 +96,19 @@ class Detector:
         """Pooled conv5 features ``(R, D)``, each window (with ``window_context``) at
         its own scale."""
         boxes = features.with_context(boxes, self.config.window_context)
-        idx = features.assign_scales(
-            boxes,
-            image_size,
-            scales,
-            target=self.config.window_target,
-            rule=self.config.window_rule,
+        return self.pooler.pool_multiscale(
+            maps, boxes, self.window_scales(boxes, image_size, scales)
         )
-        return self.pooler.pool_multiscale(maps, boxes, idx)
+
+    def window_scales(
+        self, boxes: np.ndarray, image_size: tuple[int, int], scales: Sequence[int]
+    ) -> np.ndarray:
+        """Each window's scale (index into ``scales``) by the config's ``window_target``
+        and ``window_rule`` (:func:`~spp_jax.detection.features.assign_scales`)."""
+        c = self.config
+        return features.assign_scales(
+            boxes, image_size, scales, target=c.window_target, rule=c.window_rule
+        )
 
     def head_outputs(self, pooled: np.ndarray, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(logits (R, K+1), fc7 (R, fc_dim))``, the rows padded to a bucket for jit."""
@@ -176,6 +181,22 @@ class Detector:
                 )
         out.pop("index")
         return out
+
+    def detect_all(
+        self,
+        images: Sequence[np.ndarray],
+        proposals: Sequence[np.ndarray],
+        *,
+        maps: Sequence[Sequence[features.ScaledMap]] | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`detect` of each image with its proposals (``kwargs``: its other
+        arguments); ``maps``: their conv5 maps per scale, per image, if already computed
+        (:func:`~spp_jax.detection.stages.split_maps`)."""
+        return [
+            self.detect(image, props, maps=None if maps is None else [m[i] for m in maps], **kwargs)
+            for i, (image, props) in enumerate(zip(images, proposals, strict=True))
+        ]
 
 
 @jax.jit

@@ -169,13 +169,10 @@ def stage_eval(config, workdir, det: Detector, heads, svms, test: stages.Split, 
             det_v.extractor, det_v.pooler, det_v.stride = det.extractor, det.pooler, det.stride
             det_v.compress(rank)
             clock: dict[str, float] = {}
-            dets = [
-                det_v.detect(
-                    test.images[i], props[i], num_scales=n, scorer=scorer, regress=regress,
-                    maps=[m[i] for m in maps], timings=clock,
-                )
-                for i in range(len(test))
-            ]  # fmt: skip
+            dets = det_v.detect_all(
+                test.images, props, maps=maps, num_scales=n, scorer=scorer, regress=regress,
+                timings=clock,
+            )  # fmt: skip
             seconds = {"conv": t["seconds"], **clock}
             row, aps, res07 = _ap_row(dets, test, det.num_classes, seconds)
             table[_row_name(name, n)] = row
@@ -283,10 +280,9 @@ def evaluate_detector_workdir(
     props = stages.workdir_proposals(config, workdir, data)
     pixels = det.scales(scales)
     clock: dict[str, float] = {}
-    dets = [
-        det.detect(im, p, num_scales=scales, scorer=scorer, regress=regress, timings=clock)
-        for im, p in zip(data.images, props, strict=True)
-    ]
+    dets = det.detect_all(
+        data.images, props, num_scales=scales, scorer=scorer, regress=regress, timings=clock
+    )
     row, aps, _ = _ap_row(dets, data, det.num_classes, clock)
     finetuned = os.path.exists(os.path.join(workdir, "finetune", "best.msgpack"))
     variant = ("ft " if finetuned else "") + ("fc7 + SVM" if scorer == "svm" else "softmax")

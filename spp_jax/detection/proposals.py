@@ -110,22 +110,23 @@ def to_rgb8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _whole(value: Any, low: int, high: float = np.inf) -> bool:
+    """Whether ``value`` is a whole number (not a bool) in ``[low, high)``."""
+    return not isinstance(value, bool) and int(value) == value and low <= value < high
+
+
 def _check_params(
     mode: str, max_boxes: int | None, min_size: float, seed: int, max_side: int | None = None
 ) -> None:
-    if max_side is not None and (
-        isinstance(max_side, bool) or int(max_side) != max_side or max_side < 16
-    ):
+    if max_side is not None and not _whole(max_side, 16):
         raise ValueError(f"max_side={max_side!r}; expected an int >= 16 or None (full size)")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; expected one of {MODES}")
-    if max_boxes is not None and (
-        isinstance(max_boxes, bool) or int(max_boxes) != max_boxes or max_boxes < 1
-    ):
+    if max_boxes is not None and not _whole(max_boxes, 1):
         raise ValueError(f"max_boxes={max_boxes!r}; expected an int >= 1 or None (all boxes)")
     if not (np.isfinite(min_size) and min_size >= 0):
         raise ValueError(f"min_size={min_size!r}; expected a finite number >= 0 (pixels)")
-    if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**32:
+    if not _whole(seed, 0, 2**32):
         raise ValueError(f"seed={seed!r}; expected an int in [0, 2**32)")
 
 
@@ -456,7 +457,7 @@ class ProposalCache:
         choice("on_bad_image", on_bad_image, ("raise", "skip"))
         if num_workers is None:
             num_workers = os.cpu_count() or 1
-        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+        if not _whole(num_workers, 0):
             raise ValueError(f"num_workers={num_workers!r}; expected an int >= 0")
         if total is None and hasattr(images, "__len__"):
             total = len(images)  # type: ignore[arg-type]
