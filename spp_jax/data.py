@@ -554,6 +554,19 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise BadImageError(name, _op_error_reason(e)) from None
 
 
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of the image file ``path``, not decoded.
+
+    Raises:
+      BadImageError: the file cannot be read; the one-line message names ``path``.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise BadImageError(os.fspath(path), e.strerror or str(e)) from None
+
+
 def read_image(path: str) -> np.ndarray:
     """Reads and decodes the image file ``path`` (see :func:`decode_image`).
 
@@ -561,12 +574,7 @@ def read_image(path: str) -> np.ndarray:
       BadImageError: the file cannot be read or decoded; the one-line message
         names ``path``.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise BadImageError(path, e.strerror or str(e)) from None
-    return decode_image(data, path)
+    return decode_image(read_bytes(path), path)
 
 
 def read_image_reduced(path: str, min_side: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -25,7 +25,7 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("cv2")
 pytest.importorskip("sklearn")
 
-from spp_jax.detection import detector, features, finetune, pipeline, stages
+from spp_jax.detection import detector, features, finetune, pipeline, stages, voc
 
 # The backbone as short as the tiny classification run allows (one epoch, one size);
 # fine-tuning 4 steps with a validation mAP every 2 (detection_tiny's own); no SVD row
@@ -164,7 +164,7 @@ def test_metrics_are_aps_in_unit_interval(trained):
     wd = trained["workdir"]
     m = last_metrics(wd)
     config = _config(wd)
-    k = stages.num_classes_of(config.dataset, config.data_dir)
+    k = voc.num_classes(config.dataset, config.data_dir)
     test = stages.load_split(config.dataset, config.test_split, config.data_dir)
     present = set()
     for labels, difficult in zip(test.labels, test.difficult, strict=True):

@@ -107,6 +107,19 @@ def test_max_side_searches_a_downscaled_copy_and_maps_the_boxes_back():
         selective_search(image, max_side=8)
 
 
+def test_compute_proposals_passes_every_setting_to_the_cache(tmp_path):
+    image = _image(3, 96, 128)
+    cache = proposals.compute_proposals(
+        [("a", image)], tmp_path, min_size=4, max_boxes=20, max_side=64, num_workers=0,
+        progress=False,
+    )  # fmt: skip
+    assert ProposalCache.open(tmp_path).params == cache.params
+    assert (cache.params["max_side"], cache.params["max_boxes"]) == (64, 20)
+    np.testing.assert_array_equal(
+        cache.get("a"), selective_search(image, min_size=4, max_boxes=20, max_side=64)
+    )
+
+
 def test_input_conversions():
     rgb = _image(5)
     gray = rgb[..., 1].copy()
@@ -202,9 +215,7 @@ def test_cache_reads_back_what_selective_search_gives(tmp_path):
     # Read back by a fresh handle with the stored settings.
     reopened = ProposalCache.open(tmp_path / "cache")
     assert reopened.params["min_size"] == 4.0
-    np.testing.assert_array_equal(
-        proposals.load_proposals(tmp_path / "cache", "img1"), cache.get("img1")
-    )
+    np.testing.assert_array_equal(reopened.get("img1"), cache.get("img1"))
     with pytest.raises(KeyError, match="no proposals for image 'img9'"):
         cache.get("img9")
     assert "img9" not in cache

@@ -44,13 +44,9 @@ SPLIT_IDS[split], index])``), so every build holds the same examples. It is buil
 Configs (``tfds.builder("spp_scenes/<config>")``):
 
 * ``default``: 300 train, 100 validation and 300 test images (builds in
-  seconds). Sized for the detection system's default run (train a backbone on
-  ``spp_shapes``, selective search, fine-tuning, SVMs, evaluation) in under 20
-  minutes on two CPU cores: images about 240 x 240 keep selective search to a
-  few minutes for the 700 images, once (cached); the 300 test
-  images hold about 1,070 objects (1,019 not difficult), so each class's AP
-  rests on about 100 ground truths, and the training images as many, enough for
-  per-class SVMs and box regressors.
+  seconds), sized for the detection system's default run on CPU cores
+  (``docs/detection.md``): small images keep selective search cheap, and each
+  class's AP rests on about 100 ground truths, the training images as many.
 * ``tiny``: 6 train, 4 validation and 4 test images (the first of ``default``'s);
   for tests.
 """
@@ -110,15 +106,6 @@ _TRUNCATE_PROB = 0.3  # objects whose centre may lie anywhere in the image
 _MIN_CONTRAST = 80.0  # RGB distance between an item's colour and the mean background
 _MIN_ITEM_CONTRAST = 60.0  # ... and the colours of the items drawn before it
 _WINDOW = 1.45  # drawing window half-size over the object's half-size
-
-_DESCRIPTION = """\
-Synthetic detection scenes for SPP-net experiments, generated offline with NumPy. Each
-image (sides in [160, 320], aspect ratio at most 2:1) holds 1-6 objects of the ten
-spp_shapes classes, 16 px to 80% of the short side (log-uniform), occluding each other
-and unlabelled distractor shapes in z-order, some truncated at the borders, on textured,
-cluttered backgrounds. Boxes are the visible extent of each object; heavily hidden or
-tiny objects are marked difficult. Features and box convention follow TFDS voc.
-"""
 
 
 # ---------------------------------------------------------------------------
@@ -484,7 +471,7 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         label = tfds.features.ClassLabel(names=list(CLASS_NAMES))
         return self.dataset_info_from_configs(
-            description=_DESCRIPTION,
+            description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
                     "image": _shapes._png_feature(),

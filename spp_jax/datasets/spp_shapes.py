@@ -93,14 +93,6 @@ _MAX_ROTATION = math.radians(15.0)  # small, so that plus/X and h/v stripes stay
 _MIN_CONTRAST = 80.0  # Euclidean RGB distance between object and mean background
 _MIN_PERIOD_PX = 4.0  # thinnest stripe pair / checker cell pair, in pixels
 
-_DESCRIPTION = """\
-Synthetic shapes for SPP-net experiments, generated offline with NumPy. Each image
-(height and width in [64, 176], aspect ratio at most 2:1) shows one of ten shape or
-texture primitives (the class) at a random scale (20% to 80% of the short side,
-log-uniform), position, small rotation and colour, on a noisy background with small
-dots and line segments common to all classes. Classes are balanced and defined by
-shape only.
-"""
 
 Sdf = Callable[[np.ndarray, np.ndarray, np.random.Generator, float], np.ndarray]
 
@@ -450,7 +442,7 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            description=_DESCRIPTION,
+            description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
                     "image": _png_feature(),

@@ -5,17 +5,8 @@ Boxes are ``(x1, y1, x2, y2)`` floats in continuous pixel edges (no "+1";
 neither TensorFlow nor OpenCV: the modules that do (proposals, VOC input) import
 them on first use.
 
-Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
-:mod:`~spp_jax.detection.box_ops` (torchvision's box formats, GIoU, DIoU, CIoU and their
-losses, ``remove_small_boxes``, ``masks_to_boxes``),
-:mod:`~spp_jax.detection.suppression` (jit-able ``nms``, ``batched_nms``
-and ``multiclass_nms``),
-:mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
-:mod:`~spp_jax.detection.proposals` (selective search, cached per dataset split),
-:mod:`~spp_jax.detection.voc` (VOC 2007 input), :mod:`~spp_jax.detection.features` (conv5 once
-per image and scale, windows pooled from it), :mod:`~spp_jax.detection.svm` (linear SVMs with
-hard-negative mining, liblinear), :mod:`~spp_jax.detection.bbox_regression` (per-class ridge
-box regression).
+``docs/layout.md`` says what each module holds; the package exports their main
+functions lazily (``from spp_jax.detection import box_iou, nms, train_svms``).
 """
 
 from __future__ import annotations

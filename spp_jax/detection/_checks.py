@@ -1,5 +1,4 @@
-"""Argument checks shared by the detection learners (:mod:`~spp_jax.detection.svm`,
-:mod:`~spp_jax.detection.bbox_regression`).
+"""Argument checks shared by the detection modules.
 
 Each check returns the value converted (a Python ``int`` or ``float``, a float32
 or int64 array) or raises an error that names the argument, the bad value and
@@ -20,6 +19,13 @@ import numbers
 from typing import Any
 
 import numpy as np
+
+
+def choice(name: str, value: Any, accepted: tuple[str, ...]) -> Any:
+    """``value`` if it is one of ``accepted``."""
+    if value not in accepted:
+        raise ValueError(f"unknown {name} {value!r}; accepted are {accepted}")
+    return value
 
 
 def int_at_least(name: str, value: Any, low: int) -> int:

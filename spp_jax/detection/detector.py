@@ -21,6 +21,7 @@ import numpy as np
 
 from spp_jax._padding import pad_rows, round_up
 from spp_jax.detection import bbox_regression, features, finetune, svm
+from spp_jax.detection._checks import choice
 from spp_jax.detection.suppression import multiclass_nms
 from spp_jax.models import ConvTrunk, MLPHead
 
@@ -95,25 +96,26 @@ class Detector:
         """Pooled conv5 features ``(R, D)``, each window (with ``window_context``) at
         its own scale."""
         boxes = features.with_context(boxes, self.config.window_context)
-        idx = features.assign_scales(
-            boxes,
-            image_size,
-            scales,
-            target=self.config.window_target,
-            rule=self.config.window_rule,
+        return self.pooler.pool_multiscale(
+            maps, boxes, self.window_scales(boxes, image_size, scales)
         )
-        return self.pooler.pool_multiscale(maps, boxes, idx)
+
+    def window_scales(
+        self, boxes: np.ndarray, image_size: tuple[int, int], scales: Sequence[int]
+    ) -> np.ndarray:
+        """Each window's scale (index into ``scales``) by the config's ``window_target``
+        and ``window_rule`` (:func:`~spp_jax.detection.features.assign_scales`)."""
+        c = self.config
+        return features.assign_scales(
+            boxes, image_size, scales, target=c.window_target, rule=c.window_rule
+        )
 
     def head_outputs(self, pooled: np.ndarray, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """``(logits (R, K+1), fc7 (R, fc_dim))``, the rows padded to a bucket for jit."""
-        r = len(pooled)
-        padded = pad_rows(np.asarray(pooled, np.float32), round_up(r, WINDOW_BUCKET))
         params = self.head_params if params is None else params
         if self.svd is not None and params is self.head_params:
-            logits, fc7 = finetune.svd_head_outputs(self.svd, jnp.asarray(padded))
-        else:
-            logits, fc7 = finetune.head_outputs(self.head, params, jnp.asarray(padded))
-        return np.asarray(logits)[:r], np.asarray(fc7)[:r]
+            return _padded(functools.partial(finetune.svd_head_outputs, self.svd), pooled)
+        return _padded(functools.partial(finetune.head_outputs, self.head, params), pooled)
 
     def compress(self, rank: int | None) -> None:
         """Replaces fc6 and fc7 by their rank-``rank`` truncated SVDs at test time
@@ -143,11 +145,10 @@ class Detector:
         """
         c = self.config
         scorer = scorer or c.test.scorer
-        if scorer not in ("svm", "softmax"):
-            raise ValueError(f"unknown scorer {scorer!r}; accepted: 'svm', 'softmax'")
+        choice("scorer", scorer, ("svm", "softmax"))
         if scorer == "svm" and self.svms is None:
             raise ValueError('scorer="svm" needs trained SVMs (stage svm)')
-        clock = _Clock(timings)
+        clock = functools.partial(_timed, timings)
         size = image.shape[:2]
         proposals = np.asarray(proposals, np.float32).reshape(-1, 4)
         if len(proposals) == 0:
@@ -181,6 +182,22 @@ class Detector:
         out.pop("index")
         return out
 
+    def detect_all(
+        self,
+        images: Sequence[np.ndarray],
+        proposals: Sequence[np.ndarray],
+        *,
+        maps: Sequence[Sequence[features.ScaledMap]] | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, np.ndarray]]:
+        """:meth:`detect` of each image with its proposals (``kwargs``: its other
+        arguments); ``maps``: their conv5 maps per scale, per image, if already computed
+        (:func:`~spp_jax.detection.stages.split_maps`)."""
+        return [
+            self.detect(image, props, maps=None if maps is None else [m[i] for m in maps], **kwargs)
+            for i, (image, props) in enumerate(zip(images, proposals, strict=True))
+        ]
+
 
 @jax.jit
 def _svm_scores(svms: svm.SVMs, fc7: jax.Array) -> jax.Array:
@@ -192,25 +209,20 @@ def _softmax_classes(logits: jax.Array) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)[:, 1:]
 
 
-def _padded(fn, x: np.ndarray) -> np.ndarray:
-    """``fn(x)`` with the rows padded to a multiple of :data:`WINDOW_BUCKET` (one
-    compile per bucket, not per window count)."""
+def _padded(fn, x: np.ndarray) -> Any:
+    """``fn(x)`` (each output, as NumPy) with the rows padded to a multiple of
+    :data:`WINDOW_BUCKET` (one compile per bucket, not per window count)."""
     padded = pad_rows(np.asarray(x, np.float32), round_up(len(x), WINDOW_BUCKET))
-    return np.asarray(fn(jnp.asarray(padded)))[: len(x)]
+    return jax.tree.map(lambda y: np.asarray(y)[: len(x)], fn(jnp.asarray(padded)))
 
 
-class _Clock:
-    """``with clock(name):`` adds the block's seconds to ``timings[name]``."""
-
-    def __init__(self, timings: dict[str, float] | None):
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        yield
-        if self.timings is not None:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+@contextlib.contextmanager
+def _timed(timings: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Adds the block's seconds to ``timings[name]`` (if ``timings`` is not None)."""
+    t0 = time.perf_counter()
+    yield
+    if timings is not None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _no_detections() -> dict[str, np.ndarray]:

@@ -32,11 +32,12 @@ class in its image (VOC 2007 test's 9.9M detections: seconds, ``docs/detection.m
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from spp_jax.detection._checks import choice, int_at_least
 
 __all__ = ["METRICS", "PROTOCOLS", "evaluate_detections", "voc_ap"]
 
@@ -45,11 +46,6 @@ PROTOCOLS = ("devkit", "py-faster-rcnn")
 
 _ELEVEN_POINTS = np.arange(11) / 10.0  # k / 10 exactly
 _ELEVEN_POINTS_PY_FASTER_RCNN = np.arange(0.0, 1.1, 0.1)
-
-
-def _check_choice(name: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted are {accepted}")
 
 
 def voc_ap(
@@ -79,7 +75,7 @@ def voc_ap(
     >>> voc_ap([0.5, 1.0], [1.0, 0.5], metric="area")
     0.75
     """
-    _check_choice("metric", metric, METRICS)
+    choice("metric", metric, METRICS)
     rec = np.asarray(recall, np.float64)
     prec = np.asarray(precision, np.float64)
     if rec.ndim != 1 or rec.shape != prec.shape:
@@ -214,16 +210,16 @@ def evaluate_detections(
       ValueError: a different number of images, shapes that do not fit, labels
         outside ``[0, num_classes)`` (naming the image), non-finite or inverted
         boxes, NaN scores, an unknown metric or protocol.
-      TypeError: an image that is not a mapping, non-integer labels.
+      TypeError: an image that is not a mapping, non-integer labels, a
+        ``num_classes`` that is not an int.
     """
-    _check_choice("metric", metric, METRICS)
-    _check_choice("protocol", protocol, PROTOCOLS)
-    if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    choice("metric", metric, METRICS)
+    choice("protocol", protocol, PROTOCOLS)
+    num_classes = int_at_least("num_classes", num_classes, 1)
     thr = float(iou_threshold)
     if not 0.0 <= thr <= 1.0:
         raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
-    det, gt = _read(detections, ground_truths, int(num_classes))
+    det, gt = _read(detections, ground_truths, num_classes)
     strict = protocol == "py-faster-rcnn"
     points = _ELEVEN_POINTS_PY_FASTER_RCNN if strict else _ELEVEN_POINTS
     ap = np.full(num_classes, np.nan)

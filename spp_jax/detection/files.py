@@ -1,9 +1,8 @@
 """Detection on image files of any size and number (``spp-jax detect``).
 
-Images stream one at a time (memory does not grow with their number), results are
-written as each image finishes (``OUT/detections.jsonl``, one line per image, and its
-PNG), and a rerun with the same output folder skips the images it finished, so an
-interrupted call loses at most the image in progress. Large photos cost about what a
+Images stream one at a time (memory does not grow with their number), and each
+finished image is written at once (:func:`detect_files`), so an interrupted call
+loses at most the image in progress. Large photos cost about what a
 VOC-sized image costs: a JPEG is decoded at a reduced size (1/2, 1/4 or 1/8, no smaller
 than the detector's largest scale; :func:`spp_jax.data.read_image_reduced`), selective
 search runs on a copy at most ``config.proposals.max_side`` on a side, and the conv
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from spp_jax._io import atomic_write_json
+from spp_jax.detection._checks import choice
 
 log = logging.getLogger("spp_jax")
 
@@ -119,8 +119,7 @@ def detect_files(
 
     from spp_jax.detection import pipeline, report
 
-    if on_bad_image not in ("raise", "skip"):
-        raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
+    choice("on_bad_image", on_bad_image, ("raise", "skip"))
     paths = image_paths(inputs)
     det = pipeline.load_detector(workdir)
     names = report.class_names(det.num_classes)

@@ -1,27 +1,11 @@
-"""SPP-net's object detector end to end: the stages of ``spp-jax detect-train``.
+"""SPP-net's object detector end to end: ``spp-jax detect-train`` and what its workdir gives.
 
-Stages (each writes ``WORKDIR/stages/<name>.json`` when done, with its seconds, so
-a rerun skips it; fine-tuning also resumes from its last saved step):
-
-1. ``backbone``: a classifier trained with :func:`spp_jax.train.train_and_evaluate`
-   (config ``backbone_config``) unless ``backbone_workdir`` names one; its conv
-   layers are the detector's, frozen, and its fc6/fc7 initialise fine-tuning.
-2. ``proposals``: selective search (OpenCV, fast mode) of every image, cached.
-3. conv5 maps of every image at every scale (:mod:`~spp_jax.detection.features`),
-   recomputed in memory on each run (seconds), never stored per window.
-4. ``finetune``: fc6, fc7 and a new (K+1)-way fc8 on windows pooled from the maps
-   (:mod:`~spp_jax.detection.finetune`); the step with the best validation mAP
-   (softmax scores, one scale) is kept.
-5. ``svm`` (fine-tuned fc7) and ``svm_pretrained`` (the backbone's fc7, for the
-   "no fine-tuning" row): linear SVMs with hard-negative mining
-   (:mod:`~spp_jax.detection.svm`).
-6. ``bbox``: per-class ridge box regression on pooled conv5 features.
-7. ``eval``: the test split at one and five scales, with each scorer.
-
-Here: the run (:func:`detect_train`, with stage 7, :func:`stage_eval`) and what a
-finished run's workdir gives (:func:`load_detector`, :func:`evaluate_detector_workdir`).
-The detector itself is :mod:`~spp_jax.detection.detector`; stages 1-6 are
-:mod:`~spp_jax.detection.stages`.
+:func:`detect_train` runs (or resumes) the training stages of
+:mod:`~spp_jax.detection.stages` in order (backbone, proposals, conv5 maps,
+fine-tuning, SVMs, box regression: ``docs/detection.md`` says what each does), then
+the test evaluation (:func:`stage_eval`). :func:`load_detector` and
+:func:`evaluate_detector_workdir` read a finished run's workdir. The detector itself
+is :mod:`~spp_jax.detection.detector`.
 """
 
 from __future__ import annotations
@@ -55,6 +39,12 @@ MAIN_VARIANT = "ft fc7 + SVM + bbox"
 # --------------------------------------------------------------------------------------
 
 
+def _split_names(config) -> dict[str, str]:
+    """The dataset split of each role (``"validation"`` is ``"val"``)."""
+    names = {"train": config.train_split, "val": config.val_split, "test": config.test_split}
+    return {**names, "validation": config.val_split}
+
+
 def _stages_before_eval(config) -> list[str]:
     """The stages a finished run of ``config`` has recorded before ``eval``."""
     names = ["proposals", "svm_pretrained", "svm"]
@@ -80,8 +70,11 @@ def detect_train(config, workdir: str) -> dict:
     stages.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     t0 = time.perf_counter()
     det, pretrained = stages.build_detector(config, workdir)
-    names = {"train": config.train_split, "val": config.val_split, "test": config.test_split}
-    data = {k: stages.load_split(config.dataset, v, config.data_dir) for k, v in names.items()}
+    names = _split_names(config)
+    data = {
+        k: stages.load_split(config.dataset, names[k], config.data_dir)
+        for k in ("train", "val", "test")
+    }
     props = stages.stage_proposals(config, workdir, data)
     scales5 = det.scales(5)
     with stages.timed("conv5 maps of the training split") as t:
@@ -176,13 +169,10 @@ def stage_eval(config, workdir, det: Detector, heads, svms, test: stages.Split, 
             det_v.extractor, det_v.pooler, det_v.stride = det.extractor, det.pooler, det.stride
             det_v.compress(rank)
             clock: dict[str, float] = {}
-            dets = [
-                det_v.detect(
-                    test.images[i], props[i], num_scales=n, scorer=scorer, regress=regress,
-                    maps=[m[i] for m in maps], timings=clock,
-                )
-                for i in range(len(test))
-            ]  # fmt: skip
+            dets = det_v.detect_all(
+                test.images, props, maps=maps, num_scales=n, scorer=scorer, regress=regress,
+                timings=clock,
+            )  # fmt: skip
             seconds = {"conv": t["seconds"], **clock}
             row, aps, res07 = _ap_row(dets, test, det.num_classes, seconds)
             table[_row_name(name, n)] = row
@@ -283,23 +273,16 @@ def evaluate_detector_workdir(
     config = load_run_config(workdir)
     det = load_detector(workdir, scorer=scorer)
     scorer = scorer or config.test.scorer
-    roles = {
-        "train": config.train_split,
-        "validation": config.val_split,
-        "val": config.val_split,
-        "test": config.test_split,
-    }
-    name = roles.get(split, split)
+    name = _split_names(config).get(split, split)
     data = stages.load_split(config.dataset, name, config.data_dir)
     if not len(data):
         raise ValueError(f"split {name!r} of {config.dataset!r} has no images")
     props = stages.workdir_proposals(config, workdir, data)
     pixels = det.scales(scales)
     clock: dict[str, float] = {}
-    dets = [
-        det.detect(im, p, num_scales=scales, scorer=scorer, regress=regress, timings=clock)
-        for im, p in zip(data.images, props, strict=True)
-    ]
+    dets = det.detect_all(
+        data.images, props, num_scales=scales, scorer=scorer, regress=regress, timings=clock
+    )
     row, aps, _ = _ap_row(dets, data, det.num_classes, clock)
     finetuned = os.path.exists(os.path.join(workdir, "finetune", "best.msgpack"))
     variant = ("ft " if finetuned else "") + ("fc7 + SVM" if scorer == "svm" else "softmax")
@@ -310,11 +293,8 @@ def evaluate_detector_workdir(
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{name}_{n}scale{'s' if n > 1 else ''}.md")
-    with open(path, "w") as f:
-        f.write(f"Average precision (%) on {config.dataset} {name} ({len(data)} images)\n\n")
-        f.write(report.ap_table({variant: row}, det.num_classes))
-        f.write("\nSeconds per image\n\n")
-        f.write(report.timing_table({variant: row}))
+    what = f"on {config.dataset} {name} ({len(data)} images)"
+    report.write_tables(path, what, {variant: row}, det.num_classes)
     return {
         **aps,
         "name": variant,

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import numpy as np
 
 from spp_jax._io import atomic_open, atomic_write_json
-from spp_jax.data import BadImageError
+from spp_jax.data import BadImageError, read_bytes
+from spp_jax.detection._checks import choice
 
 __all__ = [
     "MODES",
@@ -44,7 +45,6 @@ __all__ = [
     "ProposalStats",
     "compute_proposals",
     "decode",
-    "load_proposals",
     "selective_search",
     "to_rgb8",
 ]
@@ -110,22 +110,23 @@ def to_rgb8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _whole(value: Any, low: int, high: float = np.inf) -> bool:
+    """Whether ``value`` is a whole number (not a bool) in ``[low, high)``."""
+    return not isinstance(value, bool) and int(value) == value and low <= value < high
+
+
 def _check_params(
     mode: str, max_boxes: int | None, min_size: float, seed: int, max_side: int | None = None
 ) -> None:
-    if max_side is not None and (
-        isinstance(max_side, bool) or int(max_side) != max_side or max_side < 16
-    ):
+    if max_side is not None and not _whole(max_side, 16):
         raise ValueError(f"max_side={max_side!r}; expected an int >= 16 or None (full size)")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; expected one of {MODES}")
-    if max_boxes is not None and (
-        isinstance(max_boxes, bool) or int(max_boxes) != max_boxes or max_boxes < 1
-    ):
+    if max_boxes is not None and not _whole(max_boxes, 1):
         raise ValueError(f"max_boxes={max_boxes!r}; expected an int >= 1 or None (all boxes)")
     if not (np.isfinite(min_size) and min_size >= 0):
         raise ValueError(f"min_size={min_size!r}; expected a finite number >= 0 (pixels)")
-    if isinstance(seed, bool) or int(seed) != seed or not 0 <= seed < 2**32:
+    if not _whole(seed, 0, 2**32):
         raise ValueError(f"seed={seed!r}; expected an int in [0, 2**32)")
 
 
@@ -383,14 +384,8 @@ class ProposalCache:
                 f"{os.fspath(cache_dir)!r} is not a proposal cache (no {_PARAMS_FILE}); "
                 "create one with ProposalCache(dir, ...) or compute_proposals(...)"
             ) from None
-        return cls(
-            cache_dir,
-            mode=p["mode"],
-            max_boxes=p["max_boxes"],
-            min_size=p["min_size"],
-            seed=p["seed"],
-            max_side=p.get("max_side"),
-        )
+        keys = ("mode", "max_boxes", "min_size", "seed", "max_side")
+        return cls(cache_dir, **{k: p.get(k) for k in keys})
 
     def path(self, image_id: str) -> str:
         """The file that holds ``image_id``'s boxes."""
@@ -459,11 +454,10 @@ class ProposalCache:
           spp_jax.data.BadImageError: an unreadable image, with ``on_bad_image="raise"``.
           ValueError: a repeated id, a bad argument.
         """
-        if on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image={on_bad_image!r}; expected 'raise' or 'skip'")
+        choice("on_bad_image", on_bad_image, ("raise", "skip"))
         if num_workers is None:
             num_workers = os.cpu_count() or 1
-        if isinstance(num_workers, bool) or int(num_workers) != num_workers or num_workers < 0:
+        if not _whole(num_workers, 0):
             raise ValueError(f"num_workers={num_workers!r}; expected an int >= 0")
         if total is None and hasattr(images, "__len__"):
             total = len(images)  # type: ignore[arg-type]
@@ -554,11 +548,7 @@ def _compute_one(task: tuple[str, str, Any, str], params: dict[str, Any]):
     image_id, name, image, out_path = task
     try:
         if isinstance(image, str | os.PathLike):
-            try:
-                with open(image, "rb") as f:
-                    image = f.read()
-            except OSError as e:
-                raise BadImageError(name, e.strerror or str(e)) from None
+            image = read_bytes(image)
         if isinstance(image, bytes | bytearray | memoryview):
             image = decode(bytes(image), name)
         else:
@@ -584,28 +574,22 @@ def compute_proposals(
     max_boxes: int | None = 2000,
     min_size: float = DEFAULT_MIN_SIZE,
     seed: int = 0,
+    max_side: int | None = None,
     num_workers: int | None = None,
     progress: bool = True,
     total: int | None = None,
     on_bad_image: Literal["raise", "skip"] = "raise",
 ) -> ProposalCache:
-    """Computes (or completes) a proposal cache; see :class:`ProposalCache`.
+    """Computes (or completes) a proposal cache: :class:`ProposalCache` with the
+    selective search settings, then :meth:`ProposalCache.compute` with the others.
 
     Returns:
       The cache, to read back with :meth:`ProposalCache.get`.
     """
-    cache = ProposalCache(cache_dir, mode=mode, max_boxes=max_boxes, min_size=min_size, seed=seed)
+    cache = ProposalCache(
+        cache_dir, mode=mode, max_boxes=max_boxes, min_size=min_size, seed=seed, max_side=max_side
+    )
     cache.compute(
         images, num_workers=num_workers, progress=progress, total=total, on_bad_image=on_bad_image
     )
     return cache
-
-
-def load_proposals(cache_dir: str | os.PathLike, image_id: str) -> np.ndarray:
-    """Reads one image's cached proposals: float32 ``(n, 4)`` ``(x1, y1, x2, y2)``.
-
-    Raises:
-      FileNotFoundError: ``cache_dir`` is not a proposal cache.
-      KeyError: ``image_id`` is not in it.
-    """
-    return ProposalCache.open(cache_dir).get(image_id)

@@ -50,6 +50,18 @@ def timing_table(table: Mapping[str, Mapping[str, Any]]) -> str:
     return _markdown(["method", *stages, "total"], rows)
 
 
+def write_tables(
+    path: str, what: str, table: Mapping[str, Mapping[str, Any]], num_classes: int
+) -> None:
+    """Writes :func:`ap_table` and :func:`timing_table` of ``table`` to ``path``, the
+    first headed "Average precision (%) ``what``"."""
+    with open(path, "w") as f:
+        f.write(f"Average precision (%) {what}\n\n")
+        f.write(ap_table(table, num_classes))
+        f.write("\nSeconds per image\n\n")
+        f.write(timing_table(table))
+
+
 def write_eval(
     workdir: str,
     table: Mapping[str, Mapping[str, Any]],
@@ -67,11 +79,7 @@ def write_eval(
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
     k = len(result["ap"])
-    with open(os.path.join(out, "ap_table.md"), "w") as f:
-        f.write("Average precision (%) on the test split\n\n")
-        f.write(ap_table(table, k))
-        f.write("\nSeconds per image\n\n")
-        f.write(timing_table(table))
+    write_tables(os.path.join(out, "ap_table.md"), "on the test split", table, k)
     names = class_names(k)
     fig, ax = plt.subplots(figsize=(7, 5))
     for c in range(k):

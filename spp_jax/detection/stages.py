@@ -1,6 +1,6 @@
 """The stages of ``spp-jax detect-train`` that train the detector, and the data they read.
 
-Each stage (:mod:`~spp_jax.detection.pipeline` lists them in order) writes
+Each stage (:func:`~spp_jax.detection.pipeline.detect_train` runs them in order) writes
 ``WORKDIR/stages/<name>.json`` when done, with its seconds, so a rerun skips it
 (:func:`stage_done`); fine-tuning also resumes from its last saved step.
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 from spp_jax import workdirs
 from spp_jax._io import atomic_write_bytes, atomic_write_json
-from spp_jax.detection import bbox_regression, evaluation, features, finetune, svm
+from spp_jax.detection import bbox_regression, evaluation, features, finetune, proposals, svm, voc
 from spp_jax.detection.boxes import box_iou
 from spp_jax.detection.detector import Detector
 from spp_jax.models import ConvTrunk, MLPHead
@@ -95,8 +95,6 @@ class Split:
 
 def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
     """Reads a TFDS VOC-format split (``spp_scenes``, ``voc/2007``) into memory."""
-    from spp_jax.detection import proposals, voc
-
     out = Split([], [], [], [], [])
     for ex in voc.tfds_examples(dataset, split, data_dir=data_dir):
         image = proposals.to_rgb8(ex["image"], voc.image_id(ex))
@@ -108,14 +106,6 @@ def load_split(dataset: str, split: str, data_dir: str | None = None) -> Split:
         out.difficult.append(gt["difficult"])
     log.info("read %s/%s: %d images", dataset, split, len(out))
     return out
-
-
-def num_classes_of(dataset: str, data_dir: str | None = None) -> int:
-    """The number of object classes of a TFDS VOC-format dataset."""
-    from spp_jax.detection import voc
-
-    builder = voc._builder(dataset, data_dir)
-    return int(builder.info.features["objects"]["label"].num_classes)
 
 
 def evaluate(dets: Sequence[dict], split: Split, k: int, metric: str = "voc07") -> dict:
@@ -201,7 +191,7 @@ def _initial_head(config, k: int, fc: dict, fc_dim: int) -> tuple[MLPHead, Any]:
 def build_detector(config, workdir: str) -> tuple[Detector, Any]:
     """The detector with the backbone's trunk and fc6/fc7 (fc8 new), and the
     pre-trained head params (for the "no fine-tuning" row)."""
-    k = num_classes_of(config.dataset, config.data_dir)
+    k = voc.num_classes(config.dataset, config.data_dir)
     trunk, trunk_params, fc, backbone = load_backbone(stage_backbone(config, workdir))
     head, params = _initial_head(config, k, fc, backbone.model.fc_dim)
     return Detector(trunk, trunk_params, head, params, k, config), params
@@ -217,13 +207,11 @@ def _proposal_cache(config, workdir: str, *, as_stored: bool = False):
     (``WORKDIR/proposals`` or ``config.proposals.cache_dir``): with the settings it
     holds if ``as_stored`` and it exists, else with the config's selective search
     settings (an existing cache with other settings is a ``ValueError``)."""
-    from spp_jax.detection.proposals import ProposalCache
-
     p = config.proposals
     cache_dir = p.cache_dir or os.path.join(workdir, "proposals")
     if as_stored and os.path.exists(os.path.join(cache_dir, "params.json")):
-        return ProposalCache.open(cache_dir)
-    return ProposalCache(
+        return proposals.ProposalCache.open(cache_dir)
+    return proposals.ProposalCache(
         cache_dir,
         mode=p.mode,
         max_boxes=p.max_boxes,
@@ -314,32 +302,22 @@ def _save_head_state(ckpt: str, state: finetune.HeadState, best: dict) -> None:
 
 
 def _window_scales(
-    config, sizes: Sequence[tuple[int, int]], scales: Sequence[int], image, boxes
+    det: Detector, sizes: Sequence[tuple[int, int]], scales: Sequence[int], image, boxes
 ) -> np.ndarray:
-    """Each window's test-time scale (index into ``scales``): ``image`` the index of its
-    image (of sizes ``sizes``), ``boxes`` with context."""
+    """Each window's test-time scale (:meth:`Detector.window_scales`): ``image`` the index
+    of its image (of sizes ``sizes``), ``boxes`` with context."""
     out = np.zeros(len(boxes), np.int32)
     for i in np.unique(image):
         here = image == i
-        out[here] = features.assign_scales(
-            boxes[here],
-            sizes[i],
-            scales,
-            target=config.window_target,
-            rule=config.window_rule,
-        )
+        out[here] = det.window_scales(boxes[here], sizes[i], scales)
     return out
 
 
 def _validation_map(det: Detector, params: Any, split: Split, props, maps) -> float:
     """VOC07 mAP of the head ``params`` on ``split``: softmax scores, one scale."""
-    dets = [
-        det.detect(
-            split.images[i], props[i], scorer="softmax", regress=False,
-            maps=[maps[0][i]], params=params,
-        )
-        for i in range(len(split))
-    ]  # fmt: skip
+    dets = det.detect_all(
+        split.images, props, maps=maps[:1], scorer="softmax", regress=False, params=params
+    )
     return float(evaluate(dets, split, det.num_classes)["map"])
 
 
@@ -365,7 +343,7 @@ def _finetune(config, path: str, det: Detector, data, props, val_maps, train_map
     step_fn = finetune.make_step(det.head, tx, levels=config.levels, stride=det.stride)
     ckpt = os.path.join(path, "state.msgpack")
     state, best = _head_state(det, tx, config.seed, ckpt)
-    scale_of = functools.partial(_window_scales, config, train.sizes, scales)
+    scale_of = functools.partial(_window_scales, det, train.sizes, scales)
     start = int(state.step)
     for step in tqdm(range(start, ft.steps), desc="fine-tuning", initial=start, total=ft.steps):
         rng = np.random.default_rng([config.seed, step])
@@ -416,6 +394,12 @@ def stage_finetune(
 # --------------------------------------------------------------------------------------
 
 
+def _pool(det: Detector, maps, split: Split, i: int, boxes: np.ndarray) -> np.ndarray:
+    """Pooled conv5 features of ``boxes`` in ``split``'s image ``i`` (``maps``: its
+    maps per scale, per image)."""
+    return det.pool([m[i] for m in maps], det.scales(len(maps)), boxes, split.sizes[i])
+
+
 def _overlaps(boxes: np.ndarray, gt: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """``(R, K)``: each window's max IoU with the ground truths of each class."""
     out = np.zeros((len(boxes), k), np.float32)
@@ -432,12 +416,10 @@ def stage_svm(config, workdir: str, det: Detector, name: str, head_params, train
     if stage_done(workdir, name) is not None:
         return svm.SVMs.load(path)
     t0 = time.perf_counter()
-    k, scales = det.num_classes, det.scales(len(maps))
-    per_image = lambda i: [m[i] for m in maps]
+    k = det.num_classes
 
     def fc7(i, boxes):
-        pooled = det.pool(per_image(i), scales, boxes, train.sizes[i])
-        return det.head_outputs(pooled, head_params)[1]
+        return det.head_outputs(_pool(det, maps, train, i, boxes), head_params)[1]
 
     pos_feats, pos_labels = [], []
     for i in range(len(train)):
@@ -457,13 +439,9 @@ def stage_svm(config, workdir: str, det: Detector, name: str, head_params, train
             boxes = props[i]
             yield train.ids[i], fc7(i, boxes), _overlaps(boxes, train.boxes[i], train.labels[i], k)
 
-    s = config.svm
-    scale = svm.feature_scale(positives[0], s.feature_norm)
-    svms = svm.train_svms(
-        positives, negatives(), k, C=s.C, pos_weight=s.pos_weight, bias_feature=s.bias_feature,
-        neg_iou=s.neg_iou, hard_thresh=s.hard_thresh, evict_thresh=s.evict_thresh,
-        retrain_every=s.retrain_every, feature_scale=scale, tol=s.tol,
-    )  # fmt: skip
+    settings = config.svm.to_dict()  # HardNegativeMiner's settings and feature_norm
+    scale = svm.feature_scale(positives[0], settings.pop("feature_norm"))
+    svms = svm.train_svms(positives, negatives(), k, feature_scale=scale, **settings)
     svms.save(path)
     finish_stage(workdir, name, time.perf_counter() - t0)
     return svms
@@ -475,8 +453,7 @@ def stage_bbox(config, workdir: str, det: Detector, train, props, maps):
     if stage_done(workdir, "bbox") is not None:
         return bbox_regression.BoxRegressors.load(path)
     t0 = time.perf_counter()
-    scales = det.scales(len(maps))
-    pooled_of = lambda i, b: det.pool([m[i] for m in maps], scales, b, train.sizes[i])
+    pooled_of = functools.partial(_pool, det, maps, train)
     sample = np.concatenate([pooled_of(i, props[i][:50]) for i in range(min(20, len(train)))])
     scale = svm.feature_scale(sample, config.svm.feature_norm)
     acc = bbox_regression.RidgeAccumulator(sample.shape[1], det.num_classes, feature_scale=scale)

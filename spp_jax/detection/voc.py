@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from spp_jax import data as data_lib
-from spp_jax.data import BadImageError
 
 __all__ = [
     "VOC2007_TARBALLS",
@@ -32,6 +31,7 @@ __all__ = [
     "encoded_images",
     "example_boxes",
     "image_id",
+    "num_classes",
     "prepare_voc2007",
     "read_voc_devkit",
     "tfds_examples",
@@ -266,14 +266,7 @@ def read_voc_devkit(
             raise FileNotFoundError(f"no annotation {xml_path!r} for image {image_name!r}")
         _, objects = _parse_annotation(xml_path)
         jpg = os.path.join(base, "JPEGImages", f"{image_name}.jpg")
-        if decode:
-            image: Any = data_lib.read_image(jpg)
-        else:
-            try:
-                with open(jpg, "rb") as f:
-                    image = f.read()
-            except OSError as e:
-                raise BadImageError(jpg, e.strerror or str(e)) from None
+        image = data_lib.read_image(jpg) if decode else data_lib.read_bytes(jpg)
         labels = objects["label"]
         yield {
             "image": image,
@@ -304,6 +297,15 @@ def _builder(name: str, data_dir: str | None):
         "and run spp_jax.detection.voc.prepare_voc2007(folder, data_dir); or read an "
         "extracted VOCdevkit with read_voc_devkit(root, split)"
     )
+
+
+def num_classes(name: str, data_dir: str | None = None) -> int:
+    """The number of object classes of a TFDS detection dataset (``voc/2007``: 20).
+
+    Raises:
+      FileNotFoundError: ``voc`` not prepared (see :func:`tfds_examples`).
+    """
+    return int(_builder(name, data_dir).info.features["objects"]["label"].num_classes)
 
 
 def _tfds_split(name: str, split: str) -> str:
