@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from spp_jax.detection.suppression import _nms, batched_nms, multiclass_nms, nms
+from spp_jax.detection.suppression import _group, _nms, batched_nms, multiclass_nms, nms
 
 
 def ref_iou32(a: np.ndarray, b: np.ndarray) -> np.float32:
@@ -110,6 +110,37 @@ def test_early_stop_with_large_label_groups():
         expected = ref_nms(boxes, scores, 0.5, labels, max_output=30)
         check(*batched_nms(boxes, scores, labels, 0.5, max_output=30), expected, 30)
     check(*nms(boxes, scores, 0.5, max_output=30), ref_nms(boxes, scores, 0.5, max_output=30), 30)
+
+
+def test_band_and_triangle_of_label_runs():
+    # 300 boxes (10 words): 31 of label -1, then a run of n disjoint boxes of label 0
+    # whose last repeats its first (bit 31 of word 0), then label 1. A run of 225
+    # ends at column 256, the band's end; a longer one takes the triangle.
+    rng = np.random.default_rng(29)
+    for n in (225, 226, 260):
+        cell = np.arange(n)
+        x, y = cell % 20 * 10.0, cell // 20 * 10.0
+        run = np.stack([x, y, x + 8, y + 8], 1)
+        run[-1] = run[0]
+        others, _ = random_problem(rng, 300 - n)
+        boxes = np.concatenate([run, others + 300]).astype(np.float32)
+        scores = rng.permutation(300).astype(np.float32)
+        scores[:n] = np.sort(scores[:n])[::-1]  # the run's first box is visited first
+        labels = np.r_[np.zeros(n, int), -np.ones(31, int), np.ones(300 - n - 31, int)]
+        expected = ref_nms(boxes, scores, 0.5, labels)
+        assert n - 1 not in expected
+        check(*batched_nms(boxes, scores, labels, 0.5), expected, 300)
+
+
+@pytest.mark.parametrize("npad", [64, 46368])  # one int32 key; two keys (npad^2 > 2^31)
+def test_group_sorts_labels_stably_into_runs(npad):
+    labels = np.random.default_rng(npad).integers(-3, 3, npad).astype(np.int32)
+    seq, start, end = jax.jit(_group)(labels)
+    expected = np.argsort(labels, kind="stable")
+    assert np.array_equal(seq, expected)
+    ranked = labels[expected]
+    assert np.array_equal(start, np.searchsorted(ranked, ranked, side="left"))
+    assert np.array_equal(end, np.searchsorted(ranked, ranked, side="right"))
 
 
 def test_labels_are_separated_exactly_where_a_coordinate_offset_rounds():

@@ -5,7 +5,8 @@ decreasing score, equal scores by increasing index; a box is kept unless its IoU
 with an already kept box is ``> iou_threshold`` (a box at exactly the threshold
 is kept). Results are torchvision's ``nms`` / ``batched_nms`` (whose order of
 tied scores is unspecified; here it is fixed). :func:`nms`, :func:`batched_nms`
-and :func:`multiclass_nms` run one program, :func:`nms`'s.
+and :func:`multiclass_nms` share one greedy pass; they differ in which pairs'
+IoUs they compute.
 
 Exact arithmetic: the IoU is computed in float32 as torchvision computes it,
 ``inter / (area_i + area_j - inter)`` with ``area = (x2 - x1) * (y2 - y1)``, and
@@ -25,17 +26,23 @@ elementwise loops and single-operand sorts, which XLA's CPU backend runs fast):
    take part get keys above all scores, in index order), sorted alone, and each
    box finds its rank by binary search (tied scores take a two-key sort instead,
    the same order).
-2. The suppression bits ``IoU(i, j) > t`` (and, for :func:`batched_nms`,
-   ``label_i == label_j``) of the upper triangle of the visiting order, packed 32
-   columns to a uint32 word, in at most 16 blocks of rows.
+2. The suppression bits ``IoU(i, j) > t``, packed 32 columns to a uint32 word.
+   :func:`nms`: the upper triangle of the visiting order, in at most 16 blocks
+   of rows. :func:`batched_nms`: the boxes grouped by label (each label's run
+   in visiting order; two int32 sorts), each row's bits masked to its own run,
+   so labels are never compared per pair; a band of 8 words (256 columns) per
+   box when no label has more than 225 boxes, else the triangle.
+   :func:`multiclass_nms`: every pair once, in index order, for all classes
+   (the IoUs do not depend on the class).
 3. The greedy pass, one box per step of a ``lax.while_loop`` whose body is one
    fused loop: a box not yet removed ORs its row of bits into the removed set.
    The pass stops once ``max_output`` boxes are kept or no box that takes part is
    left.
 4. The kept indices are compacted in score order (a scatter).
 
-Under ``vmap`` the two branches of step 1 (``lax.cond``) both run. Memory:
-``N^2 / 8`` bytes for the triangle's bits.
+Under ``vmap`` the two branches of each ``lax.cond`` (step 1; the band or the
+triangle) both run. Memory: ``N^2 / 8`` bytes for the bits (``32 N`` for the
+band).
 
 Bad input: as in :mod:`~spp_jax.detection.boxes`. Under ``jit`` a box with a NaN
 coordinate has NaN IoUs, which suppress nothing, so it is kept if its score takes
@@ -189,9 +196,9 @@ def batched_nms(
     ``batched_nms`` adds ``label * (max_coordinate + 1)`` to the coordinates so
     that boxes of different labels never overlap; in float32 that offset rounds
     the coordinates (at 2**14 they keep no bits below 2**-9), which can move an
-    IoU across the threshold. Here a pair of different labels never suppresses
-    (one integer comparison per pair), with no rounding; every pair of the
-    triangle is computed, as in :func:`nms`, whatever the labels.
+    IoU across the threshold. Here the boxes are grouped by label and a box's
+    bits are kept within its label's run only, with no rounding (module
+    docstring, step 2).
 
     Args:
       boxes: ``(N, 4)`` boxes.
@@ -229,7 +236,7 @@ def multiclass_nms(
     (ties: lower class, then lower box index) and the first ``max_output`` are
     returned. This is :func:`batched_nms` of the ``N K`` pairs (box ``i`` with
     label ``k`` and score ``scores[i, k]``, pair index ``k N + i``), computed as
-    ``K`` problems of ``N`` boxes (``vmap``: ``K`` times fewer pairs compared): a
+    one set of ``N^2`` box pairs and ``K`` greedy passes (``vmap``): a
     detector's per-class NMS (R-CNN, SPP-net), TensorFlow's
     ``combined_non_max_suppression``.
 
@@ -274,15 +281,12 @@ def _multiclass_nms(
         empty = jnp.full((max_output,), -1, jnp.int32)
         return empty, empty, jnp.zeros((), jnp.int32)
     npad = -(-n // _WORD) * _WORD
-    # The box pairs' bits, once for all classes, in index order (every pair: a
-    # class visits the boxes in its own order).
+    # The box pairs' bits once for all classes, in index order: every pair, as a
+    # class visits the boxes in its own order.
     bits = _block_bits(lax.optimization_barrier(_features(boxes, npad)), thr, square=True)
-
-    def one_class(s: jax.Array) -> tuple[jax.Array, jax.Array]:
-        order, valid = _score_order(s, score_threshold, npad)
-        return _greedy(bits, False, order, order, ~valid, per_class)
-
-    keep, count = jax.vmap(one_class)(scores.T)  # (K, per_class), (K,)
+    order, valid = _score_order(scores.T, score_threshold, npad)  # (K, npad)
+    greedy = functools.partial(_greedy, bits, False, max_output=per_class)
+    keep, count = jax.vmap(lambda o, v: greedy(o, o, ~v))(order, valid)  # (K, per_class), (K,)
     # Merge: by decreasing score; ties by position (class, then rank in its class).
     valid = lax.iota(jnp.int32, per_class)[None, :] < count[:, None]
     kept_scores = jnp.take_along_axis(scores.T, jnp.maximum(keep, 0), axis=1)
@@ -356,26 +360,31 @@ def _sortable(x: jax.Array) -> jax.Array:
 def _score_order(
     scores: jax.Array, score_threshold: jax.Array | None, npad: int
 ) -> tuple[jax.Array, jax.Array]:
-    """The visiting order (box indices, padded to ``npad``) and which boxes take part."""
+    """The visiting order (box indices, padded to ``npad``) and which boxes take part.
+
+    ``scores``: ``(..., N)``, one problem per row; one branch for all rows.
+    """
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, npad - scores.shape[-1])]
     valid = ~jnp.isnan(scores)
     if score_threshold is not None:
         valid = valid & (scores > score_threshold)
-    valid = jnp.pad(valid, (0, npad - scores.shape[0]))
-    idx = lax.iota(jnp.int32, npad)
+    valid = jnp.pad(valid, pad)
+    idx = jnp.broadcast_to(lax.iota(jnp.int32, npad), valid.shape)
     # Invalid boxes: distinct keys above every score's (-inf maps to 0x7F800000).
-    scores = jnp.pad(scores, (0, npad - scores.shape[0]))
-    key = jnp.where(valid, _sortable(-scores), jnp.int32(0x7F800001) + idx)
+    key = jnp.where(valid, _sortable(-jnp.pad(scores, pad)), jnp.int32(0x7F800001) + idx)
     sorted_keys = lax.sort(key)
-    distinct = jnp.all(sorted_keys[1:] != sorted_keys[:-1])
+    distinct = jnp.all(sorted_keys[..., 1:] != sorted_keys[..., :-1])
 
-    def by_search() -> jax.Array:
+    @functools.partial(jnp.vectorize, signature="(n),(n)->(n)")
+    def search(sorted_keys: jax.Array, key: jax.Array) -> jax.Array:
         pos = jnp.searchsorted(sorted_keys, key, method="scan")
-        return jnp.zeros((npad,), jnp.int32).at[pos].set(idx, unique_indices=True)
+        rank = lax.iota(jnp.int32, npad)
+        return jnp.zeros((npad,), jnp.int32).at[pos].set(rank, unique_indices=True)
 
     def by_pairs() -> jax.Array:
         return lax.sort((key, idx), num_keys=2)[1]
 
-    return lax.cond(distinct, by_search, by_pairs), valid
+    return lax.cond(distinct, lambda: search(sorted_keys, key), by_pairs), valid
 
 
 def _group(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -459,10 +468,11 @@ def _greedy(
 
     Step ``i`` visits box ``box[i]``, whose row of ``bits`` is ``pos[i]`` (None:
     ``i``); the row's word ``k`` is word ``k`` of the removed set (``banded``:
-    word ``pos[i] // 32 + k``). ``invalid``: per row, the boxes that do not take
-    part (visited last: never). A row must hold every box visited after its own
-    (same label), and may hold earlier ones: the hits are symmetric, so a kept
-    box never hits an earlier kept one (which would have removed it).
+    word ``pos[i] // 32 + k``). ``invalid``: per row, whether its box takes no
+    part (such boxes come last in the visiting order and are never visited). A
+    row must hold the bits of every box visited after it that it may suppress,
+    and may hold boxes visited before: hits are symmetric, so a kept box never
+    hits an earlier kept one (that one would have removed it).
     """
     width = bits.shape[1]
     start = _pack_bits(jnp.pad(invalid, (0, width * _WORD if banded else 0)).reshape(-1, _WORD))
