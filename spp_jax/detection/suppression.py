@@ -478,7 +478,6 @@ def _greedy(
     start = _pack_bits(jnp.pad(invalid, (0, width * _WORD if banded else 0)).reshape(-1, _WORD))
     num_valid = jnp.sum(~invalid, dtype=jnp.int32)
     cols = lax.iota(jnp.int32, width)
-    row_of = lax.iota(jnp.int32, invalid.shape[0]) if pos is None else pos
 
     def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         i, _, kept = state
@@ -488,7 +487,7 @@ def _greedy(
         state: tuple[jax.Array, jax.Array, jax.Array],
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         i, removed, kept = state
-        p = row_of[i]
+        p = i if pos is None else pos[i]
         w, bit = p // _WORD, jnp.asarray(_BITS)[p % _WORD]
         gone = removed[w] & bit != 0
         off = w if banded else 0
@@ -503,7 +502,8 @@ def _greedy(
     visited, removed, _ = lax.while_loop(cond, body, (jnp.int32(0), start, jnp.int32(0)))
     bit_ids = jnp.arange(_WORD, dtype=jnp.uint32)
     stays = ((removed[:, None] >> bit_ids[None, :]) & 1 == 0).reshape(-1)
-    kept = stays[row_of] & (lax.iota(jnp.int32, row_of.shape[0]) < visited)
+    stays = stays if pos is None else stays[pos]
+    kept = stays & (lax.iota(jnp.int32, stays.shape[0]) < visited)
     # Step 4: compaction in visiting order.
     at = jnp.where(kept, jnp.cumsum(kept, dtype=jnp.int32) - 1, max_output)
     keep = jnp.full((max_output,), -1, jnp.int32).at[at].set(box, mode="drop")
