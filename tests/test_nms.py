@@ -91,22 +91,25 @@ def test_nms_matches_reference(n):
             check(*nms(boxes, scores, thr), ref_nms(boxes, scores, thr), n)
 
 
+# 40 boxes: the triangle in visiting order; 300 (more than a band): label runs,
+# in a band (runs of at most 225 boxes) or the triangle (one label).
+@pytest.mark.parametrize("n", [40, 300])
 @pytest.mark.parametrize("num_labels", [1, 3, 20])
-def test_batched_nms_matches_reference(num_labels):
+def test_batched_nms_matches_reference(n, num_labels):
     rng = np.random.default_rng(num_labels)
     for trial in range(4):
-        boxes, scores = random_problem(rng, 40, grid=trial % 2 == 1, tie_scores=trial == 2)
-        labels = rng.integers(0, num_labels, 40) * 7 - 5  # any integers
+        boxes, scores = random_problem(rng, n, grid=trial % 2 == 1, tie_scores=trial == 2)
+        labels = rng.integers(0, num_labels, n) * 7 - 5  # any integers
         for thr in (0.3, 0.5, 0.7):
             got = batched_nms(boxes, scores, labels, thr)
-            check(*got, ref_nms(boxes, scores, thr, labels), 40)
+            check(*got, ref_nms(boxes, scores, thr, labels), n)
 
 
 def test_early_stop_with_large_label_groups():
-    # 240 boxes in one label and in two: each pass stops once max_output boxes are kept.
+    # 300 boxes in one label and in two: each pass stops once max_output boxes are kept.
     rng = np.random.default_rng(7)
-    boxes, scores = random_problem(rng, 240, tie_scores=True)
-    for labels in (np.zeros(240, int), rng.integers(0, 2, 240)):
+    boxes, scores = random_problem(rng, 300, tie_scores=True)
+    for labels in (np.zeros(300, int), rng.integers(0, 2, 300)):
         expected = ref_nms(boxes, scores, 0.5, labels, max_output=30)
         check(*batched_nms(boxes, scores, labels, 0.5, max_output=30), expected, 30)
     check(*nms(boxes, scores, 0.5, max_output=30), ref_nms(boxes, scores, 0.5, max_output=30), 30)
@@ -310,34 +313,36 @@ def test_thresholds_do_not_recompile():
     assert _nms._cache_size() - before <= 1  # the first score_threshold call only
 
 
-def test_vmap_over_a_padded_batch():
+@pytest.mark.parametrize("n", [40, 300])
+def test_vmap_over_a_padded_batch(n):
     rng = np.random.default_rng(11)
-    sizes = (40, 17, 0, 33)
-    boxes = np.zeros((4, 40, 4), np.float32)
-    scores = np.full((4, 40), np.nan, np.float32)  # padding: NaN scores never take part
-    labels = np.zeros((4, 40), np.int32)
-    for i, n in enumerate(sizes):
-        boxes[i, :n], scores[i, :n] = random_problem(rng, n)
-        labels[i, :n] = rng.integers(0, 3, n)
+    sizes = (n, 17, 0, n - 7)
+    boxes = np.zeros((4, n, 4), np.float32)
+    scores = np.full((4, n), np.nan, np.float32)  # padding: NaN scores never take part
+    labels = np.zeros((4, n), np.int32)
+    for i, m in enumerate(sizes):
+        boxes[i, :m], scores[i, :m] = random_problem(rng, m)
+        labels[i, :m] = rng.integers(0, 3, m)
     keep, count = jax.vmap(lambda b, s: nms(b, s, 0.5, max_output=20))(boxes, scores)
     keep_b, count_b = jax.vmap(lambda b, s, lab: batched_nms(b, s, lab, 0.5, max_output=20))(
         boxes, scores, labels
     )
-    for i, n in enumerate(sizes):
-        check(keep[i], count[i], ref_nms(boxes[i, :n], scores[i, :n], 0.5, max_output=20), 20)
-        expected = ref_nms(boxes[i, :n], scores[i, :n], 0.5, labels[i, :n], max_output=20)
+    for i, m in enumerate(sizes):
+        check(keep[i], count[i], ref_nms(boxes[i, :m], scores[i, :m], 0.5, max_output=20), 20)
+        expected = ref_nms(boxes[i, :m], scores[i, :m], 0.5, labels[i, :m], max_output=20)
         check(keep_b[i], count_b[i], expected, 20)
 
 
-def test_any_int32_labels():
+@pytest.mark.parametrize("n", [40, 300])
+def test_any_int32_labels(n):
     rng = np.random.default_rng(13)
-    boxes, scores = random_problem(rng, 40, grid=True)
-    dense = rng.integers(0, 3, 40)
+    boxes, scores = random_problem(rng, n, grid=True)
+    dense = rng.integers(0, 3, n)
     expected = ref_nms(boxes, scores, 0.5, dense)
     # Far apart, and distinct integers that are one float32 (2**24 + 1 rounds to 2**24).
-    for values in ([-(2**30), 5, 2**30], [2**24, 2**24 + 1, 2**24 + 2]):
-        check(*batched_nms(boxes, scores, np.array(values)[dense], 0.5), expected, 40)
-    check(*batched_nms(boxes, scores, dense, 0.5), expected, 40)
+    for values in ([-(2**31), 5, 2**31 - 1], [2**24, 2**24 + 1, 2**24 + 2]):
+        check(*batched_nms(boxes, scores, np.array(values)[dense], 0.5), expected, n)
+    check(*batched_nms(boxes, scores, dense, 0.5), expected, n)
 
 
 def _no_ties(scores):

@@ -315,10 +315,11 @@ def _nms(
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((), jnp.int32)
     npad = -(-n // _WORD) * _WORD
     order, valid = _score_order(scores, score_threshold, npad)  # step 1
-    if labels is None:
-        # Materialised once: fused into the IoUs, the gather would run per pair.
-        f = lax.optimization_barrier(_features(boxes, npad, order))
-        return _greedy(_block_bits(f, thr), False, None, order, ~valid[order], max_output)
+    if labels is None or npad // _WORD <= _BAND_WORDS:  # the triangle: no band is narrower
+        lab = None if labels is None else jnp.pad(labels, (0, npad - n))[order]
+        # Materialised once: fused into the IoUs, the gathers would run per pair.
+        f, lab = lax.optimization_barrier((_features(boxes, npad, order), lab))
+        return _greedy(_block_bits(f, thr, lab), False, None, order, ~valid[order], max_output)
     # Rows grouped by label, each label's run in visiting order.
     lab = jnp.where(valid, jnp.pad(labels, (0, npad - n)), jnp.iinfo(jnp.int32).max)[order]
     seq, start, end = _group(lab)
@@ -326,7 +327,6 @@ def _nms(
     f = lax.optimization_barrier(_features(boxes, npad, at))
     pos = jnp.zeros((npad,), jnp.int32).at[seq].set(lax.iota(jnp.int32, npad))
     invalid = ~valid[at]
-    band = min(npad // _WORD, _BAND_WORDS)
 
     def greedy(bits: jax.Array, banded: bool) -> tuple[jax.Array, jax.Array]:
         # A row keeps the columns of its own run: boxes of other labels never hit.
@@ -335,11 +335,11 @@ def _nms(
         bits = bits & _below(end[:, None], col) & ~_below(start[:, None], col)
         return _greedy(bits, banded, pos, order, invalid, max_output)
 
-    # A box's run ends within `band` words of its own word if no run is longer.
+    # A box's run ends within the band of its own word if no run is longer.
     largest = jnp.max(jnp.where(invalid, 0, end - start))
     return lax.cond(
-        largest <= _WORD * (band - 1) + 1,
-        lambda: greedy(_band_bits(f, thr, band), True),
+        largest <= _WORD * (_BAND_WORDS - 1) + 1,
+        lambda: greedy(_band_bits(f, thr, _BAND_WORDS), True),
         lambda: greedy(_block_bits(f, thr), False),
     )
 
@@ -424,12 +424,14 @@ def _hits(r: jax.Array, c: jax.Array, thr: jax.Array) -> jax.Array:
     return inter / (r[4] + c[4] - inter) > thr
 
 
-def _block_bits(f: jax.Array, thr: jax.Array, square: bool = False) -> jax.Array:
+def _block_bits(
+    f: jax.Array, thr: jax.Array, labels: jax.Array | None = None, square: bool = False
+) -> jax.Array:
     """``(npad, words)`` bits of the upper triangle (``square``: of every pair).
 
-    ``f``: features ``(5, npad)``. Computed in at most 16 blocks of rows; a
-    triangle's block starts at its first row's column (the bits to its left are
-    zero).
+    ``f``: features ``(5, npad)``; ``labels``: if given, only pairs of one label
+    hit. Computed in at most 16 blocks of rows; a triangle's block starts at its
+    first row's column (the bits to its left are zero).
     """
     npad = f.shape[1]
     words = npad // _WORD
@@ -438,6 +440,8 @@ def _block_bits(f: jax.Array, thr: jax.Array, square: bool = False) -> jax.Array
     for r0 in range(0, npad, rows_per_block):
         r1, c0 = min(r0 + rows_per_block, npad), 0 if square else r0
         hit = _hits(f[:, r0:r1, None, None], f[:, c0:].reshape(5, 1, -1, _WORD), thr)
+        if labels is not None:
+            hit = hit & (labels[r0:r1, None, None] == labels[c0:].reshape(1, -1, _WORD))
         blocks.append(jnp.pad(_pack_bits(hit), ((0, 0), (c0 // _WORD, 0))))
     return jnp.concatenate(blocks, axis=0)
 
