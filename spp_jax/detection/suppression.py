@@ -28,10 +28,11 @@ elementwise loops and single-operand sorts, which XLA's CPU backend runs fast):
    the same order).
 2. The suppression bits ``IoU(i, j) > t``, packed 32 columns to a uint32 word.
    :func:`nms`: the upper triangle of the visiting order, in at most 16 blocks
-   of rows. :func:`batched_nms`: the boxes grouped by label (each label's run
-   in visiting order; two int32 sorts), each row's bits masked to its own run,
-   so labels are never compared per pair; a band of 8 words (256 columns) per
-   box when no label has more than 225 boxes, else the triangle.
+   of rows. :func:`batched_nms` of at most 256 boxes: the same, with the labels
+   compared per pair. Of more: the boxes grouped by label (each label's run in
+   visiting order; two int32 sorts) and each row's bits masked to its own run;
+   a band of 8 words (256 columns) per box when no label has more than 225
+   boxes, else the triangle.
    :func:`multiclass_nms`: every pair once, in index order, for all classes
    (the IoUs do not depend on the class).
 3. The greedy pass, one box per step of a ``lax.while_loop`` whose body is one
@@ -196,9 +197,8 @@ def batched_nms(
     ``batched_nms`` adds ``label * (max_coordinate + 1)`` to the coordinates so
     that boxes of different labels never overlap; in float32 that offset rounds
     the coordinates (at 2**14 they keep no bits below 2**-9), which can move an
-    IoU across the threshold. Here the boxes are grouped by label and a box's
-    bits are kept within its label's run only, with no rounding (module
-    docstring, step 2).
+    IoU across the threshold. Here a pair of different labels never
+    suppresses, with no rounding (module docstring, step 2).
 
     Args:
       boxes: ``(N, 4)`` boxes.
