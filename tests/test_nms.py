@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from spp_jax.detection.suppression import _nms, batched_nms, multiclass_nms, nms
+from spp_jax.detection.suppression import _group, _nms, batched_nms, multiclass_nms, nms
 
 
 def ref_iou32(a: np.ndarray, b: np.ndarray) -> np.float32:
@@ -91,25 +91,59 @@ def test_nms_matches_reference(n):
             check(*nms(boxes, scores, thr), ref_nms(boxes, scores, thr), n)
 
 
+# 40 boxes: the triangle in visiting order; 300 (more than a band): label runs,
+# in a band (runs of at most 225 boxes) or the triangle (one label).
+@pytest.mark.parametrize("n", [40, 300])
 @pytest.mark.parametrize("num_labels", [1, 3, 20])
-def test_batched_nms_matches_reference(num_labels):
+def test_batched_nms_matches_reference(n, num_labels):
     rng = np.random.default_rng(num_labels)
     for trial in range(4):
-        boxes, scores = random_problem(rng, 40, grid=trial % 2 == 1, tie_scores=trial == 2)
-        labels = rng.integers(0, num_labels, 40) * 7 - 5  # any integers
+        boxes, scores = random_problem(rng, n, grid=trial % 2 == 1, tie_scores=trial == 2)
+        labels = rng.integers(0, num_labels, n) * 7 - 5  # any integers
         for thr in (0.3, 0.5, 0.7):
             got = batched_nms(boxes, scores, labels, thr)
-            check(*got, ref_nms(boxes, scores, thr, labels), 40)
+            check(*got, ref_nms(boxes, scores, thr, labels), n)
 
 
 def test_early_stop_with_large_label_groups():
-    # 240 boxes in one label and in two: each pass stops once max_output boxes are kept.
+    # 300 boxes in one label and in two: each pass stops once max_output boxes are kept.
     rng = np.random.default_rng(7)
-    boxes, scores = random_problem(rng, 240, tie_scores=True)
-    for labels in (np.zeros(240, int), rng.integers(0, 2, 240)):
+    boxes, scores = random_problem(rng, 300, tie_scores=True)
+    for labels in (np.zeros(300, int), rng.integers(0, 2, 300)):
         expected = ref_nms(boxes, scores, 0.5, labels, max_output=30)
         check(*batched_nms(boxes, scores, labels, 0.5, max_output=30), expected, 30)
     check(*nms(boxes, scores, 0.5, max_output=30), ref_nms(boxes, scores, 0.5, max_output=30), 30)
+
+
+def test_band_and_triangle_of_label_runs():
+    # 300 boxes (10 words): 31 of label -1, then a run of n disjoint boxes of label 0
+    # whose last repeats its first (bit 31 of word 0), then label 1. A run of 225
+    # ends at column 256, the band's end; a longer one takes the triangle.
+    rng = np.random.default_rng(29)
+    for n in (225, 226, 260):
+        cell = np.arange(n)
+        x, y = cell % 20 * 10.0, cell // 20 * 10.0
+        run = np.stack([x, y, x + 8, y + 8], 1)
+        run[-1] = run[0]
+        others, _ = random_problem(rng, 300 - n)
+        boxes = np.concatenate([run, others + 300]).astype(np.float32)
+        scores = rng.permutation(300).astype(np.float32)
+        scores[:n] = np.sort(scores[:n])[::-1]  # the run's first box is visited first
+        labels = np.r_[np.zeros(n, int), -np.ones(31, int), np.ones(300 - n - 31, int)]
+        expected = ref_nms(boxes, scores, 0.5, labels)
+        assert n - 1 not in expected
+        check(*batched_nms(boxes, scores, labels, 0.5), expected, 300)
+
+
+@pytest.mark.parametrize("npad", [64, 46368])  # one int32 key; two keys (npad^2 > 2^31)
+def test_group_sorts_labels_stably_into_runs(npad):
+    labels = np.random.default_rng(npad).integers(-3, 3, npad).astype(np.int32)
+    seq, start, end = jax.jit(_group)(labels)
+    expected = np.argsort(labels, kind="stable")
+    assert np.array_equal(seq, expected)
+    ranked = labels[expected]
+    assert np.array_equal(start, np.searchsorted(ranked, ranked, side="left"))
+    assert np.array_equal(end, np.searchsorted(ranked, ranked, side="right"))
 
 
 def test_labels_are_separated_exactly_where_a_coordinate_offset_rounds():
@@ -279,34 +313,36 @@ def test_thresholds_do_not_recompile():
     assert _nms._cache_size() - before <= 1  # the first score_threshold call only
 
 
-def test_vmap_over_a_padded_batch():
+@pytest.mark.parametrize("n", [40, 300])
+def test_vmap_over_a_padded_batch(n):
     rng = np.random.default_rng(11)
-    sizes = (40, 17, 0, 33)
-    boxes = np.zeros((4, 40, 4), np.float32)
-    scores = np.full((4, 40), np.nan, np.float32)  # padding: NaN scores never take part
-    labels = np.zeros((4, 40), np.int32)
-    for i, n in enumerate(sizes):
-        boxes[i, :n], scores[i, :n] = random_problem(rng, n)
-        labels[i, :n] = rng.integers(0, 3, n)
+    sizes = (n, 17, 0, n - 7)
+    boxes = np.zeros((4, n, 4), np.float32)
+    scores = np.full((4, n), np.nan, np.float32)  # padding: NaN scores never take part
+    labels = np.zeros((4, n), np.int32)
+    for i, m in enumerate(sizes):
+        boxes[i, :m], scores[i, :m] = random_problem(rng, m)
+        labels[i, :m] = rng.integers(0, 3, m)
     keep, count = jax.vmap(lambda b, s: nms(b, s, 0.5, max_output=20))(boxes, scores)
     keep_b, count_b = jax.vmap(lambda b, s, lab: batched_nms(b, s, lab, 0.5, max_output=20))(
         boxes, scores, labels
     )
-    for i, n in enumerate(sizes):
-        check(keep[i], count[i], ref_nms(boxes[i, :n], scores[i, :n], 0.5, max_output=20), 20)
-        expected = ref_nms(boxes[i, :n], scores[i, :n], 0.5, labels[i, :n], max_output=20)
+    for i, m in enumerate(sizes):
+        check(keep[i], count[i], ref_nms(boxes[i, :m], scores[i, :m], 0.5, max_output=20), 20)
+        expected = ref_nms(boxes[i, :m], scores[i, :m], 0.5, labels[i, :m], max_output=20)
         check(keep_b[i], count_b[i], expected, 20)
 
 
-def test_any_int32_labels():
+@pytest.mark.parametrize("n", [40, 300])
+def test_any_int32_labels(n):
     rng = np.random.default_rng(13)
-    boxes, scores = random_problem(rng, 40, grid=True)
-    dense = rng.integers(0, 3, 40)
+    boxes, scores = random_problem(rng, n, grid=True)
+    dense = rng.integers(0, 3, n)
     expected = ref_nms(boxes, scores, 0.5, dense)
     # Far apart, and distinct integers that are one float32 (2**24 + 1 rounds to 2**24).
-    for values in ([-(2**30), 5, 2**30], [2**24, 2**24 + 1, 2**24 + 2]):
-        check(*batched_nms(boxes, scores, np.array(values)[dense], 0.5), expected, 40)
-    check(*batched_nms(boxes, scores, dense, 0.5), expected, 40)
+    for values in ([-(2**31), 5, 2**31 - 1], [2**24, 2**24 + 1, 2**24 + 2]):
+        check(*batched_nms(boxes, scores, np.array(values)[dense], 0.5), expected, n)
+    check(*batched_nms(boxes, scores, dense, 0.5), expected, n)
 
 
 def _no_ties(scores):

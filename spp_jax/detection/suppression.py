@@ -5,7 +5,8 @@ decreasing score, equal scores by increasing index; a box is kept unless its IoU
 with an already kept box is ``> iou_threshold`` (a box at exactly the threshold
 is kept). Results are torchvision's ``nms`` / ``batched_nms`` (whose order of
 tied scores is unspecified; here it is fixed). :func:`nms`, :func:`batched_nms`
-and :func:`multiclass_nms` run one program, :func:`nms`'s.
+and :func:`multiclass_nms` share one greedy pass; they differ in which pairs'
+IoUs they compute.
 
 Exact arithmetic: the IoU is computed in float32 as torchvision computes it,
 ``inter / (area_i + area_j - inter)`` with ``area = (x2 - x1) * (y2 - y1)``, and
@@ -25,17 +26,24 @@ elementwise loops and single-operand sorts, which XLA's CPU backend runs fast):
    take part get keys above all scores, in index order), sorted alone, and each
    box finds its rank by binary search (tied scores take a two-key sort instead,
    the same order).
-2. The suppression bits ``IoU(i, j) > t`` (and, for :func:`batched_nms`,
-   ``label_i == label_j``) of the upper triangle of the visiting order, packed 32
-   columns to a uint32 word, in at most 16 blocks of rows.
+2. The suppression bits ``IoU(i, j) > t``, packed 32 columns to a uint32 word.
+   :func:`nms`: the upper triangle of the visiting order, in at most 16 blocks
+   of rows. :func:`batched_nms` of at most 256 boxes: the same, with the labels
+   compared per pair. Of more: the boxes grouped by label (each label's run in
+   visiting order; two int32 sorts) and each row's bits masked to its own run;
+   a band of 8 words (256 columns) per box when no label has more than 225
+   boxes, else the triangle.
+   :func:`multiclass_nms`: every pair once, in index order, for all classes
+   (the IoUs do not depend on the class).
 3. The greedy pass, one box per step of a ``lax.while_loop`` whose body is one
    fused loop: a box not yet removed ORs its row of bits into the removed set.
    The pass stops once ``max_output`` boxes are kept or no box that takes part is
    left.
 4. The kept indices are compacted in score order (a scatter).
 
-Under ``vmap`` the two branches of step 1 (``lax.cond``) both run. Memory:
-``N^2 / 8`` bytes for the triangle's bits.
+Under ``vmap`` the two branches of each ``lax.cond`` (step 1; the band or the
+triangle) both run. Memory: ``N^2 / 8`` bytes for the bits (``32 N`` for the
+band).
 
 Bad input: as in :mod:`~spp_jax.detection.boxes`. Under ``jit`` a box with a NaN
 coordinate has NaN IoUs, which suppress nothing, so it is kept if its score takes
@@ -61,9 +69,8 @@ __all__ = ["batched_nms", "multiclass_nms", "nms"]
 
 _WORD = 32
 _MAX_BLOCKS = 16
+_BAND_WORDS = 8  # batched_nms: label runs of up to 225 boxes take the band
 _BITS = np.left_shift(np.uint32(1), np.arange(_WORD, dtype=np.uint32))
-# _ABOVE[b]: the bits strictly above bit b (a box only suppresses later boxes).
-_ABOVE = np.array([(0xFFFFFFFF << (b + 1)) & 0xFFFFFFFF for b in range(_WORD)], np.uint32)
 
 
 def _f32_not_above(name: str, value: Any, lo: float, hi: float) -> jax.Array:
@@ -190,9 +197,8 @@ def batched_nms(
     ``batched_nms`` adds ``label * (max_coordinate + 1)`` to the coordinates so
     that boxes of different labels never overlap; in float32 that offset rounds
     the coordinates (at 2**14 they keep no bits below 2**-9), which can move an
-    IoU across the threshold. Here a pair of different labels never suppresses
-    (one integer comparison per pair), with no rounding; every pair of the
-    triangle is computed, as in :func:`nms`, whatever the labels.
+    IoU across the threshold. Here a pair of different labels never
+    suppresses, with no rounding (module docstring, step 2).
 
     Args:
       boxes: ``(N, 4)`` boxes.
@@ -230,7 +236,7 @@ def multiclass_nms(
     (ties: lower class, then lower box index) and the first ``max_output`` are
     returned. This is :func:`batched_nms` of the ``N K`` pairs (box ``i`` with
     label ``k`` and score ``scores[i, k]``, pair index ``k N + i``), computed as
-    ``K`` problems of ``N`` boxes (``vmap``: ``K`` times fewer pairs compared): a
+    one set of ``N^2`` box pairs and ``K`` greedy passes (``vmap``): a
     detector's per-class NMS (R-CNN, SPP-net), TensorFlow's
     ``combined_non_max_suppression``.
 
@@ -274,9 +280,13 @@ def _multiclass_nms(
     if per_class == 0 or k == 0:
         empty = jnp.full((max_output,), -1, jnp.int32)
         return empty, empty, jnp.zeros((), jnp.int32)
-    keep, count = jax.vmap(
-        lambda s: _nms(boxes, s, None, thr, score_threshold, max_output=per_class)
-    )(scores.T)  # (K, per_class), (K,)
+    npad = -(-n // _WORD) * _WORD
+    # The box pairs' bits once for all classes, in index order: every pair, as a
+    # class visits the boxes in its own order.
+    bits = _block_bits(lax.optimization_barrier(_features(boxes, npad)), thr, square=True)
+    order, valid = _score_order(scores.T, score_threshold, npad)  # (K, npad)
+    greedy = functools.partial(_greedy, bits, False, max_output=per_class)
+    keep, count = jax.vmap(lambda o, v: greedy(o, o, ~v))(order, valid)  # (K, per_class), (K,)
     # Merge: by decreasing score; ties by position (class, then rank in its class).
     valid = lax.iota(jnp.int32, per_class)[None, :] < count[:, None]
     kept_scores = jnp.take_along_axis(scores.T, jnp.maximum(keep, 0), axis=1)
@@ -304,30 +314,41 @@ def _nms(
     if n == 0 or max_output == 0:
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((), jnp.int32)
     npad = -(-n // _WORD) * _WORD
+    order, valid = _score_order(scores, score_threshold, npad)  # step 1
+    if labels is None or npad // _WORD <= _BAND_WORDS:  # the triangle: no band is narrower
+        lab = None if labels is None else jnp.pad(labels, (0, npad - n))[order]
+        # Materialised once: fused into the IoUs, the gathers would run per pair.
+        f, lab = lax.optimization_barrier((_features(boxes, npad, order), lab))
+        return _greedy(_block_bits(f, thr, lab), False, None, order, ~valid[order], max_output)
+    # Rows grouped by label, each label's run in visiting order.
+    lab = jnp.where(valid, jnp.pad(labels, (0, npad - n)), jnp.iinfo(jnp.int32).max)[order]
+    seq, start, end = _group(lab)
+    at = order[seq]
+    f = lax.optimization_barrier(_features(boxes, npad, at))
+    pos = jnp.zeros((npad,), jnp.int32).at[seq].set(lax.iota(jnp.int32, npad))
+    invalid = ~valid[at]
 
-    # 1. Visiting order: decreasing score, then increasing index; boxes that do
-    # not take part last.
-    valid = ~jnp.isnan(scores)
-    if score_threshold is not None:
-        valid = valid & (scores > score_threshold)
-    valid = jnp.pad(valid, (0, npad - n))
-    order = _score_order(jnp.pad(scores, (0, npad - n)), valid)
-    f = jnp.pad(boxes, ((0, npad - n), (0, 0)))[order].T
-    f = jnp.concatenate([f, box_area(f.T)[None]], axis=0)  # x1, y1, x2, y2, area
-    lab = None if labels is None else jnp.pad(labels, (0, npad - n))[order]
-    # Materialised once: fused into the N^2 / 2 IoUs, the gathers would run per pair.
-    f, lab = lax.optimization_barrier((f, lab))
+    def greedy(bits: jax.Array, banded: bool) -> tuple[jax.Array, jax.Array]:
+        # A row keeps the columns of its own run: boxes of other labels never hit.
+        col = lax.iota(jnp.int32, bits.shape[1])[None, :] * _WORD
+        col = col + (lax.iota(jnp.int32, npad)[:, None] // _WORD * _WORD if banded else 0)
+        bits = bits & _below(end[:, None], col) & ~_below(start[:, None], col)
+        return _greedy(bits, banded, pos, order, invalid, max_output)
 
-    # 2-3. Suppression bits and the greedy pass.
-    num_valid = jnp.sum(valid, dtype=jnp.int32)
-    kept = _greedy(f, lab, thr, ~valid[order], num_valid, max_output)
+    # A box's run ends within the band of its own word if no run is longer.
+    largest = jnp.max(jnp.where(invalid, 0, end - start))
+    return lax.cond(
+        largest <= _WORD * (_BAND_WORDS - 1) + 1,
+        lambda: greedy(_band_bits(f, thr, _BAND_WORDS), True),
+        lambda: greedy(_block_bits(f, thr), False),
+    )
 
-    # 4. Compaction in score order.
-    pos = jnp.cumsum(kept, dtype=jnp.int32) - 1
-    count = jnp.minimum(jnp.sum(kept, dtype=jnp.int32), max_output)
-    keep = jnp.full((max_output,), -1, jnp.int32)
-    keep = keep.at[jnp.where(kept, pos, max_output)].set(order, mode="drop")
-    return keep, count
+
+def _features(boxes: jax.Array, npad: int, at: jax.Array | None = None) -> jax.Array:
+    """``(5, npad)``: x1, y1, x2, y2 and area of the boxes (zero-padded), in order ``at``."""
+    boxes = jnp.pad(boxes, ((0, npad - boxes.shape[0]), (0, 0)))
+    boxes = boxes if at is None else boxes[at]
+    return jnp.concatenate([boxes.T, box_area(boxes)[None]], axis=0)
 
 
 def _sortable(x: jax.Array) -> jax.Array:
@@ -336,23 +357,55 @@ def _sortable(x: jax.Array) -> jax.Array:
     return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
-def _score_order(scores: jax.Array, valid: jax.Array) -> jax.Array:
-    """Positions by decreasing score, then index; invalid ones last (module docstring, step 1)."""
-    npad = scores.shape[0]
-    idx = lax.iota(jnp.int32, npad)
-    # Invalid boxes: distinct keys above every score's (-inf maps to 0x7F800000).
-    key = jnp.where(valid, _sortable(-scores), jnp.int32(0x7F800001) + idx)
-    sorted_keys = lax.sort(key)
-    distinct = jnp.all(sorted_keys[1:] != sorted_keys[:-1])
+def _score_order(
+    scores: jax.Array, score_threshold: jax.Array | None, npad: int
+) -> tuple[jax.Array, jax.Array]:
+    """The visiting order (box indices, padded to ``npad``) and which boxes take part.
 
-    def by_search() -> jax.Array:
+    ``scores``: ``(..., N)``, one problem per row; one branch for all rows.
+    """
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, npad - scores.shape[-1])]
+    valid = ~jnp.isnan(scores)
+    if score_threshold is not None:
+        valid = valid & (scores > score_threshold)
+    valid = jnp.pad(valid, pad)
+    idx = jnp.broadcast_to(lax.iota(jnp.int32, npad), valid.shape)
+    # Invalid boxes: distinct keys above every score's (-inf maps to 0x7F800000).
+    key = jnp.where(valid, _sortable(-jnp.pad(scores, pad)), jnp.int32(0x7F800001) + idx)
+    sorted_keys = lax.sort(key)
+    distinct = jnp.all(sorted_keys[..., 1:] != sorted_keys[..., :-1])
+
+    @functools.partial(jnp.vectorize, signature="(n),(n)->(n)")
+    def search(sorted_keys: jax.Array, key: jax.Array) -> jax.Array:
         pos = jnp.searchsorted(sorted_keys, key, method="scan")
-        return jnp.zeros((npad,), jnp.int32).at[pos].set(idx, unique_indices=True)
+        rank = lax.iota(jnp.int32, npad)
+        return jnp.zeros((npad,), jnp.int32).at[pos].set(rank, unique_indices=True)
 
     def by_pairs() -> jax.Array:
         return lax.sort((key, idx), num_keys=2)[1]
 
-    return lax.cond(distinct, by_search, by_pairs)
+    return lax.cond(distinct, lambda: search(sorted_keys, key), by_pairs), valid
+
+
+def _group(labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The stable order that sorts ``labels``; per sorted position, its run's start and end."""
+    npad = labels.shape[0]
+    idx = lax.iota(jnp.int32, npad)
+    ranked = lax.sort(labels)
+    first = jnp.searchsorted(ranked, labels, method="scan").astype(jnp.int32)
+    if npad * npad <= 2**31 - 1:  # one int32 key (run start, position): the fast sort
+        key = lax.sort(first * npad + idx)
+        start, seq = key // npad, key % npad
+    else:
+        start, seq = lax.sort((first, idx), num_keys=2)
+    end = jnp.searchsorted(ranked, ranked, side="right", method="scan").astype(jnp.int32)
+    return seq, start, end
+
+
+def _below(limit: jax.Array, col: jax.Array) -> jax.Array:
+    """Words whose bit ``b`` is set where ``col + b < limit`` (broadcast)."""
+    m = jnp.clip(limit - col, 0, _WORD).astype(jnp.uint32)
+    return jnp.where(m == _WORD, jnp.uint32(0xFFFFFFFF), (jnp.uint32(1) << m) - 1)
 
 
 def _pack_bits(hit: jax.Array) -> jax.Array:
@@ -371,56 +424,91 @@ def _hits(r: jax.Array, c: jax.Array, thr: jax.Array) -> jax.Array:
     return inter / (r[4] + c[4] - inter) > thr
 
 
-def _greedy(
-    f: jax.Array,
-    labels: jax.Array | None,
-    thr: jax.Array,
-    invalid: jax.Array,
-    num_valid: jax.Array,
-    max_kept: int,
+def _block_bits(
+    f: jax.Array, thr: jax.Array, labels: jax.Array | None = None, square: bool = False
 ) -> jax.Array:
-    """The greedy pass over boxes in visiting order; returns their kept flags.
+    """``(npad, words)`` bits of the upper triangle (``square``: of every pair).
 
-    ``f``: the boxes' features ``(5, npad)``; ``labels``: if given, a box only
-    suppresses boxes of its own label.
+    ``f``: features ``(5, npad)``; ``labels``: if given, only pairs of one label
+    hit. Computed in at most 16 blocks of rows; a triangle's block starts at its
+    first row's column (the bits to its left are zero).
     """
     npad = f.shape[1]
     words = npad // _WORD
     rows_per_block = _WORD * -(-words // min(words, _MAX_BLOCKS))
     blocks = []
     for r0 in range(0, npad, rows_per_block):
-        r1 = min(r0 + rows_per_block, npad)
-        r = f[:, r0:r1, None, None]  # (5, R, 1, 1)
-        c = f[:, r0:].reshape(5, 1, (npad - r0) // _WORD, _WORD)  # (5, 1, Wc, 32)
-        hit = _hits(r, c, thr)
+        r1, c0 = min(r0 + rows_per_block, npad), 0 if square else r0
+        hit = _hits(f[:, r0:r1, None, None], f[:, c0:].reshape(5, 1, -1, _WORD), thr)
         if labels is not None:
-            hit = hit & (labels[r0:r1, None, None] == labels[r0:].reshape(1, -1, _WORD))
-        blocks.append(jnp.pad(_pack_bits(hit), ((0, 0), (r0 // _WORD, 0))))
-    bits = jnp.concatenate(blocks, axis=0)  # (npad, words); left of each block zero
-    word_ids = lax.iota(jnp.int32, words)
-    above = jnp.asarray(_ABOVE)
+            hit = hit & (labels[r0:r1, None, None] == labels[c0:].reshape(1, -1, _WORD))
+        blocks.append(jnp.pad(_pack_bits(hit), ((0, 0), (c0 // _WORD, 0))))
+    return jnp.concatenate(blocks, axis=0)
+
+
+def _band_bits(f: jax.Array, thr: jax.Array, band: int) -> jax.Array:
+    """``(npad, band)`` bits: row ``i``'s word ``k`` is word ``i // 32 + k`` of its row.
+
+    ``f`` as in :func:`_block_bits`.
+    """
+    npad = f.shape[1]
+    words = npad // _WORD
+    fp = jnp.pad(f, ((0, 0), (0, band * _WORD)))
+    cols = [fp[:, k * _WORD : k * _WORD + npad].reshape(5, words, _WORD) for k in range(band)]
+    c = lax.optimization_barrier(jnp.stack(cols, axis=2))  # a copy: cheaper than per pair
+    hit = _hits(f.reshape(5, words, _WORD, 1, 1), c[:, :, None], thr)  # (words, 32, band, 32)
+    return _pack_bits(hit).reshape(npad, band)
+
+
+def _greedy(
+    bits: jax.Array,
+    banded: bool,
+    pos: jax.Array | None,
+    box: jax.Array,
+    invalid: jax.Array,
+    max_output: int,
+) -> tuple[jax.Array, jax.Array]:
+    """The greedy pass (module docstring, steps 3-4): ``(keep, count)`` as :func:`nms`'s.
+
+    Step ``i`` visits box ``box[i]``, whose row of ``bits`` is ``pos[i]`` (None:
+    ``i``); the row's word ``k`` is word ``k`` of the removed set (``banded``:
+    word ``pos[i] // 32 + k``). ``invalid``: per row, whether its box takes no
+    part (such boxes come last in the visiting order and are never visited). A
+    row must hold the bits of every box visited after it that it may suppress,
+    and may hold boxes visited before: hits are symmetric, so a kept box never
+    hits an earlier kept one (that one would have removed it).
+    """
+    width = bits.shape[1]
+    start = _pack_bits(jnp.pad(invalid, (0, width * _WORD if banded else 0)).reshape(-1, _WORD))
+    num_valid = jnp.sum(~invalid, dtype=jnp.int32)
+    cols = lax.iota(jnp.int32, width)
 
     def cond(state: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
         i, _, kept = state
-        return (i < num_valid) & (kept < max_kept)
+        return (i < num_valid) & (kept < max_output)
 
     def body(
         state: tuple[jax.Array, jax.Array, jax.Array],
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         i, removed, kept = state
-        w, b = i // _WORD, i % _WORD
-        gone = (removed[w] >> b.astype(jnp.uint32)) & 1 == 1
-        row = lax.dynamic_index_in_dim(bits, i, axis=0, keepdims=False)
-        row = jnp.where(word_ids > w, row, jnp.where(word_ids == w, row & above[b], 0))
-        removed = jnp.where(gone, removed, removed | row)
+        p = i if pos is None else pos[i]
+        w, bit = p // _WORD, jnp.asarray(_BITS)[p % _WORD]
+        gone = removed[w] & bit != 0
+        off = w if banded else 0
+        window = lax.dynamic_slice_in_dim(removed, off, width)
+        row = lax.dynamic_index_in_dim(bits, p, axis=0, keepdims=False)
+        row = jnp.where(cols + off == w, row & ~bit, row)  # not itself: kept
+        removed = lax.dynamic_update_slice_in_dim(
+            removed, jnp.where(gone, window, window | row), off, axis=0
+        )
         return i + 1, removed, kept + (~gone).astype(jnp.int32)
 
-    start = (jnp.int32(0), _pack_bits(invalid.reshape(words, _WORD)), jnp.int32(0))
-    visited, removed, _ = lax.while_loop(cond, body, start)
-    # Kept: the visited boxes not removed.
-    kept_words = jnp.where(word_ids < visited // _WORD, ~removed, jnp.uint32(0))
-    partial = (visited // _WORD < words) & (word_ids == visited // _WORD)
-    tail = jnp.asarray(_BITS - 1)[visited % _WORD]  # bits below `visited` in its word
-    kept_words = jnp.where(partial, ~removed & tail, kept_words)
+    visited, removed, _ = lax.while_loop(cond, body, (jnp.int32(0), start, jnp.int32(0)))
     bit_ids = jnp.arange(_WORD, dtype=jnp.uint32)
-    return (((kept_words[:, None] >> bit_ids[None, :]) & 1) == 1).reshape(-1)
+    stays = ((removed[:, None] >> bit_ids[None, :]) & 1 == 0).reshape(-1)
+    stays = stays if pos is None else stays[pos]
+    kept = stays & (lax.iota(jnp.int32, stays.shape[0]) < visited)
+    # Step 4: compaction in visiting order.
+    at = jnp.where(kept, jnp.cumsum(kept, dtype=jnp.int32) - 1, max_output)
+    keep = jnp.full((max_output,), -1, jnp.int32).at[at].set(box, mode="drop")
+    return keep, jnp.minimum(jnp.sum(kept, dtype=jnp.int32), max_output)
