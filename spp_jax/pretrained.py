@@ -272,8 +272,11 @@ def normalize(images: Any) -> jax.Array:
     """
     x = jnp.asarray(images)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    mean = jnp.asarray(IMAGENET_MEAN, dtype)
-    std = jnp.asarray(IMAGENET_STD, dtype)
+    if x.ndim < 1 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (..., 3) RGB, got shape {x.shape}")
+    shape = (1,) * (x.ndim - 1) + (3,)
+    mean = jnp.asarray(IMAGENET_MEAN, dtype).reshape(shape)
+    std = jnp.asarray(IMAGENET_STD, dtype).reshape(shape)
     return (x.astype(dtype) - mean) / std
 
 
