@@ -14,6 +14,8 @@ every input size the trunk accepts.
   or a ``.safetensors`` file (needs the ``safetensors`` package: ``spp-jax[weights]``).
 * :func:`spp_features` is the paper's use of a trunk: the SPP max pyramid replaces pool5 and
   pools the conv5 map, for images of any size and padded mixed-size batches.
+* :func:`write_workdir` (``spp-jax import-weights``) writes an imported model as a
+  classification workdir that ``spp-jax eval`` and ``extract`` read.
 
 The models take torchvision's input: RGB in ``[0, 1]``, normalised with
 :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD` (:func:`normalize`), ``(B, H, W, 3)``. Nothing
@@ -47,6 +49,7 @@ __all__ = [
     "load",
     "normalize",
     "spp_features",
+    "write_workdir",
 ]
 
 #: torchvision's ImageNet input normalisation (RGB in ``[0, 1]``): ``(x - mean) / std``.
@@ -267,8 +270,8 @@ def normalize(images: Any) -> jax.Array:
     """RGB images in ``[0, 1]`` (``(..., 3)``) to torchvision's ImageNet input,
     ``(x - IMAGENET_MEAN) / IMAGENET_STD``, in the images' float dtype (float32 for ints).
 
-    >>> normalize(jnp.full((1, 1, 3), 0.5)).round(3).tolist()
-    [[[0.066, 0.196, 0.418]]]
+    >>> [round(float(v), 3) for v in normalize(jnp.full((3,), 0.5))]
+    [0.066, 0.196, 0.418]
     """
     x = jnp.asarray(images)
     dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
@@ -348,3 +351,66 @@ def _spp_features(conv, x, valid_sizes, arch, width, levels, channel_major):
     return spatial_pyramid_pool(
         fmap, levels, mode="max", valid_sizes=sizes, channel_major=channel_major
     )
+
+
+def write_workdir(model: SPPNet, variables: Mapping[str, Any], workdir: str | os.PathLike) -> str:
+    """Writes an imported model as a classification workdir (``spp-jax import-weights``).
+
+    ``config.json`` is :mod:`spp_jax.configs.zf5_imagenet` (ImageNet, SGD, 224 crops) with
+    ``model`` set to ``model``'s fields (``center_input=False``); ``checkpoints/0`` holds
+    the parameters, a zero optimizer state and step 0. :func:`spp_jax.workdirs.load_trained`
+    reads it back, so ``spp-jax eval``, ``extract`` and ``train`` (fine-tuning) accept it.
+    spp_jax's input pipelines normalise pixels with torchvision's ImageNet mean and std
+    (:data:`spp_jax.data.MEAN_RGB`, ``STDDEV_RGB``), the input the weights expect. Needs
+    the ``train`` extra.
+
+    Args:
+      model: from :func:`from_torchvision` or :func:`load`.
+      variables: its variables.
+      workdir: a new folder (or an empty one).
+
+    Returns:
+      ``workdir`` as a string.
+
+    Raises:
+      spp_jax.workdirs.WorkdirError: ``workdir`` holds a workdir already, or cannot be
+        written.
+    """
+    from spp_jax import train, workdirs
+    from spp_jax.configs import get_config
+
+    path = str(workdir)
+    if workdirs.kind_of(path) is not None:
+        raise workdirs.WorkdirError(
+            f"workdir {path!r} holds a run already: give a new folder for the imported weights"
+        )
+    workdirs.check_output_dir(path, "workdir")
+    config = get_config("zf5_imagenet")
+    config.model.update(
+        arch=model.arch,
+        head=model.head,
+        levels=tuple(model.levels),
+        width=model.width,
+        depth=model.depth,
+        fc_dim=model.fc_dim,
+        dropout_rate=model.dropout_rate,
+        dtype=jnp.dtype(model.dtype).name,
+        center_input=model.center_input,
+        num_classes=model.num_classes,
+        spp_mode=model.spp_mode,
+        channel_major=model.channel_major,
+        pool5=None if model.pool5 is None else tuple(model.pool5),
+    )
+    if train.create_model(config) != model:
+        raise ValueError(f"the config cannot describe {model}: is it from from_torchvision?")
+    tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1))
+    params = variables["params"]
+    state = train.TrainState.create(
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        dropout_key=jax.random.key_data(jax.random.key(config.seed)),
+    )
+    train.save_config(config, path)
+    train.save_checkpoint(train.checkpoint_manager(path, config.keep_checkpoints), state)
+    return path

@@ -292,3 +292,43 @@ def test_pth_file(alexnet, tiny, tiny_models, tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(pretrained.WeightsError, match="holds a list, not a state_dict"):
         pretrained.load(tmp_path / "list.pth", "alexnet")
+
+
+# --------------------------------------------------------------------------------------
+# The imported workdir (spp-jax import-weights).
+# --------------------------------------------------------------------------------------
+
+
+def test_import_weights_workdir_extract(tiny, tiny_models, tmp_path):
+    """import-weights writes a workdir that load_trained reads back as the same model and
+    parameters, and whose `extract` features are the model's fc6 input on the pipeline's
+    images (normalised with torchvision's mean and std)."""
+    st = pytest.importorskip("safetensors.numpy")
+    pytest.importorskip("orbax.checkpoint")
+    from PIL import Image
+
+    from spp_jax import cli, data, workdirs
+    from spp_jax.extract import extract_features
+    from spp_jax.models import SPPNet
+
+    state, width, *_ = tiny["alexnet"]
+    weights = tmp_path / "alexnet.safetensors"
+    st.save_file({k: v.astype(np.float32) for k, v in state.items()}, str(weights))
+    workdir = tmp_path / "run"
+    argv = ["import-weights", "--arch", "alexnet", "--weights", str(weights)]
+    assert cli.main([*argv, "--workdir", str(workdir), "--width", str(width)]) == 0
+    trained = workdirs.load_trained(workdir)
+    model, variables, _ = tiny_models["alexnet"]
+    assert trained.model == model and trained.step == 0
+    jax.tree.map(np.testing.assert_array_equal, trained.params, variables["params"])
+    with pytest.raises(SystemExit, match="holds a run already"):
+        cli.main([*argv, "--workdir", str(workdir), "--width", str(width)])
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "a.png")
+    out = extract_features(str(workdir), str(images), str(tmp_path / "f.npz"), size=96)
+    x = data.preprocess_full(pixels, 96)
+    want = model.apply(variables, jnp.asarray(x[None]), method=SPPNet.features)
+    _close(out["features"], want)
