@@ -15,7 +15,7 @@ every input size the trunk accepts.
 * :func:`spp_features` is the paper's use of a trunk: the SPP max pyramid replaces pool5 and
   pools the conv5 map, for images of any size and padded mixed-size batches.
 * :func:`write_workdir` (``spp-jax import-weights``) writes an imported model as a
-  classification workdir that ``spp-jax eval`` and ``extract`` read.
+  classification workdir, which ``spp-jax extract`` reads.
 
 The models take torchvision's input: RGB in ``[0, 1]``, normalised with
 :data:`IMAGENET_MEAN` and :data:`IMAGENET_STD` (:func:`normalize`), ``(B, H, W, 3)``. Nothing
@@ -359,7 +359,7 @@ def write_workdir(model: SPPNet, variables: Mapping[str, Any], workdir: str | os
     ``config.json`` is :mod:`spp_jax.configs.zf5_imagenet` (ImageNet, SGD, 224 crops) with
     ``model`` set to ``model``'s fields (``center_input=False``); ``checkpoints/0`` holds
     the parameters, a zero optimizer state and step 0. :func:`spp_jax.workdirs.load_trained`
-    reads it back, so ``spp-jax eval``, ``extract`` and ``train`` (fine-tuning) accept it.
+    reads it back as a trained run's, which is what ``spp-jax extract`` and ``eval`` read.
     spp_jax's input pipelines normalise pixels with torchvision's ImageNet mean and std
     (:data:`spp_jax.data.MEAN_RGB`, ``STDDEV_RGB``), the input the weights expect. Needs
     the ``train`` extra.
