@@ -3,7 +3,7 @@
 Against torchvision where torch is installed (random weights: conversion is what is
 tested); everywhere, against tests/data/torchvision_tiny.npz: width-reduced models with
 torchvision's key names and layer kinds, an input and their torch outputs, written by
-tests/make_pretrained_fixture.py. So the key mapping, the transposes and the flatten order
+experiments/make_pretrained_fixture.py. So the key mapping, the transposes and the flatten order
 are checked with or without torch.
 """
 

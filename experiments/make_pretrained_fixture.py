@@ -3,7 +3,8 @@
 
 tests/test_pretrained.py checks spp_jax.pretrained against it where torch is not installed.
 Weights and inputs are rounded to float16 and stored so; torch computes in float32 on the
-float16 values. Run from the repository root: ``python tests/make_pretrained_fixture.py``.
+float16 values. Run from the repository root (needs torch and torchvision):
+``python experiments/make_pretrained_fixture.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional
 
-OUT = pathlib.Path(__file__).parent / "data" / "torchvision_tiny.npz"
+OUT = pathlib.Path(__file__).parents[1] / "tests" / "data" / "torchvision_tiny.npz"
 FC_DIM, NUM_CLASSES = 16, 5
 LEVELS = (6, 3, 2, 1)
 # arch -> (width, input (B, H, W, 3)): the pool5 maps are 2 x 3 (AlexNet) and 2 x 1
