@@ -2,7 +2,8 @@
 
 The core (:func:`spatial_pyramid_pool`, :func:`pyramid_bins`, :func:`output_dim`)
 imports no Flax. Imported on first use: the Flax wrappers :mod:`spp_jax.linen` and
-:mod:`spp_jax.nnx`, the paper's networks :mod:`spp_jax.models`, and (with the
+:mod:`spp_jax.nnx`, the paper's networks :mod:`spp_jax.models`, torchvision's AlexNet
+and VGG-16 weights :mod:`spp_jax.pretrained`, and (with the
 ``train`` extra) the input pipeline :mod:`spp_jax.data`, the training loop
 :mod:`spp_jax.train` with its configs :mod:`spp_jax.configs` and metric files
 :mod:`spp_jax.metrics`, feature extraction :mod:`spp_jax.extract` and the
@@ -36,6 +37,7 @@ _LAZY_SUBMODULES = (
     "metrics",
     "models",
     "nnx",
+    "pretrained",
     "train",
 )
 

@@ -385,7 +385,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, help="at most this many images")
     _add_skip_bad_images_argument(x, "the output's 'skipped'")
 
-    handlers = {d: _demo_command, t: _train_command, e: _eval_command, x: _extract_command}
+    w = sub.add_parser(
+        "import-weights",
+        help="torchvision AlexNet / VGG-16 weights (.pth or .safetensors) as a workdir",
+    )
+    w.add_argument("--arch", required=True, choices=("alexnet", "vgg16"))
+    w.add_argument("--weights", required=True, help="a .pth/.pt state_dict or a .safetensors")
+    w.add_argument("--workdir", required=True, help="a new folder")
+    w.add_argument(
+        "--width", type=float, default=1.0, help="conv channel multiplier of the file's model"
+    )
+
+    handlers = {
+        d: _demo_command,
+        t: _train_command,
+        e: _eval_command,
+        x: _extract_command,
+        w: _import_weights_command,
+    }
     for sub_parser, handler in handlers.items():
         sub_parser.set_defaults(func=handler)
     _add_detection_commands(sub, configs.available("detection"))
@@ -569,6 +586,25 @@ def _extract_command(args) -> int:
         split=args.split,
         limit=args.limit,
         on_bad_image="skip" if args.skip_bad_images else "raise",
+    )
+    return 0
+
+
+def _import_weights_command(args) -> int:
+    from spp_jax import pretrained
+
+    workdirs.check_not_url(args.workdir)
+    try:
+        model, variables = pretrained.load(args.weights, args.arch, width=args.width)
+    except ImportError as err:  # torch or safetensors missing: one line naming the extra
+        raise ValueError(str(err)) from None
+    pretrained.write_workdir(model, variables, args.workdir)
+    log.info(
+        "wrote %s: torchvision %s, %d classes; `spp-jax extract --workdir %s` reads it",
+        args.workdir,
+        args.arch,
+        model.num_classes,
+        args.workdir,
     )
     return 0
 

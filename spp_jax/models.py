@@ -34,11 +34,12 @@ from jax import lax
 from spp_jax._cpu.conv import conv2d
 from spp_jax.geometry import _check_positive_int, normalize_levels, output_dim
 from spp_jax.linen import SpatialPyramidPooling
-from spp_jax.pooling import _check_sizes, max_pool2d, pool_output_size
+from spp_jax.pooling import _check_sizes, check_options, max_pool2d, pool_output_size
 
 __all__ = [
     "ARCHS",
     "HEADS",
+    "TORCHVISION_ARCHS",
     "ConvSpec",
     "ConvTrunk",
     "LRNSpec",
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 ARCHS = ("zf5", "convnet5", "overfeat5", "overfeat7")
+# torchvision's trunks (features[:-1]: up to conv5 and its ReLU), for imported weights
+# (:mod:`spp_jax.pretrained`).
+TORCHVISION_ARCHS = ("alexnet", "vgg16")
 HEADS = ("spp", "pool6")
 POOL6_SIZE = 6
 
@@ -147,12 +151,28 @@ _ARCH_SPECS: dict[str, tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]] = {
     ),
     "overfeat5": (_OVERFEAT_STEM, (ConvSpec(512, _C3, 1, 1),) * 3),
     "overfeat7": (_OVERFEAT_STEM, (ConvSpec(512, _C3, 1, 1),) * 5),
+    # torchvision.models.alexnet: features[:-1] (pool5 belongs to the head).
+    "alexnet": (
+        (ConvSpec(64, 11, 4, 2), PoolSpec(3, 2), ConvSpec(192, 5, 1, 2), PoolSpec(3, 2)),
+        (ConvSpec(384, _C3, 1, 1), ConvSpec(256, _C3, 1, 1), ConvSpec(256, _C3, 1, 1)),
+    ),
+    # torchvision.models.vgg16: features[:-1]; the tail is the conv5 block.
+    "vgg16": (
+        tuple(
+            s
+            for block in ((64,) * 2, (128,) * 2, (256,) * 3, (512,) * 3)
+            for s in (*(ConvSpec(c, _C3, 1, 1) for c in block), PoolSpec(2, 2))
+            if isinstance(s, ConvSpec | PoolSpec)
+        ),
+        (ConvSpec(512, _C3, 1, 1),) * 3,
+    ),
 }
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; accepted: {', '.join(map(repr, ARCHS))}")
+    if arch not in ARCHS + TORCHVISION_ARCHS:
+        accepted = ", ".join(map(repr, ARCHS + TORCHVISION_ARCHS))
+        raise ValueError(f"unknown arch {arch!r}; accepted: {accepted}")
 
 
 def _check_scale(name: str, value: float) -> None:
@@ -188,16 +208,17 @@ def layer_specs(arch: str, *, width: float = 1.0, depth: float = 1.0) -> tuple[L
     """The trunk of ``arch`` as a tuple of layer specs, conv1 first.
 
     Args:
-      arch: one of :data:`ARCHS`.
+      arch: one of :data:`ARCHS` or :data:`TORCHVISION_ARCHS`.
       width: multiplies every conv's channel count: ``max(1, round(c * width))``
         (halves round up).
-      depth: scales the 3x3 convs after conv2 (``n`` = 3 for zf5, convnet5 and
-        overfeat5, 5 for overfeat7) to ``m = max(1, round(n * depth))`` (halves
-        round up). With the original convs ``c_1 .. c_n``, new conv ``i < m`` is
-        ``c_min(i, n-1)`` and new conv ``m`` is ``c_n`` (so the last conv keeps the
-        conv5 channel count: fewer layers drop from the middle, more repeat
-        ``c_(n-1)``). A pool that followed ``c_j`` follows new conv ``min(j, m)``.
-        The 3x3 convs keep the spatial size, so ``depth`` never changes map sizes.
+      depth: scales the 3x3 convs after conv2 (``n`` = 3 for zf5, convnet5,
+        overfeat5 and alexnet, 5 for overfeat7; vgg16: its 3 conv5-block convs) to
+        ``m = max(1, round(n * depth))`` (halves round up). With the original convs
+        ``c_1 .. c_n``, new conv ``i < m`` is ``c_min(i, n-1)`` and new conv ``m`` is
+        ``c_n`` (so the last conv keeps the conv5 channel count: fewer layers drop
+        from the middle, more repeat ``c_(n-1)``). A pool that followed ``c_j``
+        follows new conv ``min(j, m)``. The 3x3 convs keep the spatial size, so
+        ``depth`` never changes map sizes.
 
     Returns:
       A tuple of :class:`ConvSpec`, :class:`PoolSpec` and :class:`LRNSpec`.
@@ -238,7 +259,7 @@ def feature_map_size(arch: str, h: Any, w: Any) -> tuple[Any, Any]:
     ``width`` (:func:`layer_specs`) never change the size.
 
     Args:
-      arch: one of :data:`ARCHS`.
+      arch: one of :data:`ARCHS` or :data:`TORCHVISION_ARCHS`.
       h: input height: an int or an integer array.
       w: input width: an int or an integer array.
 
@@ -438,7 +459,8 @@ class ConvTrunk(nn.Module):
     Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
     Attributes:
-      arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
+      arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"``, ``"overfeat7"``, or torchvision's
+        ``"alexnet"`` or ``"vgg16"`` (:data:`TORCHVISION_ARCHS`).
       width: conv channel multiplier (:func:`layer_specs`).
       depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
       dtype: computation dtype (params are float32).
@@ -550,12 +572,29 @@ class SPPHead(nn.Module):
 
     Attributes:
       levels: pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
+      mode: ``"max"`` (the paper) or ``"avg"`` (with ``levels=(6,)``, torchvision's
+        ``AdaptiveAvgPool2d((6, 6))``: the same adaptive bins).
+      channel_major: flatten each level as ``(C, n_h, n_w)`` (PyTorch's ``flatten(1)``)
+        instead of ``(n_h, n_w, C)``.
+      pool: optional ``(window, stride)`` of a max pool (floor rounding) run on the map
+        before the pyramid: torchvision's last ``MaxPool2d`` (pool5) for its classifiers.
+        With ``valid_sizes`` each size passes through the pool's size formula (at least
+        1); the map needs at least ``window`` cells on each side.
     """
 
     levels: tuple = (6, 3, 2, 1)
+    mode: str = "max"
+    channel_major: bool = False
+    pool: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         normalize_levels(self.levels)
+        check_options(self.mode, "adaptive", "NHWC")
+        if self.pool is not None:
+            if not isinstance(self.pool, Sequence) or len(self.pool) != 2:
+                raise ValueError(f"pool must be None or (window, stride), got {self.pool!r}")
+            _check_positive_int("pool window", self.pool[0])
+            _check_positive_int("pool stride", self.pool[1])
         super().__post_init__()
 
     def output_dim(self, channels: int) -> int:
@@ -564,8 +603,26 @@ class SPPHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
-        """Pools ``x`` (``(B, h, w, C)``), each example over its ``valid_sizes`` region."""
-        return SpatialPyramidPooling(levels=self.levels)(x, valid_sizes=valid_sizes)
+        """Pools ``x`` (``(B, h, w, C)``), each example over its ``valid_sizes`` region.
+
+        Raises:
+          ValueError: with ``pool``, a map smaller than its window.
+        """
+        if self.pool is not None:
+            window, stride = self.pool
+            h, w = x.shape[1:3]
+            if min(h, w) < window:
+                raise ValueError(
+                    f"SPPHead's pool (window {window}, stride {stride}) needs a map of at least "
+                    f"{window}x{window}, got {h}x{w}: give a larger input"
+                )
+            x = max_pool2d(x, window, stride)
+            if valid_sizes is not None:
+                valid_sizes = jnp.clip(pool_output_size(valid_sizes, window, stride), 1, None)
+        layer = SpatialPyramidPooling(
+            levels=self.levels, mode=self.mode, channel_major=self.channel_major
+        )
+        return layer(x, valid_sizes=valid_sizes)
 
 
 def _no_valid_sizes(valid_sizes: jax.Array | None) -> None:
@@ -705,7 +762,7 @@ class SPPNet(nn.Module):
     (:class:`ConvTrunk` says how); changing the sizes never recompiles.
 
     Attributes:
-      arch: one of :data:`ARCHS`.
+      arch: one of :data:`ARCHS` or :data:`TORCHVISION_ARCHS`.
       num_classes: logits per example.
       head: ``"spp"`` or ``"pool6"``.
       levels: SPP pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
@@ -716,6 +773,10 @@ class SPPNet(nn.Module):
       base_size: the square input side the ``"pool6"`` pool is sized for.
       dtype: computation dtype (params are float32).
       center_input: subtract each example's mean colour before conv1 (:class:`ConvTrunk`).
+      spp_mode: the SPP head's ``"max"`` or ``"avg"`` pooling (:class:`SPPHead`).
+      channel_major: the SPP head's flatten order (:class:`SPPHead`).
+      pool5: the SPP head's optional max pool before the pyramid (:class:`SPPHead`).
+        :mod:`spp_jax.pretrained` sets these three to make torchvision's classifiers.
 
     The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
 
@@ -751,10 +812,19 @@ class SPPNet(nn.Module):
     base_size: int = 224
     dtype: Any = jnp.float32
     center_input: bool = False
+    spp_mode: str = "max"
+    channel_major: bool = False
+    pool5: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; accepted: {', '.join(map(repr, HEADS))}")
+        if self.head == "pool6" and (
+            self.spp_mode != "max" or self.channel_major or self.pool5 is not None
+        ):
+            raise ValueError(
+                'spp_mode, channel_major and pool5 are options of head="spp", got head="pool6"'
+            )
         # Each part checks its own arguments. Building the parts here, unbound, makes a bad
         # value fail at construction rather than in setup, at the first call.
         _parts(self, parent=None)
@@ -857,7 +927,7 @@ def _parts(net: SPPNet, **parent: Any) -> tuple[ConvTrunk, SPPHead | Pool6Head, 
     trunk = ConvTrunk(net.arch, net.width, net.depth, net.dtype, net.center_input, **parent)
     pool: SPPHead | Pool6Head
     if net.head == "spp":
-        pool = SPPHead(net.levels, **parent)
+        pool = SPPHead(net.levels, net.spp_mode, net.channel_major, net.pool5, **parent)
     else:
         pool = Pool6Head(*pool6_window(net.arch, net.base_size), **parent)
     classifier = MLPHead(net.num_classes, net.fc_dim, net.dropout_rate, net.dtype, **parent)

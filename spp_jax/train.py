@@ -78,6 +78,9 @@ def create_model(config) -> SPPNet:
         base_size=m.base_size,
         dtype=jnp.dtype(m.dtype),
         center_input=m.get("center_input", False),  # a config of your own may leave it out
+        spp_mode=m.get("spp_mode", "max"),
+        channel_major=m.get("channel_major", False),
+        pool5=None if m.get("pool5") is None else tuple(m.pool5),
     )
 
 

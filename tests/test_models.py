@@ -484,10 +484,10 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_bad_arch_in_helpers():
-    with pytest.raises(ValueError, match="'vgg16'"):
-        feature_map_size("vgg16", 224, 224)
-    with pytest.raises(ValueError, match="'vgg16'"):
-        layer_specs("vgg16")
+    with pytest.raises(ValueError, match="'resnet50'"):
+        feature_map_size("resnet50", 224, 224)
+    with pytest.raises(ValueError, match="'resnet50'"):
+        layer_specs("resnet50")
 
 
 # --------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model (spp_jax.models.SPPNet).
     c.model = ml_collections.ConfigDict()
-    c.model.arch = "zf5"  # zf5 | convnet5 | overfeat5 | overfeat7
+    c.model.arch = "zf5"  # zf5 | convnet5 | overfeat5 | overfeat7 (| alexnet | vgg16, imported)
     c.model.head = "spp"  # spp | pool6 (no-SPP baseline)
     c.model.levels = (6, 3, 2, 1)
     c.model.width = 0.25
@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     # without this, training sat at chance for 2-7 of 16 epochs (docs/training.md, "Why
     # the loss sat at chance"). The paper (ImageNet) does not: zf5_imagenet sets False.
     c.model.center_input = True
+    # The SPP head's pooling: "max" (the paper) or "avg"; flatten order (n_h, n_w, C) or,
+    # channel_major, (C, n_h, n_w); pool5: None or (window, stride) of a max pool before the
+    # pyramid. `spp-jax import-weights` sets avg / True / pool5 for torchvision's classifiers.
+    c.model.spp_mode = "max"
+    c.model.channel_major = False
+    c.model.pool5 = None
     # Classes (fc8's outputs). None: the dataset's count, which train writes here in
     # WORKDIR/config.json, so a trained workdir loads without reading the dataset.
     c.model.num_classes = None
