@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 
-from spp_jax.detection import pipeline
+from spp_jax.detection import pipeline, stages
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if det.regressors is None:
         raise SystemExit(f"{args.workdir} has no box regressors (bbox.npz): nothing to compare")
     config = pipeline.load_run_config(args.workdir)
-    train = pipeline.load_split(config.dataset, config.train_split, config.data_dir)
-    test = pipeline.load_split(config.dataset, config.test_split, config.data_dir)
-    train_props = pipeline.workdir_proposals(config, args.workdir, train)
-    test_props = pipeline.workdir_proposals(config, args.workdir, test)
-    test_maps = pipeline._split_maps(det, test, det.scales(1))
+    train = stages.load_split(config.dataset, config.train_split, config.data_dir)
+    test = stages.load_split(config.dataset, config.test_split, config.data_dir)
+    train_props = stages.workdir_proposals(config, args.workdir, train)
+    test_props = stages.workdir_proposals(config, args.workdir, test)
+    test_maps = stages.split_maps(det, test, det.scales(1))
 
     def test_map() -> float:
         dets = [
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                        maps=[m[i] for m in test_maps])
             for i in range(len(test))
         ]  # fmt: skip
-        return float(pipeline.evaluate(dets, test, det.num_classes, "voc07")["map"])
+        return float(stages.evaluate(dets, test, det.num_classes, "voc07")["map"])
 
     result = {"regressors trained on 5-scale features (shipped)": test_map()}
     with tempfile.TemporaryDirectory() as tmp:
         os.makedirs(os.path.join(tmp, "stages"))
-        train_maps = pipeline._split_maps(det, train, det.scales(1))
-        det.regressors = pipeline.stage_bbox(config, tmp, det, train, train_props, train_maps)
+        train_maps = stages.split_maps(det, train, det.scales(1))
+        det.regressors = stages.stage_bbox(config, tmp, det, train, train_props, train_maps)
     result["regressors trained on 1-scale features"] = test_map()
     for name, value in result.items():
         print(f"test mAP (VOC07) at 1 scale, SVM + box regression, {name}: {100 * value:.1f} %")

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     from spp_jax._cpu import tune
     from spp_jax.configs import detection
-    from spp_jax.detection import pipeline, proposals
+    from spp_jax.detection import proposals, stages
 
     p = detection.get_config().proposals
-    split = pipeline.load_split(args.dataset, args.split)
+    split = stages.load_split(args.dataset, args.split)
     n = min(args.limit, len(split))
     fractions = [float(f) for f in args.fractions.split(",")]
     rows = []

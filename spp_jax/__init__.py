@@ -25,30 +25,7 @@ from spp_jax.roi import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LevelBins",
-    "axis_bins",
-    "configs",
-    "data",
-    "datasets",
-    "detection",
-    "extract",
-    "linen",
-    "max_pool2d",
-    "metrics",
-    "models",
-    "multiscale_roi_pyramid_pool",
-    "nnx",
-    "output_dim",
-    "pool_output_size",
-    "project_boxes",
-    "pyramid_bins",
-    "roi_pyramid_pool",
-    "select_scales",
-    "spatial_pyramid_pool",
-    "train",
-]
-
+# Imported on first use (Flax and TensorFlow only when a module that needs them is asked for).
 _LAZY_SUBMODULES = (
     "configs",
     "data",
@@ -62,9 +39,23 @@ _LAZY_SUBMODULES = (
     "train",
 )
 
+__all__ = [
+    "LevelBins",
+    "axis_bins",
+    "max_pool2d",
+    "multiscale_roi_pyramid_pool",
+    "output_dim",
+    "pool_output_size",
+    "project_boxes",
+    "pyramid_bins",
+    "roi_pyramid_pool",
+    "select_scales",
+    "spatial_pyramid_pool",
+    *_LAZY_SUBMODULES,
+]
+
 
 def __getattr__(name: str) -> Any:
-    # Flax (and TensorFlow) are imported only when a module that needs them is asked for.
     if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"spp_jax.{name}")
     raise AttributeError(f"module 'spp_jax' has no attribute {name!r}")

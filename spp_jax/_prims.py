@@ -77,15 +77,16 @@ class Op:
     **params)`` gives its ``(shape, dtype)`` (a list of them if
     ``multiple_results``), ``kinds`` (one per operand, or one for all) and
     ``out_kind`` say how ``vmap`` folds its operands and results (see the module
-    docstring). Its derivative comes from :func:`linear_pair` or :meth:`def_jvp`."""
+    docstring; default: all images). Its derivative comes from :func:`linear_pair` or
+    :meth:`def_jvp`."""
 
     def __init__(
         self,
         name: str,
         impl: Callable[..., Any],
         shape: Callable[..., Any],
-        kinds: tuple[str, ...] | str,
-        out_kind: str,
+        kinds: tuple[str, ...] | str = IMAGE,
+        out_kind: str = IMAGE,
         multiple_results: bool = False,
     ):
         self.prim = Primitive(name)

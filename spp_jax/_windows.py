@@ -110,6 +110,14 @@ def _corner_rows(bins: Bins, bidx: jax.Array, shape) -> jax.Array:
     return jnp.stack(rows)
 
 
+def _corners(table: jax.Array, bins: Bins, bidx: jax.Array) -> jax.Array:
+    """The ``(KH, KW, B, H, W, C)`` table's entries at the 4 corners of every bin:
+    ``(4, R, n_h, n_w, C)`` (the corner order of :func:`_corner_rows`)."""
+    rows = _corner_rows(bins, bidx, table.shape[:5])
+    out = jnp.take(table.reshape(-1, table.shape[5]), rows.reshape(-1), axis=0, mode="clip")
+    return out.reshape(*rows.shape, table.shape[5])
+
+
 def empty_bins(bins: Bins) -> jax.Array:
     """``(R, n_h, n_w)`` bool: bins with no cell."""
     hs, he, ws, we = bins
@@ -127,12 +135,7 @@ def window_max(x: jax.Array, bidx: jax.Array, bins: Bins) -> jax.Array:
       bidx: ``(R,)`` int32, each window's batch element (in range).
       bins: see :data:`Bins`.
     """
-    table = _table_values(x)
-    kh_n, kw_n = table.shape[:2]
-    flat = table.reshape(-1, x.shape[3])
-    rows = _corner_rows(bins, bidx, (kh_n, kw_n, *x.shape[:3]))
-    out = jnp.take(flat, rows.reshape(-1), axis=0, mode="clip")
-    out = out.reshape(4, *rows.shape[1:], x.shape[3])
+    out = _corners(_table_values(x), bins, bidx)
     # Elementwise, not jnp.max(axis=0): XLA's CPU reduction over a short leading
     # axis is much slower.
     return jnp.maximum(jnp.maximum(out[0], out[1]), jnp.maximum(out[2], out[3]))
@@ -144,19 +147,13 @@ def window_winners(x: jax.Array, bidx: jax.Array, bins: Bins):
     Keys always name a cell of the map; for empty bins they are meaningless, like
     the values: callers mask both (values, and the tangents or cotangents)."""
     values, keys = _table_winners(x)
-    kh_n, kw_n = values.shape[:2]
-    c = x.shape[3]
-    rows = _corner_rows(bins, bidx, (kh_n, kw_n, *x.shape[:3]))
-    flat_rows = rows.reshape(-1)
-    cv = jnp.take(values.reshape(-1, c), flat_rows, axis=0, mode="clip").reshape(4, -1, c)
-    ck = jnp.take(keys.reshape(-1, c), flat_rows, axis=0, mode="clip").reshape(4, -1, c)
+    cv, ck = _corners(values, bins, bidx), _corners(keys, bins, bidx)
     best_v, best_k = cv[0], ck[0]
     for q in range(1, 4):
         take = better(best_v, best_k, cv[q], ck[q])
         best_v = jnp.where(take, cv[q], best_v)
         best_k = jnp.where(take, ck[q], best_k)
-    shape = (*rows.shape[1:], c)
-    return best_v.reshape(shape), best_k.reshape(shape)
+    return best_v, best_k
 
 
 def _flat_cells(keys: jax.Array, bidx: jax.Array, image_shape) -> jax.Array:
@@ -221,9 +218,10 @@ def _pool_max_jvp(primals, tangents):
 
 
 def pool_bounds(
-    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, levels
+    x: jax.Array, bidx: jax.Array, rows: jax.Array, cols: jax.Array, levels, pool=pool_max
 ) -> jax.Array:
-    """:func:`pool_max` of every level's bins given as the CPU kernel takes them.
+    """``pool`` (:func:`pool_max`, or a function of the same arguments) of every
+    level's bins given as the CPU kernel takes them.
 
     The pure-JAX code of :func:`spp_jax._cpu.native.window_max` for windows whose
     bins are data (RoI pooling): ``rows`` ``(R, sum n_h, 2)`` and ``cols``
@@ -241,7 +239,7 @@ def pool_bounds(
         parts = (rb[:, :, None, 0], rb[:, :, None, 1], cb[:, None, :, 0], cb[:, None, :, 1])
         hs, he, ws, we = (jnp.broadcast_to(a, (r, nh, nw)) for a in parts)
         bins = (hs, he, ws, we)
-        v = jnp.where(empty_bins(bins)[..., None], 0.0, pool_max(x, bidx, bins))
+        v = jnp.where(empty_bins(bins)[..., None], 0.0, pool(x, bidx, bins))
         outs.append(v.reshape(r, -1, c))
         r0, c0 = r0 + nh, c0 + nw
     return jnp.concatenate(outs, axis=1)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax import workdirs
-from spp_jax.detection.files import detect_files as detect_images
 from spp_jax.geometry import output_dim, pyramid_bins
 from spp_jax.pooling import spatial_pyramid_pool
 
@@ -98,7 +97,21 @@ def load_config(
         override of a key the config does not have, or a value the key does not accept
         (:func:`spp_jax.configs.check`); the message names it.
     """
-    import ast
+    from spp_jax import configs
+
+    config = _base_config(name_or_path, kind)
+    for item in overrides or []:
+        _apply_override(config, item)
+    try:
+        configs.check(config, kind)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return config
+
+
+def _base_config(name_or_path: str, kind: str):
+    """The shipped config ``name_or_path`` of ``kind``, or the ``get_config()`` of the
+    ``.py`` file at that path (:func:`load_config`)."""
     from pathlib import Path
 
     from spp_jax import configs
@@ -106,8 +119,8 @@ def load_config(
     names = configs.available(kind)
     path = Path(name_or_path)
     if name_or_path in names:
-        config = configs.get_config(name_or_path, kind)
-    elif path.suffix == ".py" and path.is_file():
+        return configs.get_config(name_or_path, kind)
+    if path.suffix == ".py" and path.is_file():
         spec = importlib.util.spec_from_file_location(f"spp_config_{path.stem}", path)
         if spec is None or spec.loader is None:
             raise SystemExit(f"cannot import config file {path}")
@@ -115,55 +128,69 @@ def load_config(
         spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise SystemExit(f"config file {path} has no get_config() function")
-        config = module.get_config()
-    else:
+        return module.get_config()
+    raise SystemExit(
+        f"config {name_or_path!r} not found; give one of {list(names)} or the path of a "
+        ".py file with get_config()"
+    )
+
+
+def _apply_override(config, item: str) -> None:
+    """Sets the ``--set`` item ``key=value`` in ``config`` (:func:`load_config`)."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes key=value, got {item!r}")
+    *parents, leaf = key.split(".")
+    node, is_open = _override_group(config, item, parents)
+    if leaf not in node and not is_open:
         raise SystemExit(
-            f"config {name_or_path!r} not found; give one of {list(names)} or the path of a "
-            ".py file with get_config()"
+            f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
         )
-    for item in overrides or []:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set takes key=value, got {item!r}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split(".")
-        node, is_open = config, False
-        for part in parents:
-            if is_open and part not in node:
-                with config.unlocked():
-                    node[part] = {}
-            if part not in node or not hasattr(node[part], "keys"):
-                raise SystemExit(
-                    f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
-                )
-            is_open = is_open or (node is config and part in _OPEN_GROUPS)
-            node = node[part]
-        if leaf not in node and not is_open:
-            raise SystemExit(
-                f"--set {item!r}: no key {key!r} in the config; keys: {sorted(node.keys())}"
-            )
-        if isinstance(value, list):
-            value = tuple(value)
-        if leaf in node and isinstance(node[leaf], float) and isinstance(value, int):
-            value = float(value)
-        if leaf in node and isinstance(node[leaf], bool) and text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        try:
-            with config.unlocked():
-                node[leaf] = value
-        except TypeError as e:
-            raise SystemExit(
-                f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
-                f"(now {node[leaf]!r}), got {value!r}"
-            ) from e
+    value = _override_value(text, node.get(leaf))
     try:
-        configs.check(config, kind)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    return config
+        with config.unlocked():
+            node[leaf] = value
+    except TypeError as e:
+        raise SystemExit(
+            f"--set {item!r}: {key} is a {type(node[leaf]).__name__} "
+            f"(now {node[leaf]!r}), got {value!r}"
+        ) from e
+
+
+def _override_group(config, item: str, parents: list[str]) -> tuple[Any, bool]:
+    """The group that the dotted ``parents`` name in ``config``, and whether it takes new
+    keys (it lies in one of :data:`_OPEN_GROUPS`, where missing groups are created)."""
+    node, is_open = config, False
+    for part in parents:
+        if is_open and part not in node:
+            with config.unlocked():
+                node[part] = {}
+        if part not in node or not hasattr(node[part], "keys"):
+            raise SystemExit(
+                f"--set {item!r}: no group {part!r} in the config; keys: {sorted(node.keys())}"
+            )
+        is_open = is_open or (node is config and part in _OPEN_GROUPS)
+        node = node[part]
+    return node, is_open
+
+
+def _override_value(text: str, current: Any) -> Any:
+    """``text`` as a Python literal when it is one (a list as a tuple), else the string;
+    for a key whose ``current`` value is a float an int becomes a float, and for a bool
+    ``true`` or ``false`` (any case) a bool."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, bool) and text.lower() in ("true", "false"):
+        value = text.lower() == "true"
+    return value
 
 
 #: Config groups that ``--set`` may add keys to: a detection config's overrides of its
@@ -206,58 +233,24 @@ def _indented(text: str) -> str:
     return "\n".join("  " + line for line in text.rstrip("\n").splitlines())
 
 
-def detect_train(config, workdir: str) -> dict:
-    """``spp-jax detect-train``: runs (or resumes) every stage of
-    :func:`spp_jax.detection.pipeline.detect_train`, then logs the AP table and the
-    main mAP. Returns the metrics."""
-    from spp_jax.detection import pipeline, report
+def _log_detection_result(result: dict, where: str, name: str, report_path: str) -> None:
+    """Logs a detection evaluation's per-class AP table (``result["table"]``) and its
+    mAP line: on ``where`` (a split), of variant ``name``, written to ``report_path``."""
+    from spp_jax.detection import report
 
-    metrics = pipeline.detect_train(config, workdir)
-    k = len(metrics["ap_voc07"])
+    k = len(result["ap_voc07"])
     log.info(
-        "average precision (%%) on the test split:\n%s",
-        _indented(report.ap_table(metrics["table"], k)),
-    )
-    log.info(
-        "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
-        metrics["map_voc07"],
-        metrics["map_area"],
-        metrics["main"],
-        os.path.join(workdir, "eval", "ap_table.md"),
-    )
-    return metrics
-
-
-def detect_eval(
-    workdir: str,
-    *,
-    scales: int = 1,
-    split: str = "test",
-    scorer: str | None = None,
-    regress: bool = True,
-) -> dict:
-    """``spp-jax detect-eval``: :func:`spp_jax.detection.pipeline.evaluate_workdir`,
-    then logs the per-class AP table and the mAP. Returns its result."""
-    from spp_jax.detection import pipeline, report
-
-    res = pipeline.evaluate_workdir(
-        workdir, scales=scales, split=split, scorer=scorer, regress=regress
-    )
-    k = len(res["ap_voc07"])
-    log.info(
-        "average precision (%%) on the %s split (%d images):\n%s",
-        res["split"],
-        res["num_images"],
-        _indented(report.ap_table(res["table"], k)),
+        "average precision (%%) on %s:\n%s",
+        where,
+        _indented(report.ap_table(result["table"], k)),
     )
     log.info(
         "mAP %.4f (VOC07), %.4f (area): %s; report in %s",
-        res["map_voc07"],
-        res["map_area"],
-        res["name"],
-        res["report"],
+        result["map_voc07"],
+        result["map_area"],
+        name,
+        report_path,
     )
-    return res
 
 
 # Environment read once by TensorFlow's (and XLA's) C++ logging when the library loads:
@@ -562,11 +555,11 @@ def _eval_command(args) -> int:
     workdirs.require(args.workdir, "classification")
     sizes = _sizes_arg(args.sizes) if args.sizes else None
     if args.views == 1 and not args.compare_whole_net:
-        train.evaluate_workdir(args.workdir, sizes)
+        train.evaluate_single_view(args.workdir, sizes)
         return 0
     from spp_jax import multiview
 
-    multiview.evaluate_workdir(
+    multiview.evaluate_multiview(
         args.workdir, sizes, views=args.views, compare_whole_net=args.compare_whole_net
     )
     return 0
@@ -591,28 +584,38 @@ def _extract_command(args) -> int:
 
 
 def _detect_train_command(args) -> int:
+    from spp_jax.detection import pipeline
+
     config = load_config(args.config, args.set, kind="detection")
     workdirs.check_run_dir(args.workdir, "detection")
-    detect_train(config, args.workdir)
+    metrics = pipeline.detect_train(config, args.workdir)
+    report_path = os.path.join(args.workdir, "eval", "ap_table.md")
+    _log_detection_result(metrics, "the test split", metrics["main"], report_path)
     return 0
 
 
 def _detect_eval_command(args) -> int:
+    from spp_jax.detection import pipeline
+
     workdirs.require(args.workdir, "detection")
-    detect_eval(
+    res = pipeline.evaluate_detector_workdir(
         args.workdir,
         scales=args.scales,
         split=args.split,
         scorer=args.scorer,
         regress=not args.no_bbox,
     )
+    where = f"the {res['split']} split ({res['num_images']} images)"
+    _log_detection_result(res, where, res["name"], res["report"])
     return 0
 
 
 def _detect_command(args) -> int:
+    from spp_jax.detection.files import detect_files
+
     workdirs.require(args.workdir, "detection")
     workdirs.check_output_dir(args.out)
-    detect_images(
+    detect_files(
         args.workdir,
         args.images,
         args.out,

@@ -1,36 +1,21 @@
 """TFDS input pipelines with resolution buckets, for SPP-net training and evaluation.
 
 Every batch has one static shape (a "bucket"), so the jitted/pmapped step compiles
-once per bucket and never per image:
+once per bucket and never per image: :func:`train_batches` yields one epoch of the
+paper's crops, resized to the epoch's size (multi-size training, paper section
+3.2); :func:`eval_batches` a centre crop, or the FULL image padded to an
+aspect-ratio bucket with ``valid_sizes``, so that the model's SPP layer pools each
+image over its own pixels only.
 
-* **Training** (:func:`train_batches`): the paper's crops. Each image's short side is
-  resized to ``crop_size * resize_ratio``, a random ``crop_size`` square is cut and
-  flipped at random, and the crop is then RESIZED to the epoch's size (multi-size
-  training: the same content at a lower resolution, paper section 3.2). One epoch
-  is one bucket ``(local_batch, size, size, 3)``.
-* **Evaluation** (:func:`eval_batches`), ``mode="center"``: the short side resized to
-  ``size * resize_ratio``, then a centre ``size`` square. ``mode="full"``: the FULL
-  image, short side resized to ``size`` and aspect kept (long side capped at
-  ``max_aspect * size`` by a centre crop). Images are padded with zeros to an
-  aspect-ratio bucket and the batch carries ``valid_sizes`` so that the model's
-  SPP layer pools each image over its own pixels only.
+The order of an epoch is a function of ``(seed, epoch)`` only, and process ``p`` of
+``P`` keeps positions ``p, p+P, ...`` of it, before decoding: the union of the
+processes' batches is the same whatever ``P`` is, every process yields the same
+number of batches, and a resumed run skips to the exact batch it stopped at
+(``docs/scale_out.md``, "Data").
 
-Determinism and several hosts: the order of an epoch is a function of
-``(seed, epoch)`` only: files and examples are shuffled with seeds derived from
-them, each example's crop/flip uses stateless random ops seeded by its position
-in the global order, and process ``p`` of ``P`` keeps positions ``p, p+P, ...``
-(``tf.data.Dataset.shard`` before decoding). The union of the processes' local
-batches at a step is therefore the same set of examples whatever ``P`` is, every
-process yields the same number of batches (no collective waits for a missing
-batch), and a resumed run can skip to the exact batch it stopped at. The cost is
-that each process reads (not decodes) every record; for ImageNet-sized data on
-many hosts a per-file split (``tfds.split_for_jax_process``) reads less but
-changes the data order with the number of processes.
-
-Datasets: any TFDS image classification dataset by name; the default is the
-built-in ``spp_shapes`` (:mod:`spp_jax.datasets`), generated locally. Nothing
-here downloads: a dataset missing from ``data_dir`` fails at once with a message
-saying how to get it.
+Datasets: any prepared TFDS image classification dataset by name
+(:func:`get_builder`; nothing is downloaded); the default is the built-in
+``spp_shapes`` (:mod:`spp_jax.datasets`), generated locally.
 
 Each batch is a dict of NumPy arrays: ``image`` float32 ``(b, H, W, 3)``
 normalised with the ImageNet mean/std (padding is 0 after normalisation),
@@ -430,10 +415,13 @@ def eval_batches(
 ) -> Iterator[Batch]:
     """Yields every example of ``split`` once (this process's share), in batches.
 
-    Partial batches are filled up with ``mask = 0`` examples. In ``"full"`` mode
-    the batches are grouped by aspect-ratio bucket and carry ``valid_sizes``;
-    with several processes one bucket (the largest) is used, so all processes
-    run the same shapes and the same number of batches.
+    ``mode="center"``: the short side resized to ``size * resize_ratio``, then the
+    centre ``size`` square. ``mode="full"``: the FULL image, short side resized to
+    ``size`` and aspect kept (the long side centre-cropped to ``max_aspect * size``),
+    zero-padded to the smallest of :func:`full_image_buckets` that holds it; the
+    batches are grouped by bucket and carry ``valid_sizes``; with several processes
+    one bucket (the largest) is used, so all processes run the same shapes and the
+    same number of batches. Partial batches are filled up with ``mask = 0`` examples.
     """
     if mode not in EVAL_MODES:
         raise ValueError(f"eval mode {mode!r} not accepted; use one of {EVAL_MODES}")

@@ -9,11 +9,6 @@ and the network compiles once per bucket, not once per image size.
 The features are the SPP vectors (the input of fc6): ``C * sum(n * n)`` floats per
 image, e.g. ``256 * 50 = 12,800`` for ZF-5 with levels (6, 3, 2, 1).
 
-A file that cannot be read or decoded raises :class:`spp_jax.data.BadImageError`,
-one line that names it, or (``on_bad_image="skip"``) is skipped with a warning and
-listed in the output's ``skipped``. No training data is read: the model comes from
-the workdir (:func:`spp_jax.workdirs.load_trained`).
-
 Images stream through (memory holds at most a batch per bucket), and every computed
 batch is saved at once to ``OUT.parts/`` (one ``.npz`` per batch, written atomically):
 a call that is interrupted keeps them, and the same call again computes only the
@@ -29,6 +24,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,19 +86,9 @@ def extract_features(
     """
     from tqdm.auto import tqdm
 
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(
-            f"on_bad_image {on_bad_image!r} not accepted; use one of "
-            f"{', '.join(map(repr, ON_BAD_IMAGE))}"
-        )
-    head = workdirs.read_config(workdir).model.head
-    if head != "spp":
-        raise ValueError(
-            f"feature extraction needs an SPP head, the model in {workdir!r} has head "
-            f"{head!r}; accepted: 'spp'"
-        )
+    _check_arguments(workdir, on_bad_image)
     trained = workdirs.load_trained(workdir)
-    config, model = trained.config, trained.model
+    config = trained.config
     size = size or config.crop_size
     log.info("restored step %d from %s", trained.step, workdir)
     parts = _Parts(
@@ -116,49 +102,14 @@ def extract_features(
             "limit": limit,
         },
     )
-
-    @jax.jit
-    def features(params, x, valid_sizes):
-        return model.apply(
-            {"params": params}, x, train=False, valid_sizes=valid_sizes, method=SPPNET_FEATURES
-        )
-
-    buckets = data_lib.full_image_buckets(size, config.max_aspect)
-    pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
-    feats: dict[int, np.ndarray] = {}
-    sizes: dict[int, tuple[int, int]] = {}
-    names: list[str] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-
-    def flush(bucket: tuple[int, int]) -> None:
-        items = pending.pop(bucket, [])
-        if not items:
-            return
-        x = np.zeros((batch_size, *bucket, 3), np.float32)
-        valid = np.ones((batch_size, 2), np.int32)
-        for j, (_, img) in enumerate(items):
-            x[j, : img.shape[0], : img.shape[1]] = img
-            valid[j] = img.shape[:2]
-        f = np.asarray(features(trained.params, jnp.asarray(x), jnp.asarray(valid)))
-        for j, (i, _) in enumerate(items):
-            feats[i] = f[j]
-        parts.save([names[i] for i, _ in items], f[: len(items)])
-        bar.update(len(items))
-
-    used: set[tuple[int, int]] = set()
     total, stream = _stream(config, images, split, limit, size)
     bar = tqdm(total=total, desc="extract", unit="img", disable=None)
+    extraction = _Extraction(trained, size, batch_size, parts, bar)
     # Streams the images: at most batch_size images per bucket are held at a time.
     for name, label, load in stream:
         saved = parts.done.get(name)
         if saved is not None:  # computed by an earlier, interrupted call
-            i = len(names)
-            names.append(name)
-            if label is not None:
-                labels.append(label)
-            feats[i], sizes[i] = saved
-            bar.update(1)
+            extraction.add_computed(name, label, *saved)
             continue
         try:
             img = data_lib.preprocess_full(load(), size, config.max_aspect)
@@ -167,42 +118,31 @@ def extract_features(
                 bar.close()
                 raise
             log.warning("skipping %s", e)
-            skipped.append(name)
-            bar.update(1)
+            extraction.skip(name)
             continue
-        h, w = img.shape[:2]
-        bucket = min((b for b in buckets if b[0] >= h and b[1] >= w), key=lambda b: b[0] * b[1])
-        used.add(bucket)
-        i = len(names)
-        names.append(name)
-        if label is not None:
-            labels.append(label)
-        sizes[i] = (h, w)
-        parts.remember_size(name, (h, w))
-        pending[bucket].append((i, img))
-        if len(pending[bucket]) == batch_size:
-            flush(bucket)
-    for bucket in list(pending):
-        flush(bucket)
+        extraction.add_image(name, label, img)
+    extraction.flush_all()
     bar.close()
-    if skipped:
+    if extraction.skipped:
         log.warning(
-            "skipped %d unreadable image(s) of %d: %s", len(skipped), total, ", ".join(skipped)
+            "skipped %d unreadable image(s) of %d: %s",
+            len(extraction.skipped),
+            total,
+            ", ".join(extraction.skipped),
         )
-    if not names:
+    if not extraction.names:
         raise ValueError(
             f"no readable images in {images!r}"
-            + (f" ({len(skipped)} skipped as unreadable)" if skipped else "")
+            + (f" ({len(extraction.skipped)} skipped as unreadable)" if extraction.skipped else "")
         )
-    log.info("compiled %d bucket(s): %s", len(used), sorted(used))
-    arrays = {
-        "features": np.stack([feats[i] for i in range(len(names))]).astype(np.float32),
-        "sizes": np.array([sizes[i] for i in range(len(names))], np.int32),
-        "names": np.array(names),
-        "skipped": np.array(skipped, dtype=str),
-    }
-    if labels:
-        arrays["labels"] = np.asarray(labels, np.int64)
+    log.info("compiled %d bucket(s): %s", len(extraction.used), sorted(extraction.used))
+    arrays = extraction.arrays()
+    _write_output(out, arrays, parts)
+    return arrays
+
+
+def _write_output(out: str, arrays: dict[str, np.ndarray], parts: _Parts) -> None:
+    """Writes ``out`` atomically, then removes the parts, which it now holds."""
     if parts.resumed:
         log.info("%d image(s) from the parts of an earlier call", parts.resumed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -210,7 +150,117 @@ def extract_features(
         np.savez(f, **arrays)  # type: ignore[arg-type]
     parts.remove()
     log.info("wrote %s: features %s", out, arrays["features"].shape)
-    return arrays
+
+
+def _check_arguments(workdir: str, on_bad_image: str) -> None:
+    """Raises a ValueError naming an ``on_bad_image`` not in :data:`ON_BAD_IMAGE`, or a
+    workdir whose model has no SPP head (its features would not be SPP vectors)."""
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(
+            f"on_bad_image {on_bad_image!r} not accepted; use one of "
+            f"{', '.join(map(repr, ON_BAD_IMAGE))}"
+        )
+    head = workdirs.read_config(workdir).model.head
+    if head != "spp":
+        raise ValueError(
+            f"feature extraction needs an SPP head, the model in {workdir!r} has head "
+            f"{head!r}; accepted: 'spp'"
+        )
+
+
+class _Extraction:
+    """The rows of one extraction in stream order, and the images waiting for a batch.
+
+    Each image waits in the smallest bucket that holds it; a bucket's ``batch_size``
+    images run as one jitted call, whose features are saved to the parts at once.
+    """
+
+    def __init__(
+        self, trained: workdirs.Trained, size: int, batch_size: int, parts: _Parts, bar: Any
+    ):
+        model, self._params = trained.model, trained.params
+        self._buckets = data_lib.full_image_buckets(size, trained.config.max_aspect)
+        self._batch_size, self._parts, self._bar = batch_size, parts, bar
+        self._pending: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+        self.used: set[tuple[int, int]] = set()
+        self.names: list[str] = []
+        self.labels: list[int] = []
+        self.skipped: list[str] = []
+        self._feats: dict[int, np.ndarray] = {}
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+        @jax.jit
+        def features(params, x, valid_sizes):
+            return model.apply(
+                {"params": params}, x, train=False, valid_sizes=valid_sizes, method=SPPNET_FEATURES
+            )
+
+        self._features = features
+
+    def _new_row(self, name: str, label: int | None) -> int:
+        self.names.append(name)
+        if label is not None:
+            self.labels.append(label)
+        return len(self.names) - 1
+
+    def add_computed(
+        self, name: str, label: int | None, features: np.ndarray, hw: tuple[int, int]
+    ) -> None:
+        """A row whose features an earlier, interrupted call saved."""
+        i = self._new_row(name, label)
+        self._feats[i], self._sizes[i] = features, hw
+        self._bar.update(1)
+
+    def skip(self, name: str) -> None:
+        """An image that could not be read: listed in ``skipped``, no row."""
+        self.skipped.append(name)
+        self._bar.update(1)
+
+    def add_image(self, name: str, label: int | None, img: np.ndarray) -> None:
+        """A row for the preprocessed ``img``, computed when its bucket holds a batch."""
+        h, w = img.shape[:2]
+        fits = (b for b in self._buckets if b[0] >= h and b[1] >= w)
+        bucket = min(fits, key=lambda b: b[0] * b[1])
+        self.used.add(bucket)
+        i = self._new_row(name, label)
+        self._sizes[i] = (h, w)
+        self._parts.remember_size(name, (h, w))
+        self._pending[bucket].append((i, img))
+        if len(self._pending[bucket]) == self._batch_size:
+            self._flush(bucket)
+
+    def flush_all(self) -> None:
+        """Computes the images still waiting (partly filled batches)."""
+        for bucket in list(self._pending):
+            self._flush(bucket)
+
+    def _flush(self, bucket: tuple[int, int]) -> None:
+        items = self._pending.pop(bucket, [])
+        if not items:
+            return
+        x = np.zeros((self._batch_size, *bucket, 3), np.float32)
+        valid = np.ones((self._batch_size, 2), np.int32)
+        for j, (_, img) in enumerate(items):
+            x[j, : img.shape[0], : img.shape[1]] = img
+            valid[j] = img.shape[:2]
+        f = np.asarray(self._features(self._params, jnp.asarray(x), jnp.asarray(valid)))
+        for j, (i, _) in enumerate(items):
+            self._feats[i] = f[j]
+        self._parts.save([self.names[i] for i, _ in items], f[: len(items)])
+        self._bar.update(len(items))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of the output file (:func:`extract_features`)."""
+        rows = range(len(self.names))
+        arrays = {
+            "features": np.stack([self._feats[i] for i in rows]).astype(np.float32),
+            "sizes": np.array([self._sizes[i] for i in rows], np.int32),
+            "names": np.array(self.names),
+            "skipped": np.array(self.skipped, dtype=str),
+        }
+        if self.labels:
+            arrays["labels"] = np.asarray(self.labels, np.int64)
+        return arrays
 
 
 class _Parts:

@@ -1,24 +1,8 @@
 """Bin geometry for spatial pyramid pooling: plain Python on static ints, cached.
 
 Everything here runs at trace time on static shapes, so XLA only ever sees
-constant slices. Three bin rules are supported (``docs/spp-reference.md``
-section 2); for an axis of length ``a`` split into ``n`` bins, bin ``i`` is the
-half-open cell range ``[start, end)``:
-
-* ``"adaptive"`` (default, paper Appendix A, PyTorch ``adaptive_*_pool2d``):
-  ``start = floor(i * a / n)``, ``end = ceil((i + 1) * a / n)``. Valid for every
-  ``a >= 1``; bins never are empty and may overlap by one cell.
-* ``"sliding"`` (paper section 2.3): window ``ceil(a / n)``, stride
-  ``floor(a / n)``. Only valid where that gives exactly ``n`` windows.
-* ``"partition"`` (non-overlapping, Equinox's rule): the first ``a mod n`` bins
-  get ``ceil(a / n)`` cells, the rest ``floor(a / n)``. Needs ``a >= n``.
-
-Example (a=7, n=4):
-
->>> axis_bins(7, 4)
-((0, 2), (1, 4), (3, 6), (5, 7))
->>> axis_bins(7, 4, rule="partition")
-((0, 2), (2, 4), (4, 6), (6, 7))
+constant slices. The bin rules: :func:`axis_bins` (``docs/pooling.md``, "Bin rules",
+compares them; ``docs/spp-reference.md`` section 2 says who uses which).
 """
 
 from __future__ import annotations
@@ -59,6 +43,11 @@ class LevelBins(NamedTuple):
 def _is_int(v: object) -> bool:
     # Python and NumPy ints; bool is an int subclass but never a meaningful count.
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def normalize_levels(levels: LevelsLike) -> tuple[Level, ...]:
@@ -119,6 +108,16 @@ def check_rule(rule: str) -> str:
 def axis_bins(a: int, n: int, rule: str = "adaptive") -> Bins:
     """The ``n`` bins of one axis of length ``a`` under ``rule``.
 
+    Bin ``i`` is the half-open cell range ``[start, end)``:
+
+    * ``"adaptive"`` (default, paper Appendix A, PyTorch ``adaptive_*_pool2d``):
+      ``start = floor(i * a / n)``, ``end = ceil((i + 1) * a / n)``. Valid for every
+      ``a >= 1``; bins never are empty and may overlap by one cell.
+    * ``"sliding"`` (paper section 2.3): window ``ceil(a / n)``, stride
+      ``floor(a / n)``. Only valid where that gives exactly ``n`` windows.
+    * ``"partition"`` (non-overlapping, Equinox's rule): the first ``a mod n`` bins
+      get ``ceil(a / n)`` cells, the rest ``floor(a / n)``. Needs ``a >= n``.
+
     Args:
       a: axis length (>= 1).
       n: number of bins (>= 1).
@@ -132,6 +131,8 @@ def axis_bins(a: int, n: int, rule: str = "adaptive") -> Bins:
         rule cannot produce (``"sliding"`` that does not give exactly ``n``
         windows, ``"partition"`` with ``a < n``).
 
+    >>> axis_bins(7, 4), axis_bins(7, 4, rule="partition")
+    (((0, 2), (1, 4), (3, 6), (5, 7)), ((0, 2), (2, 4), (4, 6), (6, 7)))
     >>> axis_bins(3, 4)  # adaptive works for a < n: bins overlap, none is empty
     ((0, 1), (0, 2), (1, 3), (2, 3))
     """
@@ -203,8 +204,7 @@ def output_dim(channels: int, levels: LevelsLike = (6, 3, 2, 1)) -> int:
     >>> output_dim(256, (6, 3, 2, 1))
     12800
     """
-    if not _is_int(channels) or channels < 1:
-        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    _check_positive_int("channels", channels)
     return int(channels) * sum(nh * nw for nh, nw in normalize_levels(levels))
 
 

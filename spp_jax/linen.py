@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 
@@ -38,15 +40,7 @@ class SpatialPyramidPooling(nn.Module):
         super().__post_init__()
 
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
-        return spatial_pyramid_pool(
-            x,
-            self.levels,
-            mode=self.mode,
-            rule=self.rule,
-            data_format=self.data_format,
-            valid_sizes=valid_sizes,
-            channel_major=self.channel_major,
-        )
+        return _pool_spp(self, x, valid_sizes)
 
 
 class RoIPyramidPooling(nn.Module):
@@ -70,15 +64,35 @@ class RoIPyramidPooling(nn.Module):
         super().__post_init__()
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return roi_pyramid_pool(
-            features,
-            boxes,
-            box_indices,
-            levels=self.levels,
-            spatial_scale=self.spatial_scale,
-            projection=self.projection,
-            mode=self.mode,
-            data_format=self.data_format,
-            valid=valid,
-            channel_major=self.channel_major,
-        )
+        return _pool_roi(self, features, boxes, box_indices, valid)
+
+
+def _pool_spp(layer: Any, x: jax.Array, valid_sizes: jax.Array | None) -> jax.Array:
+    """:func:`spatial_pyramid_pool` with the options of a layer of this module or of
+    :mod:`spp_jax.nnx`."""
+    return spatial_pyramid_pool(
+        x,
+        layer.levels,
+        mode=layer.mode,
+        rule=layer.rule,
+        data_format=layer.data_format,
+        valid_sizes=valid_sizes,
+        channel_major=layer.channel_major,
+    )
+
+
+def _pool_roi(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
+    """:func:`roi_pyramid_pool` with the options of a layer of this module or of
+    :mod:`spp_jax.nnx`."""
+    return roi_pyramid_pool(
+        features,
+        boxes,
+        box_indices,
+        levels=layer.levels,
+        spatial_scale=layer.spatial_scale,
+        projection=layer.projection,
+        mode=layer.mode,
+        data_format=layer.data_format,
+        valid=valid,
+        channel_major=layer.channel_major,
+    )

@@ -2,7 +2,8 @@
 
 Four conv trunks, each followed by a spatial pyramid pooling head (``head="spp"``) or
 by the paper's no-SPP baseline (``head="pool6"``). Every conv is followed by a ReLU;
-"ceil" pools use Caffe's rounding (below). Sizes are for a 224 x 224 input:
+"ceil" pools use Caffe's rounding (:func:`spp_jax.pooling.pool_output_size`), LRN is
+:func:`local_response_norm`. Sizes are for a 224 x 224 input:
 
 * ``"zf5"`` (ZF-5, total stride 16)::
 
@@ -25,30 +26,14 @@ by the paper's no-SPP baseline (``head="pool6"``). Every conv is followed by a R
     3 (overfeat5) or 5 (overfeat7) x 512x3x3 pad 1  18 -> 18
 
 The paddings are the ones that give the paper's map sizes; they are pinned by tests.
-
-Size arithmetic (one formula for Python ints and integer ``jnp`` arrays, see
-:func:`feature_map_size`), for an axis of ``n`` cells:
-
-* conv (kernel ``k``, stride ``s``, pad ``p`` on both sides):
-  ``floor((n + 2p - k) / s) + 1``;
-* floor-mode pool: ``floor((n - k) / s) + 1``;
-* ceil-mode pool (Caffe): ``ceil((n - k) / s) + 1``, less one if the last window
-  would start outside the input. Implemented as a max pool padded with ``-inf`` on
-  the high side only.
-
-LRN is AlexNet/Caffe's across-channel local response normalisation
-(:func:`local_response_norm`).
-
 Each architecture is a static tuple of layer specs (:func:`layer_specs`); the module
-and the size arithmetic both walk that tuple, so they cannot disagree.
+and the size arithmetic (:func:`feature_map_size`) both walk that tuple, so they
+cannot disagree.
 
 The network is built from parts: :class:`ConvTrunk` (images to the last conv map,
 reusable on its own, e.g. for detection), a pooling head (:class:`SPPHead` or
 :class:`Pool6Head`) and the classifier :class:`MLPHead` (fc6, fc7, fc8);
 :class:`SPPNet` composes them with the parameter names of one flat tree.
-
-Padded batches: with ``valid_sizes`` every example gives the logits it would give
-alone, unpadded (see :class:`SPPNet`).
 """
 
 from __future__ import annotations
@@ -66,9 +51,9 @@ import numpy as np
 from jax import lax
 
 from spp_jax._cpu.conv import conv2d
-from spp_jax.geometry import normalize_levels
+from spp_jax.geometry import _check_positive_int, normalize_levels, output_dim
 from spp_jax.linen import SpatialPyramidPooling
-from spp_jax.pooling import max_pool2d
+from spp_jax.pooling import _check_sizes, max_pool2d, pool_output_size
 
 __all__ = [
     "ARCHS",
@@ -107,7 +92,8 @@ class ConvSpec:
     pad: int = 0
 
     def out_size(self, n: Any) -> Any:
-        """Output length of an axis of ``n`` cells (int or integer array)."""
+        """Output length of an axis of ``n`` cells (int or integer array):
+        ``(n + 2 pad - kernel) // stride + 1``."""
         return (n + 2 * self.pad - self.kernel) // self.stride + 1
 
 
@@ -121,12 +107,7 @@ class PoolSpec:
 
     def out_size(self, n: Any) -> Any:
         """Output length of an axis of ``n`` cells (int or integer array)."""
-        if not self.ceil:
-            return (n - self.window) // self.stride + 1
-        out = -((self.window - n) // self.stride) + 1  # ceil((n - k) / s) + 1
-        # Caffe: the last window must start inside the input.
-        outside = (out - 1) * self.stride >= n
-        return out - (outside.astype(out.dtype) if hasattr(outside, "astype") else int(outside))
+        return pool_output_size(n, self.window, self.stride, self.ceil)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,18 +249,17 @@ def _walk_sizes(specs: Sequence[LayerSpec], h: Any, w: Any) -> list[tuple[Any, A
     return sizes
 
 
-def feature_map_size(arch: str, h: Any, w: Any, *, depth: float = 1.0) -> tuple[Any, Any]:
+def feature_map_size(arch: str, h: Any, w: Any) -> tuple[Any, Any]:
     """Size ``(h5, w5)`` of the last conv map for an ``h x w`` input.
 
-    The same integer formulas (module docstring) run on Python ints and on integer
-    ``jnp`` arrays (e.g. the per-example ``valid_sizes`` columns), elementwise.
+    Each layer spec's ``out_size`` in turn, on Python ints or elementwise on integer
+    ``jnp`` arrays (e.g. the per-example ``valid_sizes`` columns). ``depth`` and
+    ``width`` (:func:`layer_specs`) never change the size.
 
     Args:
       arch: one of :data:`ARCHS`.
       h: input height: an int or an integer array.
       w: input width: an int or an integer array.
-      depth: as in :func:`layer_specs`; accepted for symmetry, it never changes
-        the size (the 3x3 convs it scales keep the size).
 
     Returns:
       ``(h5, w5)``, ints or arrays like the inputs.
@@ -293,7 +273,7 @@ def feature_map_size(arch: str, h: Any, w: Any, *, depth: float = 1.0) -> tuple[
     >>> feature_map_size("overfeat7", 224, 161)
     (18, 13)
     """
-    specs = layer_specs(arch, depth=depth)
+    specs = layer_specs(arch)
     sizes = _walk_sizes(specs, h, w)
     if isinstance(h, int) and isinstance(w, int):
         for i, (hh, ww) in enumerate(sizes):
@@ -320,8 +300,7 @@ def pool6_window(arch: str, base_size: int = 224) -> tuple[int, int]:
     Raises:
       ValueError: if the conv5 map at ``base_size`` is smaller than 6 x 6.
     """
-    if isinstance(base_size, bool) or not isinstance(base_size, int) or base_size < 1:
-        raise ValueError(f"base_size must be a positive int, got {base_size!r}")
+    _check_positive_int("base_size", base_size)
     m, _ = feature_map_size(arch, base_size, base_size)
     if m < POOL6_SIZE:
         raise ValueError(
@@ -341,7 +320,7 @@ def _pool6_accepted(arch: str, base_size: int) -> list[int]:
             m, _ = feature_map_size(arch, n, n)
         except ValueError:
             continue
-        if m >= win and (m - win) // stride + 1 == POOL6_SIZE:
+        if m >= win and pool_output_size(m, win, stride) == POOL6_SIZE:
             good.append(n)
     return good
 
@@ -406,16 +385,6 @@ def local_response_norm(
 _RELU_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-def _max_pool(x: jax.Array, spec: PoolSpec) -> jax.Array:
-    """NHWC max pool; ceil mode counts only the cells inside the map (-inf padding).
-
-    :func:`spp_jax.pooling.max_pool2d`: the window-max kernel on CPU where it measured
-    faster than XLA's ``reduce_window`` (the same values and gradients),
-    ``lax.reduce_window`` elsewhere.
-    """
-    return max_pool2d(x, spec.window, spec.stride, ceil=spec.ceil)
-
-
 class _Conv(nn.Module):
     """``nn.Conv``'s parameters (``kernel`` HWIO, ``bias``) and result, square kernel,
     symmetric padding, computed by :func:`spp_jax._cpu.conv.conv2d` (oneDNN on CPU where
@@ -456,25 +425,9 @@ def _mask(x: jax.Array, sizes: jax.Array | None) -> jax.Array:
     return jnp.where(rows & cols, x, jnp.zeros((), x.dtype))
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
 def _check_images(x: jax.Array) -> None:
     if x.ndim != 4:
         raise ValueError(f"x must be (B, H, W, C), got shape {x.shape}")
-
-
-def _clip_valid_sizes(valid_sizes: Any, shape: tuple[int, ...]) -> jax.Array | None:
-    """``valid_sizes`` as ``(B, 2)`` int32 clipped into ``[1, H] x [1, W]``, or None."""
-    if valid_sizes is None:
-        return None
-    b, h, w, _ = shape
-    sizes = jnp.asarray(valid_sizes)
-    if sizes.shape != (b, 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
-        raise ValueError(f"valid_sizes must be ({b}, 2) ints, got {sizes.dtype}{sizes.shape}")
-    return jnp.clip(sizes.astype(jnp.int32), 1, jnp.array([[h, w]], jnp.int32))
 
 
 # --------------------------------------------------------------------------------------
@@ -504,11 +457,8 @@ class ConvTrunk(nn.Module):
     Parameters: ``conv1`` ... ``convN`` (``kernel``, ``bias``), float32.
 
     ``center_input=True`` subtracts each example's mean colour (over its valid region)
-    before conv1. The paper's networks see dataset-normalised pixels (the default,
-    ``False``); centring helps data whose images differ mainly by a random, label-free
-    colour cast, as the built-in ``spp_shapes`` and ``spp_scenes``. There the cast
-    dominates conv1's responses at initialisation and training sits at chance until the
-    network has learnt to cancel it (see the README's "Why the loss sat at chance").
+    before conv1: for data whose images differ mainly by a random, label-free colour
+    cast, as the built-in datasets (``docs/training.md``, "Why the loss sat at chance").
 
     Attributes:
       arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
@@ -589,9 +539,9 @@ class ConvTrunk(nn.Module):
             ``valid_sizes`` is not ``(B, 2)`` ints.
         """
         _check_images(x)
-        _, h, w, _ = x.shape
+        b, h, w, _ = x.shape
         h5, w5 = feature_map_size(self.arch, h, w)  # raises for too-small inputs
-        sizes = _clip_valid_sizes(valid_sizes, x.shape)
+        sizes = None if valid_sizes is None else _check_sizes(valid_sizes, b, h, w)
         x = _mask(x.astype(self.dtype), sizes)
         if self.center_input:
             x = _mask(x - _mean_colour(x, sizes), sizes)
@@ -602,7 +552,7 @@ class ConvTrunk(nn.Module):
                 x = _Conv(spec, self.dtype, name=f"conv{n_conv}")(x)
                 x = nn.relu(x)
             elif isinstance(spec, PoolSpec):
-                x = _max_pool(x, spec)
+                x = max_pool2d(x, spec.window, spec.stride, ceil=spec.ceil)
             else:
                 x = local_response_norm(x, spec.size, spec.alpha, spec.beta, spec.k)
             if sizes is not None and not isinstance(spec, LRNSpec):
@@ -631,12 +581,19 @@ class SPPHead(nn.Module):
 
     def output_dim(self, channels: int) -> int:
         """Length of the pooled vector for a ``channels``-channel map."""
-        return channels * sum(nh * nw for nh, nw in normalize_levels(self.levels))
+        return output_dim(channels, self.levels)
 
     @nn.compact
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
         """Pools ``x`` (``(B, h, w, C)``), each example over its ``valid_sizes`` region."""
         return SpatialPyramidPooling(levels=self.levels)(x, valid_sizes=valid_sizes)
+
+
+def _no_valid_sizes(valid_sizes: jax.Array | None) -> None:
+    if valid_sizes is not None:
+        raise ValueError(
+            'valid_sizes needs head="spp" (pool6 has a fixed input size), got head="pool6"'
+        )
 
 
 class Pool6Head(nn.Module):
@@ -661,7 +618,7 @@ class Pool6Head(nn.Module):
 
     def pooled_size(self, m: int) -> int:
         """Pooled length of an axis of ``m`` cells (0 if the window does not fit)."""
-        return (m - self.window) // self.stride + 1 if m >= self.window else 0
+        return pool_output_size(m, self.window, self.stride) if m >= self.window else 0
 
     def output_dim(self, channels: int) -> int:
         """Length of the pooled vector for a ``channels``-channel map."""
@@ -675,10 +632,7 @@ class Pool6Head(nn.Module):
           ValueError: ``valid_sizes`` is given (a fixed-size head pools the whole map),
             or the map does not pool to 6 x 6.
         """
-        if valid_sizes is not None:
-            raise ValueError(
-                'valid_sizes needs head="spp" (pool6 has a fixed input size), got head="pool6"'
-            )
+        _no_valid_sizes(valid_sizes)
         h5, w5 = x.shape[1:3]
         ph, pw = self.pooled_size(h5), self.pooled_size(w5)
         if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
@@ -721,9 +675,8 @@ class MLPHead(nn.Module):
     def __call__(
         self, x: jax.Array, *, train: bool = False, hidden: bool = False
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """``(B, D)`` features -> ``(B, num_classes)`` float32 logits; with ``hidden``
-        also fc7's activations ``(B, fc_dim)`` (after ReLU and dropout), for detection's
-        SVMs: ``(logits, fc7)``."""
+        """The logits; with ``hidden``, ``(logits, fc7)``: also fc7's activations
+        ``(B, fc_dim)`` (after ReLU and dropout), for detection's SVMs."""
         for name in ("fc6", "fc7"):
             x = nn.Dense(
                 self.fc_dim,
@@ -754,52 +707,36 @@ class MLPHead(nn.Module):
 class SPPNet(nn.Module):
     """SPP-net classifier: :class:`ConvTrunk`, a pooling head, then :class:`MLPHead`.
 
-    ``x`` ``(B, H, W, C_in)`` -> trunk -> conv5 map ``(B, h5, w5, C5)``
-    (:func:`feature_map_size`) -> ``head`` -> fc6 (``fc_dim``, ReLU, dropout) -> fc7
-    (``fc_dim``, ReLU, dropout) -> fc8 -> logits ``(B, num_classes)``.
+    ``x`` ``(B, H, W, C_in)`` -> conv5 map ``(B, h5, w5, C5)`` (:func:`feature_map_size`)
+    -> ``head`` -> fc6, fc7, fc8 -> float32 logits ``(B, num_classes)``. The heads:
 
-    Heads:
-
-    * ``"spp"`` (:class:`SPPHead`): :class:`spp_jax.linen.SpatialPyramidPooling`
-      ``(levels)``, flattened to ``C5 * sum(n_h * n_w)`` (12,800 for ZF-5 with
-      ``(6, 3, 2, 1)``), whatever ``H, W``: any input from the minimum size up works.
-    * ``"pool6"`` (:class:`Pool6Head`, the paper's no-SPP baseline): a max pool with a
-      FIXED window and stride (:func:`pool6_window`, derived from ``base_size``) that maps
-      the conv5 map of a ``base_size`` input to exactly 6 x 6, then flattened
-      (``36 * C5``). fc6's input size would change with the input size, so any
-      input whose pooled map is not 6 x 6 raises a ``ValueError`` naming the input
-      size and the accepted ones. Inputs near ``base_size`` all give 6 x 6 (ZF-5 at
-      ``base_size=224``: sides 215 to 246, conv5 13 or 14). Set ``base_size`` for
-      scaled-down images (``base_size=112``: ZF-5's conv5 is 6 x 6, window 1, stride 1).
+    * ``"spp"`` (:class:`SPPHead`): ``C5 * sum(n_h * n_w)`` values (12,800 for ZF-5
+      with ``(6, 3, 2, 1)``) whatever ``H, W``: any input from the minimum size up works.
+    * ``"pool6"`` (:class:`Pool6Head`, the paper's no-SPP baseline): the pool of
+      :func:`pool6_window` for ``base_size``, so only inputs whose conv5 map it takes
+      to 6 x 6 are accepted; others raise a ``ValueError`` naming the accepted sides
+      (ZF-5 at ``base_size=224``: 215 to 246). Set ``base_size`` for scaled-down images.
 
     The parts' parameters sit at the top level of the tree (``conv1`` ... ``convN``,
-    ``fc6``, ``fc7``, ``fc8``), so a :class:`ConvTrunk` of the same ``arch``, ``width``
-    and ``depth`` takes ``{k: v for k, v in params.items() if k.startswith("conv")}``.
+    ``fc6``, ``fc7``, ``fc8``), so :attr:`conv_trunk` takes the ``conv`` entries. The
+    parameter count does not depend on the input size with either head.
 
-    The parameter count does not depend on the input size with either head (the SPP
-    vector's length is fixed by ``levels``; pool6 accepts one pooled size).
-
-    Padded batches: with ``valid_sizes`` (``(B, 2)`` ints, ``(h_i, w_i)`` in input
-    pixels, clipped into ``[1, H] x [1, W]``) example ``i`` gives the logits of the
-    network run on ``x[i, :h_i, :w_i]`` alone, whatever the padding holds: the trunk
-    zeroes every map outside each example's valid region (:class:`ConvTrunk`) and SPP
-    pools each example over its own conv5 region. Changing the sizes never recompiles.
-    Only with ``head="spp"``.
+    Padded batches (``head="spp"`` only): with ``valid_sizes`` example ``i`` gives the
+    logits of the network run on ``x[i, :h_i, :w_i]`` alone, whatever the padding holds
+    (:class:`ConvTrunk` says how); changing the sizes never recompiles.
 
     Attributes:
-      arch: ``"zf5"``, ``"convnet5"``, ``"overfeat5"`` or ``"overfeat7"``.
+      arch: one of :data:`ARCHS`.
       num_classes: logits per example.
       head: ``"spp"`` or ``"pool6"``.
       levels: SPP pyramid levels (ints ``n`` or pairs ``(n_h, n_w)``).
       width: conv channel multiplier (:func:`layer_specs`).
       depth: scale of the number of 3x3 convs after conv2 (:func:`layer_specs`).
       fc_dim: width of fc6 and fc7.
-      dropout_rate: dropout after fc6 and fc7 (``train=True`` only; needs a
-        ``"dropout"`` rng).
+      dropout_rate: dropout after fc6 and fc7 (:class:`MLPHead`).
       base_size: the square input side the ``"pool6"`` pool is sized for.
-      dtype: computation dtype (params are float32); logits are returned as float32.
-      center_input: subtract each example's mean colour before conv1
-        (:class:`ConvTrunk`).
+      dtype: computation dtype (params are float32).
+      center_input: subtract each example's mean colour before conv1 (:class:`ConvTrunk`).
 
     The last conv map is sown as ``intermediates/last_conv`` (``mutable=["intermediates"]``).
 
@@ -916,16 +853,12 @@ class SPPNet(nn.Module):
         """The pool6 head's limits in terms of the INPUT, before any compute."""
         if self.head != "pool6":
             return
-        if valid_sizes is not None:
-            raise ValueError(
-                f'valid_sizes needs head="spp" (pool6 has a fixed input size), '
-                f"got head={self.head!r}"
-            )
+        _no_valid_sizes(valid_sizes)
         _check_images(x)
         _, h, w, _ = x.shape
         h5, w5 = feature_map_size(self.arch, h, w)
         win, stride = pool6_window(self.arch, self.base_size)
-        ph, pw = ((m - win) // stride + 1 if m >= win else 0 for m in (h5, w5))
+        ph, pw = (Pool6Head(win, stride, parent=None).pooled_size(m) for m in (h5, w5))
         if (ph, pw) != (POOL6_SIZE, POOL6_SIZE):
             ok = _pool6_accepted(self.arch, self.base_size)
             accepted = f"{ok[0]}..{ok[-1]}" if ok == list(range(ok[0], ok[-1] + 1)) else ok

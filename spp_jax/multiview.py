@@ -65,7 +65,8 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import jax
@@ -84,11 +85,10 @@ __all__ = [
     "batch_view_boxes",
     "check_views",
     "evaluate_batches",
-    "evaluate_workdir",
+    "evaluate_multiview",
     "feature_map_view_probs",
-    "flips",
+    "has_flipped_views",
     "multiview_scores",
-    "total_stride",
     "view_boxes",
     "view_size_for",
     "whole_net_view_probs",
@@ -124,15 +124,16 @@ def _check_mapping(mapping: str) -> None:
         raise ValueError(f"unknown mapping {mapping!r}; accepted: {', '.join(map(repr, MAPPINGS))}")
 
 
-def _check_model(model: SPPNet) -> None:
-    if model.head != "spp":
+def _check_head(head: str, where: str = "") -> None:
+    """Raises a ValueError unless ``head`` is ``"spp"`` (``where``: whose head it is)."""
+    if head != "spp":
         raise ValueError(
             f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size), got head={model.head!r}"
+            f"window of any size), got head={head!r}{where}"
         )
 
 
-def flips(views: int) -> bool:
+def has_flipped_views(views: int) -> bool:
     """Whether ``views`` includes the mirrored views (10 and 18 do, 1 does not)."""
     check_views(views)
     return views > 1
@@ -152,7 +153,7 @@ def view_boxes(h: int, w: int, view_size: int, views: int = 10) -> tuple[Box, ..
     - 5-8: the top, bottom, left and right edge centres (18 views).
 
     ``views`` counts the flipped views too (10 = these 5 windows and their 5
-    mirrors, 18 = 9 + 9; :func:`flips`): the mirror of window ``k`` is view
+    mirrors, 18 = 9 + 9; :func:`has_flipped_views`): the mirror of window ``k`` is view
     ``len(boxes) + k`` of the jitted functions. Windows may coincide (e.g. when
     ``view_size == min(h, w)``); they are kept, so every image has the same number
     of views.
@@ -234,11 +235,6 @@ def view_size_for(size: int, resize_ratio: float) -> int:
     if not resize_ratio > 0:
         raise ValueError(f"resize_ratio must be positive, got {resize_ratio!r}")
     return min(int(size), round(size / resize_ratio))
-
-
-def total_stride(model: SPPNet) -> int:
-    """The total stride of ``model``'s trunk (:attr:`spp_jax.models.ConvTrunk.total_stride`)."""
-    return model.conv_trunk.total_stride
 
 
 # --------------------------------------------------------------------------------------
@@ -333,7 +329,7 @@ def feature_map_view_probs(
       >>> feature_map_view_probs(net, params, x, boxes, view_size=64, flip=True).shape
       (1, 10, 3)
     """
-    _check_model(model)
+    _check_head(model.head)
     _check_mapping(mapping)
     b = images.shape[0]
     p = boxes.shape[1]
@@ -461,7 +457,7 @@ def multiview_scores(
       >>> multiview_scores(net, params, x, view_size=64, views=10).shape
       (2, 3)
     """
-    _check_model(model)
+    _check_head(model.head)
     check_views(views)
     _check_mapping(mapping)
     if method not in METHODS:
@@ -477,12 +473,12 @@ def multiview_scores(
             boxes,
             None if valid_sizes is None else sizes.astype(np.int32),
             view_size=view_size,
-            flip=flips(views),
+            flip=has_flipped_views(views),
             mapping=mapping,
         )
     else:
         probs = whole_net_view_probs(
-            model, params, images, boxes, view_size=view_size, flip=flips(views)
+            model, params, images, boxes, view_size=view_size, flip=has_flipped_views(views)
         )
     return probs if per_view else jnp.mean(probs, axis=1)
 
@@ -507,6 +503,44 @@ class _PathStats:
     seconds: float = 0.0
     compile_seconds: float = 0.0
     shapes: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
+
+    def timed(self, run: Callable[[], jax.Array], shape: tuple[int, ...]) -> np.ndarray:
+        """``run()``, timed into ``seconds``; the first call per batch ``shape`` runs it
+        once before, untimed but for ``compile_seconds``."""
+        if shape not in self.shapes:
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            self.compile_seconds += time.perf_counter() - t0
+            self.shapes.add(shape)
+        t0 = time.perf_counter()
+        probs = jax.block_until_ready(run())
+        self.seconds += time.perf_counter() - t0
+        return np.asarray(probs)
+
+    def count_hits(self, mean_probs: np.ndarray, labels: np.ndarray) -> None:
+        self.top1 += int(_topk_hits(mean_probs, labels, 1).sum())
+        self.top5 += int(_topk_hits(mean_probs, labels, 5).sum())
+
+    def summary(self, count: int) -> dict[str, Any]:
+        """The path's entry of :func:`evaluate_batches`'s result over ``count`` images."""
+        return {
+            "top1": self.top1 / count,
+            "top5": self.top5 / count,
+            "seconds_per_image": self.seconds / count,
+            "compile_seconds": self.compile_seconds,
+            "programs": len(self.shapes),
+        }
+
+
+def _batch_views(
+    batch: dict[str, np.ndarray], view_size: int, views: int, mask: np.ndarray
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A batch's images, view windows (:func:`batch_view_boxes`) and valid sizes."""
+    images = jnp.asarray(batch["image"])
+    b, h, w, _ = images.shape
+    sizes = np.asarray(batch.get("valid_sizes", np.tile([[h, w]], (b, 1))), np.int32)
+    boxes = jnp.asarray(batch_view_boxes(sizes, view_size, views, mask))
+    return images, boxes, jnp.asarray(sizes)
 
 
 def evaluate_batches(
@@ -546,10 +580,10 @@ def evaluate_batches(
     Raises:
       ValueError: as :func:`multiview_scores`.
     """
-    _check_model(model)
+    _check_head(model.head)
     check_views(views)
     _check_mapping(mapping)
-    flip = flips(views)
+    flip = has_flipped_views(views)
     paths = ["feature_map"] + (["whole_net"] if compare_whole_net else [])
     stats = {name: _PathStats() for name in paths}
     count, agree, max_diff = 0, 0, 0.0
@@ -569,27 +603,15 @@ def evaluate_batches(
             if limit is not None and count >= limit:
                 break
             continue
-        images = jnp.asarray(batch["image"])
-        b, h, w, _ = images.shape
-        sizes = np.asarray(batch.get("valid_sizes", np.tile([[h, w]], (b, 1))), np.int32)
-        boxes = jnp.asarray(batch_view_boxes(sizes, view_size, views, mask))
-        sizes_j = jnp.asarray(sizes)
+        images, boxes, sizes = _batch_views(batch, view_size, views, mask)
         labels = np.asarray(batch["label"])[mask]
         means = {}
         for name in paths:
-            st = stats[name]
-            if images.shape not in st.shapes:
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(name, images, boxes, sizes_j))
-                st.compile_seconds += time.perf_counter() - t0
-                st.shapes.add(images.shape)
-            t0 = time.perf_counter()
-            probs = jax.block_until_ready(run(name, images, boxes, sizes_j))
-            st.seconds += time.perf_counter() - t0
-            mean = np.asarray(probs).mean(axis=1)[mask]
-            st.top1 += int(_topk_hits(mean, labels, 1).sum())
-            st.top5 += int(_topk_hits(mean, labels, 5).sum())
-            means[name] = mean
+            probs = stats[name].timed(
+                functools.partial(run, name, images, boxes, sizes), images.shape
+            )
+            means[name] = probs.mean(axis=1)[mask]
+            stats[name].count_hits(means[name], labels)
         count += int(mask.sum())
         if compare_whole_net:
             fm, wn = means["feature_map"], means["whole_net"]
@@ -601,21 +623,14 @@ def evaluate_batches(
     n = max(count, 1)
     out: dict[str, Any] = {"views": views, "view_size": view_size, "count": count}
     for name in paths:
-        st = stats[name]
-        out[name] = {
-            "top1": st.top1 / n,
-            "top5": st.top5 / n,
-            "seconds_per_image": st.seconds / n,
-            "compile_seconds": st.compile_seconds,
-            "programs": len(st.shapes),
-        }
+        out[name] = stats[name].summary(n)
     if compare_whole_net:
         out["agreement"] = agree / n
         out["max_abs_diff"] = max_diff
     return out
 
 
-def evaluate_workdir(
+def evaluate_multiview(
     workdir: str,
     sizes: Sequence[int] | None = None,
     *,
@@ -656,12 +671,7 @@ def evaluate_workdir(
 
     check_views(views)
     _check_mapping(mapping)
-    head = workdirs.read_config(workdir).model.head
-    if head != "spp":
-        raise ValueError(
-            f'multi-view testing on the feature map needs head="spp" (its pyramid pools a '
-            f"window of any size); {workdir} has head={head!r}"
-        )
+    _check_head(workdirs.read_config(workdir).model.head, f" in {workdir}")
     trained = workdirs.load_trained(workdir)
     config, model = trained.config, trained.model
     if sizes is None:
@@ -699,7 +709,7 @@ def evaluate_workdir(
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A text table of :func:`evaluate_workdir` results.
+    """A text table of :func:`evaluate_multiview` results.
 
     >>> r = {"128": {"view_size": 112, "count": 2,
     ...              "feature_map": {"top1": 0.5, "seconds_per_image": 0.001}}}
@@ -717,3 +727,20 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             f"{fm['seconds_per_image']:7.4f}  {whole}"
         )
     return "\n".join(lines)
+
+
+#: Exported names of the previous version: what replaces each, and what it still gives.
+_PREVIOUS_NAMES = {
+    "evaluate_workdir": ("evaluate_multiview", evaluate_multiview),
+    "flips": ("has_flipped_views", has_flipped_views),
+    "total_stride": ("model.conv_trunk.total_stride", lambda model: model.conv_trunk.total_stride),
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The previous version's exported names keep working, with a DeprecationWarning.
+    if name not in _PREVIOUS_NAMES:
+        raise AttributeError(f"module 'spp_jax.multiview' has no attribute {name!r}")
+    now, value = _PREVIOUS_NAMES[name]
+    warnings.warn(f"spp_jax.multiview.{name} is now {now}", DeprecationWarning, stacklevel=2)
+    return value

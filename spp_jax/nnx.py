@@ -6,17 +6,15 @@ import jax
 from flax import nnx
 
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.pooling import check_options, spatial_pyramid_pool
-from spp_jax.roi import check_projection, roi_pyramid_pool
+from spp_jax.linen import _pool_roi, _pool_spp
+from spp_jax.pooling import check_options
+from spp_jax.roi import check_projection
 
 __all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nnx.Module):
-    """Spatial pyramid pooling layer (no parameters, no state).
-
-    Maps ``(B, H, W, C)`` (or ``(B, C, H, W)`` with ``data_format="NCHW"``) of any
-    ``H, W`` to ``(B, C * sum(n_h * n_w))``. See :func:`spp_jax.spatial_pyramid_pool`.
+    """:class:`spp_jax.linen.SpatialPyramidPooling` as an NNX module (no state).
 
     Example:
       >>> import jax.numpy as jnp
@@ -42,23 +40,11 @@ class SpatialPyramidPooling(nnx.Module):
         self.channel_major = bool(channel_major)
 
     def __call__(self, x: jax.Array, valid_sizes: jax.Array | None = None) -> jax.Array:
-        return spatial_pyramid_pool(
-            x,
-            self.levels,
-            mode=self.mode,
-            rule=self.rule,
-            data_format=self.data_format,
-            valid_sizes=valid_sizes,
-            channel_major=self.channel_major,
-        )
+        return _pool_spp(self, x, valid_sizes)
 
 
 class RoIPyramidPooling(nnx.Module):
-    """Window (RoI) pyramid pooling layer (no parameters, no state).
-
-    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
-    ``(R, C * sum(n_h * n_w))``. See :func:`spp_jax.roi_pyramid_pool`.
-    """
+    """:class:`spp_jax.linen.RoIPyramidPooling` as an NNX module (no state)."""
 
     def __init__(
         self,
@@ -80,15 +66,4 @@ class RoIPyramidPooling(nnx.Module):
         self.channel_major = bool(channel_major)
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return roi_pyramid_pool(
-            features,
-            boxes,
-            box_indices,
-            levels=self.levels,
-            spatial_scale=self.spatial_scale,
-            projection=self.projection,
-            mode=self.mode,
-            data_format=self.data_format,
-            valid=valid,
-            channel_major=self.channel_major,
-        )
+        return _pool_roi(self, features, boxes, box_indices, valid)

@@ -1,12 +1,9 @@
 """Spatial pyramid pooling on static bins: the pure JAX core (no Flax).
 
-Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster on the CPU at hand (``spp_jax/_cpu/native.py``: every
-bin of every example in one pass, and a gradient that recomputes the winners
-instead of saving them; the README has the figures). Everything below describes
-the pure-JAX code, which GPU and TPU run, average pooling uses, and CPU falls
-back to; both give the same results and both are tested against the same NumPy
-references.
+On CPU, max pooling may run the compiled kernel of ``spp_jax/_cpu/native.py``
+instead (``docs/pooling.md``, "How it is computed"). What follows is the pure-JAX
+code, which GPU and TPU run, average pooling uses and CPU falls back to; both are
+tested against the same NumPy references.
 
 How the pure-JAX code computes (each choice measured on CPU with
 ``experiments/benchmarks/spp_layer.py``; XLA's CPU backend decides most of it):
@@ -25,20 +22,13 @@ How the pure-JAX code computes (each choice measured on CPU with
 * **Max derivatives** (``custom_jvp`` on the whole pyramid). The forward pass
   computes values only. Under differentiation every stage also finds, per bin,
   the winner's key (its row-major input cell index) and its position along the
-  stage's axis: the largest value, then the smallest key, NaN counting as the
-  largest. That order is total, so stages and levels can combine in any order and
-  still pick the first maximum in row-major order (PyTorch's rule, ties
-  included). The tangent of each stage reads the input tangent at the winner
-  (``_pick``); reverse mode transposes that into ``_route``, which sends each
-  bin's cotangent to its winner with one elementwise term per cell, no scatter.
-  Both are primitives (``_prims.py``) registered as each other's transpose, and
-  the winners come from a primitive whose own derivative is the same rule, so
-  ``jvp``, ``grad``, ``jacfwd``, ``hessian``, gradients of gradients and ``vmap``
-  of all of them follow the first maximum at every order (second derivatives are
-  zero, as for ``lax.reduce_window``). Winners are found by an XLA reduction
-  where bins are strided, and by two elementwise folds (the max, then the
-  smallest key among cells equal to it) where they are not; reductions also
-  keep XLA from recomputing a stage inside every term of the backward pass.
+  stage's axis (``_stage_argmax``), in the total order of
+  :func:`spp_jax._windows.better` (largest value, then smallest key, NaN largest),
+  so stages and levels combine in any order and still pick PyTorch's first
+  maximum, ties included. The tangent of each stage reads the input tangent at
+  the winner (``_pick``); reverse mode transposes that into ``_route``, one
+  elementwise term per cell, no scatter. Both are linear primitives (``_prims.py``
+  says how they compose with every transformation, at every order).
 * **Average pooling** accumulates in float32. A stage sum is a linear primitive
   whose transpose spreads each bin's cotangent over the bin's cells (autodiff
   of the slices would not fuse), and vice versa.
@@ -46,9 +36,6 @@ How the pure-JAX code computes (each choice measured on CPU with
   computed in-graph from its size; a stage folds over a static window that holds
   a bin at every size, and cells outside the example's bin are masked. Changing
   the sizes never recompiles and padding (even inf or NaN) never leaks in.
-
-Under ``vmap`` every primitive folds the mapped axis into the batch axis: one
-call, not one per mapped element.
 """
 
 from __future__ import annotations
@@ -67,6 +54,7 @@ from jax.interpreters import ad
 
 from spp_jax import _prims, geometry
 from spp_jax._cpu import native
+from spp_jax._windows import better
 from spp_jax.geometry import Level, LevelsLike
 
 MODES = ("max", "avg")
@@ -239,11 +227,9 @@ def _fold(
     ``candidates`` are ``arrays`` sliced at one candidate cell of each bin,
     ``cell`` that cell's index (an int, or an array along the axis) and
     ``extras`` arrays aligned with the bins (a bin's max, per-example limits).
-    Strided stages take one strided slice per offset and need no concatenate;
-    others fold each bin's cells and concatenate. XLA fuses either into one loop
-    (measured on CPU: several times faster than reducing stacked candidates).
-    ``strided_extras``: take the strided path with extras too (they are then
-    passed whole: each holds every bin along the axis).
+    Strided stages take one strided slice per offset, others fold each bin's cells
+    and concatenate (module docstring). ``strided_extras``: take the strided path
+    with extras too (they are then passed whole: each holds every bin along the axis).
     """
     ax = st.axis
     if st.strided and (strided_extras or not extras):
@@ -309,15 +295,11 @@ _stage_sum_op = _prims.Op(
     "spp_jax_stage_sum",
     _sum_impl,
     lambda v, *b, st: (_with_axis(v.shape, st.axis, len(st.ranges)), v.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _stage_spread_op = _prims.Op(
     "spp_jax_stage_spread",
     _spread_impl,
     lambda g, *b, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _prims.linear_pair(_stage_sum_op, _stage_spread_op)
 
@@ -357,17 +339,10 @@ def _gather_cells(g: jax.Array, st: _Stage, term) -> jax.Array:
 
 
 def _first_max(a: Carry, b: Carry) -> Carry:
-    """Reduction step on (value, key): larger value, then smaller key.
-
-    NaN counts as the largest value. The order is total, so the result is the
-    first maximum in row-major order whatever order XLA reduces in.
-    """
-    va, ka = a
-    vb, kb = b
-    a_nan, b_nan = va != va, vb != vb
-    smaller = kb < ka
-    take = (b_nan & (~a_nan | smaller)) | (~a_nan & ((vb > va) | ((vb == va) & smaller)))
-    return jnp.where(take, vb, va), jnp.where(take, kb, ka)
+    """Reduction step on (value, key): the winner by :func:`~spp_jax._windows.better`,
+    a total order, so the first maximum whatever order XLA reduces in."""
+    take = better(*a, *b)
+    return jnp.where(take, b[0], a[0]), jnp.where(take, b[1], a[1])
 
 
 def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
@@ -380,7 +355,8 @@ def _stage_argmax(v, k, st: _Stage, bounds: Bounds, key_bound: int) -> Carry:
     Strided static stages: one variadic XLA reduction over stacked strided
     candidates. Others: a max fold, then a min fold of ``key`` (packed with the
     position when both fit in 31 bits) over the cells equal to the max. The
-    order is total, so both give the same winner.
+    order is total, so both give the same winner. (A reduction also keeps XLA from
+    recomputing a stage inside every term of the backward pass.)
     """
     shift = max(st.length - 1, 1).bit_length()
     packable = key_bound << shift < _PACK_LIMIT
@@ -462,15 +438,11 @@ _pick = _prims.Op(
     "spp_jax_stage_pick",
     _pick_impl,
     lambda t, pos, *, st: (pos.shape, t.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _route = _prims.Op(
     "spp_jax_stage_route",
     _route_impl,
     lambda g, pos, *, st: (_with_axis(g.shape, st.axis, st.length), g.dtype),
-    _prims.IMAGE,
-    _prims.IMAGE,
 )
 _prims.linear_pair(_pick, _route)
 
@@ -494,14 +466,15 @@ def _level_stages(plan, h: int, w: int, levels: tuple[Level, ...]):
 
 
 def _eval_levels(plan, stages, from_input, from_base):
-    """Evaluates the levels: the base level first, then the rest."""
+    """Evaluates the levels, ``from_input(i)`` or ``from_base(base_output, i)``: the
+    base level first, then the rest."""
     base = plan[0]
     outs: list[Any] = [None] * len(stages)
     if base is not None:
         outs[base] = from_input(base)
-    for i, (source, cols, rows) in enumerate(stages):
+    for i, (source, _, _) in enumerate(stages):
         if outs[i] is None:
-            outs[i] = from_base(outs[base], cols, rows) if source == "base" else from_input(i)
+            outs[i] = from_base(outs[base], i) if source == "base" else from_input(i)
     return outs
 
 
@@ -535,7 +508,8 @@ def _max_pyramid(x: jax.Array, sizes: jax.Array | None, plan, levels) -> tuple[j
         cb, rb = _level_bounds(sizes, levels[i])
         return apply(apply(x, cols, cb), rows, rb)
 
-    def from_base(b, cols, rows):
+    def from_base(b, i):
+        _, cols, rows = stages[i]
         return apply(apply(b, cols), rows)
 
     return tuple(_eval_levels(plan, stages, from_input, from_base))
@@ -560,7 +534,8 @@ def _max_winners(x, sizes, plan, levels):
         _, cols, rows = stages[i]
         return level((x, _InputKeys(x.shape)), cols, rows, _level_bounds(sizes, levels[i]))
 
-    def from_base(b, cols, rows):
+    def from_base(b, i):
+        _, cols, rows = stages[i]
         return level(b[0], cols, rows)
 
     outs = _eval_levels(plan, stages, from_input, from_base)
@@ -596,8 +571,6 @@ _winners = _prims.Op(
     lambda x, *sizes, plan, levels: _winners_shapes(
         x.shape, x.dtype, sizes[0].shape if sizes else None, plan, levels
     ),
-    _prims.IMAGE,
-    _prims.IMAGE,
     multiple_results=True,
 )
 
@@ -607,23 +580,15 @@ def _pick_levels(t, positions, plan, levels):
     (``_pick``; reverse mode transposes it into ``_route``)."""
     stages = _level_stages(plan, t.shape[1], t.shape[2], levels)
 
-    def pick(v, cols, rows, pos):
+    def pick(v, i):
+        (_, cols, rows), (pos_cols, pos_rows) = stages[i], positions[i]
         if cols is not None:
-            v = _pick(v, pos[0], st=cols)
+            v = _pick(v, pos_cols, st=cols)
         if rows is not None:
-            v = _pick(v, pos[1], st=rows)
+            v = _pick(v, pos_rows, st=rows)
         return v
 
-    base = plan[0]
-    t_base = None if base is None else pick(t, stages[base][1], stages[base][2], positions[base])
-    t_outs = []
-    for i, (source, cols, rows) in enumerate(stages):
-        if i == base:
-            t_outs.append(t_base)
-        else:
-            src = t_base if source == "base" else t
-            t_outs.append(pick(src, cols, rows, positions[i]))
-    return tuple(t_outs)
+    return tuple(_eval_levels(plan, stages, lambda i: pick(t, i), pick))
 
 
 def _winners_jvp(primals, tangents, *, plan, levels):
@@ -698,18 +663,22 @@ def check_options(mode: str, rule: str, data_format: str) -> None:
         )
 
 
-def _check_args(x: Any, mode: str, rule: str, data_format: str) -> None:
-    check_options(mode, rule, data_format)
+def as_nhwc(x: Any, name: str, data_format: str) -> jax.Array:
+    """``x`` as an NHWC array; raises naming ``name`` unless it is a rank-4 float array."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x must be an array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if x.ndim != 4:
         layout = "(B, H, W, C)" if data_format == "NHWC" else "(B, C, H, W)"
         raise ValueError(
-            f"x must have rank 4, {layout} for data_format={data_format!r}; "
+            f"{name} must have rank 4, {layout} for data_format={data_format!r}; "
             f"got shape {tuple(x.shape)} (rank {x.ndim})"
         )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x must have a floating dtype (float32, bfloat16, float16), got {x.dtype}")
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, bfloat16, float16), got {x.dtype}"
+        )
+    x = jnp.asarray(x)
+    return jnp.transpose(x, (0, 2, 3, 1)) if data_format == "NCHW" else x
 
 
 def spatial_pyramid_pool(
@@ -761,11 +730,9 @@ def spatial_pyramid_pool(
       >>> spatial_pyramid_pool(x, (2, 1)).shape  # 3 * (4 + 1)
       (2, 15)
     """
-    _check_args(x, mode, rule, data_format)
+    check_options(mode, rule, data_format)
+    x = as_nhwc(x, "x", data_format)
     lv = geometry.normalize_levels(levels)
-    x = jnp.asarray(x)
-    if data_format == "NCHW":
-        x = jnp.transpose(x, (0, 2, 3, 1))
     b, h, w, c = x.shape
     if h < 1 or w < 1:
         raise ValueError(f"cannot pool an empty feature map: H={h}, W={w} (both must be >= 1)")
@@ -813,11 +780,9 @@ def _bin_bounds(h: int, w: int, levels, rule: str, sizes, b: int):
             jnp.broadcast_to(jnp.asarray(rows), (b, *rows.shape)),
             jnp.broadcast_to(jnp.asarray(cols), (b, *cols.shape)),
         )
-    row_bins = [_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]
-    col_bins = [_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]
     return (
-        native.bounds([s for s, _ in row_bins], [e for _, e in row_bins]),
-        native.bounds([s for s, _ in col_bins], [e for _, e in col_bins]),
+        native.bounds([_dynamic_bins(sizes[:, 0], nh) for nh, _ in levels]),
+        native.bounds([_dynamic_bins(sizes[:, 1], nw) for _, nw in levels]),
     )
 
 
@@ -890,8 +855,8 @@ def _check_sizes(valid_sizes: Any, b: int, h: int, w: int) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def pool_output_size(n: int, window: int, stride: int, ceil: bool = False) -> int:
-    """Output length of a max pool over ``n`` cells.
+def pool_output_size(n: Any, window: int, stride: int, ceil: bool = False) -> Any:
+    """Output length of a max pool over ``n`` cells (an int, or an integer array).
 
     Floor mode: ``(n - window) // stride + 1``. Ceil mode (Caffe, PyTorch
     ``ceil_mode=True``): ``ceil((n - window) / stride) + 1``, less one if the last
@@ -903,7 +868,8 @@ def pool_output_size(n: int, window: int, stride: int, ceil: bool = False) -> in
     if not ceil:
         return (n - window) // stride + 1
     out = -((window - n) // stride) + 1
-    return out - int((out - 1) * stride >= n)
+    outside = (out - 1) * stride >= n
+    return out - (outside.astype(out.dtype) if hasattr(outside, "astype") else int(outside))
 
 
 def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) -> jax.Array:
@@ -913,11 +879,8 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
     window may stick out of the map, and only its cells inside count (padding with
     ``-inf``). The gradient of each output goes to the first maximum of its window
     in row-major order, like ``lax.reduce_window``'s (tested equal, ties included).
-
-    On CPU this runs the compiled window-max kernel (each output cell is one bin),
-    whose forward+backward is several times faster than XLA's ``reduce_window`` /
-    ``select_and_scatter`` there; other platforms lower ``lax.reduce_window``. Every
-    JAX transformation applies.
+    On CPU the window-max kernel runs it (each output cell is one bin), elsewhere
+    ``lax.reduce_window`` (``docs/performance.md``). Every JAX transformation applies.
 
     Args:
       x: ``(B, H, W, C)`` float.
@@ -934,9 +897,8 @@ def max_pool2d(x: jax.Array, window: int, stride: int, *, ceil: bool = False) ->
     """
     if x.ndim != 4:
         raise ValueError(f"x must be (B, H, W, C), got shape {tuple(x.shape)}")
-    for name, v in (("window", window), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    geometry._check_positive_int("window", window)
+    geometry._check_positive_int("stride", stride)
     b, h, w, c = x.shape
     if h < window or w < window:
         raise ValueError(f"a {window}x{window} window does not fit in a {h}x{w} map")

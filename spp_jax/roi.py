@@ -2,29 +2,13 @@
 
 SPP-net computes the conv feature map of an image once and pools a fixed-length
 pyramid vector for each of ~2,000 candidate windows (paper section 4). Each
-window is projected onto the map (``projection``; onto each map's valid region
-when ``valid_sizes`` says the maps are padded, or not at all when the caller
-gives cells: ``projected``), split into the bins of every pyramid level, and
-every bin is max- (or average-) pooled. :func:`select_scales` picks each
+window is projected onto the map (:func:`project_boxes`; onto each map's valid
+region when ``valid_sizes`` says the maps are padded, or not at all when the
+caller gives cells: ``projected``), split into the bins of every pyramid level,
+and every bin is max- (or average-) pooled. :func:`select_scales` picks each
 window's scale and :func:`multiscale_roi_pyramid_pool` pools every window from
-its scale's map.
-
-Max pooling on CPU runs a compiled kernel through the XLA FFI where one can be
-built and it measures faster (``spp_jax/_cpu/native.py``): per box it pools the finest level of each
-divisible chain from the feature map and the coarser levels from those bins; its
-derivatives recompute each bin's winner and read the tangent (or add the
-cotangent) there. GPU, TPU, average pooling and CPUs without a compiler run
-pure-JAX code: 2-D sparse tables of block maxima for max pooling
-(``spp_jax/_windows.py``: every bin is the max of 4 table entries, whatever the
-box size) and a float32 summed-area table for average pooling (4 gathers per
-bin). Both implementations are tested against the same NumPy reference.
-
-Derivatives (max): each bin's first maximum in row-major order (NaN counts as
-largest) is its winner, torchvision's gradient rule; tangents are read at the
-winners and cotangents added there, by primitives that are each other's
-transpose, so every JAX transformation composes (``jvp``, ``grad``,
-``hessian``, gradients of gradients, ``vmap`` of each: one call, the mapped axis
-folded into the boxes).
+its scale's map. How the bins are pooled (the CPU kernel, sparse tables of block
+maxima, a summed-area table) and what it costs: ``docs/windows.md``.
 """
 
 from __future__ import annotations
@@ -42,12 +26,12 @@ from spp_jax import _windows
 from spp_jax._cpu import native as _native
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.pooling import (
-    DATA_FORMATS,
-    MODES,
     _check_sizes,
+    _dynamic_bins,
     _flat_bins,
-    _flatten_levels,
     _kernel_pyramid,
+    as_nhwc,
+    check_options,
 )
 
 PROJECTIONS = ("sppnet", "roi_pool")
@@ -169,55 +153,39 @@ def _clamp_cells(cells: jax.Array, h: Size, w: Size) -> jax.Array:
     return jnp.stack([left, top, right, bottom], axis=1)
 
 
-def _axis_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
-    """Per box: row bins ``(hs, he)`` of shape ``(R, n_h)`` and column bins
-    ``(ws, we)`` of shape ``(R, n_w)``, half-open, in feature cells. ``valid_hw``: the
-    map's valid size, ints or ``(R,)`` arrays; ``cap``: the longest roi_pool window
-    whose bins come from host tables."""
-    x1, y1, x2, y2 = (proj[:, i] for i in range(4))
-    if projection == "sppnet":
-        # Adaptive bins of the inclusive window [left, right]: never empty.
-        def spp_axis(lo, hi, n):
-            a = (hi - lo + 1)[:, None]
-            i = jnp.arange(n, dtype=jnp.int32)[None, :]
-            return lo[:, None] + (i * a) // n, lo[:, None] - ((-(i + 1) * a) // n)
+def _window_bins(cells: jax.Array, levels, projection: str, valid_hw: tuple, cap: int):
+    """Every level's row and column bins of every window, as the CPU kernel takes them:
+    ``(R, sum n_h, 2)`` and ``(R, sum n_w, 2)`` half-open ``[start, end)`` feature cells.
+    ``valid_hw``: the map's valid size, ints or ``(R,)`` arrays; ``cap``: the longest
+    roi_pool window whose bins come from host tables."""
+    x1, y1, x2, y2 = (cells[:, i] for i in range(4))
 
-        hs, he = spp_axis(y1, y2, n_h)
-        ws, we = spp_axis(x1, x2, n_w)
-    else:
+    def spp_axis(lo, hi, n, size):
+        # Adaptive bins of the inclusive window [lo, hi]: never empty.
+        start, end = _dynamic_bins(hi - lo + 1, n)
+        return lo[:, None] + start, lo[:, None] + end
+
+    def roi_axis(lo, hi, n, size):
         # torchvision roi_pool: float32 bin size L / n, floor / ceil of p * size,
         # offset by the roi start, clipped to the map. XLA's vectorised division
         # is not always correctly rounded, so the float32 results come from
         # tables made on the host for L up to a cap, and from the exact integer
         # formula beyond it (windows over 4x the map: there the two can differ
         # only where p * L / n lies within an ulp of an integer).
-        def roi_axis(lo, hi, n, size):
-            size = size[:, None] if isinstance(size, jax.Array) else size
-            length = jnp.maximum(hi - lo + 1, 1)
-            starts, ends = _roi_pool_tables(n, cap)
-            i = jnp.arange(n, dtype=jnp.int32)[None, :]
-            big = length[:, None] > cap
-            idx = jnp.minimum(length, cap)
-            start = jnp.where(big, (i * length[:, None]) // n, jnp.asarray(starts)[idx])
-            end = jnp.where(big, -((-(i + 1) * length[:, None]) // n), jnp.asarray(ends)[idx])
-            return jnp.clip(start + lo[:, None], 0, size), jnp.clip(end + lo[:, None], 0, size)
+        size = size[:, None] if isinstance(size, jax.Array) else size
+        length = jnp.maximum(hi - lo + 1, 1)
+        starts, ends = _roi_pool_tables(n, cap)
+        i = jnp.arange(n, dtype=jnp.int32)[None, :]
+        big = length[:, None] > cap
+        idx = jnp.minimum(length, cap)
+        start = jnp.where(big, (i * length[:, None]) // n, jnp.asarray(starts)[idx])
+        end = jnp.where(big, -((-(i + 1) * length[:, None]) // n), jnp.asarray(ends)[idx])
+        return jnp.clip(start + lo[:, None], 0, size), jnp.clip(end + lo[:, None], 0, size)
 
-        hs, he = roi_axis(y1, y2, n_h, valid_hw[0])
-        ws, we = roi_axis(x1, x2, n_w, valid_hw[1])
-    return (hs, he), (ws, we)
-
-
-def _level_bins(proj: jax.Array, n_h: int, n_w: int, projection: str, valid_hw: tuple, cap: int):
-    """Per box and bin: ``(hs, he, ws, we)`` of shape ``(R, n_h, n_w)`` and an
-    ``empty`` mask (roi_pool bins clipped away by the map)."""
-    (hs, he), (ws, we) = _axis_bins(proj, n_h, n_w, projection, valid_hw, cap)
-    hs, he = hs[:, :, None], he[:, :, None]
-    ws, we = ws[:, None, :], we[:, None, :]
-    shape = (proj.shape[0], n_h, n_w)
-    empty = (he <= hs) | (we <= ws)
-    return tuple(jnp.broadcast_to(a, shape) for a in (hs, he, ws, we)), jnp.broadcast_to(
-        empty, shape
-    )
+    axis = spp_axis if projection == "sppnet" else roi_axis
+    rows = [axis(y1, y2, nh, valid_hw[0]) for nh, _ in levels]
+    cols = [axis(x1, x2, nw, valid_hw[1]) for _, nw in levels]
+    return _native.bounds(rows), _native.bounds(cols)
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,14 +205,14 @@ def _roi_pool_tables(n: int, cap: int):
 # --------------------------------------------------------------------------------------
 
 
-def _roi_avg(x: jax.Array, bins, box_b) -> jax.Array:
-    """Mean over every (box, bin) by a float32 summed-area table."""
+def _roi_avg(x: jax.Array, bidx: jax.Array, bins: _windows.Bins) -> jax.Array:
+    """Mean over every (window, bin) by a float32 summed-area table: ``(R, n_h, n_w, C)``."""
     _b, h, w, c = x.shape
     sat = jnp.cumsum(jnp.cumsum(x.astype(jnp.float32), axis=1), axis=2)
     sat = jnp.pad(sat, ((0, 0), (1, 0), (1, 0), (0, 0)))  # S[i, j] = sum x[:i, :j]
     flat = sat.reshape(-1, c)
-    hs, he, ws, we = (jnp.clip(a, 0, s) for a, s in zip(bins, (h, h, w, w), strict=True))
-    bb = box_b[:, None, None]
+    hs, he, ws, we = bins
+    bb = bidx[:, None, None]
 
     def at(hh, ww):
         return jnp.take(flat, ((bb * (h + 1) + hh) * (w + 1) + ww).reshape(-1), axis=0)
@@ -252,6 +220,35 @@ def _roi_avg(x: jax.Array, bins, box_b) -> jax.Array:
     total = at(he, we) - at(hs, we) - at(he, ws) + at(hs, ws)
     area = jnp.maximum((he - hs) * (we - ws), 1).astype(jnp.float32).reshape(-1, 1)
     return (total / area).reshape(*hs.shape, c)
+
+
+def _pool_bins(x, box_b, rows, cols, levels, mode: str, projection: str) -> jax.Array:
+    """Every bin of every window, ``(R, NB, C)`` in the dtype of ``x``: the max by the
+    CPU kernel or by sparse tables, the mean by a summed-area table. A bin empty after
+    clipping gives 0 and no derivative."""
+    if mode == "avg":
+        return _windows.pool_bounds(x, box_b, rows, cols, levels, _roi_avg).astype(x.dtype)
+
+    def pure_jax(x):
+        return _windows.pool_bounds(x, box_b, rows, cols, levels)
+
+    if not _native.kernel_chosen("roi"):
+        return pure_jax(x)
+
+    def cpu_kernel(x):
+        _, h, w, _ = x.shape
+        # sppnet windows have adaptive bins (never empty): a coarse level whose
+        # count divides a finer one's is reduced from that level's bins.
+        if projection == "sppnet":
+            pyr = _kernel_pyramid(h, w, levels, "adaptive", True)
+        else:
+            pyr = _native.pyramid(levels, [None] * len(levels))
+        pure = _native.Pure(_windows.pool_bounds, (levels,))
+        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr, pure)
+        return flat.astype(x.dtype)
+
+    # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
+    return lax.platform_dependent(x, cpu=cpu_kernel, default=pure_jax)
 
 
 # --------------------------------------------------------------------------------------
@@ -279,12 +276,18 @@ def _check_boxes(boxes: Any) -> jax.Array:
     return jnp.asarray(boxes, jnp.float32)
 
 
+def _per_window(value: Any, name: str, r: int) -> Any:
+    """``value`` (an array, or as a NumPy array) after checking its shape is ``(R,)``."""
+    value = value if hasattr(value, "shape") else np.asarray(value)
+    if value.shape != (r,):
+        raise ValueError(f"{name} must have shape (R,) = ({r},), got {tuple(value.shape)}")
+    return value
+
+
 def _check_indices(box_indices: Any, r: int, b: int) -> jax.Array:
     if box_indices is None:
         return jnp.zeros((r,), jnp.int32)
-    idx = box_indices if hasattr(box_indices, "shape") else np.asarray(box_indices)
-    if idx.shape != (r,):
-        raise ValueError(f"box_indices must have shape (R,) = ({r},), got {tuple(idx.shape)}")
+    idx = _per_window(box_indices, "box_indices", r)
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"box_indices must be an integer array, got dtype {idx.dtype}")
     if not isinstance(idx, jax.core.Tracer):
@@ -343,10 +346,9 @@ def roi_pyramid_pool(
       ``(R, C * sum(n_h * n_w))`` in the dtype of ``features``.
 
     R is static: pad the boxes to a bucket of R and pass ``valid``; box values
-    and valid sizes never recompile. Derivatives flow to ``features`` (boxes
-    are not differentiated), under every JAX transformation. Max routes each
-    bin's gradient to its first maximum in row-major order and reads tangents
-    there. A NaN box coordinate counts as 0.
+    and valid sizes never recompile. Derivatives flow to ``features`` only,
+    under every JAX transformation; max pooling's go to each bin's first maximum
+    in row-major order. A NaN box coordinate counts as 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -355,76 +357,38 @@ def roi_pyramid_pool(
       (1, 40)
     """
     check_projection(projection)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; accepted modes are {MODES}")
-    if data_format not in DATA_FORMATS:
-        raise ValueError(f"unknown data_format {data_format!r}; accepted are {DATA_FORMATS}")
-    if not hasattr(features, "ndim") or features.ndim != 4:
-        raise ValueError(
-            f"features must have rank 4, got shape {tuple(getattr(features, 'shape', ()))}"
-        )
-    if not jnp.issubdtype(features.dtype, jnp.floating):
-        raise TypeError(f"features must have a floating dtype, got {features.dtype}")
+    check_options(mode, "adaptive", data_format)
+    x = as_nhwc(features, "features", data_format)
     lv = normalize_levels(levels)
-    x = jnp.asarray(features)
-    if data_format == "NCHW":
-        x = jnp.transpose(x, (0, 2, 3, 1))
     b, h, w, c = x.shape
     boxes = _check_boxes(boxes)
     r = boxes.shape[0]
     box_b = _check_indices(box_indices, r, b)
-    if valid is not None:
-        valid = jnp.asarray(valid)
-        if valid.shape != (r,):
-            raise ValueError(f"valid must have shape (R,) = ({r},), got {tuple(valid.shape)}")
-        valid = valid.astype(bool)
+    valid = None if valid is None else jnp.asarray(_per_window(valid, "valid", r), bool)
     _check_spatial_scale(spatial_scale)
     valid_hw: tuple[Size, Size] = (h, w)
     if valid_sizes is not None:
         sizes = _check_sizes(valid_sizes, b, h, w)[box_b]
         valid_hw = (sizes[:, 0], sizes[:, 1])
-    if not projected:
-        proj = _project(boxes, spatial_scale, projection, *valid_hw)
-    elif projection == "sppnet":
-        proj = _clamp_cells(_to_int(boxes), *valid_hw)
-    else:
-        proj = _to_int(boxes)
-    cap = 4 * max(h, w)  # roi_pool windows up to 4x the map read host tables
     if r == 0 or c == 0:  # nothing to pool
         return jnp.zeros((r, c * sum(nh * nw for nh, nw in lv)), x.dtype)
+    cells = _cells(boxes, spatial_scale, projection, projected, valid_hw)
+    # roi_pool windows up to 4x the map read host tables
+    rows, cols = _window_bins(cells, lv, projection, valid_hw, cap=4 * max(h, w))
+    flat = _pool_bins(x, box_b, rows, cols, lv, mode, projection)
+    if valid is not None:
+        flat = jnp.where(valid[:, None, None], flat, jnp.zeros((), flat.dtype))
+    return _flat_bins(flat, lv, channel_major)
 
-    def pure_jax(x):
-        outs = []
-        for nh, nw in lv:
-            bins, empty = _level_bins(proj, nh, nw, projection, valid_hw, cap)
-            o = _windows.pool_max(x, box_b, bins) if mode == "max" else _roi_avg(x, bins, box_b)
-            keep = ~empty
-            if valid is not None:
-                keep = keep & valid[:, None, None]
-            outs.append(jnp.where(keep[..., None], o, jnp.zeros((), o.dtype)).astype(x.dtype))
-        return _flatten_levels(outs, channel_major)
 
-    if mode != "max" or not _native.kernel_chosen("roi"):
-        return pure_jax(x)
-
-    def cpu_kernel(x):
-        bins = [_axis_bins(proj, nh, nw, projection, valid_hw, cap) for nh, nw in lv]
-        rows = _native.bounds([hs for (hs, _), _ in bins], [he for (_, he), _ in bins])
-        cols = _native.bounds([ws for _, (ws, _) in bins], [we for _, (_, we) in bins])
-        # sppnet windows have adaptive bins (never empty): a coarse level whose
-        # count divides a finer one's is reduced from that level's bins.
-        if projection == "sppnet":
-            pyr = _kernel_pyramid(h, w, lv, "adaptive", True)
-        else:
-            pyr = _native.pyramid(lv, [None] * len(lv))
-        pure = _native.Pure(_windows.pool_bounds, (lv,))
-        flat = _native.window_max(x.astype(jnp.float32), box_b, rows, cols, pyr, pure)
-        if valid is not None:
-            flat = jnp.where(valid[:, None, None], flat, 0.0)
-        return _flat_bins(flat.astype(x.dtype), lv, channel_major)
-
-    # Each platform's lowering takes its branch: the kernel on CPU, JAX elsewhere.
-    return lax.platform_dependent(x, cpu=cpu_kernel, default=pure_jax)
+def _cells(boxes, spatial_scale: float, projection: str, projected: bool, valid_hw) -> jax.Array:
+    """The windows in inclusive feature cells: projected from pixels, or (``projected``)
+    taken as cells, with ``"sppnet"`` windows kept inside the valid region."""
+    if not projected:
+        return _project(boxes, spatial_scale, projection, *valid_hw)
+    if projection == "sppnet":
+        return _clamp_cells(_to_int(boxes), *valid_hw)
+    return _to_int(boxes)
 
 
 def select_scales(
@@ -527,11 +491,7 @@ def multiscale_roi_pyramid_pool(
         if per_scale is not None and len(per_scale) != n:
             raise ValueError(f"got {n} feature maps and {len(per_scale)} {name}; give one per map")
     boxes = _check_boxes(boxes)
-    scale_index = jnp.asarray(scale_index)
-    if scale_index.shape != (boxes.shape[0],):
-        raise ValueError(
-            f"scale_index must have shape (R,) = ({boxes.shape[0]},), got {scale_index.shape}"
-        )
+    scale_index = jnp.asarray(_per_window(scale_index, "scale_index", boxes.shape[0]))
     valid = kwargs.pop("valid", None)
     bidx = None if box_indices is None else jnp.asarray(box_indices)
     pooled = []

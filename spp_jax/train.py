@@ -8,7 +8,7 @@ workdir)``. The config is an ``ml_collections.ConfigDict`` (see
 * **Multi-size training.** The size schedule (:func:`spp_jax.data.train_size_for_epoch`)
   gives each epoch one input size; every epoch is one static batch shape, so the
   pmapped step compiles once per size and is reused whenever that size comes
-  back. Compiles are logged (``compiled train step for bucket ...``) and counted
+  back. Compiles are logged (``train step for bucket ... ready in ...``) and counted
   in ``metrics.jsonl``.
 * **Devices and hosts.** The global batch is split over all devices of all
   processes; ``train_step`` averages gradients with ``lax.pmean`` over the axis
@@ -452,110 +452,40 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     """
     configs.check(config)
     workdirs.check_run_dir(workdir, "classification")
-    n_proc, n_local = jax.process_count(), jax.local_device_count()
-    n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not divisible by the {n_dev} devices; "
-            f"use a multiple of {n_dev}"
-        )
-    if config.eval_batch_size % n_dev:
-        raise ValueError(
-            f"eval_batch_size {config.eval_batch_size} is not divisible by the {n_dev} "
-            f"devices; use a multiple of {n_dev}"
-        )
+    _check_batch_sizes(config)
     os.makedirs(workdir, exist_ok=True)
-    local_batch = config.batch_size // n_proc
-
     builder, info = load_dataset(config)
     config = with_num_classes(config, info.num_classes)
     save_config(config, workdir)
     steps_per_epoch = data_lib.steps_per_epoch(info, config.train_split, config.batch_size)
-    log.info(
-        "dataset %s: %d classes, %s examples; %d process(es) x %d device(s), global batch %d, "
-        "%d steps/epoch, %d epochs",
-        info.name,
-        info.num_classes,
-        info.num_examples,
-        n_proc,
-        n_local,
-        config.batch_size,
-        steps_per_epoch,
-        config.num_epochs,
-    )
+    _log_run(config, info, steps_per_epoch)
 
     model = create_model(config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    state = create_train_state(config, model, config.crop_size, create_optimizer(config, schedule))
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    log.info("model %s/%s: %s parameters", config.model.arch, config.model.head, f"{n_params:,}")
-
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    if manager.latest_step() is not None:
-        state = restore_checkpoint(manager, state)
-        log.info("resumed from checkpoint at step %d", int(state.step))
+    state = _initial_state(config, model, schedule, manager)
     start_step = int(state.step)
-
-    compiles: list[tuple[int, ...]] = []
-
-    def counted_train_step(state, batch):
-        # Runs once per trace, i.e. once per bucket; records the per-device shape.
-        compiles.append(tuple(batch["image"].shape))
-        return train_step(state, batch, learning_rate_fn=schedule)
-
-    p_train_step = jax.pmap(counted_train_step, axis_name=AXIS, donate_argnums=(0,))
+    p_train_step = _PmappedTrainStep(schedule)
     p_state = replicate(state)
     writer = metrics_lib.MetricsWriter(workdir)
     writer.truncate(start_step)  # what a killed run wrote after its last checkpoint
-    seen_shapes: set[tuple[int, ...]] = set()
     step = start_step
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
         size = data_lib.train_size_for_epoch(
             config.train_sizes, config.size_schedule, epoch, config.seed
         )
         skip = step - epoch * steps_per_epoch
-        batches = data_lib.train_batches(
-            builder,
-            info,
-            split=config.train_split,
-            epoch=epoch,
-            size=size,
-            crop_size=config.crop_size,
-            local_batch_size=local_batch,
-            global_batch_size=config.batch_size,
-            seed=config.seed,
-            resize_ratio=config.resize_ratio,
-            shuffle_buffer=config.shuffle_buffer,
-            process_index=jax.process_index(),
-            process_count=n_proc,
-            skip_batches=skip,
-            crop_mode=config.crop_mode,
-            min_crop_area=config.min_crop_area,
-        )
+        batches = _epoch_batches(config, builder, info, epoch=epoch, size=size, skip=skip)
         t0 = time.perf_counter()
         # Metrics stay on the device until the epoch's log line: reading them back
         # after every step would stop an accelerator from queuing the next step.
         step_metrics = []
         desc = f"epoch {epoch + 1}/{config.num_epochs} size {size}"
         for batch in _progress(batches, steps_per_epoch - skip, desc):
-            batch = shard(batch)
-            shape = batch["image"].shape
-            if shape not in seen_shapes:
-                tc = time.perf_counter()
-            p_state, metrics = p_train_step(p_state, batch)
-            if shape not in seen_shapes:
-                jax.block_until_ready(metrics)
-                seen_shapes.add(shape)
-                log.info(
-                    "train step for bucket %s ready in %.1f s (compiled %d bucket(s) so far)",
-                    shape,
-                    time.perf_counter() - tc,
-                    len(compiles),
-                )
+            p_state, metrics = p_train_step(p_state, shard(batch))
             step_metrics.append(metrics)
             step += 1
-            every = config.checkpoint_every_steps
-            if (every and step % every == 0) or step == stop_after_step:
+            if _checkpoint_due(config, step) or step == stop_after_step:
                 save_checkpoint(manager, unreplicate_to_host(p_state))
             if step == stop_after_step:
                 log.info("stopping after step %d as asked", step)
@@ -563,24 +493,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
                 return {
                     "state": unreplicate_to_host(p_state),
                     "eval": None,
-                    "train_compiles": compiles,
+                    "train_compiles": p_train_step.compiles,
                 }
         if not step_metrics:
             continue
-        per_step = [unreplicate_to_host(m) for m in step_metrics]
-        n = len(per_step)
-        sums = {k: sum(float(m[k]) for m in per_step) for k in ("loss", "accuracy")}
-        m = per_step[-1]
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "size": size,
-            "train_loss": sums["loss"] / n,
-            "train_accuracy": sums["accuracy"] / n,
-            "lr": float(m["lr"]),
-            "epoch_seconds": time.perf_counter() - t0,
-            "train_compiles": len(compiles),
-        }
+        compiles = len(p_train_step.compiles)
+        record = _epoch_record(
+            step_metrics, epoch=epoch, step=step, size=size, started=t0, compiles=compiles
+        )
         if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
             ev = evaluate(
                 config, builder, info, p_state.params, model, mode="center", size=config.crop_size
@@ -589,20 +509,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         # The record before the checkpoint: a run killed between the two resumes from
         # the previous checkpoint, and the writer drops the record it then writes again.
         writer.write(record, step)
-        if step % steps_per_epoch == 0 and not (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-        ):
+        if step % steps_per_epoch == 0 and not _checkpoint_due(config, step):
             save_checkpoint(manager, unreplicate_to_host(p_state))
-        log.info(
-            "epoch %d/%d size %d: loss %.4f, train acc %.3f%s, %.1f s",
-            epoch + 1,
-            config.num_epochs,
-            size,
-            record["train_loss"],
-            record["train_accuracy"],
-            f", test acc {record['test_top1']:.3f}" if "test_top1" in record else "",
-            record["epoch_seconds"],
-        )
+        _log_epoch(config, record)
 
     host_state = unreplicate_to_host(p_state)
     final = None
@@ -611,12 +520,153 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
         writer.write({"final": final, "metrics": flat_metrics(final)}, step)
         log.info("final test accuracy (top-1):\n%s", format_final(final))
     writer.close()  # the event file; metrics.jsonl is closed after each line
+    _plot_curves(workdir)
+    return {"state": host_state, "eval": final, "train_compiles": p_train_step.compiles}
+
+
+def _check_batch_sizes(config) -> None:
+    """Raises a ValueError unless both batch sizes split evenly over all devices."""
+    n_dev = jax.device_count()
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % n_dev:
+            raise ValueError(
+                f"{key} {config[key]} is not divisible by the {n_dev} devices; "
+                f"use a multiple of {n_dev}"
+            )
+
+
+def _log_run(config, info: data_lib.DatasetInfo, steps_per_epoch: int) -> None:
+    log.info(
+        "dataset %s: %d classes, %s examples; %d process(es) x %d device(s), global batch %d, "
+        "%d steps/epoch, %d epochs",
+        info.name,
+        info.num_classes,
+        info.num_examples,
+        jax.process_count(),
+        jax.local_device_count(),
+        config.batch_size,
+        steps_per_epoch,
+        config.num_epochs,
+    )
+
+
+def _initial_state(config, model: SPPNet, schedule: optax.Schedule, manager) -> TrainState:
+    """The state to train from: the latest checkpoint of ``manager`` if there is one,
+    else the initial state of ``config.seed`` (host, unreplicated)."""
+    state = create_train_state(config, model, config.crop_size, create_optimizer(config, schedule))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    log.info("model %s/%s: %s parameters", config.model.arch, config.model.head, f"{n_params:,}")
+    if manager.latest_step() is not None:
+        state = restore_checkpoint(manager, state)
+        log.info("resumed from checkpoint at step %d", int(state.step))
+    return state
+
+
+class _PmappedTrainStep:
+    """:func:`train_step` pmapped over the local devices, counting its compilations.
+
+    The first call on each batch shape waits for its result and logs how long the
+    compilation and step took; ``compiles`` holds the per-device batch shape of each
+    trace, i.e. one entry per bucket.
+    """
+
+    def __init__(self, schedule: optax.Schedule):
+        self.compiles: list[tuple[int, ...]] = []
+        self._seen_shapes: set[tuple[int, ...]] = set()
+
+        def counted_train_step(state, batch):
+            # Runs once per trace, i.e. once per bucket; records the per-device shape.
+            self.compiles.append(tuple(batch["image"].shape))
+            return train_step(state, batch, learning_rate_fn=schedule)
+
+        self._step = jax.pmap(counted_train_step, axis_name=AXIS, donate_argnums=(0,))
+
+    def __call__(self, p_state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        shape = batch["image"].shape
+        if shape in self._seen_shapes:
+            return self._step(p_state, batch)
+        tc = time.perf_counter()
+        p_state, metrics = self._step(p_state, batch)
+        jax.block_until_ready(metrics)
+        self._seen_shapes.add(shape)
+        log.info(
+            "train step for bucket %s ready in %.1f s (compiled %d bucket(s) so far)",
+            shape,
+            time.perf_counter() - tc,
+            len(self.compiles),
+        )
+        return p_state, metrics
+
+
+def _epoch_batches(config, builder, info, *, epoch: int, size: int, skip: int) -> Iterable:
+    """This process's share of the training batches of ``epoch`` at input ``size``,
+    without the first ``skip`` (the batches trained before a resume)."""
+    return data_lib.train_batches(
+        builder,
+        info,
+        split=config.train_split,
+        epoch=epoch,
+        size=size,
+        crop_size=config.crop_size,
+        local_batch_size=config.batch_size // jax.process_count(),
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        resize_ratio=config.resize_ratio,
+        shuffle_buffer=config.shuffle_buffer,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        skip_batches=skip,
+        crop_mode=config.crop_mode,
+        min_crop_area=config.min_crop_area,
+    )
+
+
+def _checkpoint_due(config, step: int) -> bool:
+    """Whether ``config.checkpoint_every_steps`` (0: only at epoch ends) saves at ``step``."""
+    every = config.checkpoint_every_steps
+    return bool(every) and step % every == 0
+
+
+def _epoch_record(
+    step_metrics: list, *, epoch: int, step: int, size: int, started: float, compiles: int
+) -> dict:
+    """An epoch's line of ``metrics.jsonl``: the mean train loss and accuracy over its
+    steps and the learning rate of its last step (``step_metrics``: replicated)."""
+    per_step = [unreplicate_to_host(m) for m in step_metrics]
+    n = len(per_step)
+    sums = {k: sum(float(m[k]) for m in per_step) for k in ("loss", "accuracy")}
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        "size": size,
+        "train_loss": sums["loss"] / n,
+        "train_accuracy": sums["accuracy"] / n,
+        "lr": float(per_step[-1]["lr"]),
+        "epoch_seconds": time.perf_counter() - started,
+        "train_compiles": compiles,
+    }
+
+
+def _log_epoch(config, record: dict) -> None:
+    log.info(
+        "epoch %d/%d size %d: loss %.4f, train acc %.3f%s, %.1f s",
+        record["epoch"],
+        config.num_epochs,
+        record["size"],
+        record["train_loss"],
+        record["train_accuracy"],
+        f", test acc {record['test_top1']:.3f}" if "test_top1" in record else "",
+        record["epoch_seconds"],
+    )
+
+
+def _plot_curves(workdir: str) -> None:
+    """``curves.png`` from ``metrics.jsonl`` (process 0); a failed plot only warns."""
     if jax.process_index() == 0:
         try:
             metrics_lib.plot_metrics(workdir)
         except Exception as e:  # a plot must never fail a finished run
             log.warning("could not plot metrics: %s", e)
-    return {"state": host_state, "eval": final, "train_compiles": compiles}
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -701,8 +751,13 @@ def format_final(final: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_workdir(workdir: str, sizes: Iterable[int] | None = None) -> dict:
-    """``spp-jax eval``: restores the latest checkpoint and runs the final evaluation."""
+def evaluate_single_view(workdir: str, sizes: Iterable[int] | None = None) -> dict:
+    """``spp-jax eval``: single-view accuracy of a workdir's latest checkpoint.
+
+    The :func:`final_evaluation` (centre crop, and full image for the SPP head) at the
+    config's ``eval_sizes``, or at ``sizes``; :func:`spp_jax.multiview.evaluate_multiview`
+    is the multi-view test.
+    """
     trained = workdirs.load_trained(workdir)
     config = trained.config
     if sizes is not None:

@@ -5,11 +5,8 @@ commands read. Two kinds exist: ``"classification"`` (``spp-jax train``: ``confi
 with a ``model`` group, ``checkpoints/``) and ``"detection"`` (``spp-jax detect-train``:
 ``config.json`` with ``backbone_config``, ``stages/``). The checks here turn a wrong path
 into one :class:`WorkdirError` that names the path, what is wrong and what is accepted,
-before any data is read or any program compiled.
-
-A trained classification workdir is read back in one place, :func:`load_trained`: its
-config, the model that config describes and the latest checkpoint's parameters, which
-``spp-jax eval``, ``extract``, multi-view testing and detection all start from.
+before any data is read or any program compiled. A trained classification workdir is
+read back in one place, :func:`load_trained`.
 """
 
 from __future__ import annotations
@@ -137,16 +134,13 @@ def check_run_dir(workdir: str | os.PathLike, kind: str) -> str:
     """
     path = str(workdir)
     check_not_url(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise WorkdirError(f"workdir {path!r} is a file: give a folder (created if missing)")
     found = kind_of(path)
     if found is not None and found != kind:
         raise WorkdirError(
             f"workdir {path!r} holds a {found} run (written by `{WRITER[found]}`): give a new "
             f"folder or one that `{WRITER[kind]}` wrote"
         )
-    _make_writable_dir(path, "workdir")
-    return path
+    return check_output_dir(path, "workdir")
 
 
 def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> str:
@@ -235,8 +229,7 @@ def read_config(workdir: str | os.PathLike, kind: str = "classification") -> Any
     defaults = {"classification": default, "detection": detection}[kind]
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        command = "training" if kind == "classification" else "detect-train"
-        raise FileNotFoundError(f"{path} not found: is {str(workdir)!r} a {command} workdir?")
+        raise FileNotFoundError(f"{path} not found: is {str(workdir)!r} a {WRITER[kind]} workdir?")
     with open(path) as f:
         saved = json.load(f)
     config = defaults.get_config()

@@ -259,13 +259,13 @@ def test_detect_corrupt_file_is_one_line_naming_it(trained, tmp_path, caplog):
 def test_backbone_overrides_apply_to_the_default_backbone_only():
     """``detection`` trains its backbone longer and with wider crops than the
     classification default; ``detection_tiny`` keeps the ``tiny`` config's own values."""
-    from spp_jax.detection import pipeline
+    from spp_jax.detection import stages
 
     default, tiny = configs.get_config("default"), configs.get_config("tiny")
-    full = pipeline.backbone_config(cli.load_config("detection", kind="detection"))
+    full = stages.backbone_config(cli.load_config("detection", kind="detection"))
     assert (full.num_epochs, full.min_crop_area) == (32, 0.35)
     assert (default.num_epochs, default.min_crop_area) == (16, 0.8)
-    small = pipeline.backbone_config(cli.load_config("detection_tiny", kind="detection"))
+    small = stages.backbone_config(cli.load_config("detection_tiny", kind="detection"))
     assert (small.num_epochs, small.min_crop_area) == (tiny.num_epochs, tiny.min_crop_area)
     voc = cli.load_config("detection_voc07", kind="detection")
     assert voc.backbone_overrides.to_dict() == {}

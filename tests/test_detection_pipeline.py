@@ -25,7 +25,7 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("cv2")
 pytest.importorskip("sklearn")
 
-from spp_jax.detection import features, finetune, pipeline
+from spp_jax.detection import detector, features, finetune, pipeline, stages
 
 # The backbone as short as the tiny classification run allows (one epoch, one size);
 # fine-tuning 4 steps with a validation mAP every 2 (detection_tiny's own); no SVD row
@@ -109,7 +109,7 @@ def last_metrics(workdir: str) -> dict:
 _DETECTOR: dict = {}
 
 
-def trained_detector(workdir: str) -> pipeline.Detector:
+def trained_detector(workdir: str) -> detector.Detector:
     """``load_detector(workdir)``, once."""
     if workdir not in _DETECTOR:
         _DETECTOR[workdir] = pipeline.load_detector(workdir)
@@ -143,7 +143,7 @@ def _stages_run(logs: LogCapture) -> set[str]:
 def test_every_stage_writes_its_files(trained):
     wd = trained["workdir"]
     for stage in TRAINING_STAGES:
-        record = pipeline.stage_done(wd, stage)
+        record = stages.stage_done(wd, stage)
         assert record is not None, stage
         assert record["seconds"] >= 0
     for name in (
@@ -164,8 +164,8 @@ def test_metrics_are_aps_in_unit_interval(trained):
     wd = trained["workdir"]
     m = last_metrics(wd)
     config = _config(wd)
-    k = pipeline.num_classes_of(config.dataset, config.data_dir)
-    test = pipeline.load_split(config.dataset, config.test_split, config.data_dir)
+    k = stages.num_classes_of(config.dataset, config.data_dir)
+    test = stages.load_split(config.dataset, config.test_split, config.data_dir)
     present = set()
     for labels, difficult in zip(test.labels, test.difficult, strict=True):
         present |= set(labels[~difficult].tolist())
@@ -191,7 +191,7 @@ TRAIN_MAP_FLOOR = 0.03
 
 
 def test_svm_detector_finds_the_objects_it_was_trained_on(trained):
-    got = pipeline.evaluate_workdir(trained["workdir"], split="train", scorer="svm")
+    got = pipeline.evaluate_detector_workdir(trained["workdir"], split="train", scorer="svm")
     assert got["map_voc07"] >= TRAIN_MAP_FLOOR, (got["map_voc07"], got["ap_voc07"])
 
 
@@ -234,8 +234,8 @@ def test_interrupted_stages_resume(trained, tmp_path):
     assert any(line.startswith("fine-tune step 4:") for line in logs.lines), text
     assert not any(line.startswith("fine-tune step 2:") for line in logs.lines), text
     for stage in ("finetune", "svm"):
-        assert pipeline.stage_done(wd, stage) is not None
-    assert pipeline.stage_done(wd, "finetune")["steps"] == 4
+        assert stages.stage_done(wd, stage) is not None
+    assert stages.stage_done(wd, "finetune")["steps"] == 4
     assert os.path.exists(os.path.join(wd, "svm.npz"))
     assert 0.0 <= metrics["map_voc07"] <= 1.0
     assert last_metrics(wd)["map_voc07"] == metrics["map_voc07"]
@@ -338,8 +338,8 @@ def test_training_copes_with_images_without_objects_or_proposals(det, trained, t
     split plus an image without objects and one without proposals either."""
     wd = trained["workdir"]
     config = _config(wd)
-    train = pipeline.load_split(config.dataset, config.train_split, config.data_dir)
-    props = pipeline.workdir_proposals(config, wd, train)
+    train = stages.load_split(config.dataset, config.train_split, config.data_dir)
+    props = stages.workdir_proposals(config, wd, train)
     empty_image = _scene(96, 128)
     for props_i in (props[0][:30], np.zeros((0, 4), np.float32)):
         train.ids.append(f"no_objects_{len(train.ids)}")
@@ -352,27 +352,27 @@ def test_training_copes_with_images_without_objects_or_proposals(det, trained, t
     assert not np.isin(sampler.foreground[:, 0], [len(train) - 2, len(train) - 1]).any()
     batch = sampler.sample(np.random.default_rng(0), 16, 0.25)
     assert batch["boxes"].shape == (16, 4)
-    maps = pipeline._split_maps(det, train, det.scales(1))
+    maps = stages.split_maps(det, train, det.scales(1))
     out = str(tmp_path)
-    svms = pipeline.stage_svm(config, out, det, "svm", det.head_params, train, props, maps)
-    assert pipeline.stage_done(out, "svm") is not None
+    svms = stages.stage_svm(config, out, det, "svm", det.head_params, train, props, maps)
+    assert stages.stage_done(out, "svm") is not None
     assert np.isfinite(np.asarray(svms.scores(np.zeros((2, det.head.fc_dim), np.float32)))).all()
     # Box regression on one training image and the two (each solve is a 1601-wide
     # Cholesky per class: the whole split's ten classes would take seconds).
     keep = [0, len(train) - 2, len(train) - 1]
-    small = pipeline.Split(*([getattr(train, f)[i] for i in keep] for f in _SPLIT_FIELDS))
+    small = stages.Split(*([getattr(train, f)[i] for i in keep] for f in _SPLIT_FIELDS))
     small_maps = [[m[i] for i in keep] for m in maps]
     small_props = [props[i] for i in keep]
-    regressors = pipeline.stage_bbox(config, out, det, small, small_props, small_maps)
-    assert pipeline.stage_done(out, "bbox") is not None
+    regressors = stages.stage_bbox(config, out, det, small, small_props, small_maps)
+    assert stages.stage_done(out, "bbox") is not None
     boxes = np.asarray([[4, 4, 40, 40], [10, 20, 60, 50]], np.float32)
     pooled = det.pool([small_maps[0][0]], det.scales(1), boxes, small.sizes[0])
     moved = regressors.apply(pooled, boxes, np.asarray([1, 2], np.int32), small.sizes[0])
     assert np.isfinite(np.asarray(moved)).all()
     # No object anywhere: a clear error, not a crash deep inside.
-    nothing = pipeline.Split(*(getattr(train, f)[-2:] for f in _SPLIT_FIELDS))
+    nothing = stages.Split(*(getattr(train, f)[-2:] for f in _SPLIT_FIELDS))
     with pytest.raises(ValueError, match="no ground-truth boxes"):
-        pipeline.stage_svm(
+        stages.stage_svm(
             config, str(tmp_path / "none"), det, "svm", det.head_params, nothing, props[-2:],
             [m[-2:] for m in maps],
         )  # fmt: skip

@@ -217,6 +217,18 @@ def test_errors():
         multiview_scores(net, {}, x, view_size=96, method="crops")
 
 
+def test_previous_names_still_work_with_a_warning():
+    net = SPPNet(**TINY)
+    with pytest.warns(DeprecationWarning, match="is now has_flipped_views"):
+        assert multiview.flips(10) is multiview.has_flipped_views(10) is True
+    with pytest.warns(DeprecationWarning, match="is now evaluate_multiview"):
+        assert multiview.evaluate_workdir is multiview.evaluate_multiview
+    with pytest.warns(DeprecationWarning, match=r"model.conv_trunk.total_stride"):
+        assert multiview.total_stride(net) == net.conv_trunk.total_stride == 16
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        multiview.nothing  # noqa: B018
+
+
 def test_evaluate_batches(centred):
     net, params = centred
     rng = np.random.default_rng(5)
@@ -277,7 +289,9 @@ def test_cli_eval_dispatch(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(cli, "_import_tensorflow_quietly", lambda: None)
-    monkeypatch.setattr(train, "evaluate_workdir", lambda *a, **k: calls.append(("train", a, k)))
+    monkeypatch.setattr(
+        train, "evaluate_single_view", lambda *a, **k: calls.append(("train", a, k))
+    )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w" / "checkpoints" / "10").mkdir(parents=True)
     (tmp_path / "w" / "config.json").write_text('{"model": {"head": "spp"}}')
@@ -293,7 +307,7 @@ def test_cli_eval_dispatch(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=r"eval: error: .*needs head=\"spp\".*head='pool6'"):
         cli.main(["eval", "--workdir", "p", "--views", "18"])
 
-    monkeypatch.setattr(multiview, "evaluate_workdir", lambda *a, **k: calls.append(("mv", a, k)))
+    monkeypatch.setattr(multiview, "evaluate_multiview", lambda *a, **k: calls.append(("mv", a, k)))
     cli.main(["eval", "--workdir", "w", "--views", "18", "--compare-whole-net"])
     cli.main(["eval", "--workdir", "w", "--views", "1", "--compare-whole-net", "--sizes", "90"])
     assert calls[1:] == [

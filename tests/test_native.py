@@ -346,3 +346,37 @@ def test_the_choice_is_measured_once_and_kept_beside_the_library(tmp_path):
         assert family["kernel"] == (ratio <= 1.0)
         assert {t["what"] for t in family["times"]} == {"fwd", "fwd_bwd"}
     assert json.loads(outs[0][0]) == {f: v["kernel"] for f, v in record["families"].items()}
+
+
+def test_a_choice_measured_on_a_busy_machine_is_measured_again_when_idle(tmp_path, monkeypatch):
+    # The measurement itself is replaced by one that writes an idle machine's record,
+    # so the test checks when `tuned` measures, not the kernels.
+    from spp_jax._cpu import tune
+
+    families = tune.FAMILIES["window_max"]
+    library = tmp_path / "window_max-test.so"
+    record_path = library.with_suffix(".tune.json")
+    monkeypatch.setitem(native._built, "window_max", library)
+    tuned = native.tuned.__wrapped__  # per process, `tuned` is cached: a new process each call
+
+    def write(load: float, kernel: bool) -> None:
+        cpu = {"cores": 2, "load_1min": load}
+        record = {"cpu": cpu, "families": {f: {"kernel": kernel} for f in families}}
+        record_path.write_text(json.dumps(record))
+
+    measured = []
+
+    def measure(cmd, **kwargs):
+        measured.append(cmd)
+        write(0.1, True)
+
+    monkeypatch.setattr(native.subprocess, "run", measure)
+    write(9.0, False)  # measured busy: the kernels lost
+    monkeypatch.setattr(native, "_load_now", lambda: 8.0)  # still busy: kept
+    assert tuned("window_max") == dict.fromkeys(families, False)
+    assert measured == []
+    monkeypatch.setattr(native, "_load_now", lambda: 0.5)  # idle now: measured again
+    assert tuned("window_max") == dict.fromkeys(families, True)
+    assert len(measured) == 1
+    assert tuned("window_max") == dict.fromkeys(families, True)  # kept
+    assert len(measured) == 1

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     t_start = time.perf_counter()
     for views in views_list:
-        by_size = multiview.evaluate_workdir(
+        by_size = multiview.evaluate_multiview(
             args.workdir,
             sizes,
             views=views,

@@ -14,21 +14,12 @@ so JAX linearises, transposes, differentiates again (``jvp``, ``grad``,
 ``vmap`` over the images folds the mapped axis into the batch (one call); other
 ``vmap``s (per-example kernels) take XLA's own batched convolution.
 
-On CPU each primitive lowers to a custom call into ``csrc/onednn_conv.cc`` (beside
-this module) when oneDNN is installed (``pip install "spp-jax[cpu]"``: the
-``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` wheels; or ``$SPP_JAX_ONEDNN_ROOT``
-pointing to a oneDNN install with ``include/`` and ``lib/``), the file compiles (on
-the first CPU lowering, built and cached by :mod:`spp_jax._cpu.native`) and it
-measured at least as fast as XLA on this machine (:mod:`spp_jax._cpu.tune`).
-Everywhere else (GPU, TPU, CPU without oneDNN) it lowers to XLA's convolutions, in
-the formulation XLA runs fastest: an input with fewer than 4 channels (RGB) is
-zero-padded to 4 channels, and an unpadded one is computed as the crop of the conv
-padded by one stride (both exact).
-
-``SPP_JAX_CPU_KERNELS=0`` turns oneDNN off with the other compiled kernels (the
-trace is then plain ``lax``); ``SPP_JAX_ONEDNN=0`` turns off only oneDNN,
-``SPP_JAX_ONEDNN=1`` requires it (lowering for CPU raises if it is unavailable).
-Without oneDNN installed the default (``auto``) logs one line and uses XLA.
+On CPU each primitive lowers to a custom call into ``csrc/onednn_conv.cc`` where
+oneDNN is installed, the file compiles (built and cached by
+:mod:`spp_jax._cpu.native`) and it measured at least as fast as XLA
+(:mod:`spp_jax._cpu.tune`); everywhere else to XLA's convolution, in the
+formulation XLA runs fastest (:func:`_xla_forward`). Installing oneDNN and the
+``SPP_JAX_ONEDNN`` settings: ``docs/install.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from spp_jax import _prims
 from spp_jax._cpu import native
@@ -124,20 +115,6 @@ def _xla_gradient_form(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     return _lax_conv(x, w, geo)
 
 
-def _varying_axes(*arrays: jax.Array) -> tuple[str, ...]:
-    """The ``shard_map`` axes any of ``arrays`` varies over (none outside one, or on
-    a JAX without varying-axis types)."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:  # pragma: no cover
-        return ()
-    axes: set[str] = set()
-    for a in arrays:
-        aval = typeof(a)
-        mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9; earlier: aval.vma
-        axes |= set(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
-    return tuple(sorted(axes))
-
-
 def _transpose(f, shape: tuple[int, ...], ct: jax.Array, other: jax.Array) -> jax.Array:
     """The transpose of the linear map ``f`` (of an array of ``shape``) applied to ``ct``.
 
@@ -145,21 +122,17 @@ def _transpose(f, shape: tuple[int, ...], ct: jax.Array, other: jax.Array) -> ja
     typed as varying over the same axes as ``ct`` and ``other``, else JAX would treat
     it as replicated and sum its cotangent over the devices.
     """
-    axes = _varying_axes(ct, other)
-    zero = jnp.zeros(shape, ct.dtype)
-    if axes:
-        zero = lax.pcast(zero, axes, to="varying")
-        ct = lax.pcast(ct, tuple(a for a in axes if a not in _varying_axes(ct)), to="varying")
+    zero, ct, _ = _prims.match_varying([jnp.zeros(shape, ct.dtype), ct, other])
     return jax.vjp(f, zero)[1](ct)[0]
 
 
 def _xla_input(dy: jax.Array, w: jax.Array, *, geo: Geometry) -> jax.Array:
-    shape = (dy.shape[0], *geo.size, w.shape[2])
+    shape, _ = _shape_input(dy, w, geo=geo)
     return _transpose(lambda x: _xla_gradient_form(x, w, geo), shape, dy, w)
 
 
 def _xla_kernel(x: jax.Array, dy: jax.Array, *, geo: Geometry) -> jax.Array:
-    shape = (*geo.kernel, x.shape[-1], dy.shape[-1])
+    shape, _ = _shape_kernel(x, dy, geo=geo)
     return _transpose(lambda w: _xla_gradient_form(x, w, geo), shape, dy, x)
 
 
@@ -180,10 +153,9 @@ def _shape_kernel(x, dy, *, geo):
     return (*geo.kernel, x.shape[3], dy.shape[3]), x.dtype
 
 
-_I = _prims.IMAGE
-_conv = _prims.Op("spp_jax_conv", _xla_forward, _shape_forward, _I, _I)
-_conv_input = _prims.Op("spp_jax_conv_input", _xla_input, _shape_input, _I, _I)
-_conv_kernel = _prims.Op("spp_jax_conv_kernel", _xla_kernel, _shape_kernel, _I, _I)
+_conv = _prims.Op("spp_jax_conv", _xla_forward, _shape_forward)
+_conv_input = _prims.Op("spp_jax_conv_input", _xla_input, _shape_input)
+_conv_kernel = _prims.Op("spp_jax_conv_kernel", _xla_kernel, _shape_kernel)
 _OPS = {"forward": _conv, "input": _conv_input, "kernel": _conv_kernel}
 
 
@@ -263,8 +235,8 @@ _forced: bool | None = None
 
 
 def forced(enabled: bool):
-    """Uses (True) or bypasses (False) oneDNN in code traced inside (tests,
-    benchmarks); overrides the environment. Clears JAX's caches on entry and exit."""
+    """Uses (True) or bypasses (False) oneDNN in code traced inside, whatever the
+    environment says (:func:`spp_jax._cpu.native.override`): for tests and benchmarks."""
     return native.override(sys.modules[__name__], enabled)
 
 
@@ -333,15 +305,10 @@ def _threads() -> int:
     return max(1, cores // max(1, jax.local_device_count("cpu")))
 
 
-def _cpu_lowering(target: str, xla):
-    kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(xla, multiple_results=False)
-
-    def rule(ctx, a, b, *, geo):
-        if ctx.avals_in[0].dtype == jnp.float32 and usable() and _chosen():
-            return kernel(ctx, a, b, **geo.attrs(), threads=np.int64(_threads()))
-        return fallback(ctx, a, b, geo=geo)
-
-    return rule
+def _kernel_attrs(ctx, *, geo: Geometry) -> dict | None:
+    if ctx.avals_in[0].dtype == jnp.float32 and usable() and _chosen():
+        return {**geo.attrs(), "threads": np.int64(_threads())}
+    return None
 
 
 for _op, _target, _xla in (
@@ -349,7 +316,7 @@ for _op, _target, _xla in (
     (_conv_input, "SppJaxConvInput", _xla_input),
     (_conv_kernel, "SppJaxConvKernel", _xla_kernel),
 ):
-    _op.lower_on("cpu", _cpu_lowering(_target, _xla))
+    native.lower_on_cpu(_op, _target, _xla, _kernel_attrs)
 
 
 # --------------------------------------------------------------------------------------

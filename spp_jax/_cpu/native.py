@@ -1,47 +1,15 @@
-"""Compiled CPU kernels for max pooling of window pyramids (optional, XLA FFI).
+"""The window-max kernel of max pooling on CPU, and the build of every kernel library.
 
-On CPU, max-mode :func:`spp_jax.spatial_pyramid_pool` and
-:func:`spp_jax.roi_pyramid_pool` run a small C++ kernel (``csrc/window_max.cc``)
-through the XLA FFI: it pools every bin of every window in one pass; for
-derivatives it recomputes each bin's first maximum and reads the tangent there
-(forward mode) or adds the cotangent there (reverse mode). XLA's CPU code
-generation needs several passes and large intermediate arrays for the same
-work; ``experiments/benchmarks/`` measures the difference. Other platforms (GPU,
-TPU), average pooling and machines without a C++ compiler use each op's own
-pure-JAX code, which gives the same results: both are tested against the same
-NumPy references.
-
-The three kernels are JAX primitives (``_prims.py``) whose CPU lowering emits the
-custom call and whose lowering elsewhere is the calling op's pure-JAX code
-(:class:`Pure`), so they compose with ``jit``, ``vmap`` (the mapped axis is folded
-into the windows: one call), ``jvp``, ``grad`` and their compositions like ``lax``
-ops.
-
-**Nothing is built in a process whose default backend is a GPU or TPU.** In a
-CPU process the kernel is compiled the first time an op needs it, with the
-system's C++ compiler (``$CXX``, else ``c++``; seconds, once) for ``-march=native``
-(or ``-march=$SPP_JAX_CPU_MARCH``) against the FFI headers shipped with jaxlib,
-and cached per machine under ``$SPP_JAX_CACHE_DIR`` (default
-``~/.cache/spp_jax``), keyed by the source, the command, the compiler's version,
-jax's version and the CPU's flags. Concurrent builders (several processes on one
-machine) take a file lock and write atomically, so each process loads a
-complete library.
-
-Whether the kernel is faster than the pure-JAX code depends on the CPU, so
-:func:`tuned` measures both once per build (:mod:`spp_jax._cpu.tune`) and
-:func:`kernel_chosen` gives each op family the faster one. ``SPP_JAX_CPU_KERNELS``
-chooses:
-
-* ``auto`` (default): the measured choice; if the kernel cannot be built, warn
-  once and use the pure-JAX code;
-* ``0`` / ``off``: never use it (nothing is built; tracing takes the pure-JAX
-  path, so ``jax.export`` sees no custom call);
-* ``1`` / ``on``: always use it, without measuring (lowering for CPU raises if
-  it cannot be built).
-
-A process whose default backend is not the CPU traces the kernel's branch of
-``lax.platform_dependent``; a CPU lowering there builds the kernel and uses it
-if it can, else the op's pure-JAX code.
+On CPU, max-mode :func:`spp_jax.spatial_pyramid_pool`, :func:`spp_jax.roi_pyramid_pool`
+and :func:`spp_jax.pooling.max_pool2d` may run ``csrc/window_max.cc`` through the XLA
+FFI: it pools every bin of every window in one pass; for derivatives it recomputes
+each bin's first maximum and reads the tangent (forward mode) or adds the cotangent
+(reverse mode) there. Its three entry points are primitives (``_prims.py``) whose
+CPU lowering emits the custom call and whose lowering elsewhere is the calling op's
+pure-JAX code (:class:`Pure`), so they compose with every transformation like
+``lax`` ops. When and how it is built (:func:`load`), cached and measured against the
+pure-JAX code (:func:`tuned`, :func:`kernel_chosen`), and the ``SPP_JAX_CPU_KERNELS``
+and ``SPP_JAX_CPU_MARCH`` settings: ``docs/install.md``.
 """
 
 from __future__ import annotations
@@ -149,16 +117,18 @@ def cache_dir() -> Path:
     return Path(base) / "spp_jax"
 
 
-def _cpu_signature() -> str:
-    # -march=native code must not run on another CPU that shares the cache.
+def cpuinfo_line(*prefixes: str) -> str:
+    """The first line of ``/proc/cpuinfo`` that starts with one of ``prefixes``, or ""."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
+            return next((line for line in f if line.startswith(prefixes)), "")
     except OSError:
-        pass
-    return platform.processor()
+        return ""
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not run on another CPU that shares the cache.
+    return cpuinfo_line("flags", "Features") or platform.processor()
 
 
 @functools.cache
@@ -319,24 +289,32 @@ def tuned(library: str) -> dict[str, bool]:
     the first process to need it runs the measurement in a child process (a few
     seconds), holding a lock so that concurrent processes wait for it and read the
     same file. If the measurement fails, the kernels are used and a warning says why.
+    A measurement taken on a busy machine (:func:`measured_busy`) is used but not
+    kept: the first process that starts on a machine that is not busy measures again,
+    since other processes competing for the cores slow the multi-threaded kernels
+    more than their fallbacks and can turn the choice around.
     """
     from spp_jax._cpu import tune
 
     families = tune.FAMILIES[library]
     path = _built[library].with_suffix(".tune.json")
 
-    def read() -> dict[str, bool] | None:
+    def read(remeasure_busy: bool = False) -> dict[str, bool] | None:
         try:
-            got = json.loads(path.read_text())["families"]
-            return {f: bool(got[f]["kernel"]) for f in families}
+            record = json.loads(path.read_text())
+            got = record["families"]
+            choice = {f: bool(got[f]["kernel"]) for f in families}
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if remeasure_busy and measured_busy(record.get("cpu"), _load_now()):
+            return None
+        return choice
 
-    choice = read()
+    choice = read(remeasure_busy=True)
     if choice is not None:
         return choice
     with _file_lock(path.with_suffix(".lock")):
-        choice = read()
+        choice = read(remeasure_busy=True)
         if choice is not None:
             return choice
         # One CPU device (the choice is about one device using every core), the
@@ -380,6 +358,29 @@ def tuned(library: str) -> dict[str, bool]:
     return choice
 
 
+def _load_now() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def measured_busy(cpu: dict | None, load_now: float | None) -> bool:
+    """Whether a kernel measurement recorded on ``cpu`` (``tune.cpu_description()``:
+    ``cores``, ``load_1min``) was taken on a busy machine that is not busy now: its
+    1-minute load was above the core count, and the load ``load_now`` is not.
+
+    >>> measured_busy({"cores": 2, "load_1min": 9.3}, 0.4)
+    True
+    >>> measured_busy({"cores": 2, "load_1min": 9.3}, 8.0)  # still busy: keep it
+    False
+    >>> measured_busy({"cores": 2, "load_1min": 0.2}, 0.4)
+    False
+    """
+    try:
+        cores, load = float(cpu["cores"]), float(cpu["load_1min"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return False
+    return load > cores and load_now is not None and load_now <= cores
+
+
 def kernel_chosen(family: str) -> bool:
     """Whether code traced now takes the kernel's branch for ``family`` (``"spp"``,
     ``"roi"``, ``"max_pool"``) rather than the pure-JAX code.
@@ -399,12 +400,9 @@ def kernel_chosen(family: str) -> bool:
 
 
 def forced(enabled: bool):
-    """Uses (True) or bypasses (False) the CPU kernels in code traced inside.
-
-    For tests and benchmarks that compare the two implementations; it overrides
-    ``SPP_JAX_CPU_KERNELS``. JAX's caches are cleared on entry and exit, since a
-    cached trace keeps the choice it was traced with.
-    """
+    """Uses (True) or bypasses (False) the CPU kernels in code traced inside, whatever
+    ``SPP_JAX_CPU_KERNELS`` says (:func:`override`): for tests and benchmarks that
+    compare the two implementations."""
     return override(sys.modules[__name__], enabled)
 
 
@@ -520,17 +518,25 @@ _grad = _prims.Op(
 _prims.linear_pair(_tangent, _grad)
 
 
-def _cpu_lowering(target: str, pure):
-    """The kernel's custom call where it is usable (built here, on first CPU
-    lowering), else the caller's pure-JAX code; other platforms always lower the latter."""
-    kernel, fallback = jax.ffi.ffi_lowering(target), mlir.lower_fun(pure, multiple_results=False)
+def lower_on_cpu(op: _prims.Op, target: str, fallback: Callable, attrs: Callable) -> None:
+    """Registers ``op``'s CPU lowering: the custom call ``target`` with the attributes
+    ``attrs(ctx, **params)`` returns, or, where that returns None (the kernel is not
+    usable or not chosen: decided here, on the first CPU lowering), the pure-JAX or XLA
+    code ``fallback``, which other platforms always lower."""
+    kernel = jax.ffi.ffi_lowering(target)
+    portable = mlir.lower_fun(fallback, multiple_results=False)
 
-    def rule(ctx, *args, pyr, pure):
-        if usable():
-            return kernel(ctx, *args, **pyr.attrs())
-        return fallback(ctx, *args, pyr=pyr, pure=pure)
+    def rule(ctx, *args, **params):
+        kernel_attrs = attrs(ctx, **params)
+        if kernel_attrs is None:
+            return portable(ctx, *args, **params)
+        return kernel(ctx, *args, **kernel_attrs)
 
-    return rule
+    op.lower_on("cpu", rule)
+
+
+def _kernel_attrs(ctx, *, pyr: Pyramid, pure: Pure) -> dict | None:
+    return pyr.attrs() if usable() else None
 
 
 for _op, _target, _pure in (
@@ -538,7 +544,7 @@ for _op, _target, _pure in (
     (_tangent, "SppJaxWindowMaxTangent", _pure_tangent),
     (_grad, "SppJaxWindowMaxGrad", _pure_grad),
 ):
-    _op.lower_on("cpu", _cpu_lowering(_target, _pure))
+    lower_on_cpu(_op, _target, _pure, _kernel_attrs)
 
 
 def _values_jvp(primals, tangents, *, pyr, pure):
@@ -568,18 +574,15 @@ def window_max(
       pure: the same computation in pure JAX (:class:`Pure`), lowered where the
         kernel is not.
 
-    A bin that is empty after clipping gives 0 and no derivative. Every other
-    bin's derivative is that of its first maximum in row-major order (NaN
-    largest): tangents are read there, cotangents added there (the kernels
-    recompute the winners from ``x`` rather than saving them), at every order.
-    Works under every transformation; ``vmap`` folds the mapped axis into the
-    windows (one call).
+    A bin that is empty after clipping gives 0 and no derivative; every other bin's
+    derivative is that of its first maximum in row-major order (NaN largest), at
+    every order, under every transformation.
     """
     return _values(x, bidx, rows, cols, pyr=pyr, pure=pure)
 
 
-def bounds(starts: Sequence[jax.Array], ends: Sequence[jax.Array]) -> jax.Array:
-    """Stacks per-level ``(R, n)`` starts and ends into ``(R, sum n, 2)`` int32."""
-    return jnp.stack(
-        [jnp.concatenate(starts, axis=1), jnp.concatenate(ends, axis=1)], axis=2
-    ).astype(jnp.int32)
+def bounds(bins: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Stacks per-level ``(start, end)`` pairs, each ``(R, n)``, into ``(R, sum n, 2)`` int32."""
+    starts = jnp.concatenate([s for s, _ in bins], axis=1)
+    ends = jnp.concatenate([e for _, e in bins], axis=1)
+    return jnp.stack([starts, ends], axis=2).astype(jnp.int32)

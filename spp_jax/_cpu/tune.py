@@ -1,20 +1,12 @@
 """Which CPU code is faster on this machine: the compiled kernels or their fallbacks.
 
-The compiled kernels (:mod:`spp_jax._cpu.native`, :mod:`spp_jax._cpu.conv`) are faster than
-the code they replace on the CPUs they were written on, but speed depends on the
-CPU (vector width, cache, how the compiler schedules the code for that ISA). So,
-as cuDNN's benchmark mode and XLA's autotuning do, spp_jax measures both once per
-machine and kernel build, and uses the faster: each op family gets one choice.
-
-This module is the measurement. It runs in a child process (``python -m
-spp_jax._cpu.tune LIBRARY OUT``), started by the first CPU computation that needs the
-choice, with the kernels forced on (so it never starts another), one CPU device
-and the parent's other settings. It writes ``OUT`` (JSON, atomically): per family
-the kernel's and the fallback's times and ``"kernel": true`` if the kernel was
-not slower. :func:`spp_jax._cpu.native.tuned` keeps that file beside the compiled
-library, under the same cache key, so a new compiler, jax, CPU or kernel source
-measures again; deleting it does too. ``SPP_JAX_CPU_KERNELS`` / ``SPP_JAX_ONEDNN``
-``=1`` or ``=0`` bypass the choice.
+Speed depends on the CPU, so spp_jax measures each kernel against the code it
+replaces once per machine and kernel build and uses the faster (``docs/install.md``,
+"Kernel or pure JAX"). This module is the measurement. It runs in a child process
+(``python -m spp_jax._cpu.tune LIBRARY OUT``), started by
+:func:`spp_jax._cpu.native.tuned` with the kernels forced on (so it never starts
+another) and one CPU device, and writes ``OUT`` (JSON, atomically): per family the
+kernel's and the fallback's times and ``"kernel": true`` if the kernel was not slower.
 
 Families and what they time (forward, and forward + backward with a cotangent
 argument, on shapes of the built-in networks):
@@ -57,12 +49,11 @@ def _cases(family: str):
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
-    def fwd_bwd(f, x):
-        y = jax.eval_shape(f, x)
-        ct = normal(*y.shape)
+    def fwd_bwd(f, *args):
+        ct = normal(*jax.eval_shape(f, *args).shape)
         return {
-            "fwd": (jax.jit(f), (x,)),
-            "fwd_bwd": (jax.jit(lambda x, ct: jax.vjp(f, x)[1](ct)[0]), (x, ct)),
+            "fwd": (jax.jit(f), args),
+            "fwd_bwd": (jax.jit(lambda *a: jax.vjp(f, *a[:-1])[1](a[-1])), (*args, ct)),
         }
 
     if family == "spp":
@@ -84,17 +75,9 @@ def _cases(family: str):
     if family == "conv":
 
         def conv_case(xs, ws, stride, pad):
-            w = normal(*ws)
             f = lambda x, w: conv.conv2d(x, w, stride, pad)
-            x = normal(*xs)
-            ct = normal(*jax.eval_shape(f, x, w).shape)
-            return (
-                f"x {xs}, w {ws}, stride {stride}, pad {pad}",
-                {
-                    "fwd": (jax.jit(f), (x, w)),
-                    "fwd_bwd": (jax.jit(lambda x, w, ct: jax.vjp(f, x, w)[1](ct)), (x, w, ct)),
-                },
-            )
+            name = f"x {xs}, w {ws}, stride {stride}, pad {pad}"
+            return name, fwd_bwd(f, normal(*xs), normal(*ws))
 
         return [
             conv_case((16, 112, 112, 3), (7, 7, 3, 24), 2, 1),
@@ -159,16 +142,9 @@ def measure(family: str) -> dict:
 
 def cpu_description() -> dict:
     """The CPU model, its vector ISA and the load: what a timing depends on."""
-    model, flags = "", ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line
-    except OSError:
-        pass
+    from spp_jax._cpu.native import cpuinfo_line
+
+    model, flags = cpuinfo_line("model name").partition(":")[2].strip(), cpuinfo_line("flags")
     isa = next(
         (name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"))
          if f" {flag} " in f" {flags.split(':', 1)[-1].strip()} "),

@@ -25,11 +25,9 @@ import pkgutil
 from typing import Any
 
 from spp_jax.configs._checks import check
+from spp_jax.workdirs import KINDS
 
 __all__ = ["available", "check", "get_config"]
-
-
-KINDS = ("classification", "detection")
 
 
 def available(kind: str = "classification") -> tuple[str, ...]:

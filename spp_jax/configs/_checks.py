@@ -26,20 +26,10 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _positive_int() -> Rule:
-    return (lambda v: _is_int(v) and v > 0), "a positive integer"
-
-
-def _count() -> Rule:
-    return (lambda v: _is_int(v) and v >= 0), "an integer >= 0"
-
-
-def _positive() -> Rule:
-    return (lambda v: _is_real(v) and v > 0), "a number > 0"
-
-
-def _non_negative() -> Rule:
-    return (lambda v: _is_real(v) and v >= 0), "a number >= 0"
+_POSITIVE_INT: Rule = (lambda v: _is_int(v) and v > 0), "a positive integer"
+_COUNT: Rule = (lambda v: _is_int(v) and v >= 0), "an integer >= 0"
+_POSITIVE: Rule = (lambda v: _is_real(v) and v > 0), "a number > 0"
+_NON_NEGATIVE: Rule = (lambda v: _is_real(v) and v >= 0), "a number >= 0"
 
 
 def _at_least(low: float) -> Rule:
@@ -100,85 +90,85 @@ _OPTIMIZERS = ("sgd", "adamw")
 
 CLASSIFICATION: dict[str, Rule] = {
     "seed": (_is_int, "an integer"),
-    "shuffle_buffer": _positive_int(),
+    "shuffle_buffer": _POSITIVE_INT,
     "resize_ratio": _at_least(1.0),
     "crop_mode": _one_of("paper", "area"),
     "min_crop_area": _fraction(open_low=True),
     "model.arch": _one_of("zf5", "convnet5", "overfeat5", "overfeat7"),
     "model.head": _one_of("spp", "pool6"),
     "model.levels": _sizes(),
-    "model.width": _positive(),
-    "model.depth": _positive(),
-    "model.fc_dim": _positive_int(),
+    "model.width": _POSITIVE,
+    "model.depth": _POSITIVE,
+    "model.fc_dim": _POSITIVE_INT,
     "model.dropout_rate": _fraction(open_high=True),
-    "model.base_size": _positive_int(),
+    "model.base_size": _POSITIVE_INT,
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
     "model.num_classes": (
         lambda v: v is None or (_is_int(v) and v > 0),
         "None (the dataset's class count) or a positive integer",
     ),
-    "crop_size": _positive_int(),
+    "crop_size": _POSITIVE_INT,
     "size_schedule": _one_of("single", "paper", "random"),
     "train_sizes": _sizes(),
-    "batch_size": _positive_int(),
-    "num_epochs": _positive_int(),
+    "batch_size": _POSITIVE_INT,
+    "num_epochs": _POSITIVE_INT,
     "optimizer": _one_of(*_OPTIMIZERS),
-    "learning_rate": _positive(),
+    "learning_rate": _POSITIVE,
     "momentum": _fraction(open_high=True),
-    "weight_decay": _non_negative(),
+    "weight_decay": _NON_NEGATIVE,
     "lr_schedule": _one_of("step", "cosine"),
     "lr_boundaries": _boundaries(),
-    "warmup_epochs": _non_negative(),
-    "eval_batch_size": _positive_int(),
-    "eval_every_epochs": _count(),
+    "warmup_epochs": _NON_NEGATIVE,
+    "eval_batch_size": _POSITIVE_INT,
+    "eval_every_epochs": _COUNT,
     "eval_sizes": _sizes(empty=True),  # (): no final evaluation
     "max_aspect": _at_least(1.0),
-    "full_image_bucket_steps": _positive_int(),
-    "checkpoint_every_steps": _count(),
-    "keep_checkpoints": _positive_int(),
+    "full_image_bucket_steps": _POSITIVE_INT,
+    "checkpoint_every_steps": _COUNT,
+    "keep_checkpoints": _POSITIVE_INT,
 }
 
 DETECTION: dict[str, Rule] = {
     "seed": (_is_int, "an integer"),
     "proposals.mode": _one_of("fast", "quality"),
-    "proposals.max_boxes": _positive_int(),
-    "proposals.min_size": _non_negative(),
+    "proposals.max_boxes": _POSITIVE_INT,
+    "proposals.min_size": _NON_NEGATIVE,
     "proposals.max_side": (lambda v: v is None or (_is_int(v) and v >= 16), "None or an int >= 16"),
     "scales": _sizes(),
-    "single_scale": _positive_int(),
-    "window_context": _positive(),
-    "window_target": _positive_int(),
+    "single_scale": _POSITIVE_INT,
+    "window_context": _POSITIVE,
+    "window_target": _POSITIVE_INT,
     "window_rule": _one_of("paper", "code"),
     "levels": _sizes(),
-    "max_side": _positive_int(),
-    "image_bucket": _positive_int(),
-    "finetune.steps": _count(),
-    "finetune.batch_size": _positive_int(),
+    "max_side": _POSITIVE_INT,
+    "image_bucket": _POSITIVE_INT,
+    "finetune.steps": _COUNT,
+    "finetune.batch_size": _POSITIVE_INT,
     "finetune.fg_fraction": _fraction(open_low=True),
     "finetune.fg_iou": _fraction(open_low=True),
     "finetune.bg_iou": _iou_range(),
     "finetune.scales": _one_of("all", "single"),
     "finetune.optimizer": _one_of(*_OPTIMIZERS),
-    "finetune.learning_rate": _positive(),
+    "finetune.learning_rate": _POSITIVE,
     "finetune.momentum": _fraction(open_high=True),
-    "finetune.weight_decay": _non_negative(),
+    "finetune.weight_decay": _NON_NEGATIVE,
     "finetune.lr_boundaries": _boundaries(),
     "finetune.dropout_rate": _fraction(open_high=True),
-    "finetune.eval_every": _count(),
-    "svm.C": _positive(),
-    "svm.pos_weight": _positive(),
+    "finetune.eval_every": _COUNT,
+    "svm.C": _POSITIVE,
+    "svm.pos_weight": _POSITIVE,
     "svm.neg_iou": _fraction(),
-    "svm.retrain_every": _positive_int(),
-    "svm.feature_norm": _positive(),
-    "svm.tol": _positive(),
-    "bbox.lam": _non_negative(),
+    "svm.retrain_every": _POSITIVE_INT,
+    "svm.feature_norm": _POSITIVE,
+    "svm.tol": _POSITIVE,
+    "bbox.lam": _NON_NEGATIVE,
     "bbox.min_iou": _fraction(),
     "test.scales": _sizes(),  # numbers of scales, each at most len(scales)
     "test.scorer": _one_of("svm", "softmax"),
     "test.nms_iou": _fraction(open_low=True),
-    "test.max_per_image": _positive_int(),
-    "test.draw_images": _count(),
-    "test.svd_rank": _count(),
+    "test.max_per_image": _POSITIVE_INT,
+    "test.draw_images": _COUNT,
+    "test.svd_rank": _COUNT,
 }
 
 RULES = {"classification": CLASSIFICATION, "detection": DETECTION}

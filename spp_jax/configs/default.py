@@ -10,24 +10,17 @@ with the paper's multi-size schedule: 112 crops and the same crops resized to 90
 alternating every epoch (224/180 in the paper, halved for a CPU). AdamW rather
 than the paper's SGD, for a quick start within the CPU budget: learning rate 0.001,
 weight decay 1e-4 on the conv and fc kernels (not the biases), a linear warm-up from
-0 over the first half epoch, then cosine decay to 0 at the last step. Each image's mean
-colour is subtracted before conv1 (``model.center_input``: without it the loss sat at
-chance for the first 3-7 epochs; README, "Why the loss sat at chance"). Ends by printing
+0 over the first half epoch, then cosine decay to 0 at the last step. Ends by printing
 test accuracy at test sizes 90, 112 and 140, centre crop vs full image. Writes
 ``WORKDIR/metrics.jsonl``, TensorBoard event files beside it, ``WORKDIR/checkpoints/``
 and ``WORKDIR/curves.png``.
 
-Schedule: 16 epochs keep this the quick main job (under 10 minutes on 2 cores), but
-they do not converge: some seeds are still learning when the cosine decay ends, so
-the accuracy varies widely from seed to seed (README). Comparisons of configs
-therefore run it longer: the ``paper`` grid (``experiments/grids.py``) with
-``--set num_epochs=48 --set min_crop_area=0.35``, chosen from learning curves over
-seeds (README, "The paper's classification findings"); the detection backbone with 32
-epochs and the same crops.
-
-Every key below is what ``spp_jax.train.train_and_evaluate`` reads, and this is the
-one place their defaults live: the training code reads keys directly, and the other
-configs start from this one and override.
+Schedule: 16 epochs keep this the quick main job, but they do not converge: some seeds
+are still learning when the cosine decay ends, so the accuracy varies widely from seed
+to seed. Comparisons of configs therefore run it longer: the ``paper`` grid
+(``experiments/grids.py``) with ``--set num_epochs=48 --set min_crop_area=0.35``,
+chosen from learning curves over seeds (``docs/training.md``, "The paper's
+classification findings"); the detection backbone with 32 epochs and the same crops.
 """
 
 import ml_collections
@@ -64,8 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     # Subtract each image's mean colour before conv1 (ConvTrunk.center_input). spp_shapes'
     # images differ mostly by a random background colour that says nothing of the class;
-    # without this, training sat at chance for 2-7 of 16 epochs (README, "Why the loss
-    # sat at chance"). The paper (ImageNet) does not: zf5_imagenet sets False.
+    # without this, training sat at chance for 2-7 of 16 epochs (docs/training.md, "Why
+    # the loss sat at chance"). The paper (ImageNet) does not: zf5_imagenet sets False.
     c.model.center_input = True
     # Classes (fc8's outputs). None: the dataset's count, which train writes here in
     # WORKDIR/config.json, so a trained workdir loads without reading the dataset.

@@ -5,16 +5,14 @@ Command::
     spp-jax detect-train --config detection_voc07 --workdir /runs/det_voc07 \\
         --set backbone_workdir=/runs/zf5_imagenet --set data_dir=/data/tfds
 
-Needs VOC 2007 prepared for TFDS (``voc/2007``: download VOCtrainval_06-Nov-2007.tar
-and VOCtest_06-Nov-2007.tar yourself, then
-``python -c "from spp_jax.detection import voc; voc.prepare_voc2007('/path/to/tars')"``)
-and a full-width ZF-5 classifier trained with ``spp-jax train --config zf5_imagenet``
-(``backbone_workdir``; this config never trains one: that is days of ImageNet). Then it
-runs the paper's pipeline: selective search on 9,963 images (CPU-hours, cached; use
-many workers), conv5 at the paper's five scales {480, 576,
-688, 864, 1200} (1 scale: 688), fine-tuning fc6/fc7/fc8 (21-way) for 250,000 windows'
-worth of steps at the code's learning rates 1e-3 -> 1e-4 -> 1e-5, SVMs and box
-regression with the paper's constants, evaluation on the 4,952 test images.
+Needs VOC 2007 prepared for TFDS (``voc/2007``, from the official tarballs:
+:func:`spp_jax.detection.voc.prepare_voc2007`) and a full-width ZF-5 classifier trained
+with ``spp-jax train --config zf5_imagenet`` (``backbone_workdir``; this config never
+trains one: that is days of ImageNet). Then it runs the paper's pipeline: selective
+search on 9,963 images (CPU-hours, cached; use many workers), conv5 at the paper's five
+scales {480, 576, 688, 864, 1200} (1 scale: 688), fine-tuning fc6/fc7/fc8 (21-way) for
+250,000 windows' worth of steps at the code's learning rates 1e-3 -> 1e-4 -> 1e-5, SVMs
+and box regression with the paper's constants, evaluation on the 4,952 test images.
 
 Hardware: one GPU (or a TPU host) with 16 GB for the conv5 maps of a batch of scales,
 and host memory for the fine-tuning stacks: the training maps at five scales are

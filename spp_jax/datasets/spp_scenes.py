@@ -38,11 +38,8 @@ Annotations follow TFDS ``voc`` (features ``image``, ``image/filename``,
 
 Nothing is downloaded: every example is a function of its split and index
 (:func:`make_scene`, seeded by ``np.random.default_rng([DATASET_SEED, 1,
-SPLIT_IDS[split], index])``), so every build holds the same examples. Build it
-into ``$TFDS_DATA_DIR`` (default ``~/tensorflow_datasets``) with::
-
-    python -c "import spp_jax.datasets, tensorflow_datasets as tfds; \
-tfds.builder('spp_scenes').download_and_prepare()"
+SPLIT_IDS[split], index])``), so every build holds the same examples. It is built as
+:mod:`~spp_jax.datasets.spp_shapes` is, with ``tfds.builder('spp_scenes')``.
 
 Configs (``tfds.builder("spp_scenes/<config>")``):
 
@@ -184,17 +181,13 @@ class _Item:
         extent = _WINDOW * self.r
         y0, x0 = math.floor(self.cy - extent), math.floor(self.cx - extent)
         y1, x1 = math.ceil(self.cy + extent) + 1, math.ceil(self.cx + extent) + 1
-        py = np.arange(y0, y1, dtype=np.float32)[:, None] - self.cy
-        px = np.arange(x0, x1, dtype=np.float32)[None, :] - self.cx
-        cos, sin = math.cos(self.rotation), math.sin(self.rotation)
-        u = (px * cos + py * sin) / (self.r * self.stretch)
-        v = (-px * sin + py * cos) / (self.r / self.stretch)
+        py, px = _shapes._grid(y0, y1, x0, x1)
+        sdf = _shapes._SDFS[self.label] if self.label >= 0 else _DISTRACTOR_SDFS[-1 - self.label]
         rng = np.random.default_rng(self.seed)
-        if self.label >= 0:
-            d = _shapes._SDFS[self.label](u, v, rng, self.r)
-        else:
-            d = _DISTRACTOR_SDFS[-1 - self.label](u, v, rng, self.r)
-        return y0, x0, _shapes._coverage(d * self.r).astype(np.float32)
+        a = _shapes._shape_coverage(
+            sdf, py - self.cy, px - self.cx, self.rotation, self.r, self.stretch, rng
+        )
+        return y0, x0, a.astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,24 +243,10 @@ def _place(rng: np.random.Generator, r: float, h: int, w: int, truncate: bool):
 
 
 def _layout(rng: np.random.Generator) -> _Layout:
-    lo, hi = SIZE_RANGE
-    while True:
-        h, w = (int(s) for s in rng.integers(lo, hi + 1, size=2))
-        if max(h, w) <= MAX_ASPECT * min(h, w):
-            break
+    h, w = _shapes._image_size(rng, SIZE_RANGE, MAX_ASPECT)
     short = min(h, w)
-
-    # Background: gradient between two nearby colours, coarse blotches, texture patches.
-    c0 = rng.uniform(0, 255, 3).astype(np.float32)
-    c1 = np.clip(c0 + rng.normal(0, 45, 3), 0, 255).astype(np.float32)
-    phi = rng.uniform(0, 2 * math.pi)
-    ry = (np.arange(h, dtype=np.float32) - h / 2) * (math.sin(phi) / h)
-    rx = (np.arange(w, dtype=np.float32) - w / 2) * (math.cos(phi) / w)
-    ramp = (ry[:, None] + rx[None, :] + 1) / 2
-    canvas = c0 + ramp[..., None] * (c1 - c0)
-    canvas += _shapes._upsample(rng.normal(0, 12, (6, 6, 3)).astype(np.float32), h, w)
+    canvas, mean_bg = _shapes._background(rng, h, w, 6)
     _add_texture(canvas, rng, short)
-    mean_bg = (c0 + c1) / 2
 
     # Objects and distractor shapes, in a random z-order.
     num_objects = int(rng.integers(1, MAX_OBJECTS + 1))
@@ -359,13 +338,6 @@ def _render(layout: _Layout, omit: int | None = None) -> tuple[np.ndarray, list[
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), coverage
 
 
-def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """``(x1, y1, x2, y2)`` pixel edges of a non-empty bool mask's true pixels."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 # ---------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------
@@ -423,7 +395,7 @@ def _make(index: int, split: str, seed: int):
             n_visible = int(cov["visible"].sum())
             if item.label < 0 or n_visible < MIN_VISIBLE_PIXELS:
                 continue
-            box = _extent(cov["visible"])
+            box = _shapes._extent(cov["visible"])
             hidden = 1.0 - n_visible / cov["full"]
             longer = max(box[2] - box[0], box[3] - box[1])
             difficult = hidden > DIFFICULT_HIDDEN or longer < DIFFICULT_MIN_SIDE
@@ -515,9 +487,7 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 3), dtype=np.uint8, encoding_format="png"
-                    ),
+                    "image": _shapes._png_feature(),
                     "image/filename": tfds.features.Text(),
                     "objects": tfds.features.Sequence(
                         {
@@ -537,15 +507,9 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # nothing to download
         config = self.builder_config
-        return {
-            "train": self._generate_examples("train", config.num_train),
-            "validation": self._generate_examples("validation", config.num_validation),
-            "test": self._generate_examples("test", config.num_test),
-        }
+        return {s: self._generate_examples(s, getattr(config, f"num_{s}")) for s in SPLIT_IDS}
 
     def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[str, dict]]:
-        import tensorflow as tf  # TFDS imports it anyway; PNG-encode here, fast
-
         for index in range(num_examples):
             image, objects, _ = make_scene(index, split)
             filename = f"{split}_{index:05d}.png"
@@ -554,7 +518,7 @@ class SppScenes(tfds.core.GeneratorBasedBuilder):
             yield (
                 filename,
                 {
-                    "image": tf.io.encode_png(image, compression=1).numpy(),
+                    "image": _shapes._encode_png(image),
                     "image/filename": filename,
                     "objects": {
                         "label": labels,

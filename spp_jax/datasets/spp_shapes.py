@@ -253,6 +253,46 @@ def _coverage(d_px: np.ndarray) -> np.ndarray:
     return np.clip(0.5 - d_px, 0.0, 1.0)
 
 
+def _shape_coverage(sdf: Sdf, py, px, rotation: float, r: float, stretch: float, rng):
+    """Coverage of the shape ``sdf`` at pixel offsets ``(py, px)`` from its centre:
+    half-size ``r`` pixels, rotated by ``rotation``, stretched by ``stretch``."""
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    u = (px * cos + py * sin) / (r * stretch)
+    v = (-px * sin + py * cos) / (r / stretch)
+    return _coverage(sdf(u, v, rng, r) * r)
+
+
+def _extent(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x1, y1, x2, y2)`` pixel edges of a non-empty bool mask's true pixels."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _image_size(rng: np.random.Generator, size_range: tuple[int, int], max_aspect: float):
+    """``(h, w)`` uniform over the pairs of sides in ``size_range`` whose aspect ratio is
+    at most ``max_aspect``, by rejection."""
+    lo, hi = size_range
+    while True:
+        h, w = (int(s) for s in rng.integers(lo, hi + 1, size=2))
+        if max(h, w) <= max_aspect * min(h, w):
+            return h, w
+
+
+def _background(rng: np.random.Generator, h: int, w: int, blotches: int):
+    """A linear gradient between two nearby colours plus coarse blotches (a random
+    ``blotches x blotches`` grid, upsampled): ``(canvas float32 (h, w, 3), mean colour)``."""
+    c0 = rng.uniform(0, 255, 3).astype(np.float32)
+    c1 = np.clip(c0 + rng.normal(0, 45, 3), 0, 255).astype(np.float32)
+    phi = rng.uniform(0, 2 * math.pi)
+    ry = (np.arange(h, dtype=np.float32) - h / 2) * (math.sin(phi) / h)
+    rx = (np.arange(w, dtype=np.float32) - w / 2) * (math.cos(phi) / w)
+    ramp = (ry[:, None] + rx[None, :] + 1) / 2  # in [0, 1] along phi
+    canvas = c0 + ramp[..., None] * (c1 - c0)
+    canvas += _upsample(rng.normal(0, 12, (blotches, blotches, 3)).astype(np.float32), h, w)
+    return canvas, (c0 + c1) / 2
+
+
 def _draw_distractors(
     canvas: np.ndarray, rng: np.random.Generator, fg: np.ndarray, short: int
 ) -> int:
@@ -329,28 +369,11 @@ def make_example(
         raise ValueError(f"index must be >= 0, got {index}")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     label = index % NUM_CLASSES
-
-    # Image size: uniform over the allowed (h, w) pairs, by rejection.
-    lo, hi = SIZE_RANGE
-    while True:
-        h, w = (int(s) for s in rng.integers(lo, hi + 1, size=2))
-        if max(h, w) <= MAX_ASPECT * min(h, w):
-            break
+    h, w = _image_size(rng, SIZE_RANGE, MAX_ASPECT)
     short = min(h, w)
-
-    # Background: a linear gradient between two nearby colours, plus coarse blotches.
-    c0 = rng.uniform(0, 255, 3).astype(np.float32)
-    c1 = np.clip(c0 + rng.normal(0, 45, 3), 0, 255).astype(np.float32)
-    phi = rng.uniform(0, 2 * math.pi)
-    sy, sx = math.sin(phi) / h, math.cos(phi) / w  # ramp in [-1, 1] along phi
-    ry = (np.arange(h, dtype=np.float32) - h / 2) * sy
-    rx = (np.arange(w, dtype=np.float32) - w / 2) * sx
-    ramp = (ry[:, None] + rx[None, :] + 1) / 2  # in [0, 1]
-    canvas = c0 + ramp[..., None] * (c1 - c0)
-    canvas += _upsample(rng.normal(0, 12, (5, 5, 3)).astype(np.float32), h, w)
+    canvas, mean_bg = _background(rng, h, w, 5)
 
     # Object colour: anything far enough from the mean background.
-    mean_bg = (c0 + c1) / 2
     while True:
         fg = rng.uniform(0, 255, 3)
         if np.linalg.norm(fg - mean_bg) >= _MIN_CONTRAST:
@@ -368,17 +391,11 @@ def make_example(
     stretch = float(rng.uniform(0.9, 1.1))  # mild anisotropy
     y0, y1, x0, x1 = _window(cy, cx, 1.45 * r, h, w)
     py, px = _grid(y0, y1, x0, x1)
-    py, px = py - cy, px - cx
-    cos, sin = math.cos(rotation), math.sin(rotation)
-    u = (px * cos + py * sin) / (r * stretch)
-    v = (-px * sin + py * cos) / (r / stretch)
-    d = _SDFS[label](u, v, rng, r)
-    alpha = _coverage(d * r)
+    alpha = _shape_coverage(_SDFS[label], py - cy, px - cx, rotation, r, stretch, rng)
     colour = (fg + rng.normal(0, 10, 3)).astype(np.float32)
     _blend(canvas, y0, x0, alpha, colour)
-    rows = np.flatnonzero((alpha >= 0.5).any(axis=1))
-    cols = np.flatnonzero((alpha >= 0.5).any(axis=0))
-    bbox = (y0 + int(rows[0]), x0 + int(cols[0]), y0 + int(rows[-1]) + 1, x0 + int(cols[-1]) + 1)
+    ex1, ey1, ex2, ey2 = _extent(alpha >= 0.5)
+    bbox = (y0 + ey1, x0 + ex1, y0 + ey2, x0 + ex2)
 
     canvas += rng.uniform(1, 4) * rng.standard_normal(canvas.shape, dtype=np.float32)
     image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
@@ -436,9 +453,7 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
             description=_DESCRIPTION,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 3), dtype=np.uint8, encoding_format="png"
-                    ),
+                    "image": _png_feature(),
                     "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
                     "index": tfds.features.Scalar(
                         dtype=np.int64, doc="Index of the example within its split."
@@ -456,16 +471,21 @@ class SppShapes(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         del dl_manager  # nothing to download
         config = self.builder_config
-        return {
-            "train": self._generate_examples("train", config.num_train),
-            "test": self._generate_examples("test", config.num_test),
-        }
+        return {s: self._generate_examples(s, getattr(config, f"num_{s}")) for s in SPLIT_IDS}
 
     def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
-        import tensorflow as tf  # TFDS imports it anyway; PNG-encode here, fast
-
         for index in range(num_examples):
             image, label, meta = make_example(index, split)
-            # zlib level 1: much faster to encode than TFDS's default level, a little larger.
-            png = tf.io.encode_png(image, compression=1).numpy()
+            png = _encode_png(image)
             yield index, {"image": png, "label": label, "index": index, "scale": meta["scale"]}
+
+
+def _png_feature() -> tfds.features.Image:
+    return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format="png")
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    import tensorflow as tf  # TFDS imports it anyway
+
+    # zlib level 1: much faster to encode than TFDS's default level, a little larger.
+    return tf.io.encode_png(image, compression=1).numpy()

@@ -6,6 +6,8 @@ neither TensorFlow nor OpenCV: the modules that do (proposals, VOC input) import
 them on first use.
 
 Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
+:mod:`~spp_jax.detection.box_ops` (torchvision's box formats, GIoU, DIoU, CIoU and their
+losses, ``remove_small_boxes``, ``masks_to_boxes``),
 :mod:`~spp_jax.detection.suppression` (jit-able ``nms``, ``batched_nms``
 and ``multiclass_nms``),
 :mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
@@ -26,6 +28,15 @@ _EXPORTS = {
     "clip_boxes": "boxes",
     "decode_boxes": "boxes",
     "encode_boxes": "boxes",
+    "box_convert": "box_ops",
+    "complete_box_iou": "box_ops",
+    "complete_box_iou_loss": "box_ops",
+    "distance_box_iou": "box_ops",
+    "distance_box_iou_loss": "box_ops",
+    "generalized_box_iou": "box_ops",
+    "generalized_box_iou_loss": "box_ops",
+    "masks_to_boxes": "box_ops",
+    "remove_small_boxes": "box_ops",
     "batched_nms": "suppression",
     "multiclass_nms": "suppression",
     "nms": "suppression",
@@ -49,6 +60,7 @@ _EXPORTS = {
 }
 _SUBMODULES = (
     "bbox_regression",
+    "box_ops",
     "boxes",
     "evaluation",
     "features",

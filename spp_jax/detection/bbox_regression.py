@@ -1,42 +1,14 @@
 """Bounding-box regression: per-class ridge regression on pooled conv5 features.
 
-The rules (``docs/detection-reference.md`` section 6; SPP-net's
-``spp_train_bbox_regressor.m`` / ``spp_predict_bbox_regressor.m``, adapted from
-R-CNN's):
-
-* Training boxes: proposals whose IoU with their best ground truth (of any
-  class; ties: the first) is ``> min_iou`` (0.5, SPP-net's code; R-CNN uses
-  0.6). That ground truth's class picks the regressor, its box the target.
-* Targets: :func:`~spp_jax.detection.boxes.encode_boxes` with weights
-  ``(1, 1, 1, 1)``: ``((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph))``.
-* Ridge regression, one per class, for the 4 targets at once:
-  ``min ||X W + 1 b^T - Y||^2 + lam ||W||^2`` with ``lam`` 4000 (SPP-net's
-  code; R-CNN 1000) on features times ``feature_scale`` (SPP-net scales pool5
-  like the SVMs' features: ``20 / mean norm``; its ``lam`` assumes that, see
-  :func:`spp_jax.detection.svm.feature_scale`).
-* The bias ``b`` is NOT regularised (``regularize_bias=False``). SPP-net's and
-  R-CNN's code add a column of ones to ``X`` and regularise it like the
-  weights, for targets centred on their per-class mean ``mu``
-  (``regularize_bias=True`` reproduces that exactly: the bias is pulled
-  towards ``mu``, not 0); with a free bias the centring changes nothing.
-* SPP-net's code also whitens each class's targets (``T = S^(-1/2)`` of their
-  covariance) and un-whitens its predictions. Ridge regression with one
-  ``lam`` for all outputs commutes with any invertible linear map of the
-  targets, so that changes no prediction (only rounding) and is not done here:
-  the regressors map features to deltas directly.
-
-Streaming: :class:`RidgeAccumulator` keeps per class only sums (``X^T X`` of
-the features shifted by a per-class reference row, for accuracy, ``X^T Y``,
-``sum X``, ``sum Y``, the count), so a pipeline feeds it one image at
-a time and memory is ``D^2`` numbers per class that has boxes (float64 when
-JAX's x64 is enabled, else float32; ``classes=`` restricts an accumulator to
-some classes, to trade passes for memory when ``D`` is large: 12,800-d pool5
-takes 655 MB per class in float32). The solve centres the features (exactly,
-from the sums), so the free bias leaves the system ``Xc^T Xc + lam I``:
-symmetric positive definite for ``lam > 0``, with a condition number
-``(largest eigenvalue + lam) / lam`` that the features' mean does not inflate;
-it is solved by Cholesky in JAX (matrix products at ``Precision.HIGHEST``, so
-GPUs do not round them to TF32).
+The rules are SPP-net's ``spp_train_bbox_regressor.m``, adapted from R-CNN's
+(``docs/detection-reference.md`` section 6). The training boxes are the proposals
+with IoU ``> min_iou`` to their best ground truth (:func:`match_proposals`), whose
+class picks the regressor and whose box is the target, coded by
+:func:`~spp_jax.detection.boxes.encode_boxes` with weights ``(1, 1, 1, 1)``. Each
+class has one ridge regression for the 4 targets at once,
+``min ||X W + 1 b^T - Y||^2 + lam ||W||^2`` (:meth:`RidgeAccumulator.solve`), on
+the features times ``feature_scale``: SPP-net scales pool5 as the SVMs' features
+(:func:`spp_jax.detection.svm.feature_scale`), and its ``lam`` assumes that.
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -68,6 +40,7 @@ from spp_jax.detection._checks import class_labels, float_rows, int_at_least, nu
 from spp_jax.detection.boxes import (
     box_iou,
     check_boxes,
+    check_image_size,
     clip_boxes,
     decode_boxes,
     encode_boxes,
@@ -88,8 +61,7 @@ DEFAULT_MIN_IOU = 0.5
 """SPP-net's code: IoU ``> 0.5`` (R-CNN's: 0.6)."""
 
 _FORMAT = "spp_jax.detection.bbox_regression/2"
-_FORMAT_WHITENED = "spp_jax.detection.bbox_regression/1"
-"""Files that keep the targets' whitening (``target_mean``, ``target_unwhitening``)."""
+_FORMAT_WHITENED = "spp_jax.detection.bbox_regression/1"  # see BoxRegressors.load
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -112,11 +84,6 @@ def _boxes(name: str, boxes: Any, n: int | None = None) -> np.ndarray:
         want = f"({n}, 4)" if n is not None else "(N, 4)"
         raise ValueError(f"{name} must have shape {want} holding (x1, y1, x2, y2), got {arr.shape}")
     return arr
-
-
-def _acc_dtype() -> Any:
-    """float64 when JAX's x64 is enabled, else float32."""
-    return jax.dtypes.canonicalize_dtype(np.float64)
 
 
 # ---------------------------------------------------------------------------
@@ -296,22 +263,17 @@ class BoxRegressors:
                 f"boxes must have shape (R, 4) with R = {n} (the features' rows), got "
                 f"{tuple(shape)}"
             )
-        size = image_size if hasattr(image_size, "shape") else np.asarray(image_size)
-        if np.shape(size) != (2,):
-            raise ValueError(f"image_size must be (H, W), got shape {np.shape(size)}")
+        size = check_image_size(image_size)
         if _traced(x, labels, boxes, size):
             return _apply(self, x, boxes, labels, size)
         boxes = np.asarray(check_boxes(boxes, "boxes"))
-        hw = np.asarray(size, np.float64)
-        if not (np.isfinite(hw).all() and (hw >= 0).all()):
-            raise ValueError(f"image_size (H, W) must be finite and >= 0, got {hw.tolist()}")
         rows = power_of_two(n)
         out = _apply(
             self,
             pad_rows(x, rows),
             pad_rows(boxes, rows, _UNIT_BOX),
             pad_rows(labels, rows, 1),
-            hw.astype(np.float32),
+            np.asarray(size, np.float32),
         )
         return out[:n]
 
@@ -429,6 +391,12 @@ def _accumulate(s1, s2, sxy, sy, xc, y):
 class RidgeAccumulator:
     """Sums for per-class ridge regression, fed one batch (e.g. image) at a time.
 
+    Per class it keeps the count, ``sum y`` and, of the features shifted by a
+    reference row (for accuracy), ``sum x``, ``sum x x^T`` and ``sum x y^T``:
+    ``D^2`` numbers per class that has boxes, float64 when JAX's x64 is enabled,
+    else float32 (12,800-d pool5: 655 MB per class in float32; ``classes`` trades
+    passes for memory).
+
     Args:
       num_features: D.
       num_classes: K.
@@ -458,10 +426,10 @@ class RidgeAccumulator:
         if classes is None:
             self.classes = frozenset(range(1, self.num_classes + 1))
         else:
-            cls = sorted(classes)
-            class_labels("classes", np.asarray(cls, np.int64), len(cls), self.num_classes)
-            self.classes = frozenset(int(c) for c in cls)
-        self.dtype = _acc_dtype()
+            labels = sorted(classes)
+            class_labels("classes", np.asarray(labels, np.int64), len(labels), self.num_classes)
+            self.classes = frozenset(int(c) for c in labels)
+        self.dtype = jax.dtypes.canonicalize_dtype(np.float64)  # float32 unless x64 is on
         self._sums: dict[int, _Sums] = {}
 
     @property
@@ -487,9 +455,16 @@ class RidgeAccumulator:
         """
         x = float_rows("features", features, self.num_features)
         n = x.shape[0]
-        proposals = _boxes("proposals", proposals, n)
-        gt_boxes = _boxes("gt_boxes", gt_boxes, n)
-        labels = class_labels("labels", labels, n, self.num_classes)
+        self._add(
+            x,
+            _boxes("proposals", proposals, n),
+            _boxes("gt_boxes", gt_boxes, n),
+            class_labels("labels", labels, n, self.num_classes),
+        )
+
+    def _add(self, x: np.ndarray, proposals: Any, gt_boxes: Any, labels: np.ndarray) -> None:
+        """:meth:`add` of checked arguments."""
+        n = x.shape[0]
         if n == 0:
             return
         rows = power_of_two(n)  # padded with unit boxes: one compilation per bucket
@@ -532,7 +507,7 @@ class RidgeAccumulator:
         gt_labels = class_labels("gt_labels", gt_labels, gt_boxes.shape[0], self.num_classes)
         index, matched, labels, _ = match_proposals(proposals, gt_boxes, gt_labels, min_iou=min_iou)
         if index.size:
-            self.add(x[index], proposals[index], matched, labels)
+            self._add(x[index], proposals[index], matched, labels)
         return int(index.size)
 
     def _add_class(self, k: int, x: np.ndarray, y: np.ndarray) -> None:
@@ -558,12 +533,21 @@ class RidgeAccumulator:
     def solve(self, lam: float = DEFAULT_LAMBDA, *, regularize_bias: bool = False) -> BoxRegressors:
         """Solves each class's ridge regression.
 
+        The bias is free by default: the features are centred (exactly, from the
+        sums), leaving ``Xc^T Xc + lam I``, symmetric positive definite for
+        ``lam > 0`` and no worse conditioned for the features' mean, solved by
+        Cholesky in JAX (products at ``Precision.HIGHEST``: no TF32 on GPUs).
+        SPP-net's and R-CNN's code append a column of ones to ``X`` instead,
+        regularised like the weights, for targets centred on their per-class mean
+        (``regularize_bias=True``: the bias is pulled towards that mean, not 0).
+        Their code also whitens each class's targets: ridge regression with one
+        ``lam`` for all outputs commutes with any invertible linear map of the
+        targets, so that changes no prediction and is not done here.
+
         Args:
           lam: the ridge penalty (4000, SPP-net; 1000, R-CNN). ``lam = 0`` is
             least squares and needs at least ``D + 1`` well-spread boxes.
-          regularize_bias: penalise the bias like the weights, for targets
-            centred on their mean (SPP-net's and R-CNN's code), instead of
-            leaving it free.
+          regularize_bias: penalise the bias as SPP-net's code does (above).
 
         Returns:
           The :class:`BoxRegressors`; classes without boxes (and those outside
@@ -681,5 +665,5 @@ def fit_box_regressors(
         keep = ious > min_iou
     acc = RidgeAccumulator(x.shape[1], num_classes, feature_scale=feature_scale)
     labels = class_labels("labels", labels, n, acc.num_classes)
-    acc.add(x[keep], proposals[keep], gt_boxes[keep], labels[keep])
+    acc._add(x[keep], proposals[keep], gt_boxes[keep], labels[keep])
     return acc.solve(lam, regularize_bias=regularize_bias)

@@ -10,10 +10,8 @@ Bad input: shapes that do not fit raise ``ValueError`` at once. Where the values
 are concrete (not traced by ``jit`` / ``vmap``), boxes with a non-finite
 coordinate or with ``x2 < x1`` or ``y2 < y1`` ("inverted") raise ``ValueError``
 naming the first bad row. Under ``jit`` values are not checked and each function
-applies its formula as it stands: in :func:`box_iou` a box with a NaN
-coordinate has IoU 0 with every box (its union is not > 0) and an inverted box
-intersects nothing; :func:`clip_boxes`, :func:`encode_boxes` and
-:func:`decode_boxes` give NaN where a coordinate is NaN.
+applies its formula as it stands (a NaN coordinate gives NaN, or in :func:`box_iou`
+IoU 0; an inverted box intersects nothing).
 
 >>> import jax.numpy as jnp
 >>> a = jnp.array([[0.0, 0.0, 2.0, 2.0]])
@@ -163,6 +161,15 @@ def clip_boxes(boxes: jax.Array, image_size: Sequence[int] | jax.Array) -> jax.A
     [[0.0, 10.0, 30.0, 50.0]]
     """
     boxes = check_boxes(boxes, ndim=None)
+    size = jnp.asarray(check_image_size(image_size), jnp.float32)
+    h, w = size[0], size[1]
+    x = jnp.clip(boxes[..., 0::2], 0, w)
+    y = jnp.clip(boxes[..., 1::2], 0, h)
+    return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+
+
+def check_image_size(image_size: Any) -> Any:
+    """``image_size`` as an array of shape ``(2,)`` ``(h, w)``, concrete values finite, ``>= 0``."""
     size = _as_array(image_size)
     if size.shape != (2,):
         raise ValueError(f"image_size must be (h, w), got shape {tuple(size.shape)}")
@@ -170,11 +177,7 @@ def clip_boxes(boxes: jax.Array, image_size: Sequence[int] | jax.Array) -> jax.A
         hw = np.asarray(size, np.float64)
         if not (np.isfinite(hw).all() and (hw >= 0).all()):
             raise ValueError(f"image_size (h, w) must be finite and >= 0, got {hw.tolist()}")
-    size = jnp.asarray(size, jnp.float32)
-    h, w = size[0], size[1]
-    x = jnp.clip(boxes[..., 0::2], 0, w)
-    y = jnp.clip(boxes[..., 1::2], 0, h)
-    return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+    return size
 
 
 def _check_weights(weights: Sequence[float]) -> tuple[float, float, float, float]:

@@ -1,51 +1,24 @@
 """PASCAL VOC detection evaluation: average precision per class and mAP (NumPy).
 
-The default protocol is the VOC2007 devkit's ``VOCevaldet.m``
-(``docs/detection-reference.md`` section 8), per class:
+The default protocol is the VOC2007 devkit's ``VOCevaldet.m``, as
+``docs/detection-reference.md`` section 8 states it. Where that leaves a choice:
+detections of equal score keep their input order (image, then detection); of ground
+truths with equal IoU the first is taken; boxes without a positive width and height
+in common never match; the precision is 0 where no detection counts yet (the
+devkit's NaN there is skipped by its ``max``: the same AP, except for a class whose
+every detection is ignored, AP 0 here and NaN in the devkit). A class without a
+non-difficult ground truth has AP NaN; ``map`` is the mean over the other classes.
+IoU is computed in float64 on continuous pixel edges, without "+1" (section 1).
 
-* ``num_positives``: the ground truths of the class that are not difficult.
-* Detections of the class, over all images, sorted by decreasing score with a
-  stable sort (ties keep their input order: image order, then each image's
-  detection order).
-* Each detection takes the ground truth of its class in its image with the
-  highest IoU (ties: the first one; boxes that do not overlap, with no positive
-  width or height in common, never count). If that IoU is ``>= iou_threshold``
-  (0.5): a difficult ground truth makes the detection ignored (neither true nor
-  false positive); a ground truth not matched before makes it a true positive
-  (and marks it matched); an already matched one makes it a false positive (no
-  fall-back to another ground truth). Otherwise it is a false positive.
-* ``recall = cumTP / num_positives``, ``precision = cumTP / (cumTP + cumFP)``
-  (0 where both counts are 0, e.g. after only ignored detections; the devkit's
-  NaN there is skipped by its ``max``, so the AP is the same, except for a class
-  whose every detection is ignored: the devkit's 11-point AP is then NaN, here 0).
-* ``metric="voc07"``: the 11-point AP, the mean over ``t = k / 10``
-  (``k = 0..10``, exactly ``k / 10``: the usual Python ports'
-  ``np.arange(0., 1.1, 0.1)`` holds 0.30000000000000004 and
-  0.7000000000000001, which miss recalls of exactly 0.3 and 0.7) of the highest
-  precision at a recall ``>= t`` (0 if none). ``metric="area"`` (VOC2010+): the
-  area under the precision envelope (precision made non-increasing from the
-  right), summed where the recall changes.
-* A class without a non-difficult ground truth has AP NaN; ``map`` is the mean
-  over the other classes.
+``protocol="py-faster-rcnn"`` reproduces py-faster-rcnn's ``voc_eval.py``: IoU
+``> iou_threshold`` (strict), the 11 points ``np.arange(0., 1.1, 0.1)``, and
+NumPy's default (unstable) ``np.argsort(-scores)``, whose order of tied scores can
+depend on the NumPy version and CPU, as for py-faster-rcnn. It writes scores with 3
+decimals and boxes with 1 (plus 1 for its 1-based files): round yours the same way
+to get its exact numbers.
 
-IoU: boxes are continuous pixel edges (``(xmin - 1, ymin - 1, xmax, ymax)`` for
-VOC's 1-based inclusive pixels), so ``inter / union`` without "+1" equals the
-devkit's IoU with "+1" on the raw annotation; computed in float64.
-
-``protocol="py-faster-rcnn"`` reproduces py-faster-rcnn's ``voc_eval.py``
-instead: a match needs IoU ``> iou_threshold`` (strict), the 11 points are
-``np.arange(0., 1.1, 0.1)``, and detections are ordered by NumPy's default
-(unstable) ``np.argsort(-scores)``, so the order of tied scores is NumPy's (it
-can depend on the NumPy version and CPU, as it does for py-faster-rcnn).
-py-faster-rcnn writes scores with 3 decimals and boxes with 1 (plus 1 for its
-1-based files): round yours the same way to get its exact numbers.
-
-Speed: vectorised per class (each detection is compared only with the ground
-truths of its class in its image; a detection's first-match rule makes "true
-positive" mean "first detection, in score order, to pick this ground truth").
-The VOC 2007 test size (4,952 images, 20 classes, 100 detections per class and
-image: 9.9M detections) takes a few seconds; see
-``experiments/benchmarks/nms.py``.
+Vectorised per class: a detection is compared only with the ground truths of its
+class in its image (VOC 2007 test's 9.9M detections: seconds, ``docs/detection.md``).
 
 >>> import numpy as np
 >>> gts = [{"boxes": np.array([[0, 0, 10, 10.0]]), "labels": np.array([0])}]
@@ -90,8 +63,9 @@ def voc_ap(
       recall: ``(D,)`` recall after each detection in score order
         (non-decreasing), in ``[0, 1]``.
       precision: ``(D,)`` precision after each detection, in ``[0, 1]``.
-      metric: ``"voc07"`` (VOC2007's 11-point AP at recalls ``k / 10``) or
-        ``"area"`` (VOC2010+, the area under the precision envelope).
+      metric: ``"voc07"`` (VOC2007's 11-point AP, at recalls exactly ``k / 10``)
+        or ``"area"`` (VOC2010+), as ``docs/detection-reference.md`` section 8
+        defines them.
 
     Returns:
       The AP, a float in ``[0, 1]`` (0 for an empty curve).
@@ -223,7 +197,8 @@ def evaluate_detections(
       num_classes: the number of classes.
       iou_threshold: the IoU a match needs (``>=``; ``>`` with
         ``protocol="py-faster-rcnn"``).
-      metric: ``"voc07"`` (11-point, the default) or ``"area"`` (VOC2010+).
+      metric: ``"voc07"`` (11-point, the default) or ``"area"`` (VOC2010+):
+        see :func:`voc_ap`.
       protocol: ``"devkit"`` (VOCevaldet, the default) or ``"py-faster-rcnn"``.
 
     Returns:
@@ -248,61 +223,35 @@ def evaluate_detections(
     thr = float(iou_threshold)
     if not 0.0 <= thr <= 1.0:
         raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold}")
-    if len(detections) != len(ground_truths):
-        raise ValueError(
-            f"detections and ground_truths must hold the same images: got {len(detections)} "
-            f"and {len(ground_truths)}"
-        )
-    det = _flatten(detections, "detections", int(num_classes), ("scores",))
-    gt = _flatten(ground_truths, "ground_truths", int(num_classes), ("difficult",))
-    scores = det["scores"]
-    if not np.issubdtype(scores.dtype, np.floating):
-        scores = scores.astype(np.float64)  # float32 stays: the same order, a faster sort
-    if np.isnan(scores).any():
-        j = int(np.flatnonzero(np.isnan(scores))[0])
-        raise ValueError(f"detections[{det['image'][j]}] has a NaN score")
-    difficult = gt["difficult"].astype(bool)
+    det, gt = _read(detections, ground_truths, int(num_classes))
     strict = protocol == "py-faster-rcnn"
     points = _ELEVEN_POINTS_PY_FASTER_RCNN if strict else _ELEVEN_POINTS
-
-    num_images = len(ground_truths)
-    # Detections and ground truths grouped by class, then image (input order kept:
-    # the image ids are already ascending, so a stable sort by label suffices;
-    # NumPy's stable sort of int16 is a radix sort).
-    small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
-    det_order = np.argsort(det["labels"].astype(small), kind="stable")
-    gt_order = np.argsort(gt["labels"].astype(small), kind="stable")
-    det_bounds = np.searchsorted(det["labels"][det_order], np.arange(num_classes + 1))
-    gt_bounds = np.searchsorted(gt["labels"][gt_order], np.arange(num_classes + 1))
-
     ap = np.full(num_classes, np.nan)
     npos = np.zeros(num_classes, np.int64)
     ndet = np.zeros(num_classes, np.int64)
     precisions: list[np.ndarray] = []
     recalls: list[np.ndarray] = []
-    for c in range(num_classes):
-        d = det_order[det_bounds[c] : det_bounds[c + 1]]
-        g = gt_order[gt_bounds[c] : gt_bounds[c + 1]]
+    det_groups = _by_class(det["labels"], num_classes)
+    gt_groups = _by_class(gt["labels"], num_classes)
+    for c, (d, g) in enumerate(zip(det_groups, gt_groups, strict=True)):
         tp, fp = _match_class(
             det["boxes"][d],
-            scores[d],
+            det["scores"][d],
             det["image"][d],
             gt["boxes"][g],
             gt["image"][g],
-            difficult[g],
-            num_images,
+            gt["difficult"][g],
+            len(ground_truths),
             thr,
             strict,
         )
-        npos[c] = int(np.count_nonzero(~difficult[g]))
+        npos[c] = int(np.count_nonzero(~gt["difficult"][g]))
         ndet[c] = d.size
         ctp, cfp = np.cumsum(tp), np.cumsum(fp)
         prec = ctp / np.maximum(ctp + cfp, 1)
-        if npos[c] > 0:
-            rec = ctp / npos[c]
+        rec = ctp / npos[c] if npos[c] else np.full(ctp.shape, np.nan)
+        if npos[c]:
             ap[c] = _ap(rec, prec, metric, points)
-        else:
-            rec = np.full(ctp.shape, np.nan)
         precisions.append(prec)
         recalls.append(rec)
     valid = ~np.isnan(ap)
@@ -317,6 +266,39 @@ def evaluate_detections(
         "protocol": protocol,
         "iou_threshold": thr,
     }
+
+
+def _read(
+    detections: Sequence[Mapping[str, Any]],
+    ground_truths: Sequence[Mapping[str, Any]],
+    num_classes: int,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The checked detections and ground truths of all images, each as one set of arrays."""
+    if len(detections) != len(ground_truths):
+        raise ValueError(
+            f"detections and ground_truths must hold the same images: got {len(detections)} "
+            f"and {len(ground_truths)}"
+        )
+    det = _flatten(detections, "detections", num_classes, ("scores",))
+    gt = _flatten(ground_truths, "ground_truths", num_classes, ("difficult",))
+    if not np.issubdtype(det["scores"].dtype, np.floating):
+        det["scores"] = det["scores"].astype(np.float64)  # float32 stays: a faster sort
+    if np.isnan(det["scores"]).any():
+        j = int(np.flatnonzero(np.isnan(det["scores"]))[0])
+        raise ValueError(f"detections[{det['image'][j]}] has a NaN score")
+    gt["difficult"] = gt["difficult"].astype(bool)
+    return det, gt
+
+
+def _by_class(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """The rows of each class, in input order (image order: a stable sort by label).
+
+    NumPy's stable sort of int16 is a radix sort.
+    """
+    small = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
+    order = np.argsort(labels.astype(small), kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
 def _stable_descending(scores: np.ndarray) -> np.ndarray:

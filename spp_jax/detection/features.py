@@ -1,26 +1,11 @@
 """Detection features: conv5 once per image and scale, every window pooled from it.
 
 SPP-net's detection (paper section 4) runs the conv layers once per image (per
-scale) and pools each window's fixed-length pyramid vector from that map with
-:func:`spp_jax.roi_pyramid_pool` (``projection="sppnet"``, the paper's Appendix).
-
-* :func:`resized_size`: an image's size at scale ``s`` (shorter side ``s``), capped
-  at ``max_side`` pixels on the longer side, so that a huge image cannot exhaust
-  memory (the cap shrinks the scale, and says so in the returned factor).
-* :func:`assign_scales`: each window's scale, by the paper's rule (the scale where
-  the window's area is closest to ``target**2``) or the official code's
-  (:func:`spp_jax.select_scales` under its detection name).
-* :class:`Conv5Extractor`: resizes an image (:func:`resize`: OpenCV, bilinear or
-  area, and the classifier's normalisation) and runs the
-  :class:`~spp_jax.models.ConvTrunk`, jitted once per padded size bucket
-  (``bucket`` pixels): a padded image's map equals the unpadded one's on its
-  valid region (``valid_sizes``).
-* :class:`WindowPooler`: pools windows, given in original-image pixels, from
-  the maps of one image (each window at its own scale), jitted once per
-  (map bucket, window-count bucket).
-
-Nothing here holds more than one image's windows: fine-tuning, the SVMs and box
-regression pool what they need from the cached maps.
+scale), :class:`Conv5Extractor`, and pools each window's fixed-length pyramid
+vector from that map, :class:`WindowPooler` (:func:`spp_jax.roi_pyramid_pool`,
+``projection="sppnet"``, the paper's Appendix), at the scale
+:func:`assign_scales` picks. Nothing here holds more than one image's windows:
+fine-tuning, the SVMs and box regression pool what they need from the cached maps.
 """
 
 from __future__ import annotations
@@ -118,7 +103,8 @@ class ScaledMap:
 
 class Conv5Extractor:
     """conv5 of an image at a scale: resize, normalise, run the trunk (jitted per
-    ``bucket``-rounded size).
+    ``bucket``-rounded size: a padded image's map equals the unpadded one's on its
+    valid region).
 
     Args:
       trunk: the backbone's :class:`~spp_jax.models.ConvTrunk`.

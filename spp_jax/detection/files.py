@@ -90,7 +90,7 @@ def detect_files(
     Each image (decoded as :func:`spp_jax.data.read_image_reduced` does: grayscale
     repeated to RGB, alpha dropped) gets selective-search proposals with the run's
     settings (``config.proposals``),
-    :meth:`~spp_jax.detection.pipeline.Detector.detect` at ``scales`` (1: the single
+    :meth:`~spp_jax.detection.detector.Detector.detect` at ``scales`` (1: the single
     scale; 5: every scale of the config) with the run's scorer, and a PNG with its
     labelled boxes, ``OUT/<name>_detections.png``. Each finished image appends its
     record to ``OUT/detections.jsonl``; at the end ``OUT/detections.json`` holds the

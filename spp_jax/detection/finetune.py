@@ -2,23 +2,12 @@
 
 SPP-net fine-tunes only the fully connected layers, the conv layers frozen
 (paper section 4; ``docs/detection-reference.md`` section 4): batches of 128
-windows, 25 % foreground (max IoU with a ground truth >= 0.5, labelled with its
-class), the rest background (max IoU in [0.1, 0.5)), drawn across all training
-images. Here every image's conv5 maps (per scale, optionally of the mirrored
-image too) stay in memory as one zero-padded :class:`MapStack` per scale, and each
-step pools its 128 windows from them inside the jitted step, so no pooled window
-is ever stored (the official code cached every window's pooled features:
-gigabytes).
-
-* :func:`stack_maps`, :class:`MapStack`: the padded maps of a split at one scale.
-* :func:`pool_stacks`: pools windows of many images, each at its own scale,
-  from the stacks (:func:`spp_jax.multiscale_roi_pyramid_pool`,
-  ``projection="sppnet"``, onto each map's valid region).
-* :class:`WindowSampler`: the foreground and background windows of a split, and
-  seeded batches of them (random scale per window and mirroring as options).
-* :func:`make_step`: the jitted training step (softmax cross-entropy, the
-  optimiser and schedule built by :mod:`spp_jax.train`).
-* :func:`head_outputs`: fc8 logits and fc7 features of pooled windows, jitted.
+windows, 25 % foreground, drawn across all training images (:class:`WindowSampler`).
+Here every image's conv5 maps (per scale, optionally of the mirrored image too)
+stay in memory as one zero-padded :class:`MapStack` per scale, and each step
+(:func:`make_step`) pools its 128 windows from them inside the jitted step
+(:func:`pool_stacks`), so no pooled window is ever stored (the official code cached
+every window's pooled features: gigabytes).
 """
 
 from __future__ import annotations

@@ -1,33 +1,18 @@
 """Selective-search region proposals (OpenCV contrib), and an on-disk cache of them.
 
 :func:`selective_search` runs OpenCV contrib's selective search
-(``cv2.ximgproc.segmentation``; install ``pip install -e ".[detect]"``, package
-``opencv-contrib-python-headless``) on one image. Its "fast" mode is
-``switchToSelectiveSearchFast(base_k=150, inc_k=150, sigma=0.8)``: HSV and Lab,
-graph segmentations with k in {150, 300, 450}, two merge strategies: 12
-hierarchies (R-CNN / SPP-net used the MATLAB code: HSV and Lab, k in {50, 100},
-about 2,000 boxes on a VOC image; ``docs/detection-reference.md`` section 2).
+(``cv2.ximgproc.segmentation``; ``pip install -e ".[detect]"``, package
+``opencv-contrib-python-headless``) on one image; :class:`ProposalCache` runs it
+over a dataset split on every core and keeps the boxes per image. R-CNN and SPP-net
+used the MATLAB code (``docs/detection-reference.md`` section 2).
 
-Boxes are ``(x1, y1, x2, y2)`` float32 continuous pixel edges: OpenCV's 0-based
-``(x, y, w, h)`` becomes ``(x, y, x + w, y + h)``. Order: OpenCV ranks each
-region by ``rand() * level`` (its hierarchy level, 1 for the initial segments)
-and returns them by increasing rank without duplicate rectangles; the rank is
-random through C's ``rand()``. :func:`selective_search` seeds that generator
-(``srand(seed)`` through ``ctypes``, under a lock) right before each run, so the
-same image gives the same boxes in the same order, on any machine with the same
-C library (glibc on Linux, macOS's libc). The SET of boxes never depends on the
-seed, only their order, which decides which boxes ``max_boxes`` keeps.
-
-:class:`ProposalCache` computes the proposals of a whole dataset split once, on
-every core (a pool of processes), stores one ``.npy`` file per image under a
-directory (written atomically: an interrupted run keeps every finished image and
-the next run computes only the rest) and reads them back by image id::
-
-    from spp_jax.detection import proposals, voc
-
-    cache = proposals.ProposalCache("cache/ss_fast/spp_scenes_train")
-    cache.compute(voc.encoded_images("spp_scenes", "train"))  # (id, PNG bytes) pairs
-    boxes = cache.get("train_00000")  # float32 (n, 4)
+Order: OpenCV ranks each region by ``rand() * level`` (its hierarchy level, 1 for
+the initial segments) and returns them by increasing rank without duplicate
+rectangles. :func:`selective_search` seeds C's ``rand()`` (``srand(seed)`` through
+``ctypes``, under a lock) right before each run, so the same image gives the same
+boxes in the same order on any machine with the same C library (glibc on Linux,
+macOS's libc). The SET of boxes never depends on the seed, only their order, which
+decides which boxes ``max_boxes`` keeps.
 
 ``import spp_jax.detection.proposals`` does not import OpenCV: the functions
 that need it import it on first use.
@@ -163,12 +148,6 @@ def selective_search(
 ) -> np.ndarray:
     """Selective-search proposals of one image (OpenCV contrib), deterministic.
 
-    Selective search's time and memory grow with the pixel count (a 12-megapixel photo
-    takes minutes), while its boxes depend little on detail finer than the objects;
-    R-CNN and SPP-net ran it on images about 500 px on a side. ``max_side`` runs it on
-    a copy whose longer side is at most ``max_side`` (area-averaged) and maps the boxes
-    back to the image's pixels.
-
     Args:
       image: RGB ``(H, W, 3)`` uint8; ``(H, W)``, ``(H, W, 1)``, ``(H, W, 4)``
         and uint16 are converted by :func:`to_rgb8`.
@@ -178,8 +157,11 @@ def selective_search(
         the module docstring), after the size filter; ``None`` keeps all.
       min_size: drop boxes whose width or height is below this, in pixels.
       seed: seeds C's ``rand()``, which orders OpenCV's boxes.
-      max_side: search a copy downscaled to this longer side (``None``, or an image
-        no larger: the image itself).
+      max_side: search a copy whose longer side is this (area-averaged; ``None``, or
+        an image no larger: the image itself) and map its boxes back: the time and
+        memory grow with the pixel count (a 12-megapixel photo takes minutes), the
+        boxes depend little on detail finer than the objects (R-CNN and SPP-net
+        searched images about 500 px on a side).
 
     Returns:
       float32 ``(n, 4)`` ``(x1, y1, x2, y2)`` boxes in continuous pixel edges of the
@@ -220,7 +202,7 @@ def selective_search(
         if srand is not None:
             srand(int(seed))
         rects = ss.process()
-    rects = np.asarray(rects, np.float32).reshape(-1, 4)
+    rects = np.asarray(rects, np.float32).reshape(-1, 4)  # 0-based (x, y, w, h)
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
     if (sx, sy) != (1.0, 1.0):
         boxes = np.minimum(
@@ -321,8 +303,8 @@ def _filename(image_id: str) -> str:
 class ProposalCache:
     """Selective-search proposals of many images, one ``.npy`` file per image id.
 
-    The directory holds ``params.json`` (the selective search settings and the
-    OpenCV version that computed it) and ``boxes/<id>.npy`` (float32 ``(n, 4)``).
+    The directory holds ``params.json`` (the selective search settings) and
+    ``boxes/<id>.npy`` (float32 ``(n, 4)``).
     Opening an existing directory with other settings raises ``ValueError``
     rather than mixing proposals; ``ProposalCache.open(dir)`` takes the settings
     from the directory.
@@ -381,7 +363,7 @@ class ProposalCache:
                 )
             self.params = stored
         else:
-            os.makedirs(os.path.join(self.cache_dir, "boxes"), exist_ok=True)
+            os.makedirs(self.cache_dir, exist_ok=True)
             atomic_write_json(path, self.params, indent=1, sort_keys=True)
         os.makedirs(os.path.join(self.cache_dir, "boxes"), exist_ok=True)
 
@@ -489,11 +471,11 @@ class ProposalCache:
         start = time.perf_counter()
         params = {k: self.params[k] for k in ("mode", "max_boxes", "min_size", "seed")}
         params["max_side"] = self.params.get("max_side")
-        tasks = self._tasks(images, stats)
 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, disable=not progress, desc="selective search", unit="img")
+        tasks = self._tasks(images, stats, bar)
 
         def done(result: tuple[str, str, float | None, str | None]) -> None:
             image_id, name, seconds, error = result
@@ -509,35 +491,31 @@ class ProposalCache:
         try:
             if num_workers == 0:
                 for task in tasks:
-                    if task is None:
-                        bar.update(1)
-                        continue
                     done(_compute_one(task, params))
             else:
-                self._run_pool(tasks, params, int(num_workers), done, bar)
+                self._run_pool(tasks, params, int(num_workers), done)
         finally:
             bar.close()
         stats.wall_seconds = time.perf_counter() - start
         return stats
 
-    def _tasks(self, images, stats: ProposalStats) -> Iterator[tuple[str, str, Any, str] | None]:
-        """``(image_id, name, image, out_path)`` per image to compute; None per cached one."""
+    def _tasks(self, images, stats: ProposalStats, bar) -> Iterator[tuple[str, str, Any, str]]:
+        """``(image_id, name, image, out_path)`` per image to compute; cached ones are counted."""
         seen: set[str] = set()
-        for item in images:
-            image_id, image = item
+        for image_id, image in images:
             if image_id in seen:
                 raise ValueError(f"image id {image_id!r} appears twice; ids must be unique")
             seen.add(image_id)
             path = self.path(image_id)
             if os.path.exists(path):
                 stats.cached += 1
-                yield None
+                bar.update(1)
                 continue
             name = os.fspath(image) if isinstance(image, str | os.PathLike) else image_id
             yield image_id, name, image, path
 
     @staticmethod
-    def _run_pool(tasks, params, num_workers: int, done, bar) -> None:
+    def _run_pool(tasks, params, num_workers: int, done) -> None:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
             num_workers, mp_context=ctx, initializer=_init_worker
@@ -545,9 +523,6 @@ class ProposalCache:
             pending: set[concurrent.futures.Future] = set()
             try:
                 for task in tasks:
-                    if task is None:
-                        bar.update(1)
-                        continue
                     pending.add(pool.submit(_compute_one, task, params))
                     if len(pending) >= 4 * num_workers:  # bounded memory
                         finished, pending = concurrent.futures.wait(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,31 +26,28 @@ def class_names(num_classes: int) -> list[str]:
     return [f"class {k}" for k in range(num_classes)]
 
 
+def _markdown(head: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
 def ap_table(table: Mapping[str, Mapping[str, Any]], num_classes: int) -> str:
     """A markdown table: one row per variant, mAP (VOC07, area) and per-class AP (%)."""
-    names = class_names(num_classes)
-    head = "| method | mAP VOC07 | mAP area | " + " | ".join(names) + " |"
-    rule = "|---" * (3 + len(names)) + "|"
-    rows = [
-        f"| {name} | {100 * r['map_voc07']:.1f} | {100 * r['map_area']:.1f} | "
-        + " | ".join(f"{100 * a:.1f}" for a in r["ap_voc07"])
-        + " |"
+    rows = (
+        [name, *(f"{100 * v:.1f}" for v in (r["map_voc07"], r["map_area"], *r["ap_voc07"]))]
         for name, r in table.items()
-    ]
-    return "\n".join([head, rule, *rows]) + "\n"
+    )
+    return _markdown(["method", "mAP VOC07", "mAP area", *class_names(num_classes)], rows)
 
 
 def timing_table(table: Mapping[str, Mapping[str, Any]]) -> str:
     """Seconds per image per stage (markdown), one row per variant."""
     stages = ("conv", "pool_fc", "score", "nms", "bbox")
-    head = "| method | " + " | ".join(stages) + " | total |"
-    rule = "|---" * (2 + len(stages)) + "|"
     rows = []
     for name, r in table.items():
-        t = r["seconds_per_image"]
-        vals = [t.get(s, 0.0) for s in stages]
-        rows.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {sum(vals):.4f} |")
-    return "\n".join([head, rule, *rows]) + "\n"
+        vals = [r["seconds_per_image"].get(s, 0.0) for s in stages]
+        rows.append([name, *(f"{v:.4f}" for v in [*vals, sum(vals)])])
+    return _markdown(["method", *stages, "total"], rows)
 
 
 def write_eval(

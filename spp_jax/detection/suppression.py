@@ -4,25 +4,8 @@ The rule (``docs/detection-reference.md`` section 7): boxes are visited by
 decreasing score, equal scores by increasing index; a box is kept unless its IoU
 with an already kept box is ``> iou_threshold`` (a box at exactly the threshold
 is kept). Results are torchvision's ``nms`` / ``batched_nms`` (whose order of
-tied scores is unspecified; here it is fixed).
-
-Three entry points share one program, :func:`nms`'s:
-
-- :func:`nms`: every box may suppress every later box.
-- :func:`batched_nms` (torchvision's): each box has one label and suppresses only
-  boxes of its own label. torchvision adds ``label * (max_coordinate + 1)`` to the
-  coordinates so that boxes of different labels never overlap, and runs one NMS.
-  In float32 that offset rounds the coordinates (at an offset of 2**14 the
-  coordinates keep no bits below 2**-9), which can move an IoU across the
-  threshold. Here the labels are told apart exactly instead: a pair of different
-  labels never suppresses (one integer comparison per pair), the separation an
-  offset along an axis of its own would give, with no rounding. It computes what
-  :func:`nms` computes: every pair of the triangle, whatever the labels.
-- :func:`multiclass_nms`: each box has a score for every class (a detector's
-  ``(N, K)`` scores) and NMS runs per class; :func:`nms` is ``vmap``-ed over the
-  classes (``K`` problems of ``N`` boxes, where one :func:`batched_nms` of the
-  ``N K`` box-class pairs would compare ``K`` times more pairs), and the kept
-  boxes of all classes are merged in one order.
+tied scores is unspecified; here it is fixed). :func:`nms`, :func:`batched_nms`
+and :func:`multiclass_nms` run one program, :func:`nms`'s.
 
 Exact arithmetic: the IoU is computed in float32 as torchvision computes it,
 ``inter / (area_i + area_j - inter)`` with ``area = (x2 - x1) * (y2 - y1)``, and
@@ -54,11 +37,10 @@ elementwise loops and single-operand sorts, which XLA's CPU backend runs fast):
 Under ``vmap`` the two branches of step 1 (``lax.cond``) both run. Memory:
 ``N^2 / 8`` bytes for the triangle's bits.
 
-Bad input: shapes raise ``ValueError``; concrete boxes that are non-finite or
-inverted raise ``ValueError`` (``spp_jax.detection.boxes``). Under ``jit`` the
-values are not checked: a box with a NaN coordinate has NaN IoUs, which suppress
-nothing, so it is kept if its score takes part. Scores that are NaN never take
-part (use NaN scores, or a ``score_threshold``, to pad a batch for ``vmap``).
+Bad input: as in :mod:`~spp_jax.detection.boxes`. Under ``jit`` a box with a NaN
+coordinate has NaN IoUs, which suppress nothing, so it is kept if its score takes
+part. Scores that are NaN never take part (use NaN scores, or a
+``score_threshold``, to pad a batch for ``vmap``).
 """
 
 from __future__ import annotations
@@ -205,16 +187,18 @@ def batched_nms(
     The same rule, output and arguments as :func:`nms`; the kept boxes of all
     labels come in one order (decreasing score, ties by lower index), so
     ``max_output`` keeps the best boxes over all labels. torchvision's
-    ``batched_nms`` (which needs no label range either), with the labels
-    compared exactly rather than offset into the coordinates (module docstring).
+    ``batched_nms`` adds ``label * (max_coordinate + 1)`` to the coordinates so
+    that boxes of different labels never overlap; in float32 that offset rounds
+    the coordinates (at 2**14 they keep no bits below 2**-9), which can move an
+    IoU across the threshold. Here a pair of different labels never suppresses
+    (one integer comparison per pair), with no rounding; every pair of the
+    triangle is computed, as in :func:`nms`, whatever the labels.
 
     Args:
       boxes: ``(N, 4)`` boxes.
       scores: ``(N,)`` scores.
       labels: ``(N,)`` integer labels (any int32 values, e.g. class ids).
-      iou_threshold: see :func:`nms`.
-      max_output: see :func:`nms`.
-      score_threshold: see :func:`nms`.
+      iou_threshold, max_output, score_threshold: see :func:`nms`.
 
     Returns:
       ``(keep, count)`` as for :func:`nms`.
@@ -246,17 +230,17 @@ def multiclass_nms(
     (ties: lower class, then lower box index) and the first ``max_output`` are
     returned. This is :func:`batched_nms` of the ``N K`` pairs (box ``i`` with
     label ``k`` and score ``scores[i, k]``, pair index ``k N + i``), computed as
-    ``K`` problems of ``N`` boxes: a detector's per-class NMS (R-CNN, SPP-net),
-    TensorFlow's ``combined_non_max_suppression``.
+    ``K`` problems of ``N`` boxes (``vmap``: ``K`` times fewer pairs compared): a
+    detector's per-class NMS (R-CNN, SPP-net), TensorFlow's
+    ``combined_non_max_suppression``.
 
     Args:
       boxes: ``(N, 4)`` boxes.
       scores: ``(N, K)`` scores, one column per class. NaN scores never take
         part.
-      iou_threshold: see :func:`nms`.
+      iou_threshold, score_threshold: see :func:`nms`.
       max_output: static number of pairs returned, over all classes (None:
         ``N K``); each class's pass stops once this many of its boxes are kept.
-      score_threshold: see :func:`nms`.
 
     Returns:
       ``(keep, classes, count)``: int32 ``(max_output,)`` box indices and their
@@ -353,12 +337,7 @@ def _sortable(x: jax.Array) -> jax.Array:
 
 
 def _score_order(scores: jax.Array, valid: jax.Array) -> jax.Array:
-    """Positions by decreasing score, then increasing index; invalid ones last.
-
-    XLA's CPU sort is fast for one int32 operand and slow with a comparator over
-    two, so distinct keys are sorted alone and each element finds its place by
-    binary search; tied scores take the two-operand sort (the same result).
-    """
+    """Positions by decreasing score, then index; invalid ones last (module docstring, step 1)."""
     npad = scores.shape[0]
     idx = lax.iota(jnp.int32, npad)
     # Invalid boxes: distinct keys above every score's (-inf maps to 0x7F800000).

@@ -1,42 +1,12 @@
 """Linear SVMs, one per class, trained with hard-negative mining (SPP-net / R-CNN).
 
-The rules (``docs/detection-reference.md`` section 5; R-CNN's ``rcnn_train.m``,
-which SPP-net's ``spp_train.m`` copies):
-
-* Features (fc7 of the fine-tuned net) are multiplied by one number,
-  ``20 / mean L2 norm`` (:func:`feature_scale`), the same for every class.
-* Positives of class ``k``: the ground-truth boxes of class ``k`` only.
-  Negatives of class ``k``: proposals whose IoU with every ground truth of class
-  ``k`` is ``< neg_iou`` (0.3).
-* Hard-negative mining, one pass over the training images (each image's
-  features serve all classes at once, then are dropped): a class that has no
-  model yet takes all its negatives of the image (so the first image
-  contributes all its negatives); afterwards an image adds the negatives that
-  score ``> hard_thresh`` (-1.0001) and are not already cached (keys
-  ``(image id, row)``). A class is retrained when it first has negatives (R-CNN:
-  "first time seeing negatives"), when more than ``retrain_every`` (2,000)
-  negatives were added since its last training, and once at the end (if the
-  last image did not retrain it). After each training the cached negatives that
-  score ``< evict_thresh`` (-1.2) are dropped.
-* Solver: liblinear's ``-s 3 -c 0.001 -w1 2 -B 10`` (L2-regularised hinge loss,
-  dual coordinate descent), through scikit-learn's ``LinearSVC``; the objective
-  it minimises is :func:`svm_objective`.
-
-Mining decisions use float32 scores ``(features * scale) @ w + b``, compared
-with the thresholds rounded to float32 (strictly: a score equal to
-``float32(-1.0001)`` is not hard, one equal to ``float32(-1.2)`` is kept).
-
-Differences from R-CNN's code, where its behaviour is an accident of its loop:
-R-CNN's "first time" training happens after the first image only, so a class
-without negatives in that image (its untrained model scores 0, so it then
-takes every negative) waits for 2,000 of them before its first training; here
-each class trains after its own first image with negatives. A class without
-positives is an error when :class:`HardNegativeMiner` starts (R-CNN does not
-check), and so is a class that never had a negative, at the end.
-
-Memory: a class's cache holds only its mined negative rows (scaled float32
-copies, ``D`` floats each) and their keys; an image's features are not kept.
-Each training copies the class's cache to float64 (liblinear's input).
+The rules are R-CNN's ``rcnn_train.m``, which SPP-net's ``spp_train.m`` copies
+(``docs/detection-reference.md`` section 5): fc7 features times one number,
+:func:`feature_scale`; a class's positives are its ground-truth boxes, its
+negatives the proposals with IoU ``< neg_iou`` (0.3) to all of them; one pass of
+hard-negative mining over the training images (:class:`HardNegativeMiner`);
+liblinear as the solver (:func:`fit_linear_svm`, which minimises
+:func:`svm_objective`).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -131,14 +101,10 @@ def feature_scale(
         if arr.shape[0] > sample_size:
             rows = np.random.default_rng(seed).choice(arr.shape[0], sample_size, replace=False)
             arr = arr[np.sort(rows)]
-    mean = float(np.mean(_row_norms(arr)))
+    mean = float(np.mean(np.sqrt(np.einsum("ij,ij->i", arr, arr, dtype=np.float64))))
     if not (math.isfinite(mean) and mean > 0):
         raise ValueError(f"features must be finite with a mean L2 norm > 0, got mean norm {mean}")
     return target_norm / mean
-
-
-def _row_norms(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
 def svm_objective(
@@ -211,20 +177,18 @@ def fit_linear_svm(
     ``LinearSVC(loss="hinge", dual=True, C=C, class_weight={1: pos_weight, -1: 1},
     fit_intercept=True, intercept_scaling=bias_feature)`` is liblinear's
     ``-s 3 -c C -w1 pos_weight -B bias_feature``: it minimises
-    :func:`svm_objective` (the intercept is regularised as liblinear's bias
-    feature). The dual coordinate descent visits the samples in an order drawn
-    from ``random_state``, so a fit is deterministic. ``tol`` is liblinear's
-    ``-e``, a bound on the dual's projected gradient (liblinear's command line
-    defaults to 0.1 for ``-s 3``, which R-CNN used; scikit-learn to 1e-4). 1e-5
-    costs little more and gets the objective within about 1e-4 relative of the
-    optimum also for larger ``C`` (at ``C = 0.001`` on features of norm 20 it
-    is within 1e-8).
+    :func:`svm_objective`. The dual coordinate descent visits the samples in an
+    order drawn from ``random_state``, so a fit is deterministic.
 
     Args:
       X_pos: ``(P, D)`` positives (scaled features), ``P >= 1``.
       X_neg: ``(N, D)`` negatives, ``N >= 1``.
       C, pos_weight, bias_feature: see :func:`svm_objective`.
-      tol: the stopping tolerance.
+      tol: liblinear's ``-e``, a bound on the dual's projected gradient. Its
+        command line's 0.1 (R-CNN's) and scikit-learn's 1e-4 stop sooner; 1e-5
+        costs little more and gets the objective within about 1e-4 relative of
+        the optimum also for larger ``C`` (1e-8 at ``C = 0.001`` on features of
+        norm 20).
       max_iter: at most this many passes; reaching it logs a warning.
       random_state: the seed of the visiting order.
 
@@ -309,7 +273,7 @@ class ClassStats:
     objective: float
 
 
-_STAT_FIELDS = ("positives", "negatives", "mined", "evicted", "retrains")
+_STAT_FIELDS = tuple(f.name for f in dataclasses.fields(ClassStats))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -387,9 +351,8 @@ class SVMs:
             "scale": np.array(self.scale, np.float64),
         }
         if self.stats:
-            for name in ("label", *_STAT_FIELDS):
+            for name in _STAT_FIELDS:
                 arrays[f"stats_{name}"] = np.array([getattr(s, name) for s in self.stats])
-            arrays["stats_objective"] = np.array([s.objective for s in self.stats])
         with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)  # type: ignore[arg-type]
 
@@ -405,13 +368,9 @@ class SVMs:
                 raise ValueError(f"{os.fspath(path)!r} is not an SVMs file ({_FORMAT})")
             stats: tuple[ClassStats, ...] = ()
             if "stats_label" in f:
-                cols = {n: f[f"stats_{n}"] for n in ("label", *_STAT_FIELDS, "objective")}
+                cols = [f[f"stats_{n}"] for n in _STAT_FIELDS]  # ints, then the objective
                 stats = tuple(
-                    ClassStats(
-                        **{n: int(cols[n][i]) for n in ("label", *_STAT_FIELDS)},
-                        objective=float(cols["objective"][i]),
-                    )
-                    for i in range(len(cols["label"]))
+                    ClassStats(*(col[i].item() for col in cols)) for i in range(len(cols[0]))
                 )
             return cls(f["weights"], f["biases"], float(f["scale"]), stats)
 
@@ -450,10 +409,24 @@ class _Cache:
 class HardNegativeMiner:
     """Trains the K SVMs from a stream of images, one image at a time.
 
-    Call :meth:`add_image` once per training image (any order, each image
-    once: a repeated ``image_id`` is taken as the same image, its cached rows are
-    not added again), then :meth:`finish`. :func:`train_svms` does this for an
-    iterable. See the module docstring for the rules.
+    Call :meth:`add_image` once per training image (any order), then :meth:`finish`;
+    :func:`train_svms` does this for an iterable. The mining is R-CNN's
+    (``docs/detection-reference.md`` section 5), per class: an image's negatives join
+    the class's cache (all of them before its first training, then those that score
+    ``> hard_thresh`` and are not cached yet, keyed ``(image id, row)``: a repeated
+    ``image_id`` is the same image); the class is retrained after more than
+    ``retrain_every`` new ones and at :meth:`finish`, each training dropping those
+    that score ``< evict_thresh``. Scores are float32, compared with the thresholds
+    rounded to float32 (a score equal to ``float32(-1.0001)`` is not hard, one equal
+    to ``float32(-1.2)`` is kept).
+
+    R-CNN trains "the first time" after its first image only, so a class without
+    negatives there (its untrained model scores 0, so it then takes every negative)
+    waits for 2,000 of them; here each class trains after its own first image with
+    negatives. A class without positives is an error at once, one that never had a
+    negative at the end (R-CNN does not check). A class's cache holds its mined rows
+    (scaled float32) and their keys, never a whole image's features; each training
+    copies it to float64 (liblinear's input).
 
     Args:
       positives: ``(P, D)`` features of the ground-truth boxes (unscaled).
@@ -463,10 +436,8 @@ class HardNegativeMiner:
       C, pos_weight, bias_feature: liblinear's ``-c``, ``-w1``, ``-B``.
       neg_iou: a proposal is a negative of class ``k`` if its IoU with every
         ground truth of class ``k`` is ``< neg_iou``.
-      hard_thresh: a trained class adds the negatives scoring ``> hard_thresh``.
-      evict_thresh: after training, cached negatives scoring ``< evict_thresh``
-        are dropped.
-      retrain_every: retrain when more than this many negatives were added.
+      hard_thresh, evict_thresh, retrain_every: R-CNN's -1.0001, -1.2 and
+        2,000 (the rule above).
       feature_scale: the features' scale; None: :func:`feature_scale` of the
         positives and the first image's features together.
       tol, max_iter, random_state: see :func:`fit_linear_svm`.
@@ -575,11 +546,7 @@ class HardNegativeMiner:
         pos = self._positives
         assert pos is not None
         if self._scale is None:
-            norms = np.concatenate([_row_norms(pos), _row_norms(first_features)])
-            mean = float(norms.mean())
-            if not mean > 0:
-                raise ValueError("the positives and the first image's features are all zero")
-            self._scale = DEFAULT_TARGET_NORM / mean
+            self._scale = feature_scale(np.concatenate([pos, first_features]))
         scaled = pos * np.float32(self._scale)
         self._caches = [_Cache(scaled[self._labels == k + 1]) for k in range(self.num_classes)]
         self._positives = None
@@ -743,13 +710,7 @@ class HardNegativeMiner:
                 self._log_level,
                 "SVM class %d: %d positives, %d negatives cached (%d mined, %d evicted), "
                 "%d trainings, objective %.4f",
-                s.label,
-                s.positives,
-                s.negatives,
-                s.mined,
-                s.evicted,
-                s.retrains,
-                s.objective,
+                *dataclasses.astuple(s),
             )
         assert self._scale is not None
         self._result = SVMs(self.weights.copy(), self.biases.copy(), self._scale, stats)

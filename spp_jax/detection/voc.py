@@ -4,32 +4,11 @@ Examples are dicts with TFDS ``voc``'s feature keys (what ``tfds.as_numpy``
 yields): ``image`` (uint8 ``(H, W, 3)``, or the encoded file's bytes),
 ``image/filename``, ``objects`` with ``bbox`` float32 ``(n, 4)``, ``label``,
 ``is_difficult``, ``is_truncated`` (and ``pose`` for VOC), ``labels`` and
-``labels_no_difficult``. :func:`example_boxes` turns one into pixel boxes.
-
-**Box conventions** (``docs/detection-reference.md`` section 1). VOC's XML gives
-1-based inclusive pixel indices ``(xmin, ymin, xmax, ymax)``; TFDS ``voc``
-stores ``bbox = (ymin / H, xmin / W, ymax / H, xmax / W)`` from those raw
-values. spp_jax boxes are continuous pixel edges ``(x1, y1, x2, y2)`` with
-``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax``: a box covering pixel
-columns 1..10 (1-based) is ``x1 = 0, x2 = 10``, width 10, and IoU without "+1"
-on these equals the VOC devkit's IoU with "+1" on the raw values.
-``spp_scenes`` stores its boxes the same way.
-
-**Sources.**
-
-* :func:`tfds_examples` reads a prepared TFDS dataset: ``"voc/2007"`` (split
-  ``"trainval"`` is ``"train+validation"``) or ``"spp_scenes"`` /
-  ``"spp_scenes/tiny"`` (built offline on first use).
-* :func:`read_voc_devkit` reads an extracted ``VOCdevkit/VOC2007`` folder
-  (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``) into the
-  same examples, without TFDS.
-* :func:`prepare_voc2007` builds TFDS ``voc/2007`` without network from the two
-  official tarballs, ``VOCtrainval_06-Nov-2007.tar`` and
-  ``VOCtest_06-Nov-2007.tar``, put in one folder (TFDS's ``manual_dir``: TFDS
-  finds a file there by the name in its checksum list, checks its size and
-  SHA-256, and never downloads it)::
-
-      python -c "from spp_jax.detection import voc; voc.prepare_voc2007('/path/to/tars')"
+``labels_no_difficult``; ``spp_scenes`` stores its boxes as VOC's. They come from
+a prepared TFDS dataset (:func:`tfds_examples`; :func:`prepare_voc2007` prepares
+VOC 2007 from its tarballs, without network) or an extracted ``VOCdevkit``
+(:func:`read_voc_devkit`, without TFDS), and :func:`example_boxes` turns one into
+pixel boxes (``docs/detection-reference.md`` section 1).
 
 TensorFlow (Datasets) is imported on first use only.
 """
@@ -43,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from spp_jax import data as data_lib
 from spp_jax.data import BadImageError
 
 __all__ = [
@@ -262,12 +242,9 @@ def read_voc_devkit(
         :func:`spp_jax.data.read_image`), or give the file's bytes.
 
     Yields:
-      Examples with TFDS ``voc``'s keys and conventions: ``image``,
-      ``image/filename`` (``"<id>.jpg"``), ``objects`` (``label`` int64,
-      ``bbox`` float32 ``(n, 4)`` = ``(ymin / H, xmin / W, ymax / H, xmax / W)``
-      of the XML's raw values with ``H``, ``W`` from its ``<size>``, ``pose``,
-      ``is_truncated``, ``is_difficult``), ``labels`` and ``labels_no_difficult``
-      (sorted unique int64).
+      Examples with TFDS ``voc``'s keys (module docstring) and conventions:
+      ``image/filename`` ``"<id>.jpg"``, ``bbox`` ``(ymin / H, xmin / W, ymax / H,
+      xmax / W)`` of the XML's raw values with ``H``, ``W`` from its ``<size>``.
 
     Raises:
       FileNotFoundError: no VOC folder under ``root``, or a missing list or
@@ -283,8 +260,6 @@ def read_voc_devkit(
         raise FileNotFoundError(f"no image list {list_path!r} for split {split!r}")
     with open(list_path) as f:
         ids = [line.split()[0] for line in f if line.strip()]
-    from spp_jax import data as data_lib
-
     for image_name in ids:
         xml_path = os.path.join(base, "Annotations", f"{image_name}.xml")
         if not os.path.exists(xml_path):
@@ -314,16 +289,8 @@ def read_voc_devkit(
 # ---------------------------------------------------------------------------
 
 
-def _tfds():
-    from spp_jax import data as data_lib
-
-    return data_lib._tfds()  # registers the built-in datasets
-
-
 def _builder(name: str, data_dir: str | None):
-    from spp_jax import data as data_lib
-
-    tfds = _tfds()
+    tfds = data_lib._tfds()  # registers the built-in datasets
     data_dir = data_dir or data_lib.default_data_dir()
     builder = tfds.builder(name, data_dir=data_dir)
     if data_lib._is_prepared(builder):
@@ -360,7 +327,7 @@ def tfds_examples(
     Raises:
       FileNotFoundError: ``voc`` not prepared; the message says how to prepare it.
     """
-    tfds = _tfds()
+    tfds = data_lib._tfds()
     builder = _builder(name, data_dir)
     decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
     ds = builder.as_dataset(split=_tfds_split(name, split), shuffle_files=False, decoders=decoders)
@@ -393,8 +360,6 @@ def prepare_voc2007(manual_dir: str | os.PathLike, data_dir: str | None = None) 
       FileNotFoundError: a tarball is missing (nothing is downloaded).
       tfds.download.NonMatchingChecksumError: a tarball is not the official file.
     """
-    from spp_jax import data as data_lib
-
     manual_dir = os.fspath(manual_dir)
     missing = [n for n in VOC2007_TARBALLS if not os.path.isfile(os.path.join(manual_dir, n))]
     if missing:
@@ -403,7 +368,7 @@ def prepare_voc2007(manual_dir: str | os.PathLike, data_dir: str | None = None) 
             f"{manual_dir!r} lacks {missing} (found: {found}); VOC 2007 needs both "
             f"{list(VOC2007_TARBALLS)}"
         )
-    tfds = _tfds()
+    tfds = data_lib._tfds()
     builder = tfds.builder("voc/2007", data_dir=data_dir or data_lib.default_data_dir())
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
