@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from spp_jax.align import ps_roi_align, ps_roi_pool, roi_align
 from spp_jax.geometry import LevelBins, axis_bins, output_dim, pyramid_bins
 from spp_jax.pooling import max_pool2d, pool_output_size, spatial_pyramid_pool
 from spp_jax.roi import (
@@ -49,7 +50,10 @@ __all__ = [
     "output_dim",
     "pool_output_size",
     "project_boxes",
+    "ps_roi_align",
+    "ps_roi_pool",
     "pyramid_bins",
+    "roi_align",
     "roi_pyramid_pool",
     "select_scales",
     "spatial_pyramid_pool",
