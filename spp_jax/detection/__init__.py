@@ -8,6 +8,8 @@ them on first use.
 Modules: :mod:`~spp_jax.detection.boxes` (IoU, clipping, R-CNN box coding),
 :mod:`~spp_jax.detection.box_ops` (torchvision's box formats, GIoU, DIoU, CIoU and their
 losses, ``remove_small_boxes``, ``masks_to_boxes``),
+:mod:`~spp_jax.detection.fpn` (torchvision's ``MultiScaleRoIAlign``: RoIAlign from a
+feature pyramid, FPN level mapping),
 :mod:`~spp_jax.detection.suppression` (jit-able ``nms``, ``batched_nms``
 and ``multiclass_nms``),
 :mod:`~spp_jax.detection.evaluation` (the VOC devkit's AP and mAP),
@@ -37,6 +39,9 @@ _EXPORTS = {
     "generalized_box_iou_loss": "box_ops",
     "masks_to_boxes": "box_ops",
     "remove_small_boxes": "box_ops",
+    "fpn_levels": "fpn",
+    "fpn_scales": "fpn",
+    "multiscale_roi_align": "fpn",
     "batched_nms": "suppression",
     "multiclass_nms": "suppression",
     "nms": "suppression",
@@ -64,6 +69,7 @@ _SUBMODULES = (
     "boxes",
     "evaluation",
     "features",
+    "fpn",
     "proposals",
     "suppression",
     "svm",
