@@ -147,20 +147,23 @@ def test_roi_layers_equal_functional_call(name):
     np.testing.assert_array_equal(getattr(spp_jax.nnx, name)(2)(x, b), want)
 
 
-@pytest.mark.parametrize("name", sorted(ROI_LAYERS))
+ROI_BAD_OPTIONS = [
+    ({"output_size": 0}, ValueError, "output_size"),
+    ({"output_size": (2, 3, 1)}, ValueError, "output_size"),
+    ({"spatial_scale": -1.0}, ValueError, "spatial_scale"),
+    ({"data_format": "HWC"}, ValueError, "'HWC'"),
+]
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"output_size": 0}, ValueError, "output_size"),
-        ({"output_size": (2, 3, 1)}, ValueError, "output_size"),
-        ({"spatial_scale": -1.0}, ValueError, "spatial_scale"),
-        ({"data_format": "HWC"}, ValueError, "'HWC'"),
-        ({"sampling_ratio": 1.5}, TypeError, "sampling_ratio"),
+    ("name", "kwargs", "error", "match"),
+    [(name, *case) for name in sorted(ROI_LAYERS) for case in ROI_BAD_OPTIONS]
+    + [
+        (name, {"sampling_ratio": 1.5}, TypeError, "sampling_ratio")
+        for name in ("PSRoIAlign", "RoIAlign")
     ],
 )
 def test_roi_layer_errors_at_construction(name, kwargs, error, match):
-    if "sampling_ratio" in kwargs and name == "PSRoIPool":
-        pytest.skip("PSRoIPool takes no sampling_ratio")
     kwargs = {"output_size": 2} | kwargs
     with pytest.raises(error, match=match):
         getattr(spp_jax.linen, name)(**kwargs)
