@@ -1,4 +1,4 @@
-"""Flax linen wrappers around :func:`spp_jax.spatial_pyramid_pool`."""
+"""Flax linen wrappers around :func:`spp_jax.spatial_pyramid_pool` and the RoI ops."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from spp_jax.align import (
+    OutputSize,
+    _check_sampling_ratio,
+    _output_size,
+    ps_roi_align,
+    ps_roi_pool,
+    roi_align,
+)
 from spp_jax.geometry import normalize_levels
 from spp_jax.pooling import check_options, spatial_pyramid_pool
-from spp_jax.roi import check_projection, roi_pyramid_pool
+from spp_jax.roi import _check_spatial_scale, check_projection, roi_pyramid_pool
 
-__all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
+__all__ = ["PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nn.Module):
@@ -65,6 +73,127 @@ class RoIPyramidPooling(nn.Module):
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
         return _pool_roi(self, features, boxes, box_indices, valid)
+
+
+class RoIAlign(nn.Module):
+    """RoIAlign layer (no parameters).
+
+    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
+    ``(R, oh, ow, C)`` (NHWC). See :func:`spp_jax.roi_align`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = RoIAlign(output_size=7, spatial_scale=1 / 16, sampling_ratio=2)
+      >>> layer.apply({}, jnp.ones((1, 20, 30, 8)), jnp.array([[0.0, 0.0, 64.0, 96.0]])).shape
+      (1, 7, 7, 8)
+    """
+
+    output_size: OutputSize
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    aligned: bool = False
+    data_format: str = "NHWC"
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_size", _check_align(self))
+        super().__post_init__()
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _roi_align(self, features, boxes, box_indices, valid)
+
+
+class PSRoIAlign(nn.Module):
+    """Position-sensitive RoIAlign layer (no parameters).
+
+    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
+    ``(R, oh, ow, C // (oh * ow))`` (NHWC). See :func:`spp_jax.ps_roi_align`.
+    """
+
+    output_size: OutputSize
+    spatial_scale: float = 1.0
+    sampling_ratio: int = -1
+    data_format: str = "NHWC"
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_size", _check_align(self))
+        super().__post_init__()
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _ps_roi_align(self, features, boxes, box_indices, valid)
+
+
+class PSRoIPool(nn.Module):
+    """Position-sensitive RoI pooling layer (no parameters).
+
+    Called as ``layer(features, boxes, box_indices=None, valid=None)`` ->
+    ``(R, oh, ow, C // (oh * ow))`` (NHWC). See :func:`spp_jax.ps_roi_pool`.
+    """
+
+    output_size: OutputSize
+    spatial_scale: float = 1.0
+    data_format: str = "NHWC"
+
+    def __post_init__(self):
+        object.__setattr__(self, "output_size", _check_align(self))
+        super().__post_init__()
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _ps_roi_pool(self, features, boxes, box_indices, valid)
+
+
+def _check_align(layer: Any) -> tuple[int, int]:
+    """Checks a RoI layer's options (of this module or of :mod:`spp_jax.nnx`), raising
+    naming a bad one at construction rather than at first call, and returns its
+    ``output_size`` as a pair (hashable)."""
+    check_options("avg", "adaptive", layer.data_format)
+    _check_spatial_scale(layer.spatial_scale)
+    if hasattr(layer, "sampling_ratio"):
+        _check_sampling_ratio(layer.sampling_ratio)
+    return _output_size(layer.output_size)
+
+
+def _roi_align(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
+    """:func:`roi_align` with the options of a layer of this module or of :mod:`spp_jax.nnx`."""
+    return roi_align(
+        features,
+        boxes,
+        box_indices,
+        output_size=layer.output_size,
+        spatial_scale=layer.spatial_scale,
+        sampling_ratio=layer.sampling_ratio,
+        aligned=layer.aligned,
+        valid=valid,
+        data_format=layer.data_format,
+    )
+
+
+def _ps_roi_align(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
+    """:func:`ps_roi_align` with the options of a layer of this module or of
+    :mod:`spp_jax.nnx`."""
+    return ps_roi_align(
+        features,
+        boxes,
+        box_indices,
+        output_size=layer.output_size,
+        spatial_scale=layer.spatial_scale,
+        sampling_ratio=layer.sampling_ratio,
+        valid=valid,
+        data_format=layer.data_format,
+    )
+
+
+def _ps_roi_pool(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
+    """:func:`ps_roi_pool` with the options of a layer of this module or of
+    :mod:`spp_jax.nnx`."""
+    return ps_roi_pool(
+        features,
+        boxes,
+        box_indices,
+        output_size=layer.output_size,
+        spatial_scale=layer.spatial_scale,
+        valid=valid,
+        data_format=layer.data_format,
+    )
 
 
 def _pool_spp(layer: Any, x: jax.Array, valid_sizes: jax.Array | None) -> jax.Array:

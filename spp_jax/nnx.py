@@ -1,16 +1,24 @@
-"""Flax NNX wrappers around :func:`spp_jax.spatial_pyramid_pool`."""
+"""Flax NNX wrappers around :func:`spp_jax.spatial_pyramid_pool` and the RoI ops."""
 
 from __future__ import annotations
 
 import jax
 from flax import nnx
 
+from spp_jax.align import OutputSize
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.linen import _pool_roi, _pool_spp
+from spp_jax.linen import (
+    _check_align,
+    _pool_roi,
+    _pool_spp,
+    _ps_roi_align,
+    _ps_roi_pool,
+    _roi_align,
+)
 from spp_jax.pooling import check_options
 from spp_jax.roi import check_projection
 
-__all__ = ["RoIPyramidPooling", "SpatialPyramidPooling"]
+__all__ = ["PSRoIAlign", "PSRoIPool", "RoIAlign", "RoIPyramidPooling", "SpatialPyramidPooling"]
 
 
 class SpatialPyramidPooling(nnx.Module):
@@ -67,3 +75,73 @@ class RoIPyramidPooling(nnx.Module):
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
         return _pool_roi(self, features, boxes, box_indices, valid)
+
+
+class RoIAlign(nnx.Module):
+    """:class:`spp_jax.linen.RoIAlign` as an NNX module (no state).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer = RoIAlign(7, spatial_scale=1 / 16, sampling_ratio=2)
+      >>> layer(jnp.ones((1, 20, 30, 8)), jnp.array([[0.0, 0.0, 64.0, 96.0]])).shape
+      (1, 7, 7, 8)
+    """
+
+    def __init__(
+        self,
+        output_size: OutputSize,
+        *,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = -1,
+        aligned: bool = False,
+        data_format: str = "NHWC",
+    ):
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = bool(aligned)
+        self.data_format = data_format
+        self.output_size = output_size
+        self.output_size = _check_align(self)
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _roi_align(self, features, boxes, box_indices, valid)
+
+
+class PSRoIAlign(nnx.Module):
+    """:class:`spp_jax.linen.PSRoIAlign` as an NNX module (no state)."""
+
+    def __init__(
+        self,
+        output_size: OutputSize,
+        *,
+        spatial_scale: float = 1.0,
+        sampling_ratio: int = -1,
+        data_format: str = "NHWC",
+    ):
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.data_format = data_format
+        self.output_size = output_size
+        self.output_size = _check_align(self)
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _ps_roi_align(self, features, boxes, box_indices, valid)
+
+
+class PSRoIPool(nnx.Module):
+    """:class:`spp_jax.linen.PSRoIPool` as an NNX module (no state)."""
+
+    def __init__(
+        self,
+        output_size: OutputSize,
+        *,
+        spatial_scale: float = 1.0,
+        data_format: str = "NHWC",
+    ):
+        self.spatial_scale = spatial_scale
+        self.data_format = data_format
+        self.output_size = output_size
+        self.output_size = _check_align(self)
+
+    def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
+        return _ps_roi_pool(self, features, boxes, box_indices, valid)

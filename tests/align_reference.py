@@ -116,3 +116,43 @@ def ps_roi_pool(x, boxes, idx, oh, ow, scale):
                     plane = x[idx[n], (co * oh + ph) * ow + pw]
                     out[n, co, ph, pw] = plane[hs:he, ws:we].sum() / f32((he - hs) * (we - ws))
     return out
+
+
+def fpn_scales(map_sizes, image_sizes):
+    """torchvision's ``_infer_scale``: the map height over the largest image height, as a
+    power of two (log2 of the float32 ratio, rounded half to even)."""
+    max_h = max(h for h, _ in image_sizes)
+    return [2.0 ** float(np.round(np.log2(f32(h / max_h)))) for h, _ in map_sizes]
+
+
+def fpn_levels(boxes, k_min, k_max, canonical_scale=224, canonical_level=4, eps=1e-6):
+    """torchvision's ``LevelMapper`` in float32, box by box; -1 for a negative area."""
+    out = []
+    for x1, y1, x2, y2 in np.asarray(boxes, f32):
+        area = f32(f32(x2 - x1) * f32(y2 - y1))
+        if area < 0:
+            out.append(-1)
+            continue
+        with np.errstate(divide="ignore"):  # a zero area: log2(0) = -inf, clamped to k_min
+            log = np.log2(f32(np.sqrt(area) / f32(canonical_scale)))
+        k = np.floor(f32(f32(canonical_level + log) + f32(eps)))
+        out.append(int(min(max(k, k_min), k_max)) - k_min)
+    return np.array(out)
+
+
+def multiscale_roi_align(maps, boxes, idx, image_sizes, oh, ow, sampling_ratio, s0, k0):
+    """``MultiScaleRoIAlign``: each box's RoIAlign (``aligned=False``) from its level's
+    map (NCHW maps, finest first); a box without a level gives zeros."""
+    scales = fpn_scales([m.shape[2:] for m in maps], image_sizes)
+    if len(maps) == 1:
+        return roi_align(maps[0], boxes, idx, oh, ow, scales[0], sampling_ratio, False)
+    k_min, k_max = (round(-math.log2(scales[i])) for i in (0, -1))
+    levels = fpn_levels(boxes, k_min, k_max, s0, k0)
+    out = np.zeros((len(boxes), maps[0].shape[1], oh, ow), np.float32)
+    for n, level in enumerate(levels):
+        if level >= 0:
+            out[n] = roi_align(
+                maps[level], boxes[n : n + 1], idx[n : n + 1], oh, ow, scales[level],
+                sampling_ratio, False,
+            )[0]  # fmt: skip
+    return out

@@ -110,3 +110,63 @@ def test_core_import_does_not_import_flax():
     code = "import sys, spp_jax; spp_jax.spatial_pyramid_pool; print('flax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# name: (function, channels: divisible by oh * ow for the position-sensitive ops)
+ROI_LAYERS = {
+    "RoIAlign": (spp_jax.roi_align, 4),
+    "PSRoIAlign": (spp_jax.ps_roi_align, 12),
+    "PSRoIPool": (spp_jax.ps_roi_pool, 12),
+}
+ROI_OPTIONS = {  # every keyword the op takes, none at its default
+    "RoIAlign": dict(spatial_scale=0.5, sampling_ratio=2, aligned=True, data_format="NCHW"),
+    "PSRoIAlign": dict(spatial_scale=0.5, sampling_ratio=1, data_format="NCHW"),
+    "PSRoIPool": dict(spatial_scale=0.5, data_format="NCHW"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROI_LAYERS))
+def test_roi_layers_equal_functional_call(name):
+    op, c = ROI_LAYERS[name]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, 9, c)).astype(np.float32)
+    xy = rng.uniform(-2, 12, (5, 2))
+    b = np.concatenate([xy, xy + rng.uniform(1, 8, (5, 2))], 1).astype(np.float32)
+    idx = np.array([0, 1, 1, 0, 1], np.int32)
+    valid = np.array([True, True, False, True, True])
+    x_nchw = x.transpose(0, 3, 1, 2)
+    kw = ROI_OPTIONS[name]
+    want = op(x_nchw, b, idx, output_size=(2, 3), valid=valid, **kw)
+    lin = getattr(spp_jax.linen, name)(output_size=(2, 3), **kw)
+    nx = getattr(spp_jax.nnx, name)((2, 3), **kw)
+    np.testing.assert_array_equal(lin.apply({}, x_nchw, b, idx, valid), want)
+    np.testing.assert_array_equal(nx(x_nchw, b, idx, valid), want)
+    # attributes left out are the function's defaults
+    want = op(x, b, output_size=2)
+    np.testing.assert_array_equal(getattr(spp_jax.linen, name)(output_size=2).apply({}, x, b), want)
+    np.testing.assert_array_equal(getattr(spp_jax.nnx, name)(2)(x, b), want)
+
+
+ROI_BAD_OPTIONS = [
+    ({"output_size": 0}, ValueError, "output_size"),
+    ({"output_size": (2, 3, 1)}, ValueError, "output_size"),
+    ({"spatial_scale": -1.0}, ValueError, "spatial_scale"),
+    ({"data_format": "HWC"}, ValueError, "'HWC'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error", "match"),
+    [(name, *case) for name in sorted(ROI_LAYERS) for case in ROI_BAD_OPTIONS]
+    + [
+        (name, {"sampling_ratio": 1.5}, TypeError, "sampling_ratio")
+        for name in ("PSRoIAlign", "RoIAlign")
+    ],
+)
+def test_roi_layer_errors_at_construction(name, kwargs, error, match):
+    kwargs = {"output_size": 2} | kwargs
+    with pytest.raises(error, match=match):
+        getattr(spp_jax.linen, name)(**kwargs)
+    size = kwargs.pop("output_size")
+    with pytest.raises(error, match=match):
+        getattr(spp_jax.nnx, name)(size, **kwargs)
