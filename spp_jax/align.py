@@ -52,8 +52,9 @@ __all__ = ["ps_roi_align", "ps_roi_pool", "roi_align"]
 
 OutputSize = int | Sequence[int]
 
-# Temporaries of one chunk of boxes (the rest of the work is per chunk).
-_CHUNK_BYTES = 64 * 2**20
+# Temporaries of one chunk of boxes: small enough that a chunk's rows of ``A_y @ F`` stay in
+# cache until ``@ A_x^T`` reads them, large enough that the loop over chunks costs little.
+_CHUNK_BYTES = 8 * 2**20
 
 
 def _output_size(output_size: Any) -> tuple[int, int]:
