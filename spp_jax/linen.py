@@ -99,7 +99,7 @@ class RoIAlign(nn.Module):
         super().__post_init__()
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _roi_align(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(roi_align, self, features, boxes, box_indices, valid)
 
 
 class PSRoIAlign(nn.Module):
@@ -119,7 +119,7 @@ class PSRoIAlign(nn.Module):
         super().__post_init__()
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _ps_roi_align(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(ps_roi_align, self, features, boxes, box_indices, valid)
 
 
 class PSRoIPool(nn.Module):
@@ -138,7 +138,7 @@ class PSRoIPool(nn.Module):
         super().__post_init__()
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _ps_roi_pool(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(ps_roi_pool, self, features, boxes, box_indices, valid)
 
 
 def _check_align(layer: Any) -> tuple[int, int]:
@@ -152,48 +152,14 @@ def _check_align(layer: Any) -> tuple[int, int]:
     return _output_size(layer.output_size)
 
 
-def _roi_align(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
-    """:func:`roi_align` with the options of a layer of this module or of :mod:`spp_jax.nnx`."""
-    return roi_align(
-        features,
-        boxes,
-        box_indices,
-        output_size=layer.output_size,
-        spatial_scale=layer.spatial_scale,
-        sampling_ratio=layer.sampling_ratio,
-        aligned=layer.aligned,
-        valid=valid,
-        data_format=layer.data_format,
-    )
+_ROI_OPTIONS = ("output_size", "spatial_scale", "sampling_ratio", "aligned", "data_format")
 
 
-def _ps_roi_align(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
-    """:func:`ps_roi_align` with the options of a layer of this module or of
-    :mod:`spp_jax.nnx`."""
-    return ps_roi_align(
-        features,
-        boxes,
-        box_indices,
-        output_size=layer.output_size,
-        spatial_scale=layer.spatial_scale,
-        sampling_ratio=layer.sampling_ratio,
-        valid=valid,
-        data_format=layer.data_format,
-    )
-
-
-def _ps_roi_pool(layer: Any, features, boxes, box_indices, valid) -> jax.Array:
-    """:func:`ps_roi_pool` with the options of a layer of this module or of
-    :mod:`spp_jax.nnx`."""
-    return ps_roi_pool(
-        features,
-        boxes,
-        box_indices,
-        output_size=layer.output_size,
-        spatial_scale=layer.spatial_scale,
-        valid=valid,
-        data_format=layer.data_format,
-    )
+def _apply_roi_op(op: Any, layer: Any, features, boxes, box_indices, valid) -> jax.Array:
+    """``op`` (:func:`roi_align`, :func:`ps_roi_align` or :func:`ps_roi_pool`) with the
+    options a layer of this module or of :mod:`spp_jax.nnx` holds."""
+    options = {k: getattr(layer, k) for k in _ROI_OPTIONS if hasattr(layer, k)}
+    return op(features, boxes, box_indices, valid=valid, **options)
 
 
 def _pool_spp(layer: Any, x: jax.Array, valid_sizes: jax.Array | None) -> jax.Array:

@@ -5,16 +5,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from spp_jax.align import OutputSize
+from spp_jax.align import OutputSize, ps_roi_align, ps_roi_pool, roi_align
 from spp_jax.geometry import LevelsLike, normalize_levels
-from spp_jax.linen import (
-    _check_align,
-    _pool_roi,
-    _pool_spp,
-    _ps_roi_align,
-    _ps_roi_pool,
-    _roi_align,
-)
+from spp_jax.linen import _apply_roi_op, _check_align, _pool_roi, _pool_spp
 from spp_jax.pooling import check_options
 from spp_jax.roi import check_projection
 
@@ -104,7 +97,7 @@ class RoIAlign(nnx.Module):
         self.output_size = _check_align(self)
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _roi_align(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(roi_align, self, features, boxes, box_indices, valid)
 
 
 class PSRoIAlign(nnx.Module):
@@ -125,7 +118,7 @@ class PSRoIAlign(nnx.Module):
         self.output_size = _check_align(self)
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _ps_roi_align(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(ps_roi_align, self, features, boxes, box_indices, valid)
 
 
 class PSRoIPool(nnx.Module):
@@ -144,4 +137,4 @@ class PSRoIPool(nnx.Module):
         self.output_size = _check_align(self)
 
     def __call__(self, features, boxes, box_indices=None, valid=None) -> jax.Array:
-        return _ps_roi_pool(self, features, boxes, box_indices, valid)
+        return _apply_roi_op(ps_roi_pool, self, features, boxes, box_indices, valid)
