@@ -38,7 +38,7 @@ def available(kind: str = "classification") -> tuple[str, ...]:
     >>> available()
     ('default', 'nospp', 'single', 'tiny', 'zf5_imagenet')
     >>> available("detection")
-    ('detection', 'detection_tiny', 'detection_voc07')
+    ('detection', 'detection_tiny', 'detection_voc07', 'detection_voc07_vgg16')
     """
     if kind not in KINDS:
         raise ValueError(f"unknown config kind {kind!r}; accepted: {KINDS}")

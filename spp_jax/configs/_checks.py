@@ -145,7 +145,10 @@ DETECTION: dict[str, Rule] = {
     "window_context": _POSITIVE,
     "window_target": _POSITIVE_INT,
     "window_rule": _one_of("paper", "code"),
-    "levels": _sizes(),
+    "levels": (
+        lambda v: v is None or _sizes()[0](v),
+        "None (the backbone's levels) or a non-empty tuple of positive integers",
+    ),
     "max_side": _POSITIVE_INT,
     "image_bucket": _POSITIVE_INT,
     "finetune.steps": _COUNT,

@@ -68,7 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.window_context = 1.0  # > 1: windows pooled enlarged about their centres (see above)
     c.window_target = 112  # a window's scale: its area closest to window_target**2
     c.window_rule = "paper"  # paper | code
-    c.levels = (6, 3, 2, 1)
+    # Window pyramid (max-pooled from conv5): None takes the backbone head's levels, the
+    # vector its fc6 was trained on ((6, 3, 2, 1) here; (6,) / (7,) for an imported
+    # torchvision AlexNet / VGG-16): spp_jax.detection.stages.window_pyramid.
+    c.levels = None
     c.max_side = 2000  # cap on the resized image's longer side (memory)
     c.image_bucket = 64  # padded image sizes (one conv compile each)
 

@@ -6,9 +6,12 @@ Command::
         --set backbone_workdir=/runs/zf5_imagenet --set data_dir=/data/tfds
 
 Needs VOC 2007 prepared for TFDS (``voc/2007``, from the official tarballs:
-:func:`spp_jax.detection.voc.prepare_voc2007`) and a full-width ZF-5 classifier trained
-with ``spp-jax train --config zf5_imagenet`` (``backbone_workdir``; this config never
-trains one: that is days of ImageNet). Then it runs the paper's pipeline: selective
+:func:`spp_jax.detection.voc.prepare_voc2007`) and an ImageNet classifier as
+``backbone_workdir``: a full-width ZF-5 trained with ``spp-jax train --config
+zf5_imagenet`` (days of ImageNet; this config never trains one), or torchvision's
+AlexNet imported with ``spp-jax import-weights --arch alexnet`` (``docs/pretrained.md``;
+its windows are pooled 6x6 to fit its fc6, :func:`spp_jax.detection.stages.window_pyramid`;
+VGG-16: :mod:`~spp_jax.configs.detection_voc07_vgg16`). Then it runs the paper's pipeline: selective
 search on 9,963 images (CPU-hours, cached; use many workers), conv5 at the paper's five
 scales {480, 576, 688, 864, 1200} (1 scale: 688), fine-tuning fc6/fc7/fc8 (21-way) for
 250,000 windows' worth of steps at the code's learning rates 1e-3 -> 1e-4 -> 1e-5, SVMs

@@ -30,7 +30,13 @@ WINDOW_BUCKET = 512  # windows per image are padded to a multiple (one fc compil
 
 @dataclasses.dataclass
 class Detector:
-    """Everything inference needs: the frozen trunk, the head, SVMs, box regressors."""
+    """Everything inference needs: the frozen trunk, the head, SVMs, box regressors.
+
+    Windows are max-pooled from conv5 into ``levels`` (None: ``config.levels``), each
+    level flattened as ``(C, n_h, n_w)`` if ``channel_major`` (the order of an imported
+    torchvision fc6), else ``(n_h, n_w, C)``: the vector the head's fc6 takes
+    (:func:`spp_jax.detection.stages.window_pyramid` picks both for a backbone).
+    """
 
     trunk: ConvTrunk
     trunk_params: Any
@@ -41,6 +47,8 @@ class Detector:
     svms: svm.SVMs | None = None
     regressors: bbox_regression.BoxRegressors | None = None
     svd: Any = None  # truncated-SVD factors of fc6/fc7 (see `compress`), or None
+    levels: Any = None
+    channel_major: bool = False
 
     def __post_init__(self) -> None:
         c = self.config
@@ -48,7 +56,12 @@ class Detector:
             self.trunk, self.trunk_params, bucket=c.image_bucket, max_side=c.max_side
         )
         self.stride = self.trunk.total_stride
-        self.pooler = features.WindowPooler(c.levels, self.stride)
+        self.pooler = features.WindowPooler(
+            c.levels if self.levels is None else self.levels,
+            self.stride,
+            channel_major=self.channel_major,
+        )
+        self.levels = self.pooler.levels
         self.min_input = self.trunk.min_input_size
 
     def scales(self, n: int) -> tuple[int, ...]:

@@ -152,6 +152,8 @@ class WindowPooler:
       stride: the trunk's total stride (:attr:`~spp_jax.models.ConvTrunk.total_stride`).
       map_bucket: maps are zero-padded to multiples of this (cells).
       window_bucket: window counts are padded to multiples of this.
+      channel_major: flatten each level as ``(C, n_h, n_w)`` (PyTorch's order, which
+        an imported torchvision fc6 expects) rather than ``(n_h, n_w, C)``.
     """
 
     def __init__(
@@ -161,9 +163,11 @@ class WindowPooler:
         *,
         map_bucket: int = 8,
         window_bucket: int = 256,
+        channel_major: bool = False,
     ):
         self.levels = normalize_levels(levels)
         self.stride, self.map_bucket, self.window_bucket = stride, map_bucket, window_bucket
+        self.channel_major = bool(channel_major)
 
         @jax.jit
         def pool(fmap, boxes, valid, hw):
@@ -177,6 +181,7 @@ class WindowPooler:
                 projection="sppnet",
                 valid=valid,
                 valid_sizes=hw[None],
+                channel_major=self.channel_major,
             )
 
         self._pool = pool

@@ -67,6 +67,7 @@ def pool_stacks(
     levels: LevelsLike,
     stride: int,
     valid: jax.Array | None = None,
+    channel_major: bool = False,
 ) -> jax.Array:
     """Pools each window from its image's map at its scale.
 
@@ -82,6 +83,7 @@ def pool_stacks(
       levels: the pyramid.
       stride: the trunk's total stride.
       valid: optional bool ``(R,)``; False rows give zeros.
+      channel_major: each level flattened as ``(C, n_h, n_w)`` (PyTorch's order).
 
     Returns:
       float32 ``(R, C * sum(n_h * n_w))``.
@@ -220,14 +222,22 @@ def make_step(
     *,
     levels: LevelsLike,
     stride: int,
+    channel_major: bool = False,
 ) -> Callable[[HeadState, Sequence[MapStack], dict[str, jax.Array]], tuple[HeadState, dict]]:
-    """The jitted fine-tuning step: pool the batch's windows, softmax loss, update."""
+    """The jitted fine-tuning step: pool the batch's windows (:func:`pool_stacks` with
+    ``levels``, ``stride`` and ``channel_major``), softmax loss, update."""
     from spp_jax.train import cross_entropy
 
     @functools.partial(jax.jit, donate_argnums=(0,))
     def step(state: HeadState, stacks, batch):
         feats = pool_stacks(
-            stacks, batch["boxes"], batch["image"], batch["scale"], levels=levels, stride=stride
+            stacks,
+            batch["boxes"],
+            batch["image"],
+            batch["scale"],
+            levels=levels,
+            stride=stride,
+            channel_major=channel_major,
         )
         key = jax.random.fold_in(state.key, state.step)
 

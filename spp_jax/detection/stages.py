@@ -180,6 +180,45 @@ def load_backbone(path: str) -> tuple[ConvTrunk, Any, dict, Any]:
     return backbone.model.conv_trunk, trunk_params, fc, backbone.config
 
 
+def window_pyramid(config, backbone, channels: int, fc6_inputs: int) -> tuple[tuple, bool]:
+    """``(levels, channel_major)`` of the window pooling that feeds the backbone's fc6.
+
+    Windows are always max-pooled from conv5 (the paper's window pyramid). The levels
+    are ``config.levels``, or, if it is None, the backbone head's: its SPP levels
+    (``(6, 3, 2, 1)`` for the built-in nets; ``(6,)`` or ``(7,)`` for an imported
+    torchvision AlexNet or VGG-16, whose pool5 and average pyramid the one-level max
+    pooling of each window replaces, as in Fast R-CNN), or ``(6,)`` for the no-SPP
+    ``pool6`` head. The flatten order is the backbone head's.
+
+    Args:
+      config: the detection config.
+      backbone: the backbone's classification config.
+      channels: the trunk's conv5 channels.
+      fc6_inputs: the rows of the backbone's fc6 kernel.
+
+    Raises:
+      ValueError: the levels pool a vector of another length than fc6 takes.
+    """
+    from spp_jax.geometry import normalize_levels
+
+    model = backbone.model
+    if config.levels is not None:
+        levels = config.levels
+    elif model.head == "spp":
+        levels = model.levels
+    else:
+        levels = (6,)
+    levels = normalize_levels(levels)
+    width = channels * sum(h * w for h, w in levels)
+    if width != fc6_inputs:
+        raise ValueError(
+            f"levels={tuple(levels)} pool {width} values per window from the backbone's "
+            f"{channels} conv5 channels, but its fc6 takes {fc6_inputs}: set levels=None "
+            f"(the backbone's own) or levels whose bins times {channels} make {fc6_inputs}"
+        )
+    return tuple(levels), bool(model.get("channel_major", False))
+
+
 def _initial_head(config, k: int, fc: dict, fc_dim: int) -> tuple[MLPHead, Any]:
     head = MLPHead(k + 1, fc_dim, config.finetune.dropout_rate)
     init = head.init(jax.random.key(config.seed), jnp.zeros((1, fc["fc6"]["kernel"].shape[0])))
@@ -194,7 +233,13 @@ def build_detector(config, workdir: str) -> tuple[Detector, Any]:
     k = voc.num_classes(config.dataset, config.data_dir)
     trunk, trunk_params, fc, backbone = load_backbone(stage_backbone(config, workdir))
     head, params = _initial_head(config, k, fc, backbone.model.fc_dim)
-    return Detector(trunk, trunk_params, head, params, k, config), params
+    levels, channel_major = window_pyramid(
+        config, backbone, trunk.out_channels, fc["fc6"]["kernel"].shape[0]
+    )
+    det = Detector(
+        trunk, trunk_params, head, params, k, config, levels=levels, channel_major=channel_major
+    )
+    return det, params
 
 
 # --------------------------------------------------------------------------------------
@@ -340,7 +385,9 @@ def _finetune(config, path: str, det: Detector, data, props, val_maps, train_map
         len(sampler.foreground), len(sampler.background), len(train), len(scales),
     )  # fmt: skip
     tx = _finetune_optimizer(ft)
-    step_fn = finetune.make_step(det.head, tx, levels=config.levels, stride=det.stride)
+    step_fn = finetune.make_step(
+        det.head, tx, levels=det.levels, stride=det.stride, channel_major=det.channel_major
+    )
     ckpt = os.path.join(path, "state.msgpack")
     state, best = _head_state(det, tx, config.seed, ckpt)
     scale_of = functools.partial(_window_scales, det, train.sizes, scales)
