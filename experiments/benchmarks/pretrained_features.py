@@ -30,7 +30,7 @@ with torchvision's ImageNet mean and std. Three ways to get their features:
    without masking): ``features[:-1]`` then ``torch.cat([adaptive_max_pool2d(f,
    n).flatten(1) for n in levels], 1)``, under ``torch.inference_mode``.
 3. ``torch_padded``: eager PyTorch on the same zero-padded bucket batches, without
-   masking: faster than (2) but not exact (the padding enters the convs' borders and
+   masking: one call per batch as (1), but not exact (the padding enters the convs' borders and
    the pyramid's bins). Its largest difference from (2) is reported.
 
 Before timing, (1) is checked equal to (2) (largest difference over the largest
