@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, Literal
 
 
@@ -88,6 +88,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` atomically (see the module docstring)."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
+    """Writes ``arrays`` to ``path`` as an uncompressed ``.npz`` (``np.savez``) atomically."""
+    import numpy as np
+
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> None:

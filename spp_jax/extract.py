@@ -28,7 +28,7 @@ import numpy as np
 
 from spp_jax import data as data_lib
 from spp_jax import workdirs
-from spp_jax._io import atomic_open, atomic_write_json
+from spp_jax._io import atomic_write_json, atomic_write_npz
 
 log = logging.getLogger("spp_jax.extract")
 
@@ -142,8 +142,7 @@ def _write_output(out: str, arrays: dict[str, np.ndarray], parts: _Parts) -> Non
     if parts.resumed:
         log.info("%d image(s) from the parts of an earlier call", parts.resumed)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with atomic_open(out, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
+    atomic_write_npz(out, arrays)
     parts.remove()
     log.info("wrote %s: features %s", out, arrays["features"].shape)
 
@@ -301,8 +300,7 @@ class _Parts:
         path = os.path.join(self.dir, f"{self._count:06d}.npz")
         self._count += 1
         sizes = np.array([self._sizes.pop(n) for n in names], np.int32)
-        with atomic_open(path, "wb") as f:
-            np.savez(f, names=np.array(names), features=features, sizes=sizes)
+        atomic_write_npz(path, {"names": np.array(names), "features": features, "sizes": sizes})
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
-from spp_jax._io import atomic_open
+from spp_jax._io import atomic_write_npz
 from spp_jax._padding import pad_rows, power_of_two
 from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 from spp_jax.detection.boxes import (
@@ -302,8 +302,7 @@ class BoxRegressors:
             "scale": np.array(self.scale, np.float64),
             "counts": np.array(self.counts, np.int64),
         }
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+        atomic_write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> BoxRegressors:

@@ -215,17 +215,15 @@ def load_detector(workdir: str, *, scorer: str | None = None) -> Detector:
     Raises:
       FileNotFoundError: the workdir lacks a stage the detector needs.
     """
-    import flax.serialization
 
     config = load_run_config(workdir)
     if scorer is not None:
         config.test.scorer = scorer
     det, _ = stages.build_detector(config, workdir)
-    best = os.path.join(workdir, "finetune", "best.msgpack")
-    if os.path.exists(best):
-        with open(best, "rb") as f:
-            det.head_params = flax.serialization.from_bytes(det.head_params, f.read())
-    name = "svm" if os.path.exists(best) else "svm_pretrained"
+    finetuned = stages.finetuned_head(workdir, det.head_params)
+    if finetuned is not None:
+        det.head_params = finetuned
+    name = "svm" if finetuned is not None else "svm_pretrained"
     if os.path.exists(os.path.join(workdir, f"{name}.npz")):
         det.svms = svm.SVMs.load(os.path.join(workdir, f"{name}.npz"))
     elif config.test.scorer == "svm":
@@ -284,7 +282,7 @@ def evaluate_detector_workdir(
         data.images, props, num_scales=scales, scorer=scorer, regress=regress, timings=clock
     )
     row, aps, _ = _ap_row(dets, data, det.num_classes, clock)
-    finetuned = os.path.exists(os.path.join(workdir, "finetune", "best.msgpack"))
+    finetuned = os.path.exists(stages.finetuned_head_path(workdir))
     variant = ("ft " if finetuned else "") + ("fc7 + SVM" if scorer == "svm" else "softmax")
     if regress and det.regressors is not None:
         variant += " + bbox"

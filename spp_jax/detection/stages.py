@@ -423,7 +423,6 @@ def stage_finetune(
 
     ``train_maps``: the training split's maps at the fine-tuning scales (mirrored
     images appended if ``finetune.flip``), if already computed."""
-    import flax.serialization
 
     path = os.path.join(workdir, "finetune")
     if stage_done(workdir, "finetune") is None:
@@ -432,8 +431,24 @@ def stage_finetune(
         best = _finetune(config, path, det, data, props, val_maps, train_maps)
         steps = config.finetune.steps
         finish_stage(workdir, "finetune", time.perf_counter() - t0, best=best, steps=steps)
-    with open(os.path.join(path, "best.msgpack"), "rb") as f:
-        return flax.serialization.from_bytes(det.head_params, f.read())
+    return finetuned_head(workdir, det.head_params)
+
+
+def finetuned_head_path(workdir: str) -> str:
+    """Where fine-tuning keeps the head params of its best validation step."""
+    return os.path.join(workdir, "finetune", "best.msgpack")
+
+
+def finetuned_head(workdir: str, template: Any) -> Any | None:
+    """The fine-tuned head params of the run in ``workdir`` (:func:`finetuned_head_path`),
+    in the structure of ``template``; None if it has none."""
+    import flax.serialization
+
+    path = finetuned_head_path(workdir)
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return flax.serialization.from_bytes(template, f.read())
 
 
 # --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spp_jax._io import atomic_open
+from spp_jax._io import atomic_write_npz
 from spp_jax.detection._checks import class_labels, float_rows, int_at_least, number
 
 __all__ = [
@@ -353,8 +353,7 @@ class SVMs:
         if self.stats:
             for name in _STAT_FIELDS:
                 arrays[f"stats_{name}"] = np.array([getattr(s, name) for s in self.stats])
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
+        atomic_write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SVMs:
