@@ -550,10 +550,28 @@ def _train_command(args) -> int:
 
     log.info("spp_jax %s from %s", spp_jax.__version__, os.path.dirname(spp_jax.__file__))
     config = load_config(args.config, args.set)
+    _check_init_from_overrides(config, args.set, train.INIT_FROM_MODEL_FIELDS)
     _init_distributed(args)
     workdirs.check_run_dir(args.workdir, "classification")
     train.train_and_evaluate(config, args.workdir)
     return 0
+
+
+def _check_init_from_overrides(config, overrides: list[str] | None, fields) -> None:
+    """Refuses ``--set model.FIELD=...`` of a field that ``init_from``'s model sets
+    (:data:`spp_jax.train.INIT_FROM_MODEL_FIELDS`), which the run would replace."""
+    if not config.get("init_from"):
+        return
+    for item in overrides or []:
+        key = item.partition("=")[0]
+        group, _, field = key.partition(".")
+        if group == "model" and field in fields:
+            raise SystemExit(
+                f"--set {item!r}: with init_from, model.{field} is the one in "
+                f"{config.init_from}/config.json (the model its parameters fit); of the "
+                "model's fields a run with init_from sets only model.dropout_rate and "
+                "model.dtype (model.num_classes is its dataset's)"
+            )
 
 
 def _eval_command(args) -> int:

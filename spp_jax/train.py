@@ -443,6 +443,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
     workdirs.check_run_dir(workdir, "classification")
     _check_batch_sizes(config)
     os.makedirs(workdir, exist_ok=True)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    resuming = manager.latest_step() is not None
+    config, init_from = _with_init_from_model(config, workdir, resuming=resuming)
     builder, info = load_dataset(config)
     config = with_num_classes(config, info.num_classes)
     save_config(config, workdir)
@@ -451,8 +454,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after_step: int | None = No
 
     model = create_model(config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    manager = checkpoint_manager(workdir, config.keep_checkpoints)
-    state = _initial_state(config, model, schedule, manager)
+    state = _initial_state(config, model, schedule, manager, init_from=init_from)
     start_step = int(state.step)
     p_train_step = _PmappedTrainStep(schedule)
     p_state = replicate(state)
@@ -539,16 +541,179 @@ def _log_run(config, info: data_lib.DatasetInfo, steps_per_epoch: int) -> None:
     )
 
 
-def _initial_state(config, model: SPPNet, schedule: optax.Schedule, manager) -> TrainState:
+def _initial_state(
+    config, model: SPPNet, schedule: optax.Schedule, manager, *, init_from: str | None = None
+) -> TrainState:
     """The state to train from: the latest checkpoint of ``manager`` if there is one,
-    else the initial state of ``config.seed`` (host, unreplicated)."""
+    else the initial state of ``config.seed`` (host, unreplicated), with the parameters
+    of the workdir ``init_from`` where their shapes match (:func:`init_params_from`)."""
     state = create_train_state(config, model, config.crop_size, create_optimizer(config, schedule))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     log.info("model %s/%s: %s parameters", config.model.arch, config.model.head, f"{n_params:,}")
     if manager.latest_step() is not None:
         state = restore_checkpoint(manager, state)
-        log.info("resumed from checkpoint at step %d", int(state.step))
+        ignored = " (init_from ignored: the checkpoint holds the run's parameters)"
+        ignored = ignored if config.get("init_from") else ""
+        log.info("resumed from checkpoint at step %d%s", int(state.step), ignored)
+    elif init_from is not None:
+        params = init_params_from(state.params, init_from)
+        state = state.replace(params=params, opt_state=state.tx.init(params))
     return state
+
+
+# ------------------------------------------------------------------ init_from (fine-tuning)
+
+#: ``config.model`` fields that describe what the parameters compute: a run with
+#: ``init_from`` takes them from that workdir's ``config.json``. The run keeps its own
+#: ``dropout_rate`` and ``dtype`` (they change no parameter) and ``num_classes`` (its
+#: dataset's).
+INIT_FROM_MODEL_FIELDS = (
+    "arch",
+    "head",
+    "levels",
+    "width",
+    "depth",
+    "fc_dim",
+    "base_size",
+    "center_input",
+    "spp_mode",
+    "channel_major",
+    "pool5",
+)
+
+_INIT_FROM_ACCEPTED = (
+    "init_from accepts None or a classification workdir written by `spp-jax train` or "
+    "`spp-jax import-weights`"
+)
+
+
+def check_init_from(path: str | os.PathLike) -> str:
+    """Checks that ``path`` is a classification workdir with a checkpoint, a value
+    ``config.init_from`` accepts, and returns it as a string.
+
+    Raises:
+      spp_jax.workdirs.WorkdirError: it does not exist, is a file, holds no run's
+        ``config.json``, is a detection workdir, or has no checkpoint; the message names
+        the path and what is accepted.
+
+    >>> check_init_from("/nonexistent/run")
+    Traceback (most recent call last):
+    ...
+    spp_jax.workdirs.WorkdirError: config key init_from: workdir '/nonexistent/run' does not exist: give the --workdir of a finished `spp-jax train` run; init_from accepts None or a classification workdir written by `spp-jax train` or `spp-jax import-weights`
+    """  # noqa: E501
+    try:
+        return workdirs.require(path, "classification")
+    except workdirs.WorkdirError as e:
+        raise workdirs.WorkdirError(f"config key init_from: {e}; {_INIT_FROM_ACCEPTED}") from None
+
+
+def _with_init_from_model(config, workdir: str, *, resuming: bool) -> tuple[Any, str | None]:
+    """``config`` with the :data:`INIT_FROM_MODEL_FIELDS` of the model that ``init_from``
+    describes, and the workdir to copy parameters from (None: nothing to copy).
+
+    A new run reads them from ``config.init_from``'s ``config.json``. A resumed run whose
+    config or own ``workdir/config.json`` names an ``init_from`` reads them (and
+    ``init_from``) from its own ``config.json``, written when it started: it resumes the
+    model its checkpoint holds even if the ``init_from`` workdir is gone or changed since,
+    and copies no parameters (the checkpoint holds them).
+    """
+    if resuming:
+        saved = workdirs.read_config(workdir) if workdirs.kind_of(workdir) else None
+        if saved is None or not (config.get("init_from") or saved.get("init_from")):
+            return config, None
+        source, init_from = saved, saved.get("init_from")
+    elif config.get("init_from"):
+        source = workdirs.read_config(check_init_from(config.init_from))
+        init_from = config.init_from
+    else:
+        return config, None
+    config = copy.deepcopy(config)
+    model = config.model.to_dict()
+    changed = []
+    for field in INIT_FROM_MODEL_FIELDS:
+        old, value = _as_plain(model.get(field)), _as_plain(source.model.get(field))
+        if old != value:
+            changed.append(f"{field} {old!r} -> {value!r}")
+        model[field] = value
+    with config.unlocked():
+        # A new group: the run's config may hold a field in another type (None, int).
+        config.model = type(config.model)(model)
+        config.init_from = init_from
+    if resuming:
+        return config, None
+    log.info(
+        "init_from %s: model %s/%s from its config.json%s",
+        os.path.abspath(init_from),
+        config.model.arch,
+        config.model.head,
+        f" (replacing this config's {', '.join(changed)})" if changed else "",
+    )
+    return config, str(init_from)
+
+
+def _as_plain(value: Any) -> Any:
+    """A config value comparable across JSON round trips (lists as tuples)."""
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def init_params_from(params: Any, workdir: str | os.PathLike) -> Any:
+    """``params`` with every layer whose arrays match, by name and shape, those of the
+    latest checkpoint of the classification workdir ``workdir`` replaced by that
+    checkpoint's arrays.
+
+    A layer is a top-level entry (``conv1``, ``fc6``, ...); one that differs in any array
+    (``fc8`` for another class count, ``fc6`` after another pyramid) or that the checkpoint
+    lacks keeps its values in ``params``. Logs one line naming the copied and the new layers.
+
+    Args:
+      params: a model's parameters (``{"conv1": {"kernel": ..., "bias": ...}, ...}``), e.g.
+        a fresh ``model.init(...)["params"]``.
+      workdir: a workdir of ``spp-jax train`` or ``spp-jax import-weights``
+        (:func:`check_init_from`).
+
+    Returns:
+      A tree of ``params``' structure and dtypes.
+
+    Raises:
+      spp_jax.workdirs.WorkdirError: ``workdir`` is not such a workdir.
+
+    Example (``runs/alexnet`` from ``spp-jax import-weights``, a 10-class dataset)::
+
+        model = create_model(with_num_classes(config, 10))
+        params = init_params_from(model.init(key, x)["params"], "runs/alexnet")
+        # conv1 ... conv5, fc6, fc7 imported; fc8 (4096 -> 10) keeps its init.
+    """
+    path = check_init_from(workdir)
+    trained = workdirs.load_trained(path)
+    source = trained.params
+    out, copied, new = {}, [], []
+    for layer, arrays in params.items():
+        src = source.get(layer) if hasattr(source, "get") else None
+        fresh = flax.traverse_util.flatten_dict(arrays, sep="/")
+        theirs = flax.traverse_util.flatten_dict(src, sep="/") if hasattr(src, "items") else {}
+        if theirs.keys() == fresh.keys() and all(
+            np.shape(theirs[k]) == np.shape(v) for k, v in fresh.items()
+        ):
+            out[layer] = jax.tree_util.tree_map(
+                lambda mine, their: jnp.asarray(their, jnp.asarray(mine).dtype), arrays, src
+            )
+            copied.append(layer)
+        else:
+            out[layer] = arrays
+            new.append(f"{layer} {_shapes(fresh)} (there {_shapes(theirs) or 'absent'})")
+    log.info(
+        "init_from %s (step %d): copied %s; new (fresh init): %s",
+        os.path.abspath(path),
+        trained.step,
+        ", ".join(copied) or "nothing",
+        ", ".join(new) or "none",
+    )
+    return out
+
+
+def _shapes(flat: dict[str, Any]) -> str:
+    """``kernel (16, 10), bias (10,)`` of a layer's flattened arrays."""
+    return ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in flat.items())
 
 
 class _PmappedTrainStep:

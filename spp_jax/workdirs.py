@@ -247,6 +247,9 @@ def load_trained(workdir: str | os.PathLike) -> Trained:
       FileNotFoundError: ``workdir`` has no ``config.json`` or no checkpoint.
       WorkdirError: the checkpoint does not fit the model the config describes.
     """
+    import jax
+    import numpy as np
+
     from spp_jax import train
 
     workdir = str(workdir)
@@ -258,7 +261,10 @@ def load_trained(workdir: str | os.PathLike) -> Trained:
         config.model.num_classes = _checkpoint_num_classes(workdir, manager.latest_step())
     model = train.create_model(config)
     tx = train.create_optimizer(config, train.learning_rate_schedule(config, 1))
-    state = train.create_train_state(config, model, config.crop_size, tx)
+    # The restore target needs only the state's structure, shapes and dtypes: traced with
+    # eval_shape, the model is never run or compiled (seconds for a large net on a CPU).
+    shapes = jax.eval_shape(lambda: train.create_train_state(config, model, config.crop_size, tx))
+    state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     state = train.restore_checkpoint(manager, state)
     return Trained(config, model, state.params, int(state.step))
 

@@ -113,6 +113,11 @@ CLASSIFICATION: dict[str, Rule] = {
         lambda v: v is None or (_is_int(v) and v > 0),
         "None (the dataset's class count) or a positive integer",
     ),
+    "init_from": (
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "None or the path of a classification workdir (of `spp-jax train` or "
+        "`spp-jax import-weights`)",
+    ),
     "crop_size": _POSITIVE_INT,
     "size_schedule": _one_of("single", "paper", "random"),
     "train_sizes": _sizes(),

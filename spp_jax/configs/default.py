@@ -70,6 +70,14 @@ def get_config() -> ml_collections.ConfigDict:
     # WORKDIR/config.json, so a trained workdir loads without reading the dataset.
     c.model.num_classes = None
 
+    # Start from a trained classification workdir (`spp-jax train`, or `spp-jax import-weights`
+    # for torchvision's AlexNet/VGG-16) instead of a random init: its model.* fields replace
+    # this config's, except dropout_rate, dtype and num_classes (the dataset's); every
+    # parameter whose shape matches is copied, the others (fc8 for another class count) keep
+    # their fresh init. Step 0, fresh optimizer state. Ignored when the run resumes from its
+    # own checkpoint. None: random init. (spp_jax.train, "init_from"; docs/pretrained.md.)
+    c.init_from = None
+
     # Multi-size training: crop at crop_size; the schedule picks each epoch's size.
     c.crop_size = 112
     c.size_schedule = "paper"  # single | paper (alternate per epoch) | random (low, high)
