@@ -14,19 +14,30 @@ row ``p`` of ``A_y`` (``oh x H``) holds the weights output row ``p`` gives each 
 weight times a column weight, and torchvision's out-of-map rule (a sample outside
 ``[-1, H] x [-1, W]`` counts 0) is a row test and a column test. An adaptive sampling
 grid (``sampling_ratio <= 0``: ``ceil(roi_size / output_size)`` samples per bin, a
-count that depends on the box) needs no data-dependent shape: samples of one bin lie
-more than half a cell apart, so at most ``2 H + 3`` of them fall in ``[-1, H]``, and a
-static number are enumerated from the first that can; new boxes never recompile.
+count that depends on the box) needs no data-dependent shape: its samples lie more than
+half a cell apart, so each cell enumerates the few that can reach it; new boxes never
+recompile.
+
+:func:`roi_align` computes its value a second way, reading only the cells its samples
+touch, as torchvision does: with a fixed sampling ratio ``s``, bin ``(p, q)`` gathers
+the ``2 s x 2 s`` cells between which its row and column samples fall and adds them up
+weighted, one gather per cell, in one pass that XLA fuses; with the adaptive grid, a
+bin's cells are read a small window at a time, in a loop until the box's largest bin is
+covered. Like torchvision's kernel, it reads what grows with the samples, not with the
+map. A gather's transpose is a scatter, so the value comes from the gathers
+and the derivatives, of every order, from the contraction (a ``jax.custom_jvp`` whose
+tangent is the contraction's).
 
 What follows from it: the ops are ``jnp`` code, so they compose with every JAX
 transformation, to any order of derivatives, for the boxes too; gradients are dot
 products with no scatter, hence bitwise deterministic on every backend; nothing lowers
 to a custom call, so they run unchanged on CPU, GPU and TPU; and boxes go through
-``lax.map`` in chunks, so memory stays bounded for any number of boxes. The cost per
-box grows with the map's area (``oh * B * H * W * C`` multiply-adds for ``A_y @ F``,
-where the one-hot pick of the box's image brings the batch size ``B``): right for the
-maps detection heads pool (tens of cells a side), wasteful on maps hundreds of cells
-wide, where a gather-based kernel touches only the sampled cells.
+``lax.map`` in chunks, so memory stays bounded for any number of boxes. The
+contraction's cost per box grows with the map's area (``oh * B * H * W * C``
+multiply-adds for ``A_y @ F``, where the one-hot pick of the box's image brings the
+batch size ``B``): that is what derivatives, the position-sensitive ops and sampling
+ratios above 4 cost; right for the maps detection heads pool (tens of cells a side),
+wasteful on maps hundreds of cells wide.
 """
 
 from __future__ import annotations
@@ -55,6 +66,13 @@ OutputSize = int | Sequence[int]
 # Temporaries of one chunk of boxes: small enough that a chunk's rows of ``A_y @ F`` stay in
 # cache until ``@ A_x^T`` reads them, large enough that the loop over chunks costs little.
 _CHUNK_BYTES = 8 * 2**20
+# The gathered forward's chunks: each box's sum stays in cache while its terms are added.
+_GATHER_CHUNK_BYTES = 2**20
+# Cells per side an adaptive bin's window is read by at a time (_gather_boxes).
+_WINDOW = 3
+# Most taps per bin (2 s x 2 s for sampling ratio s) that the gathered forward unrolls;
+# beyond, the dense contraction gives the value too.
+_MAX_TAPS = 64
 
 
 def _output_size(output_size: Any) -> tuple[int, int]:
@@ -83,42 +101,123 @@ def _check_sampling_ratio(sampling_ratio: Any) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def _sample_weights(
-    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, size: int, samples: int
+def _samples(
+    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, i: jax.Array
 ) -> jax.Array:
-    """``(n_out, size)``: per bin, the summed bilinear weights of its samples on each cell.
-
-    Bin ``p`` samples ``y = start + p * bin_size + (i + 0.5) * bin_size / grid`` for
-    ``i < grid``, in torchvision's order of operations. A sample outside ``[-1, size]``
-    counts 0; one in ``[-1, 0]`` reads cell 0, one at or past ``size - 1`` the last
-    cell. ``samples``: how many of a bin's samples to enumerate, ``grid`` itself when it
-    is static (a fixed sampling ratio), else ``-1``: ``2 * size + 5`` from one before the
-    first sample that can reach ``-1``.
-    """
+    """Positions (``i``'s shape) of samples ``i[p, ...]`` of bins ``p < n_out``: bin ``p``
+    samples ``y = start + p * bin_size + (i + 0.5) * bin_size / grid`` for ``i < grid``,
+    in torchvision's order of operations."""
     dt = start.dtype
-    base = start + jnp.arange(n_out, dtype=dt) * bin_size  # (n_out,)
-    grid_f = grid.astype(dt)
-    if samples > 0:
-        first = jnp.zeros((n_out,), jnp.int32)
-    else:
-        step = bin_size / jnp.maximum(grid_f, 1.0)
-        first = jnp.ceil((-1.0 - base) / jnp.where(step > 0, step, 1.0) - 0.5) - 1.0
-        first = jnp.clip(first, 0.0, 2.0**30).astype(jnp.int32)
-        samples = 2 * size + 5
-    i = first[:, None] + jnp.arange(samples, dtype=jnp.int32)[None, :]  # (n_out, S)
-    # a bin without samples (grid 0) is masked below; dividing by 1 keeps its derivatives finite
-    y = base[:, None] + (i.astype(dt) + 0.5) * bin_size / jnp.maximum(grid_f, 1.0)
-    inside = (i < grid) & (y >= -1.0) & (y <= size)
+    base = start + jnp.arange(n_out, dtype=dt) * bin_size
+    # a bin without samples (grid 0) is masked by _bilinear; dividing by 1 keeps its
+    # derivatives finite
+    grid_f = jnp.maximum(grid.astype(dt), 1.0)
+    return jnp.expand_dims(base, tuple(range(1, i.ndim))) + (i.astype(dt) + 0.5) * bin_size / grid_f
+
+
+def _bilinear(
+    y: jax.Array, i: jax.Array, grid: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The two cells samples ``y`` (indices ``i``) read, low and high, and their weights.
+
+    A sample outside ``[-1, size]`` (or not one of its bin's ``grid``) weighs 0; one in
+    ``[-1, 0]`` reads cell 0, one at or past ``size - 1`` the last cell."""
+    inside = (i >= 0) & (i < grid) & (y >= -1.0) & (y <= size)
     y = jnp.maximum(y, 0.0)
     low = jnp.clip(y, 0.0, size).astype(jnp.int32)
     top = low >= size - 1
     low = jnp.where(top, size - 1, low)
     high = jnp.where(top, size - 1, low + 1)
-    frac = jnp.where(top, 0.0, y - low.astype(dt))
-    cells = jnp.arange(size, dtype=jnp.int32)[None, None, :]
-    w_low = jnp.where(inside, 1.0 - frac, 0.0)[..., None] * (low[..., None] == cells).astype(dt)
-    w_high = jnp.where(inside, frac, 0.0)[..., None] * (high[..., None] == cells).astype(dt)
-    return jnp.sum(w_low + w_high, axis=1)
+    frac = jnp.where(top, 0.0, y - low.astype(y.dtype))
+    return low, high, jnp.where(inside, 1.0 - frac, 0.0), jnp.where(inside, frac, 0.0)
+
+
+def _first_sample(
+    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, at: jax.Array
+) -> jax.Array:
+    """Per bin (``at``: ``(n_out, ...)``), one before the index of the first sample at
+    or past ``at`` by the closed form (which rounding can move by one), at least 0."""
+    dt = start.dtype
+    base = start + jnp.arange(n_out, dtype=dt) * bin_size
+    step = bin_size / jnp.maximum(grid.astype(dt), 1.0)
+    base = jnp.expand_dims(base, tuple(range(1, at.ndim)))
+    first = jnp.ceil((at - base) / jnp.where(step > 0, step, 1.0) - 0.5) - 1.0
+    return jnp.clip(first, 0.0, 2.0**30).astype(jnp.int32)
+
+
+def _cell_weights(
+    start: jax.Array,
+    bin_size: jax.Array,
+    grid: jax.Array,
+    n_out: int,
+    size: int,
+    cells: jax.Array,
+    samples: int,
+) -> jax.Array:
+    """``cells``' shape ``(n_out, G)``: the summed bilinear weights bin ``p``'s samples
+    give cell ``cells[p, g]``.
+
+    ``samples``: the samples per bin when that is static (a fixed sampling ratio), all
+    enumerated for every cell; else ``-1``: each cell enumerates the samples that can
+    reach it, those in ``[c - 1, c + 1]``. An adaptive grid (``grid =
+    ceil(bin_size)``) has one sample per bin or samples more than half a cell apart, so
+    at most 4 lie there; 6 are enumerated from one before the first, for rounding.
+    """
+    if samples > 0:
+        i = jnp.broadcast_to(jnp.arange(samples, dtype=jnp.int32), (*cells.shape, samples))
+    else:
+        first = _first_sample(start, bin_size, grid, n_out, cells.astype(start.dtype) - 1.0)
+        i = first[..., None] + jnp.arange(6, dtype=jnp.int32)[None, None, :]
+    low, high, w_low, w_high = _bilinear(_samples(start, bin_size, grid, n_out, i), i, grid, size)
+    c = cells[..., None]
+    return jnp.sum(jnp.where(low == c, w_low, 0.0) + jnp.where(high == c, w_high, 0.0), axis=-1)
+
+
+def _sample_weights(
+    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, size: int, samples: int
+) -> jax.Array:
+    """``(n_out, size)``: per bin, the summed bilinear weights of its samples on each
+    cell (:func:`_cell_weights` of every cell)."""
+    cells = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32), (n_out, size))
+    return _cell_weights(start, bin_size, grid, n_out, size, cells, samples)
+
+
+def _sample_taps(
+    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, size: int, samples: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(n_out, 2 * samples)`` cells and weights: the low and the high cell each of a
+    bin's ``samples`` samples reads (a fixed sampling ratio) and their weights."""
+    i = jnp.broadcast_to(jnp.arange(samples, dtype=jnp.int32), (n_out, samples))
+    low, high, w_low, w_high = _bilinear(_samples(start, bin_size, grid, n_out, i), i, grid, size)
+    return jnp.concatenate([low, high], 1), jnp.concatenate([w_low, w_high], 1)
+
+
+def _bin_window(
+    start: jax.Array, bin_size: jax.Array, grid: jax.Array, n_out: int, size: int
+) -> tuple[jax.Array, jax.Array]:
+    """``(n_out,)`` first cell and number of cells that each bin's samples read: from the
+    low cell of its first sample in ``[-1, size]`` to the high cell of its last (0 cells
+    if none is)."""
+    dt = start.dtype
+    base = start + jnp.arange(n_out, dtype=dt) * bin_size
+    step = bin_size / jnp.maximum(grid.astype(dt), 1.0)
+    last = jnp.floor((size - base) / jnp.where(step > 0, step, 1.0) - 0.5)
+    last = jnp.minimum(jnp.clip(last, -2.0, 2.0**30).astype(jnp.int32), grid - 1)
+    # the analytic first and last, and their neighbours: rounding can move them by one
+    near = jnp.arange(-1, 3, dtype=jnp.int32)[None, :]
+    first = _first_sample(start, bin_size, grid, n_out, jnp.full((n_out,), -1.0, dt))
+    i = jnp.concatenate([first[:, None] + near, last[:, None] + near - 1], 1)  # (n_out, 8)
+    y = _samples(start, bin_size, grid, n_out, i)
+    ok = (i >= 0) & (i < grid) & (y >= -1.0) & (y <= size)
+    i_first = jnp.min(jnp.where(ok, i, 2**30), axis=1)
+    i_last = jnp.max(jnp.where(ok, i, -1), axis=1)
+    any_ = i_first <= i_last
+    i_first, i_last = jnp.where(any_, i_first, 0), jnp.where(any_, i_last, 0)
+    lo, _, _, _ = _bilinear(_samples(start, bin_size, grid, n_out, i_first[:, None]),
+                            i_first[:, None], grid, size)  # fmt: skip
+    _, hi, _, _ = _bilinear(_samples(start, bin_size, grid, n_out, i_last[:, None]),
+                            i_last[:, None], grid, size)  # fmt: skip
+    return lo[:, 0], jnp.where(any_, jnp.clip(hi[:, 0] - lo[:, 0] + 1, 0, size), 0)
 
 
 def _divide(a: jax.Array, n: int) -> jax.Array:
@@ -166,16 +265,108 @@ def _pool_boxes(
         pick = (box["image"] == jnp.arange(n)).astype(x.dtype)
         a_yb = a_y.astype(x.dtype)[:, None, :] * pick[None, :, None]  # (oh, B, H)
         a_x = a_x.astype(x.dtype)
-        # A_y @ F is one matrix product for a chunk of boxes; @ A_x^T, a batch of tiny
-        # ones, runs faster as a fused multiply and sum.
+        # A_y @ F is one matrix product for a chunk of boxes. @ A_x^T is another for
+        # roi_align: as a fused multiply and sum, XLA:CPU has given its gradient NaNs.
+        # Position-sensitive, a batch of tiny ones, it runs faster as that multiply and sum.
         if position_sensitive:
             rows = jnp.einsum("pbh,pbhwcq->pwcq", a_yb, x, precision=hi)
             return jnp.sum(rows * a_x.T[None, :, None, :], axis=1).transpose(0, 2, 1)
         rows = jnp.einsum("pbh,bhwc->pwc", a_yb, x, precision=hi)
-        return jnp.sum(rows[:, None] * a_x[None, :, :, None], axis=2)
+        return jnp.einsum("pwc,qw->pqc", rows, a_x, precision=hi)
 
     chunk = max(1, _CHUNK_BYTES // max(1, temp_per_box * x.dtype.itemsize))
     return lax.map(jax.checkpoint(one_box), per_box, batch_size=chunk)
+
+
+def _tap_sum(
+    cells: jax.Array, rows: jax.Array, w_rows: jax.Array, cols: jax.Array, w_cols: jax.Array
+) -> jax.Array:
+    """``(oh, ow, C)``: ``sum_ij cells[rows[p, i] + cols[q, j]] * w_rows[p, i] * w_cols[q, j]``,
+    one gather per ``(i, j)`` and a sum of terms that XLA fuses into one pass."""
+    out = None
+    for i in range(rows.shape[1]):
+        for j in range(cols.shape[1]):
+            weight = (w_rows[:, i, None] * w_cols[None, :, j])[..., None]
+            term = cells[rows[:, i, None] + cols[None, :, j]].astype(weight.dtype) * weight
+            out = term if out is None else out + term
+    return out
+
+
+def _gather_boxes(
+    x: jax.Array, per_box: dict[str, jax.Array], out_hw: tuple[int, int], sampling_ratio: int
+) -> jax.Array:
+    """``(R, oh, ow, C)``: RoIAlign's bins as weighted sums of the map cells their samples
+    read, gathered, in the boxes' dtype.
+
+    A fixed sampling ratio ``s``: bin ``(p, q)`` reads the ``2 s`` row cells of its row
+    samples (:func:`_sample_taps`) times the ``2 s`` column cells of its column samples,
+    as torchvision reads the four neighbours of each sample. Adaptive: the cells a bin
+    reads span a window (:func:`_bin_window`) that grows with the bin, so it is read
+    ``_WINDOW x _WINDOW`` cells at a time, each cell once, weighted by the sum of what
+    its samples give it (:func:`_cell_weights`), until the box's largest window is
+    covered: like torchvision's, the reads grow with the bin's area, not the map's.
+    """
+    n, h, w, c = x.shape
+    oh, ow = out_hw
+    cells = x.reshape(n * h * w, c)
+    g = _WINDOW
+    offsets = jnp.arange(g, dtype=jnp.int32)[None, :]
+
+    def one_box(b: dict[str, jax.Array]) -> jax.Array:
+        if sampling_ratio > 0:
+            iy, wy = _sample_taps(b["y1"], b["bin_h"], b["grid_h"], oh, h, sampling_ratio)
+            ix, wx = _sample_taps(b["x1"], b["bin_w"], b["grid_w"], ow, w, sampling_ratio)
+            return _tap_sum(cells, (b["image"] * h + iy) * w, wy * b["scale"], ix, wx)
+        y0, ny = _bin_window(b["y1"], b["bin_h"], b["grid_h"], oh, h)
+        x0, nx = _bin_window(b["x1"], b["bin_w"], b["grid_w"], ow, w)
+        steps_x = jnp.maximum((jnp.max(nx) + g - 1) // g, 1)
+        steps = (jnp.max(ny) + g - 1) // g * steps_x
+
+        def window(k, out):  # cells [y0 + g * (k // steps_x), ...) x [x0 + g * (k % steps_x), ...)
+            ry = y0[:, None] + g * (k // steps_x) + offsets  # (oh, g)
+            rx = x0[:, None] + g * (k % steps_x) + offsets  # (ow, g)
+            ry, in_y = jnp.minimum(ry, h - 1), ry < (y0 + ny)[:, None]
+            rx, in_x = jnp.minimum(rx, w - 1), rx < (x0 + nx)[:, None]
+            wy = _cell_weights(b["y1"], b["bin_h"], b["grid_h"], oh, h, ry, -1)
+            wx = _cell_weights(b["x1"], b["bin_w"], b["grid_w"], ow, w, rx, -1)
+            wy, wx = jnp.where(in_y, wy, 0.0) * b["scale"], jnp.where(in_x, wx, 0.0)
+            return out + _tap_sum(cells, (b["image"] * h + ry) * w, wy, rx, wx)
+
+        return lax.fori_loop(0, steps, window, jnp.zeros((oh, ow, c), b["scale"].dtype))
+
+    temp = 2 * oh * ow * c  # a box's sum and one term
+    chunk = max(1, _GATHER_CHUNK_BYTES // max(1, temp * per_box["scale"].dtype.itemsize))
+    return lax.map(one_box, per_box, batch_size=chunk)
+
+
+def _dense_derivatives(
+    value: Callable[..., jax.Array], dense: Callable[..., jax.Array]
+) -> Callable[..., jax.Array]:
+    """``value``, whose derivatives (of every order) are ``dense``'s: two computations
+    of the same function, the first read by gathers, the second by dot products whose
+    transposes are dot products too, so gradients never scatter."""
+    fn = jax.custom_jvp(value)
+
+    def jvp(primals, tangents):
+        leaves, tree = jax.tree.flatten(primals)
+        zero = jax.custom_derivatives.SymbolicZero
+        dots = jax.tree.leaves(tangents, is_leaf=lambda t: isinstance(t, zero))
+        moving = [k for k, t in enumerate(dots) if not isinstance(t, zero)]
+
+        def restricted(*vals):  # dense as a function of the inputs that have tangents
+            full = list(leaves)
+            for k, v in zip(moving, vals, strict=True):
+                full[k] = v
+            return dense(*jax.tree.unflatten(tree, full))
+
+        out = fn(*primals)
+        if not moving:
+            return out, jnp.zeros_like(out)
+        _, out_dot = jax.jvp(restricted, [leaves[k] for k in moving], [dots[k] for k in moving])
+        return out, out_dot
+
+    fn.defjvp(jvp, symbolic_zeros=True)
+    return fn
 
 
 def _prepare(
@@ -245,10 +436,20 @@ def _bilinear_pool(
         a_x = _sample_weights(b["x1"], b["bin_w"], b["grid_w"], ow, w, sampling_ratio)
         return a_y * b["scale"], a_x
 
-    adaptive = 0 if sampling_ratio > 0 else (2 * h + 5) * h * oh + (2 * w + 5) * w * ow
+    adaptive = 0 if sampling_ratio > 0 else 6 * (h * oh + w * ow)
     c_rows = c // (oh * ow) if position_sensitive else c
     temp = oh * w * c_rows * (ow if position_sensitive else 1) + adaptive
-    return _pool_boxes(x, per_box, weights, out_hw, position_sensitive, temp)
+
+    def dense(x, per_box):
+        return _pool_boxes(x, per_box, weights, out_hw, position_sensitive, temp)
+
+    if position_sensitive or (2 * sampling_ratio) ** 2 > _MAX_TAPS:
+        return dense(x, per_box)
+
+    def value(x, per_box):
+        return _gather_boxes(x, per_box, out_hw, sampling_ratio).astype(x.dtype)
+
+    return _dense_derivatives(value, dense)(x, per_box)
 
 
 def roi_align(

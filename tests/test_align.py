@@ -129,13 +129,49 @@ def test_forms_of_the_arguments():
     assert roi_align(x, b[:0], output_size=2).shape == (0, 2, 2, 4)
 
 
-def test_chunks_give_the_same_result(monkeypatch):
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_chunks_and_windows_give_the_same_result(monkeypatch, sampling_ratio):
     x, b = _features(3), _boxes(6, r=11)
     idx = _indices(len(b))
-    whole = roi_align(x, b, idx, output_size=2, spatial_scale=0.5)
+
+    def f(x):
+        return roi_align(x, b, idx, output_size=2, spatial_scale=0.5,
+                         sampling_ratio=sampling_ratio)  # fmt: skip
+
+    whole, grad = f(x), jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
     monkeypatch.setattr(align, "_CHUNK_BYTES", 1)  # one box per step
-    np.testing.assert_allclose(roi_align(x, b, idx, output_size=2, spatial_scale=0.5), whole,
+    monkeypatch.setattr(align, "_GATHER_CHUNK_BYTES", 1)
+    monkeypatch.setattr(align, "_WINDOW", 1)  # adaptive: one cell per step and side
+    np.testing.assert_allclose(f(x), whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(f(x) ** 2))(x), grad,
                                rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, 5])
+def test_value_equals_the_dense_contraction(sampling_ratio):
+    """The forward's gathered sums (sampling ratio 5: more taps than are unrolled, the
+    dense contraction itself) equal the contraction its derivatives come from."""
+    x, b = _features(3), _boxes(11, r=30)
+    idx = _indices(len(b))
+    kw = dict(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=sampling_ratio)
+    got = roi_align(x, b, idx, **kw)
+    tangent = jax.jvp(lambda x: roi_align(x, b, idx, **kw), (x,), (x,))[1]  # linear in x
+    _close(got, tangent, rtol=1e-6)
+
+
+def test_jitted_gradients_are_finite_on_a_detection_map():
+    """A map and boxes of a detection head: XLA:CPU has turned a fused multiply-and-sum
+    in such gradients into NaN and huge values; the derivatives are dot products."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 38, 50, 256)).astype(np.float32)
+    wh = rng.uniform(16, 400, (50, 2))
+    xy = rng.uniform(0, 1, (50, 2)) * (np.array([800, 600]) - wh)
+    b = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    g = jax.jit(jax.grad(lambda x, b, i: jnp.sum(roi_align(x, b, i, output_size=7,
+                                                           spatial_scale=1 / 16,
+                                                           sampling_ratio=2))))  # fmt: skip
+    for _ in range(3):
+        assert np.all(np.isfinite(g(x, b, _indices(50))))
 
 
 @pytest.mark.parametrize("op", [roi_align, ps_roi_align, ps_roi_pool])
@@ -221,12 +257,15 @@ def test_memory_of_2000_boxes_is_bounded(sampling_ratio):
 def test_lowers_without_custom_calls_for_tpu_and_gpu():
     x = jax.ShapeDtypeStruct((2, 12, 14, 18), jnp.float32)
     b = jax.ShapeDtypeStruct((30, 4), jnp.float32)
-    for op, kw in [(roi_align, dict(sampling_ratio=-1)), (ps_roi_align, {}), (ps_roi_pool, {})]:
+    cases = [(roi_align, dict(sampling_ratio=2), 0), (roi_align, dict(sampling_ratio=-1), 1),
+             (ps_roi_align, {}, 0), (ps_roi_pool, {}, 0)]  # fmt: skip
+    for op, kw, loops in cases:
         fn = jax.jit(functools.partial(op, output_size=3, spatial_scale=0.25, **kw))
         exported = jax.export.export(fn, platforms=("tpu", "cuda"))(x, b)
         text = exported.mlir_module()
         assert "stablehlo.custom_call" not in text, op.__name__
-        assert "stablehlo.while" not in text, op.__name__  # 30 boxes: one chunk, no loop
+        # 30 boxes: one chunk, no loop over boxes; an adaptive grid's windows are one loop
+        assert text.count("stablehlo.while") == loops, (op.__name__, kw)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,10 @@ assigned a level by Eq. 1 of the FPN paper (:func:`fpn_levels`: a box of side
 
 Shapes stay static: every box is pooled at every level, masked to its own (``valid``),
 and the levels are summed, so the op composes with ``jit``, ``vmap`` and ``grad`` and new
-boxes never recompile. The cost is that of :func:`~spp_jax.roi_align` on each map, which
-grows with the map's area: about 4/3 of the finest map's cost for a pyramid that halves
-at each level.
+boxes never recompile. The cost is that of :func:`~spp_jax.roi_align` on each map: for
+the forward, whose reads grow with the samples, about one pooling of all boxes per level;
+for derivatives, which grow with the map's area, about 4/3 of the finest map's cost for
+a pyramid that halves at each level.
 
 >>> import jax.numpy as jnp
 >>> maps = [jnp.ones((1, 16, 16, 5)), jnp.ones((1, 8, 8, 5)), jnp.ones((1, 4, 4, 5))]
