@@ -283,12 +283,15 @@ def _tap_sum(
 ) -> jax.Array:
     """``(oh, ow, C)``: ``sum_ij cells[rows[p, i] + cols[q, j]] * w_rows[p, i] * w_cols[q, j]``,
     one gather per ``(i, j)`` and a sum of terms that XLA fuses into one pass."""
-    out = None
-    for i in range(rows.shape[1]):
-        for j in range(cols.shape[1]):
-            weight = (w_rows[:, i, None] * w_cols[None, :, j])[..., None]
-            term = cells[rows[:, i, None] + cols[None, :, j]].astype(weight.dtype) * weight
-            out = term if out is None else out + term
+
+    def term(i: int, j: int) -> jax.Array:
+        weight = (w_rows[:, i, None] * w_cols[None, :, j])[..., None]
+        return cells[rows[:, i, None] + cols[None, :, j]].astype(weight.dtype) * weight
+
+    pairs = [(i, j) for i in range(rows.shape[1]) for j in range(cols.shape[1])]
+    out = term(*pairs[0])
+    for i, j in pairs[1:]:
+        out = out + term(i, j)
     return out
 
 
