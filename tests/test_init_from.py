@@ -23,6 +23,9 @@ pytest.importorskip("orbax.checkpoint")
 from spp_jax import cli, pretrained, workdirs
 from spp_jax import metrics as metrics_lib
 from spp_jax import train as train_lib
+from tests import test_train
+
+data_dir = test_train.data_dir  # the module's TFDS folder (a fixture)
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "torchvision_tiny.npz"
 TRUNK = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -41,18 +44,6 @@ def _config(init_from, **overrides):
             }
         )
     return config
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("tfds"))
-    old = os.environ.get("TFDS_DATA_DIR")
-    os.environ["TFDS_DATA_DIR"] = d
-    yield d
-    if old is None:
-        os.environ.pop("TFDS_DATA_DIR", None)
-    else:
-        os.environ["TFDS_DATA_DIR"] = old
 
 
 @pytest.fixture(scope="module")
