@@ -263,9 +263,18 @@ def test_backbone_overrides_apply_to_the_default_backbone_only():
 
     default, tiny = configs.get_config("default"), configs.get_config("tiny")
     full = stages.backbone_config(cli.load_config("detection", kind="detection"))
-    assert (full.num_epochs, full.min_crop_area) == (32, 0.35)
+    assert (full.num_epochs, full.min_crop_area, full.seed) == (48, 0.35, 0)
     assert (default.num_epochs, default.min_crop_area) == (16, 0.8)
     small = stages.backbone_config(cli.load_config("detection_tiny", kind="detection"))
     assert (small.num_epochs, small.min_crop_area) == (tiny.num_epochs, tiny.min_crop_area)
     voc = cli.load_config("detection_voc07", kind="detection")
     assert voc.backbone_overrides.to_dict() == {}
+
+
+def test_backbone_seed_is_the_runs_unless_overridden():
+    from spp_jax.detection import stages
+
+    seeded = cli.load_config("detection", ["seed=3"], "detection")
+    assert stages.backbone_config(seeded).seed == 3
+    pinned = cli.load_config("detection", ["seed=3", "backbone_overrides.seed=7"], "detection")
+    assert stages.backbone_config(pinned).seed == 7

@@ -141,10 +141,13 @@ def split_maps(
 
 def backbone_config(config) -> Any:
     """The classification config the backbone trains with: ``config.backbone_config``
-    updated by ``backbone_overrides`` (and the run's ``data_dir``)."""
+    updated by the run's ``seed``, then ``backbone_overrides`` (which may set another
+    seed), and the run's ``data_dir``. One seed thus draws both the backbone and the
+    fine-tuning, so runs over seeds measure the whole pipeline's spread."""
     from spp_jax import configs
 
     backbone = configs.get_config(config.backbone_config)
+    backbone.seed = config.seed
     backbone.update(config.backbone_overrides.to_dict())
     if config.data_dir is not None:
         backbone.data_dir = config.data_dir
