@@ -55,12 +55,16 @@ def test_padded_map_and_pooling_equal_the_unpadded_ones(trunk, shape, scale):
     np.testing.assert_allclose(got, np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_fine_tuning_stacks_pool_what_inference_pools(trunk):
+@pytest.mark.parametrize(
+    "mode,channel_major", [("max", False), ("max", True), ("align", False), ("align", True)]
+)
+def test_fine_tuning_stacks_pool_what_inference_pools(trunk, mode, channel_major):
     # The training path (all images' maps stacked and padded, windows of many images at
-    # their scales in one call) gives the test path's features (one image's map).
+    # their scales in one call) gives the test path's features (one image's map), in
+    # the same layout.
     t, params = trunk
     ext = features.Conv5Extractor(t, params, bucket=32)
-    pooler = features.WindowPooler((3, 2, 1), 16)
+    pooler = features.WindowPooler((3, 2, 1), 16, channel_major=channel_major, mode=mode)
     images = [_image(60, 90, 1), _image(95, 70, 2), _image(50, 50, 3)]
     scales = (64, 96)
     maps = [[ext(im, s) for im in images] for s in scales]
@@ -81,8 +85,33 @@ def test_fine_tuning_stacks_pool_what_inference_pools(trunk):
         jnp.asarray(scale),
         levels=(3, 2, 1),
         stride=16,
+        channel_major=channel_major,
+        mode=mode,
     )
     np.testing.assert_allclose(np.asarray(got), np.concatenate(want), rtol=1e-5, atol=1e-5)
+
+
+def test_align_windows_equal_the_unpadded_maps_and_lay_out_levels_as_max_does():
+    rng = np.random.default_rng(0)
+    fmap = rng.normal(size=(5, 7, 3)).astype(np.float32)
+    padded = features.pad_maps(fmap, 8, 12)
+    boxes = jnp.asarray([[3.0, 5.0, 60.0, 41.0], [50.0, 30.0, 200.0, 150.0]], jnp.float32)
+    kw = dict(levels=(2, 1), stride=16, valid_sizes=jnp.asarray([[5, 7]]), mode="align")
+    got = features.pool_windows(jnp.asarray(padded[None]), boxes, **kw)
+    want = features.pool_windows(jnp.asarray(fmap[None]), boxes, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # Level by level: roi_align of the window clipped to the valid region (7 x 5 cells).
+    clipped = jnp.minimum(boxes, jnp.asarray([[112.0, 80.0, 112.0, 80.0]]))
+    parts = [
+        spp_jax.roi_align(
+            jnp.asarray(fmap[None]), clipped, output_size=n, spatial_scale=1 / 16,
+            sampling_ratio=features.ALIGN_SAMPLING_RATIO, aligned=True,
+        ).reshape(2, -1)
+        for n in (2, 1)
+    ]  # fmt: skip
+    np.testing.assert_allclose(np.asarray(want), np.concatenate(parts, 1), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"max.*align.*got 'avg'"):
+        features.WindowPooler((2, 1), 16, mode="avg")
 
 
 def test_mirrored_windows_pool_from_the_mirrored_image(trunk):

@@ -150,6 +150,7 @@ DETECTION: dict[str, Rule] = {
     "window_context": _POSITIVE,
     "window_target": _POSITIVE_INT,
     "window_rule": _one_of("paper", "code"),
+    "window_pool": _one_of("max", "align"),
     "levels": (
         lambda v: v is None or _sizes()[0](v),
         "None (the backbone's levels) or a non-empty tuple of positive integers",

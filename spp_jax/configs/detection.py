@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
     # vector its fc6 was trained on ((6, 3, 2, 1) here; (6,) / (7,) for an imported
     # torchvision AlexNet / VGG-16): spp_jax.detection.stages.window_pyramid.
     c.levels = None
+    # How a window becomes its pyramid vector: "max" (the paper's max-pooled bins) or
+    # "align" (an ablation: RoIAlign at each level's size, the average of 2 x 2 bilinear
+    # samples per bin; spp_jax.detection.features.pool_windows). The backbone's fc6 was
+    # trained on max-pooled bins either way.
+    c.window_pool = "max"
     c.max_side = 2000  # cap on the resized image's longer side (memory)
     c.image_bucket = 64  # padded image sizes (one conv compile each)
 

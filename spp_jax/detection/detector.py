@@ -32,7 +32,8 @@ WINDOW_BUCKET = 512  # windows per image are padded to a multiple (one fc compil
 class Detector:
     """Everything inference needs: the frozen trunk, the head, SVMs, box regressors.
 
-    Windows are max-pooled from conv5 into ``levels`` (None: ``config.levels``), each
+    Windows are pooled from conv5 (``config.window_pool``: max-pooled bins, or RoIAlign
+    as an ablation) into ``levels`` (None: ``config.levels``), each
     level flattened as ``(C, n_h, n_w)`` if ``channel_major`` (the order of an imported
     torchvision fc6), else ``(n_h, n_w, C)``: the vector the head's fc6 takes
     (:func:`spp_jax.detection.stages.window_pyramid` picks both for a backbone).
@@ -60,6 +61,7 @@ class Detector:
             c.levels if self.levels is None else self.levels,
             self.stride,
             channel_major=self.channel_major,
+            mode=c.get("window_pool", "max"),  # a run saved before the key pools "max"
         )
         self.levels = self.pooler.levels
         self.min_input = self.trunk.min_input_size

@@ -2,8 +2,9 @@
 
 SPP-net's detection (paper section 4) runs the conv layers once per image (per
 scale), :class:`Conv5Extractor`, and pools each window's fixed-length pyramid
-vector from that map, :class:`WindowPooler` (:func:`spp_jax.roi_pyramid_pool`,
-``projection="sppnet"``, the paper's Appendix), at the scale
+vector from that map, :class:`WindowPooler` (:func:`pool_windows`: max-pooled bins,
+:func:`spp_jax.roi_pyramid_pool` with ``projection="sppnet"``, the paper's Appendix;
+or, as an ablation, RoIAlign at each level's size), at the scale
 :func:`assign_scales` picks. Nothing here holds more than one image's windows:
 fine-tuning, the SVMs and box regression pool what they need from the cached maps.
 """
@@ -15,15 +16,116 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spp_jax._padding import pad_rows, round_up
+from spp_jax.align import roi_align
 from spp_jax.geometry import LevelsLike, normalize_levels
 from spp_jax.models import ConvTrunk
 from spp_jax.roi import roi_pyramid_pool, select_scales
 
 #: Each window's scale index: :func:`spp_jax.select_scales` under its detection name.
 assign_scales = select_scales
+
+#: How a window becomes its pyramid vector (the detection config's ``window_pool``).
+WINDOW_POOLS = ("max", "align")
+#: Bilinear samples per bin side for ``window_pool="align"`` (Mask R-CNN's).
+ALIGN_SAMPLING_RATIO = 2
+
+
+def pad_maps(fmap: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(h, w, C)`` -> ``(height, width, C)`` float32, padded by repeating the last row
+    and column: what :func:`pool_windows` expects beyond a map's valid region (max
+    pooling never reads it; RoIAlign's last half cell does)."""
+    h, w = fmap.shape[:2]
+    pad = ((0, height - h), (0, width - w), (0, 0))
+    return np.pad(np.asarray(fmap, np.float32), pad, mode="edge")
+
+
+def pool_windows(
+    fmaps: jax.Array,
+    boxes: jax.Array,
+    box_indices: jax.Array | None = None,
+    *,
+    levels: LevelsLike,
+    stride: int,
+    valid_sizes: jax.Array,
+    valid: jax.Array | None = None,
+    channel_major: bool = False,
+    mode: str = "max",
+) -> jax.Array:
+    """Each window's pyramid vector from its map: ``(R, C * sum(n_h * n_w))``.
+
+    ``mode="max"``: SPP-net's max-pooled bins (:func:`spp_jax.roi_pyramid_pool`, the
+    paper's projection onto the map's valid region). ``mode="align"``: each level as
+    :func:`spp_jax.roi_align` of that level's size (``aligned=True``,
+    :data:`ALIGN_SAMPLING_RATIO` samples per bin side, the average of bilinear samples
+    rather than the maximum of whole cells), the window first clipped to the map's
+    valid region; samples in its last half cell read the padding, so the maps must be
+    padded by repeating their edge (:func:`pad_maps`), which makes the result that of
+    the unpadded map (torchvision reads the edge cell there). Either way each level is
+    flattened ``(n_h, n_w, C)``, or ``(C, n_h, n_w)`` with ``channel_major``, and the
+    levels are concatenated: the same vector layout, so one fc6 takes both.
+
+    Args:
+      fmaps: ``(B, H, W, C)`` conv5 maps, padded beyond ``valid_sizes`` by
+        :func:`pad_maps`.
+      boxes: float ``(R, 4)`` ``(x1, y1, x2, y2)`` in the resized image's pixels.
+      box_indices: ``(R,)`` int, each window's map (default all 0).
+      levels: the pyramid.
+      stride: the trunk's total stride (pixels per conv5 cell).
+      valid_sizes: int ``(B, 2)``, each map's valid ``(h, w)`` in cells.
+      valid: optional ``(R,)`` bool; False rows are padding: zeros.
+      channel_major: flatten each level channel-first (PyTorch's order).
+      mode: one of :data:`WINDOW_POOLS`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> fmap = jnp.arange(2 * 3 * 4 * 2, dtype=jnp.float32).reshape(2, 3, 4, 2)
+      >>> boxes = jnp.array([[0.0, 0.0, 63.0, 47.0]])
+      >>> sizes = jnp.array([[3, 4], [3, 4]])
+      >>> pool_windows(fmap, boxes, levels=(2, 1), stride=16, valid_sizes=sizes).shape
+      (1, 10)
+      >>> pool_windows(fmap, boxes, levels=(2, 1), stride=16, valid_sizes=sizes,
+      ...              mode="align").shape
+      (1, 10)
+    """
+    levels = normalize_levels(levels)
+    if mode == "max":
+        return roi_pyramid_pool(
+            fmaps,
+            boxes,
+            box_indices,
+            levels=levels,
+            spatial_scale=1 / float(stride),
+            projection="sppnet",
+            valid=valid,
+            valid_sizes=valid_sizes,
+            channel_major=channel_major,
+        )
+    if mode != "align":
+        raise ValueError(f"window pooling mode must be one of {WINDOW_POOLS}, got {mode!r}")
+    idx = jnp.zeros(boxes.shape[0], jnp.int32) if box_indices is None else box_indices
+    h, w = (jnp.asarray(valid_sizes, jnp.float32)[idx] * stride).T
+    upper = jnp.stack([w, h, w, h], axis=-1)
+    clipped = jnp.clip(boxes, 0.0, upper)
+    per_level = []
+    for n_h, n_w in levels:
+        pooled = roi_align(
+            fmaps,
+            clipped,
+            idx,
+            output_size=(n_h, n_w),
+            spatial_scale=1 / float(stride),
+            sampling_ratio=ALIGN_SAMPLING_RATIO,
+            aligned=True,
+            valid=valid,
+        )
+        if channel_major:
+            pooled = pooled.transpose(0, 3, 1, 2)
+        per_level.append(pooled.reshape(boxes.shape[0], -1))
+    return jnp.concatenate(per_level, axis=-1)
 
 
 def resized_size(
@@ -154,6 +256,8 @@ class WindowPooler:
       window_bucket: window counts are padded to multiples of this.
       channel_major: flatten each level as ``(C, n_h, n_w)`` (PyTorch's order, which
         an imported torchvision fc6 expects) rather than ``(n_h, n_w, C)``.
+      mode: ``"max"`` (SPP-net's bins) or ``"align"`` (RoIAlign per level):
+        :func:`pool_windows`.
     """
 
     def __init__(
@@ -164,24 +268,27 @@ class WindowPooler:
         map_bucket: int = 8,
         window_bucket: int = 256,
         channel_major: bool = False,
+        mode: str = "max",
     ):
+        if mode not in WINDOW_POOLS:
+            raise ValueError(f"window pooling mode must be one of {WINDOW_POOLS}, got {mode!r}")
         self.levels = normalize_levels(levels)
         self.stride, self.map_bucket, self.window_bucket = stride, map_bucket, window_bucket
-        self.channel_major = bool(channel_major)
+        self.channel_major, self.mode = bool(channel_major), mode
 
         @jax.jit
         def pool(fmap, boxes, valid, hw):
-            # The map is zero-padded to a bucket; the windows are projected onto its
-            # valid region (hw, traced: no recompile per size).
-            return roi_pyramid_pool(
+            # The map is padded to a bucket; the windows are projected onto its valid
+            # region (hw, traced: no recompile per size).
+            return pool_windows(
                 fmap[None],
                 boxes,
                 levels=self.levels,
-                spatial_scale=1 / float(stride),
-                projection="sppnet",
+                stride=stride,
                 valid=valid,
                 valid_sizes=hw[None],
                 channel_major=self.channel_major,
+                mode=mode,
             )
 
         self._pool = pool
@@ -202,8 +309,7 @@ class WindowPooler:
         padded_boxes = pad_rows(at_scale, rb)
         valid = np.arange(rb) < r
         hb, wb = round_up(h5, self.map_bucket), round_up(w5, self.map_bucket)
-        fmap = np.zeros((hb, wb, c), np.float32)
-        fmap[:h5, :w5] = scaled.fmap
+        fmap = pad_maps(scaled.fmap, hb, wb)
         out = self._pool(fmap, padded_boxes, valid, np.asarray([h5, w5], np.int32))
         return np.asarray(out)[:r]
 

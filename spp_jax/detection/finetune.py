@@ -23,17 +23,16 @@ import numpy as np
 import optax
 
 from spp_jax.detection.boxes import box_iou
-from spp_jax.detection.features import ScaledMap, with_context
+from spp_jax.detection.features import ScaledMap, pad_maps, pool_windows, with_context
 from spp_jax.geometry import LevelsLike
 from spp_jax.models import MLPHead
-from spp_jax.roi import multiscale_roi_pyramid_pool
 
 
 class MapStack(NamedTuple):
     """The conv5 maps of many images at one scale, zero-padded to one shape.
 
     Attributes:
-      maps: float32 ``(N, Hb, Wb, C)``.
+      maps: float32 ``(N, Hb, Wb, C)``, each padded beyond its size by repeating its edge.
       sizes: int32 ``(N, 2)``, each map's valid ``(h5, w5)``.
       factors: float32 ``(N, 2)``, ``(fy, fx)`` resized pixels per original pixel.
     """
@@ -44,15 +43,13 @@ class MapStack(NamedTuple):
 
 
 def stack_maps(scaled: Sequence[ScaledMap]) -> MapStack:
-    """Stacks one scale's maps of many images (zero-padded to the largest)."""
+    """Stacks one scale's maps of many images, each padded to the largest by
+    :func:`~spp_jax.detection.features.pad_maps`."""
     if not scaled:
         raise ValueError("stack_maps needs at least one map")
     hb = max(m.fmap.shape[0] for m in scaled)
     wb = max(m.fmap.shape[1] for m in scaled)
-    c = scaled[0].fmap.shape[2]
-    maps = np.zeros((len(scaled), hb, wb, c), np.float32)
-    for i, m in enumerate(scaled):
-        maps[i, : m.fmap.shape[0], : m.fmap.shape[1]] = m.fmap
+    maps = np.stack([pad_maps(m.fmap, hb, wb) for m in scaled])
     sizes = np.asarray([m.fmap.shape[:2] for m in scaled], np.int32)
     factors = np.asarray([m.factor for m in scaled], np.float32)
     return MapStack(jnp.asarray(maps), jnp.asarray(sizes), jnp.asarray(factors))
@@ -68,12 +65,14 @@ def pool_stacks(
     stride: int,
     valid: jax.Array | None = None,
     channel_major: bool = False,
+    mode: str = "max",
 ) -> jax.Array:
     """Pools each window from its image's map at its scale.
 
-    :func:`spp_jax.multiscale_roi_pyramid_pool` on the stacks: each window is
-    scaled by its image's factors and projected with the paper's rule onto its
-    map's valid region, never onto the padding.
+    Each window is scaled by its image's factors and pooled
+    (:func:`~spp_jax.detection.features.pool_windows`) from that scale's stack, its
+    other scales masked out, so the shapes are static inside the jitted step; with
+    ``mode="max"``, :func:`spp_jax.multiscale_roi_pyramid_pool` on the stacks.
 
     Args:
       stacks: one :class:`MapStack` per scale (the same images in each).
@@ -84,22 +83,33 @@ def pool_stacks(
       stride: the trunk's total stride.
       valid: optional bool ``(R,)``; False rows give zeros.
       channel_major: each level flattened as ``(C, n_h, n_w)`` (PyTorch's order).
+      mode: ``"max"`` (SPP-net's bins) or ``"align"`` (RoIAlign per level).
 
     Returns:
-      float32 ``(R, C * sum(n_h * n_w))``.
+      float32 ``(R, C * sum(n_h * n_w))``, laid out as the detector's
+      :class:`~spp_jax.detection.features.WindowPooler` with the same arguments.
     """
-    return multiscale_roi_pyramid_pool(
-        [st.maps for st in stacks],
-        boxes,
-        scale_index,
-        box_indices=image_index,
-        factors=[st.factors for st in stacks],
-        valid_sizes=[st.sizes for st in stacks],
-        levels=levels,
-        spatial_scale=1 / float(stride),
-        projection="sppnet",
-        valid=valid,
-    )
+    pooled = []
+    for k, st in enumerate(stacks):
+        f = st.factors[image_index]
+        at_scale = boxes * f[:, jnp.asarray([1, 0, 1, 0])]  # (fx, fy, fx, fy)
+        here = scale_index == k
+        if valid is not None:
+            here = here & valid
+        pooled.append(
+            pool_windows(
+                st.maps,
+                at_scale,
+                image_index,
+                levels=levels,
+                stride=stride,
+                valid_sizes=st.sizes,
+                valid=here,
+                channel_major=channel_major,
+                mode=mode,
+            )
+        )
+    return functools.reduce(jnp.add, pooled)  # each window is non-zero at one scale only
 
 
 @dataclasses.dataclass
@@ -223,9 +233,10 @@ def make_step(
     levels: LevelsLike,
     stride: int,
     channel_major: bool = False,
+    mode: str = "max",
 ) -> Callable[[HeadState, Sequence[MapStack], dict[str, jax.Array]], tuple[HeadState, dict]]:
     """The jitted fine-tuning step: pool the batch's windows (:func:`pool_stacks` with
-    ``levels``, ``stride`` and ``channel_major``), softmax loss, update."""
+    ``levels``, ``stride``, ``channel_major`` and ``mode``), softmax loss, update."""
     from spp_jax.train import cross_entropy
 
     @functools.partial(jax.jit, donate_argnums=(0,))
@@ -238,6 +249,7 @@ def make_step(
             levels=levels,
             stride=stride,
             channel_major=channel_major,
+            mode=mode,
         )
         key = jax.random.fold_in(state.key, state.step)
 

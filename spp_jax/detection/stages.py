@@ -389,7 +389,12 @@ def _finetune(config, path: str, det: Detector, data, props, val_maps, train_map
     )  # fmt: skip
     tx = _finetune_optimizer(ft)
     step_fn = finetune.make_step(
-        det.head, tx, levels=det.levels, stride=det.stride, channel_major=det.channel_major
+        det.head,
+        tx,
+        levels=det.levels,
+        stride=det.stride,
+        channel_major=det.channel_major,
+        mode=det.pooler.mode,
     )
     ckpt = os.path.join(path, "state.msgpack")
     state, best = _head_state(det, tx, config.seed, ckpt)
