@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from spp_jax import roi_align
 from spp_jax.detection import fpn_levels, fpn_scales, multiscale_roi_align
@@ -257,3 +258,58 @@ def test_bad_arguments_are_named(kwargs, error, match):
 def test_fpn_levels_bad_arguments(args, error, match):
     with pytest.raises(error, match=match):
         fpn_levels(np.zeros((1, 4), np.float32), *args)
+
+
+# ---------------------------------------------------------------------------
+# Transformations and lowering
+
+
+def _generic_case():
+    """Two levels (strides 4 and 8) and boxes well inside one level each, with no sample
+    on a cell boundary: finite differences stay on one branch."""
+    rng = np.random.default_rng(11)
+    feats = [jnp.asarray(rng.standard_normal((1, 8, 10, 2)), jnp.float32),
+             jnp.asarray(rng.standard_normal((1, 4, 5, 2)), jnp.float32)]  # fmt: skip
+    boxes = jnp.asarray([[3.3, 2.9, 14.1, 12.7], [5.1, 4.3, 33.7, 27.9]], jnp.float32)
+    fn = functools.partial(multiscale_roi_align, box_indices=None, image_sizes=[(32, 40)],
+                           output_size=2, sampling_ratio=2, canonical_scale=16,
+                           canonical_level=3)  # fmt: skip
+    return feats, boxes, fn
+
+
+def test_multiscale_second_order_derivatives():
+    feats, boxes, fn = _generic_case()
+    levels = fpn_levels(boxes, 2, 3, canonical_scale=16, canonical_level=3)
+    assert sorted(np.asarray(levels).tolist()) == [0, 1]  # one box per level
+
+    def f(f0, f1, b):
+        return fn([f0, f1], b)
+
+    check = functools.partial(check_grads, order=2, modes=("fwd", "rev"),
+                              eps=1e-3, atol=2e-2, rtol=2e-2)  # fmt: skip
+    check(f, (*feats, boxes))
+    assert jax.hessian(lambda b: jnp.sum(f(*feats, b) ** 2))(boxes).shape == (2, 4, 2, 4)
+
+
+def test_multiscale_vmap_equals_a_loop():
+    feats, boxes, fn = _generic_case()
+    batch = [jnp.stack([f, 2 * f + 1]) for f in feats]
+    bs = jnp.stack([boxes, boxes + 1.5])
+    got = jax.vmap(lambda f0, f1, b: fn([f0, f1], b))(*batch, bs)
+    for k in range(2):
+        np.testing.assert_allclose(got[k], fn([f[k] for f in batch], bs[k]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling_ratio,loops", [(2, 0), (-1, 2)])
+def test_multiscale_lowers_without_custom_calls_or_box_loops(sampling_ratio, loops):
+    maps = [jax.ShapeDtypeStruct((2, 16, 20, 8), jnp.float32),
+            jax.ShapeDtypeStruct((2, 8, 10, 8), jnp.float32)]  # fmt: skip
+    b = jax.ShapeDtypeStruct((30, 4), jnp.float32)
+    i = jax.ShapeDtypeStruct((30,), jnp.int32)
+    fn = jax.jit(lambda m, b, i: multiscale_roi_align(
+        m, b, i, [(64, 80), (60, 70)], output_size=3, sampling_ratio=sampling_ratio,
+        canonical_scale=32, canonical_level=3))  # fmt: skip
+    text = jax.export.export(fn, platforms=("tpu", "cuda"))(maps, b, i).mlir_module()
+    assert "stablehlo.custom_call" not in text
+    # no loop over boxes; an adaptive grid's windows are one loop per level
+    assert text.count("stablehlo.while") == loops
