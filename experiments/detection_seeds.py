@@ -25,7 +25,8 @@ come from (commit, CPU model and ISA, cores, 1-minute load when the run started)
 
 **Report** (also ``--report-only``): ``detection_seeds.md`` beside the JSON: per name,
 the Table-9 rows at 1 and 5 scales as mean ± std over seeds with the range, then one line
-per run; ``--readme FILE`` splices it between FILE's marker lines (:data:`README_BEGIN`).
+per run; ``--readme FILE`` splices it between FILE's marker lines
+(``sweep.README_BEGIN`` / ``README_END`` with tool ``detection_seeds`` and grid ``default``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ RESULTS = REPO / "experiments" / "results" / "detection_seeds.json"
 DEFAULT_NAME = "default"
 LOG_FILE = "run.log"
 ATTEMPTS_FILE = "seeds_attempts.json"
-README_GRID = "detection seeds"  # sweep.splice_readme's marker lines for this report
+README_MARKERS = {"grid": "default", "tool": "detection_seeds"}  # for sweep.splice_readme
 
 #: The Table-9 rows the report shows, in order (the pipeline's variant names).
 ROWS = (
@@ -266,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{results} does not exist")
     sweep.say(f"wrote {write_report(results)}")
     if args.readme:
-        sweep.say(
-            f"wrote {sweep.splice_readme(args.readme, results.with_suffix('.md'), README_GRID)}"
-        )
+        spliced = sweep.splice_readme(args.readme, results.with_suffix(".md"), **README_MARKERS)
+        sweep.say(f"wrote {spliced}")
     return 0
 
 

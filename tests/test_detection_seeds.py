@@ -93,8 +93,8 @@ def test_records_and_report_over_seeds(tmp_path):
     assert "| 1 | 56.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2) | 1.5 | abc1234 |" in text
 
     readme = tmp_path / "README.md"
-    begin = seeds.sweep.README_BEGIN.format(grid=seeds.README_GRID)
-    end = seeds.sweep.README_END.format(grid=seeds.README_GRID)
+    begin = seeds.sweep.README_BEGIN.format(**seeds.README_MARKERS)
+    end = seeds.sweep.README_END.format(**seeds.README_MARKERS)
     readme.write_text(f"# R\n\n## Detection\n\n{begin}\nold\n{end}\n\nafter\n")
     assert seeds.main(["--report-only", "--results", str(results), "--readme", str(readme)]) == 0
     spliced = readme.read_text()

@@ -128,7 +128,9 @@ def test_report_and_report_only(swept):
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("metrics.jsonl")} == before
     # --readme splices the report between the grid's marker lines, and only there.
     readme = workdir / "README.md"
-    begin, end = (m.format(grid="tiny") for m in (sweep.README_BEGIN, sweep.README_END))
+    begin, end = (
+        m.format(grid="tiny", tool="sweep") for m in (sweep.README_BEGIN, sweep.README_END)
+    )
     readme.write_text(f"intro\n### Results\n{begin}\nold table\n{end}\nrest\n")
     rc, out = _main(["--report-only", "--results", str(results), "--readme", str(readme)])
     assert rc == 0, out
