@@ -122,11 +122,8 @@ def record(name: str, config: str, seed: int, sets: list[str], directory: Path) 
         p.stem: round(json.loads(p.read_text())["seconds"], 1)
         for p in sorted((directory / "stages").glob("*.json"))
     }
-    backbone = directory / "backbone" / "metrics.jsonl"
-    backbone_top1 = {}
-    if backbone.exists():
-        last = _last_json_line(backbone)
-        backbone_top1 = {k: last[k] for k in ("center_112", "full_112") if k in last}
+    final = sweep.final_metrics(directory / "backbone") or {}  # a trained-here backbone
+    backbone_top1 = {k: final[k] for k in ("center_112", "full_112") if k in final}
     first = attempts[0] if attempts else {}
     return {
         "name": name,

@@ -49,9 +49,8 @@ def _fake_run(directory: pathlib.Path, seed: int, headline: float, load: float) 
     (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     for name, sec in (("backbone", 500.0), ("eval", 900.0)):
         (directory / "stages" / f"{name}.json").write_text(json.dumps({"seconds": sec}))
-    (directory / "backbone" / "metrics.jsonl").write_text(
-        json.dumps({"center_112": 0.91, "full_112": 0.97}) + "\n"
-    )
+    final = {"112": {m: {"top1": v} for m, v in (("center", 0.91), ("full", 0.97))}}
+    (directory / "backbone" / "metrics.jsonl").write_text(json.dumps({"final": final}) + "\n")
     attempts = [
         {"seconds": 600.0, "rc": 1, "commit": "abc1234def", "cpu_model": "AMD EPYC",
          "cpu_isa": "avx2", "cpu_cores": 2, "cpu_load_1min": load},
