@@ -20,6 +20,7 @@ resumes at its first unfinished stage.
 **Records** (``--results``, default ``experiments/results/detection_seeds.json``): one per
 finished run, written after each, with the headline (``map_voc07``: the last line of the
 run's ``metrics.jsonl``), every test row's VOC07 and area mAP, the backbone's test top-1,
+fine-tuning's best validation mAP,
 each stage's seconds, the wall seconds of this script's attempts, and where the numbers
 come from (commit, CPU model and ISA, cores, 1-minute load when the run started).
 
@@ -122,6 +123,8 @@ def record(name: str, config: str, seed: int, sets: list[str], directory: Path) 
         p.stem: round(json.loads(p.read_text())["seconds"], 1)
         for p in sorted((directory / "stages").glob("*.json"))
     }
+    finetuned = directory / "stages" / "finetune.json"
+    best = json.loads(finetuned.read_text()).get("best", {}) if finetuned.exists() else {}
     final = sweep.final_metrics(directory / "backbone") or {}  # a trained-here backbone
     backbone_top1 = {k: final[k] for k in ("center_112", "full_112") if k in final}
     first = attempts[0] if attempts else {}
@@ -138,6 +141,7 @@ def record(name: str, config: str, seed: int, sets: list[str], directory: Path) 
             for row, v in metrics["table"].items()
         },
         "backbone_top1": backbone_top1,
+        "validation_map": best.get("map"),  # fine-tuning's best (softmax, 1 scale)
         "stage_seconds": stages,
         "seconds": sum(a["seconds"] for a in attempts) if attempts else None,
         "attempts": len(attempts),

@@ -49,6 +49,8 @@ def _fake_run(directory: pathlib.Path, seed: int, headline: float, load: float) 
     (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     for name, sec in (("backbone", 500.0), ("eval", 900.0)):
         (directory / "stages" / f"{name}.json").write_text(json.dumps({"seconds": sec}))
+    best = {"seconds": 100.0, "best": {"map": headline + 0.05, "step": 6000}}
+    (directory / "stages" / "finetune.json").write_text(json.dumps(best))
     final = {"112": {m: {"top1": v} for m, v in (("center", 0.91), ("full", 0.97))}}
     (directory / "backbone" / "metrics.jsonl").write_text(json.dumps({"final": final}) + "\n")
     attempts = [
@@ -81,7 +83,8 @@ def test_records_and_report_over_seeds(tmp_path):
     assert r["seconds"] == 1000.0 and r["attempts"] == 2
     assert (r["commit"], r["cpu_isa"], r["cpu_load_1min"]) == ("abc1234def", "avx2", 1.5)
     assert r["backbone_top1"] == {"center_112": 0.91, "full_112": 0.97}
-    assert r["stage_seconds"] == {"backbone": 500.0, "eval": 900.0}
+    assert r["stage_seconds"] == {"backbone": 500.0, "eval": 900.0, "finetune": 100.0}
+    assert r["validation_map"] == pytest.approx(0.59)
 
     assert seeds.main(["--report-only", "--results", str(results)]) == 0
     text = results.with_suffix(".md").read_text()
