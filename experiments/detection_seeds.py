@@ -22,7 +22,8 @@ finished run, written after each, with the headline (``map_voc07``: the last lin
 run's ``metrics.jsonl``), every test row's VOC07 and area mAP, the backbone's test top-1,
 fine-tuning's best validation mAP,
 each stage's seconds, the wall seconds of this script's attempts, and where the numbers
-come from (commit, CPU model and ISA, cores, 1-minute load when the run started).
+come from (commit, CPU model and ISA, cores, 1-minute load when the run started, and the
+:data:`ISA_LIMITS` variables set, which emulate a CPU with fewer vector instructions).
 
 **Report** (also ``--report-only``): ``detection_seeds.md`` beside the JSON: per name,
 the Table-9 rows at 1 and 5 scales as mean ± std over seeds with the range, then one line
@@ -51,6 +52,9 @@ RESULTS = REPO / "experiments" / "results" / "detection_seeds.json"
 DEFAULT_NAME = "default"
 LOG_FILE = "run.log"
 ATTEMPTS_FILE = "seeds_attempts.json"
+#: Environment variables that make XLA, oneDNN and PyTorch use fewer vector instructions
+#: than the CPU has (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``, ...): another CPU's floats.
+ISA_LIMITS = ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 README_MARKERS = {"grid": "default", "tool": "detection_seeds"}  # for sweep.splice_readme
 
 #: The Table-9 rows the report shows, in order (the pipeline's variant names).
@@ -96,7 +100,11 @@ def execute(config: str, directory: Path, seed: int, sets: list[str]) -> bool:
     attempts_path = directory / ATTEMPTS_FILE
     attempts = json.loads(attempts_path.read_text()) if attempts_path.exists() else []
     cmd = command(config, directory, seed, sets)
-    started = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), **sweep.provenance()}
+    started = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **sweep.provenance(),
+        "isa_limits": {k: os.environ[k] for k in ISA_LIMITS if k in os.environ},
+    }
     t0 = time.perf_counter()
     with open(directory / LOG_FILE, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
@@ -147,6 +155,7 @@ def record(name: str, config: str, seed: int, sets: list[str], directory: Path) 
         "attempts": len(attempts),
         "peak_memory_gib": metrics.get("peak_memory_gib"),
         **{k: first.get(k) for k in ("commit", "cpu_model", "cpu_isa", "cpu_cores")},
+        "isa_limits": first.get("isa_limits") or {},
         "cpu_load_1min": first.get("cpu_load_1min"),
         "run_dir": str(directory.resolve()),
     }
@@ -176,6 +185,17 @@ def _stat(values: list[float]) -> str:
         f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f} "
         f"({100 * min(values):.1f}-{100 * max(values):.1f})"
     )
+
+
+def _isa(record: dict) -> str:
+    """The CPU's vector ISA, and the limit the run was given, if any."""
+    limits = record.get("isa_limits") or {}
+    flags = limits.get("XLA_FLAGS", "")
+    cap = next(
+        (f.split("=", 1)[1] for f in flags.split() if f.startswith("--xla_cpu_max_isa=")), ""
+    )
+    cap = cap or limits.get("ONEDNN_MAX_CPU_ISA", "")
+    return f"{record.get('cpu_isa')}" + (f", limited to {cap}" if cap else "")
 
 
 def markdown(records: list[dict], source: str) -> str:
@@ -216,7 +236,7 @@ def markdown(records: list[dict], source: str) -> str:
             out.append(
                 f"| {r['seed']} | {100 * r['map_voc07']:.1f} | "
                 f"{'-' if top1 is None else f'{100 * top1:.1f}'} | {minutes} | "
-                f"{r.get('cpu_model')} ({r.get('cpu_isa')}) | "
+                f"{r.get('cpu_model')} ({_isa(r)}) | "
                 f"{'-' if load is None else f'{load:.1f}'} | {str(r.get('commit'))[:7]} |"
             )
     out += [

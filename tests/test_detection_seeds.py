@@ -70,6 +70,12 @@ def test_records_and_report_over_seeds(tmp_path):
         seeds.save_record(results, seeds.record("default", "detection", seed, [], d))
     d = seeds.run_dir(tmp_path / "runs", "align", 0)
     _fake_run(d, 0, 0.40, load=3.0)
+    attempts = json.loads((d / seeds.ATTEMPTS_FILE).read_text())
+    attempts[0]["isa_limits"] = {
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    (d / seeds.ATTEMPTS_FILE).write_text(json.dumps(attempts))
     seeds.save_record(results, seeds.record("align", "detection", 0, ["window_pool=align"], d))
     # Saving a run again replaces its record.
     seeds.save_record(results, seeds.record("align", "detection", 0, ["window_pool=align"], d))
@@ -92,6 +98,7 @@ def test_records_and_report_over_seeds(tmp_path):
     assert "| fine-tuned fc7 + SVM + box regression | 54.0 ± 2.0 (52.0-56.0) | 57.0 ± 2.0" in text
     assert "| fine-tuned fc7 + SVM + box regression | 42.0 (one run) |" in text
     assert "`--set window_pool=align`" in text
+    assert "| 0 | 42.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2, limited to AVX2) |" in text
     assert "| 1 | 56.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2) | 1.5 | abc1234 |" in text
 
     readme = tmp_path / "README.md"
