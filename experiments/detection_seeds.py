@@ -53,8 +53,9 @@ DEFAULT_NAME = "default"
 LOG_FILE = "run.log"
 ATTEMPTS_FILE = "seeds_attempts.json"
 #: Environment variables that make XLA, oneDNN and PyTorch use fewer vector instructions
-#: than the CPU has (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``, ...): another CPU's floats.
-ISA_LIMITS = ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+#: than the CPU has (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``, ...; ``SPP_JAX_CPU_MARCH`` for
+#: spp_jax's own CPU kernels): another CPU's floats.
+ISA_LIMITS = ("XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "SPP_JAX_CPU_MARCH")
 README_MARKERS = {"grid": "default", "tool": "detection_seeds"}  # for sweep.splice_readme
 
 #: The Table-9 rows the report shows, in order (the pipeline's variant names).
