@@ -213,7 +213,9 @@ def markdown(records: list[dict], source: str) -> str:
     for name in names:
         runs = [r for r in records if r["name"] == name]
         seeds = ", ".join(str(r["seed"]) for r in runs)
-        sets = " ".join(f"`--set {s}`" for s in runs[0]["overrides"]) or "none"
+        workdir = str(Path(runs[0]["run_dir"]).parents[1])  # shown as WORKDIR
+        shown = [s.replace(workdir, "WORKDIR") for s in runs[0]["overrides"]]
+        sets = " ".join(f"`--set {s}`" for s in shown) or "none"
         out += ["", f"## `{name}`: config `{runs[0]['config']}`, overrides {sets}, seeds {seeds}"]
         out += ["", "| method | 1 scale | 5 scales |", "|---|---|---|"]
         for row in ROWS:

@@ -76,9 +76,10 @@ def test_records_and_report_over_seeds(tmp_path):
         "ONEDNN_MAX_CPU_ISA": "AVX2",
     }
     (d / seeds.ATTEMPTS_FILE).write_text(json.dumps(attempts))
-    seeds.save_record(results, seeds.record("align", "detection", 0, ["window_pool=align"], d))
+    sets = ["window_pool=align", f"backbone_workdir={tmp_path / 'runs' / 'default' / 'seed0'}"]
+    seeds.save_record(results, seeds.record("align", "detection", 0, sets, d))
     # Saving a run again replaces its record.
-    seeds.save_record(results, seeds.record("align", "detection", 0, ["window_pool=align"], d))
+    seeds.save_record(results, seeds.record("align", "detection", 0, sets, d))
 
     records = json.loads(results.read_text())
     assert [(r["name"], r["seed"]) for r in records] == [
@@ -97,7 +98,7 @@ def test_records_and_report_over_seeds(tmp_path):
     # The headline row over seeds 0.52, 0.56, 0.54: mean 54.0, std 2.0, range 52.0-56.0.
     assert "| fine-tuned fc7 + SVM + box regression | 54.0 ± 2.0 (52.0-56.0) | 57.0 ± 2.0" in text
     assert "| fine-tuned fc7 + SVM + box regression | 42.0 (one run) |" in text
-    assert "`--set window_pool=align`" in text
+    assert "`--set window_pool=align` `--set backbone_workdir=WORKDIR/default/seed0`" in text
     assert "| 0 | 42.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2, limited to AVX2) |" in text
     assert "| 1 | 56.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2) | 1.5 | abc1234 |" in text
 
