@@ -199,6 +199,19 @@ def _isa(record: dict) -> str:
     return f"{record.get('cpu_isa')}" + (f", limited to {cap}" if cap else "")
 
 
+def _table(runs: list[dict]) -> list[str]:
+    """The Table-9 rows at 1 and 5 scales over ``runs``."""
+    out = ["", "| method | 1 scale | 5 scales |", "|---|---|---|"]
+    for row in ROWS:
+        cells = []
+        for n in (1, 5):
+            key = f"{row}, {n} scale{'s' if n > 1 else ''}"
+            values = [r["table"][key]["map_voc07"] for r in runs if key in r["table"]]
+            cells.append(_stat(values) if len(values) == len(runs) else "-")
+        out.append(f"| {ROW_TITLES[row]} | {cells[0]} | {cells[1]} |")
+    return out
+
+
 def markdown(records: list[dict], source: str) -> str:
     """The report (see the module docstring)."""
     out = [
@@ -217,14 +230,7 @@ def markdown(records: list[dict], source: str) -> str:
         shown = [s.replace(workdir, "WORKDIR") for s in runs[0]["overrides"]]
         sets = " ".join(f"`--set {s}`" for s in shown) or "none"
         out += ["", f"## `{name}`: config `{runs[0]['config']}`, overrides {sets}, seeds {seeds}"]
-        out += ["", "| method | 1 scale | 5 scales |", "|---|---|---|"]
-        for row in ROWS:
-            cells = []
-            for n in (1, 5):
-                key = f"{row}, {n} scale{'s' if n > 1 else ''}"
-                values = [r["table"][key]["map_voc07"] for r in runs if key in r["table"]]
-                cells.append(_stat(values) if len(values) == len(runs) else "-")
-            out.append(f"| {ROW_TITLES[row]} | {cells[0]} | {cells[1]} |")
+        out += _table(runs)
         out += [
             "",
             "| seed | headline mAP | backbone top-1, full 112 | minutes | CPU | load | commit |",
@@ -242,6 +248,14 @@ def markdown(records: list[dict], source: str) -> str:
                 f"{r.get('cpu_model')} ({_isa(r)}) | "
                 f"{'-' if load is None else f'{load:.1f}'} | {str(r.get('commit'))[:7]} |"
             )
+    # Runs of one config without overrides under several names (e.g. the same seeds with
+    # other ISA limits) measure one thing: the spread a user of that config can expect.
+    for config in dict.fromkeys(r["config"] for r in records):
+        plain = [r for r in records if r["config"] == config and not r["overrides"]]
+        if len({r["name"] for r in plain}) > 1:
+            which = ", ".join(f"{r['name']} seed {r['seed']}" for r in plain)
+            out += ["", f"## Every run of `{config}` without overrides ({which})"]
+            out += _table(plain)
     out += [
         "",
         "Headline: `map_voc07`, the last line of the run's `metrics.jsonl` (fine-tuned fc7 + "

@@ -85,6 +85,8 @@ def test_records_and_report_over_seeds(tmp_path):
     assert [(r["name"], r["seed"]) for r in records] == [
         ("default", 0), ("default", 1), ("default", 2), ("align", 0)
     ]  # fmt: skip
+    assert seeds.main(["--report-only", "--results", str(results)]) == 0
+    assert "Every run of" not in results.with_suffix(".md").read_text()  # one name only
     r = records[1]
     assert r["map_voc07"] == pytest.approx(0.56)  # the bbox row at 1 scale (row 2)
     assert r["seconds"] == 1000.0 and r["attempts"] == 2
@@ -93,11 +95,21 @@ def test_records_and_report_over_seeds(tmp_path):
     assert r["stage_seconds"] == {"backbone": 500.0, "eval": 900.0, "finetune": 100.0}
     assert r["validation_map"] == pytest.approx(0.59)
 
+    d = seeds.run_dir(tmp_path / "runs", "default_avx2", 0)
+    _fake_run(d, 0, 0.44, load=1.0)
+    seeds.save_record(results, seeds.record("default_avx2", "detection", 0, [], d))
+
     assert seeds.main(["--report-only", "--results", str(results)]) == 0
     text = results.with_suffix(".md").read_text()
     # The headline row over seeds 0.52, 0.56, 0.54: mean 54.0, std 2.0, range 52.0-56.0.
     assert "| fine-tuned fc7 + SVM + box regression | 54.0 ± 2.0 (52.0-56.0) | 57.0 ± 2.0" in text
     assert "| fine-tuned fc7 + SVM + box regression | 42.0 (one run) |" in text
+    # Pooled: default seeds 0-2 and default_avx2 seed 0 (0.52, 0.56, 0.54, 0.46), not align.
+    pooled = text.split("## Every run of `detection` without overrides")[1]
+    assert pooled.startswith(
+        " (default seed 0, default seed 1, default seed 2, default_avx2 seed 0)"
+    )
+    assert "| fine-tuned fc7 + SVM + box regression | 52.0 ± 4.3 (46.0-56.0) |" in pooled
     assert "`--set window_pool=align` `--set backbone_workdir=WORKDIR/default/seed0`" in text
     assert "| 0 | 42.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2, limited to AVX2) |" in text
     assert "| 1 | 56.0 | 97.0 | 16.7 (2 attempts) | AMD EPYC (avx2) | 1.5 | abc1234 |" in text
